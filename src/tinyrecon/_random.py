@@ -1,0 +1,107 @@
+"""Counter-based random numbers that Triton kernels reproduce in registers.
+
+Frozen random matrices (masks, random-matrix adaption, hypernets) are never
+stored: element ``k`` (row-major) of a matrix is a pure function of
+``(seed, k)``. The functions below compute, in torch integer ops, exactly what
+Triton's ``tl.randint(seed, k)``, ``tl.rand(seed, k)`` and ``tl.randn(seed, k)``
+compute: Philox-4x32-10 keyed by the 64-bit seed, counter ``(k_lo, k_hi, 0, 0)``,
+then Triton's int->uniform map and its Box-Muller transform. The uniform stage
+is bit-exact; the normal stage differs from a GPU only by libm rounding.
+
+Every value fits in int64 without overflow (32-bit products are split in 16-bit
+halves), so this runs on any torch device.
+"""
+from __future__ import annotations
+
+import torch
+
+_M32 = 0xFFFFFFFF
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+_CHUNK = 1 << 20  # elements per pass: keeps the ~40 int64 temporaries in cache
+SEED_BITS = 63    # seeds are kept in [0, 2**63) so every backend passes them as int64
+
+
+def _mul32(a: int, b: torch.Tensor):
+    """(hi, lo) 32-bit halves of the 64-bit product of the constant ``a`` and ``b`` (both < 2**32)."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    lo_lo = a_lo * b_lo
+    mid = a_hi * b_lo + a_lo * b_hi + (lo_lo >> 16)
+    hi = a_hi * b_hi + (mid >> 16)
+    lo = ((mid & 0xFFFF) << 16) | (lo_lo & 0xFFFF)
+    return hi, lo
+
+
+def _philox(seed: int, offsets: torch.Tensor):
+    """First two Philox-4x32-10 output words for counters ``offsets`` (int64)."""
+    c0, c1 = offsets & _M32, (offsets >> 32) & _M32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        hi_b, lo_b = _mul32(_ROUND_B, c2)
+        hi_a, lo_a = _mul32(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
+    return c0, c1
+
+
+def _to_uniform(u: torch.Tensor) -> torch.Tensor:
+    """Triton's ``uint_to_uniform_float`` for 32-bit words: a float32 in [0, 1)."""
+    s = torch.where(u >= 1 << 31, u - (1 << 32), u)   # bitcast to int32
+    s = torch.where(s < 0, -s - 1, s)                   # ~s
+    return s.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def _fill(seed: int, start: int, numel: int, device, kind: str) -> torch.Tensor:
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    for lo in range(0, numel, _CHUNK):
+        offs = torch.arange(start + lo, start + min(lo + _CHUNK, numel), device=device, dtype=torch.int64)
+        r0, r1 = _philox(seed, offs)
+        u1 = _to_uniform(r0)
+        if kind == "rand":
+            out[lo:lo + offs.numel()] = u1
+        else:  # Box-Muller on the first two words, first output, as tl.randn
+            u2 = _to_uniform(r1)
+            r = torch.sqrt(-2.0 * torch.log(torch.clamp(u1, min=1.0e-7)))
+            out[lo:lo + offs.numel()] = r * torch.cos(6.283185307179586 * u2)
+    return out
+
+
+def rand(seed: int, shape, device=None, dtype=torch.float32, start: int = 0) -> torch.Tensor:
+    """U[0, 1) values equal to ``tl.rand(seed, start + arange(numel)).reshape(shape)``."""
+    shape = tuple(shape)
+    return _fill(seed, start, _numel(shape), device, "rand").reshape(shape).to(dtype)
+
+
+def randn(seed: int, shape, device=None, dtype=torch.float32, start: int = 0) -> torch.Tensor:
+    """N(0, 1) values equal to ``tl.randn(seed, start + arange(numel)).reshape(shape)``.
+
+    ``start`` selects rows of a larger matrix, so it can be generated in slices.
+    """
+    shape = tuple(shape)
+    return _fill(seed, start, _numel(shape), device, "randn").reshape(shape).to(dtype)
+
+
+def derive_seed(seed: int, stream: int) -> int:
+    """Independent seed for the ``stream``-th frozen matrix of one function (SplitMix64 finaliser).
+
+    Mixing, rather than ``seed + stream``, keeps neighbouring user seeds from sharing matrices.
+    """
+    z = (seed + (stream + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & ((1 << SEED_BITS) - 1)
+
+
+def new_seed() -> int:
+    """A seed drawn from torch's global generator (so ``torch.manual_seed`` makes it repeatable)."""
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n

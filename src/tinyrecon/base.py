@@ -1,0 +1,201 @@
+"""What every reconciliation function shares: argument checks, channels, build/apply entry points."""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import nn
+
+from . import _random, dispatch
+
+LAYOUTS = ("kron", "tinybig")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def divisors(k: int) -> list[int]:
+    return [d for d in range(1, k + 1) if k % d == 0]
+
+
+def close_factor(k: int) -> int:
+    """Largest divisor of ``k`` that is at most isqrt(k) (tinyBIG's ``find_close_factors``)."""
+    return max(d for d in range(1, math.isqrt(k) + 1) if k % d == 0)
+
+
+def check_dims(n, D) -> tuple[int, int]:
+    for name, v in (("n", n), ("D", D)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return n, D
+
+
+def check_divides(what: str, factor: int, size_name: str, size: int) -> None:
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor <= 0 or size % factor:
+        raise ValueError(f"{what}={factor!r} must be a positive divisor of {size_name}={size}; "
+                         f"divisors of {size}: {divisors(size)}")
+
+
+def check_rank(r) -> int:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+    return r
+
+
+def reference(fn):
+    """Mark a torch reference op: fp16/bf16 inputs are computed in fp32 and rounded once at the end."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        dtype = next((a.dtype for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)
+                      and a.is_floating_point()), None)
+        if dtype not in _HALF:
+            return fn(*args, **kwargs)
+        up = [a.float() if isinstance(a, torch.Tensor) and a.dtype == dtype else a for a in args]
+        upk = {k: (v.float() if isinstance(v, torch.Tensor) and v.dtype == dtype else v)
+               for k, v in kwargs.items()}
+        return fn(*up, **upk).to(dtype)
+    return wrapper
+
+
+def add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias
+
+
+class Reconciliation(nn.Module):
+    """Base of all reconciliation functions: ``W = psi(w)`` of shape ``(n, D)``.
+
+    ``w`` may be ``(l,)``, ``(1, l)`` (tinyBIG's shape) or ``(C, l)`` for ``C`` channels.
+    The channel dimension is kept in results only when ``C > 1``.
+
+    Subclasses define ``calculate_l`` (plus ``l_formula`` for error messages), ``_build``
+    returning ``(C, n, D)`` and ``_apply`` returning ``(C, N, n)`` for ``x`` of shape ``(N, D)``.
+    """
+
+    def __init__(self, name: str, *, require_parameters: bool = True, enable_bias: bool = False,
+                 device=None, backend: str | None = None):
+        super().__init__()
+        self.name = name
+        # Accepted for tinyBIG config compatibility; the layer owning w and bias uses them.
+        self.require_parameters = require_parameters
+        self.enable_bias = enable_bias
+        self.device = device
+        if backend is not None and backend != "auto" and backend not in dispatch.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {dispatch.BACKENDS} or 'auto'")
+        self.backend = backend
+
+    # ---- what subclasses provide -------------------------------------------------
+    def calculate_l(self, n: int, D: int) -> int:
+        raise NotImplementedError
+
+    def l_formula(self, n: int, D: int) -> str:
+        """How ``l`` is computed, with the numbers filled in (for error messages)."""
+        return str(self.calculate_l(n, D))
+
+    def setup(self, n: int, D: int) -> None:
+        """Create any trainable state that depends on (n, D); called by layers at construction."""
+
+    def _build(self, n, D, w, backend):
+        raise NotImplementedError
+
+    def _apply(self, x, w, n, bias, backend):
+        # Functions without exploitable structure: build W once and use one GEMM.
+        W = self._build(n, x.shape[-1], w, backend)
+        return add_bias(torch.matmul(x, W.transpose(1, 2)), bias)
+
+    # ---- public API --------------------------------------------------------------
+    def forward(self, n: int, D: int, w: torch.Tensor | None = None, device=None, backend=None,
+                *args, **kwargs) -> torch.Tensor:
+        """Build ``W = psi(w)``: ``(n, D)``, or ``(C, n, D)`` for ``C > 1`` channels."""
+        n, D = check_dims(n, D)
+        w2, keep = self._channels(w, n, D, like=None)
+        W = self._build(n, D, w2, self._backend(backend))
+        W = W if keep else W[0]
+        return W if device is None else W.to(device)
+
+    def apply(self, x: torch.Tensor, w: torch.Tensor | None = None, n: int | None = None,
+              bias: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+        """``x @ psi(w)^T + bias`` without building W where the function has structure.
+
+        ``x``: ``(*batch, D)``. Returns ``(*batch, n)``, or ``(C, *batch, n)`` for ``C > 1`` channels.
+        """
+        if callable(x) and not isinstance(x, torch.Tensor) and w is None and n is None:
+            # nn.Module.apply(fn) (e.g. ``model.apply(init_weights)``) recurses into children,
+            # this one included: keep that working.
+            return super().apply(x)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        if x.dim() == 0:
+            raise ValueError("x must have at least one dimension (its last is D)")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        D = x.shape[-1]
+        if n is None:
+            raise ValueError("apply needs the output width n")
+        n, D = check_dims(n, D)
+        w2, keep = self._channels(w, n, D, like=x)
+        if bias is not None:
+            _same(bias, x, "bias", "x")
+            if tuple(bias.shape) != (n,):
+                raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        batch = x.shape[:-1]
+        y = self._apply(x.reshape(-1, D), w2, n, bias, self._backend(backend))
+        y = y.reshape(y.shape[0], *batch, n)
+        return y if keep else y[0]
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
+
+    # ---- helpers -----------------------------------------------------------------
+    def _backend(self, backend):
+        return backend or self.backend
+
+    def _channels(self, w, n, D, like):
+        """Check ``w`` against ``l`` and return it as ``(C, l)`` plus whether to keep C."""
+        l = self.calculate_l(n, D)
+        if w is None:
+            if l:
+                raise ValueError(f"{type(self).__name__} needs w with l = {self.l_formula(n, D)} entries")
+            dtype = like.dtype if like is not None else torch.get_default_dtype()
+            device = like.device if like is not None else None
+            return torch.empty(1, 0, dtype=dtype, device=device), False
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"w must be a tensor, got {type(w).__name__}")
+        if not w.is_floating_point():
+            raise TypeError(f"w must be a floating-point tensor (float64/32/16 or bfloat16), got {w.dtype}")
+        if w.dim() not in (1, 2) or w.shape[-1] != l:
+            raise ValueError(f"{type(self).__name__} with n={n}, D={D} expects w of shape (l,), (1, l) "
+                             f"or (C, l) with l = {self.l_formula(n, D)}; got {tuple(w.shape)}")
+        if like is not None:
+            _same(w, like, "w", "x")
+        w2 = w.reshape(1, l) if w.dim() == 1 else w
+        return w2, w.dim() == 2 and w.shape[0] > 1
+
+
+def _same(a: torch.Tensor, b: torch.Tensor, an: str, bn: str) -> None:
+    if a.device != b.device:
+        raise ValueError(f"{an} is on {a.device} but {bn} is on {b.device}; move both to one device")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{an} has dtype {a.dtype} but {bn} has dtype {b.dtype}; use one dtype")
+
+
+class Seeded:
+    """Mixin for functions with frozen random matrices, regenerated from ``seed`` on use.
+
+    The seed is saved in ``state_dict`` (as extra state), so save/load, ``.to(device)`` and a
+    fresh process all give the same matrices; the matrices themselves are never stored.
+    """
+
+    def _init_seed(self, seed):
+        if seed is None:
+            seed = _random.new_seed()
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** _random.SEED_BITS:
+            raise ValueError(f"seed must be an int in [0, 2**{_random.SEED_BITS}), got {seed!r}")
+        self.seed = seed
+
+    def stream_seed(self, stream: int) -> int:
+        return _random.derive_seed(self.seed, stream)
+
+    def get_extra_state(self):
+        return {"seed": self.seed}
+
+    def set_extra_state(self, state):
+        self.seed = int(state["seed"])

@@ -1,0 +1,143 @@
+"""The one dispatch table: which backend runs an op, and why another cannot.
+
+A backend runs an op when it is *available* (its library imports) and it
+*accepts the device* of the tensors. ``backend="auto"`` (the default) tries the
+device's preference list in order; a user picks one per call (``backend=``),
+per block (``with tr.use_backend("triton"):``) or per process
+(``TINYRECON_BACKEND=torch|triton|cuda``), in that order of precedence.
+Asking for a backend that cannot run raises :class:`BackendUnavailable` saying why.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+from functools import lru_cache
+
+BACKENDS = ("torch", "triton", "cuda")
+
+# device type -> backends tried by "auto", best first. Per-op exceptions for CUDA
+# devices (where the committed GPU benchmarks show the CUDA library faster) live
+# in AUTO_CUDA_OPS; everything else on a GPU goes to Triton.
+AUTO = {
+    "cuda": ("triton", "torch"),
+    "cpu": ("torch",),
+    "mps": ("torch",),
+}
+AUTO_CUDA_OPS: frozenset = frozenset()
+
+# op name -> module implementing it for each backend. Every module exposes the op
+# under the same name with the same signature as the torch reference.
+OPS = {
+    # op                      torch reference                  triton                cuda
+    "kron_build":           ("tinyrecon.functions.kron",     None, None),
+    "kron_apply":           ("tinyrecon.functions.kron",     None, None),
+    "dup_pad_build":        ("tinyrecon.functions.padding",  None, None),
+    "dup_pad_apply":        ("tinyrecon.functions.padding",  None, None),
+    "block_diag_build":     ("tinyrecon.functions.padding",  None, None),
+    "block_diag_apply":     ("tinyrecon.functions.padding",  None, None),
+    "lowrank_build":        ("tinyrecon.functions.lowrank",  None, None),
+    "lowrank_apply":        ("tinyrecon.functions.lowrank",  None, None),
+    "rma_build":            ("tinyrecon.functions.lowrank",  None, None),
+    "rma_apply":            ("tinyrecon.functions.lowrank",  None, None),
+    "masking_build":        ("tinyrecon.functions.masking",  None, None),
+    "masking_apply":        ("tinyrecon.functions.masking",  None, None),
+    "hypernet_build":       ("tinyrecon.functions.hypernet", None, None),
+    "hypernet_apply":       ("tinyrecon.functions.hypernet", None, None),
+    "rmh_build":            ("tinyrecon.functions.hypernet", None, None),
+    "rmh_apply":            ("tinyrecon.functions.hypernet", None, None),
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run this op on these tensors; the message says why."""
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@lru_cache(maxsize=None)
+def _library_status(backend: str) -> str:
+    """'' when the backend's library loads, else the reason it does not."""
+    if backend == "torch":
+        return ""
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401
+        except Exception as e:  # ImportError, or a broken install raising anything
+            return f"Triton does not import ({type(e).__name__}: {e}); pip install triton"
+        return ""
+    if backend == "cuda":
+        from . import cuda_lib
+        return cuda_lib.load_error()
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or 'auto'")
+
+
+def why_not(backend: str, op: str, device_type: str) -> str:
+    """'' if ``backend`` can run ``op`` on tensors of ``device_type``, else the reason."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; expected one of {BACKENDS} or 'auto'"
+    column = BACKENDS.index(backend)
+    if OPS[op][column] is None:
+        return f"the {backend} backend has no kernel for {op}"
+    reason = _library_status(backend)
+    if reason:
+        return reason
+    if backend == "triton" and device_type != "cuda" and not (device_type == "cpu" and _triton_interpret()):
+        return (f"Triton runs on CUDA/ROCm tensors (got a {device_type} tensor); "
+                "for CPU tensors set TRITON_INTERPRET=1 before importing triton")
+    if backend == "cuda" and device_type != "cuda":
+        return f"the CUDA library runs on CUDA tensors (got a {device_type} tensor)"
+    return ""
+
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def use_backend(backend: str):
+    """Run ops in this block on ``backend`` ('torch', 'triton', 'cuda' or 'auto')."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or 'auto'")
+    previous = getattr(_local, "backend", None)
+    _local.backend = backend
+    try:
+        yield
+    finally:
+        _local.backend = previous
+
+
+def requested(backend: str | None = None) -> str:
+    """The backend asked for: per call, else per block, else TINYRECON_BACKEND, else 'auto'."""
+    return backend or getattr(_local, "backend", None) or os.environ.get("TINYRECON_BACKEND") or "auto"
+
+
+def resolve(op: str, device_type: str, backend: str | None = None) -> str:
+    """Name of the backend that will run ``op`` on ``device_type`` tensors."""
+    choice = requested(backend)
+    if choice == "auto":
+        order = AUTO.get(device_type, ("torch",))
+        if device_type == "cuda" and op in AUTO_CUDA_OPS:
+            order = ("cuda",) + order
+        for candidate in order:
+            if not why_not(candidate, op, device_type):
+                return candidate
+        return "torch"
+    reason = why_not(choice, op, device_type)
+    if reason:
+        raise BackendUnavailable(f"backend {choice!r} cannot run {op}: {reason}")
+    return choice
+
+
+def get(op: str, device_type: str, backend: str | None = None):
+    """The function implementing ``op`` for these tensors (see :data:`OPS`)."""
+    name = resolve(op, device_type, backend)
+    module = importlib.import_module(OPS[op][BACKENDS.index(name)])
+    return getattr(module, op)
+
+
+def available(device_type: str = "cuda") -> dict:
+    """backend -> '' (usable on ``device_type`` tensors) or the reason it is not."""
+    return {b: (_library_status(b) or why_not(b, "kron_apply", device_type)) for b in BACKENDS}

@@ -1,0 +1,88 @@
+"""Functions with no kernels: constant, zero, one, constant_eye, identity (SPEC.md rows 1-5).
+
+Their apply needs no matmul at all (constant, eye) or is the plain GEMM with w itself
+(identity), so they have no dispatch ops and run as torch code on every device.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..base import Reconciliation, add_bias
+
+
+class constant_reconciliation(Reconciliation):
+    """W = c * ones(n, D); l = 0."""
+
+    def __init__(self, name="constant_c_reconciliation", c=1.0, **kwargs):
+        kwargs.setdefault("require_parameters", False)
+        super().__init__(name, **kwargs)
+        if isinstance(c, bool) or not isinstance(c, (int, float)):
+            raise TypeError(f"c must be a number, got {c!r}")
+        self.c = float(c)
+
+    def calculate_l(self, n, D):
+        return 0
+
+    def _build(self, n, D, w, backend):
+        return torch.full((w.shape[0], n, D), self.c, dtype=w.dtype, device=w.device)
+
+    def _apply(self, x, w, n, bias, backend):
+        # Every output is c * sum(x): one reduction, no matmul.
+        y = (self.c * x.sum(-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))).to(x.dtype)
+        return add_bias(y.expand(-1, n)[None], bias)
+
+    def extra_repr(self):
+        return f"name={self.name!r}, c={self.c}"
+
+
+class zero_reconciliation(constant_reconciliation):
+    """W = zeros(n, D)."""
+
+    def __init__(self, name="zero_reconciliation", **kwargs):
+        super().__init__(name, c=0.0, **kwargs)
+
+
+class one_reconciliation(constant_reconciliation):
+    """W = ones(n, D)."""
+
+    def __init__(self, name="one_reconciliation", **kwargs):
+        super().__init__(name, c=1.0, **kwargs)
+
+
+class constant_eye_reconciliation(Reconciliation):
+    """W = eye(n, D) (rectangular identity); l = 0."""
+
+    def __init__(self, name="constant_eye_reconciliation", **kwargs):
+        kwargs.setdefault("require_parameters", False)
+        super().__init__(name, **kwargs)
+
+    def calculate_l(self, n, D):
+        return 0
+
+    def _build(self, n, D, w, backend):
+        return torch.eye(n, D, dtype=w.dtype, device=w.device)[None]
+
+    def _apply(self, x, w, n, bias, backend):
+        # y[:, i] = x[:, i] for i < min(n, D), zero after: a copy, no matmul.
+        k = min(n, x.shape[1])
+        y = torch.cat([x[:, :k], x.new_zeros(x.shape[0], n - k)], dim=1)
+        return add_bias(y[None], bias)
+
+
+class identity_reconciliation(Reconciliation):
+    """W = reshape(w, n, D); l = n*D."""
+
+    def __init__(self, name="identity_reconciliation", **kwargs):
+        super().__init__(name, **kwargs)
+
+    def calculate_l(self, n, D):
+        return n * D
+
+    def l_formula(self, n, D):
+        return f"n*D = {n}*{D} = {n * D}"
+
+    def _build(self, n, D, w, backend):
+        return w.reshape(-1, n, D)
+
+    def _apply(self, x, w, n, bias, backend):
+        return add_bias(torch.matmul(x, w.reshape(-1, n, x.shape[1]).transpose(1, 2)), bias)

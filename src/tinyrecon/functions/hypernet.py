@@ -1,0 +1,168 @@
+"""Hypernet family: hypernet and random_matrix_hypernet (SPEC.md rows 14 and 16).
+
+hypernet:                ``W = reshape(W2 @ sigmoid(W1 @ w + b1) + b2, n, D)``; W1 (h x l), b1 (h),
+                         W2 (n*D x h), b2 (n*D) N(0, 1): frozen and regenerated from the seed when
+                         ``static=True``; trainable parameters (created by ``setup(n, D)``) otherwise.
+random_matrix_hypernet:  ``W = reshape(T @ z, n, D)``, ``z = S^T sigmoid(Q P^T w)`` (r);
+                         P (l x r), Q (h x r), S (h x r), T (n*D x r) frozen N(0, 1).
+
+Both W are dense random matrices with no structure to exploit, so the ops take the small
+vector the random matrix multiplies (``hvec`` = sigmoid(W1 w + b1), or ``z``) and generate
+W slice by slice; the fused kernels generate it in registers instead and never store it.
+Ops: ``hypernet_build(hvec, seed_w2, seed_b2, n, D)``, ``hypernet_apply(x, hvec, seed_w2, seed_b2, n, bias)``,
+``rmh_build(z, seed_t, n, D)``, ``rmh_apply(x, z, seed_t, n, bias)``. Triton: ``kernels/hypernet.py``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import _random, dispatch
+from ..base import Reconciliation, Seeded, add_bias, check_rank, reference
+
+_SLICE = 1 << 22   # random numbers generated per slice of W, to bound memory
+
+
+def _rows_per_slice(D: int, width: int) -> int:
+    return max(1, _SLICE // (D * width))
+
+
+def _random_linear_build(v, seed_m: int, seed_c, n: int, D: int):
+    """``reshape(M @ v^T (+ c), C, n, D)`` for M (n*D x k) = randn(seed_m) and c = randn(seed_c)."""
+    C, k = v.shape
+    rows = []
+    step = _rows_per_slice(D, k)
+    for i0 in range(0, n, step):
+        i1 = min(n, i0 + step)
+        M = _random.randn(seed_m, ((i1 - i0) * D, k), v.device, v.dtype, start=i0 * D * k)
+        Wi = torch.matmul(v, M.T)
+        if seed_c is not None:
+            Wi = Wi + _random.randn(seed_c, ((i1 - i0) * D,), v.device, v.dtype, start=i0 * D)
+        rows.append(Wi.reshape(C, i1 - i0, D))
+    return torch.cat(rows, dim=1)
+
+
+@reference
+def hypernet_build(hvec, seed_w2: int, seed_b2: int, n: int, D: int):
+    return _random_linear_build(hvec, seed_w2, seed_b2, n, D)
+
+
+@reference
+def hypernet_apply(x, hvec, seed_w2: int, seed_b2: int, n: int, bias):
+    W = _random_linear_build(hvec, seed_w2, seed_b2, n, x.shape[1])
+    return add_bias(torch.matmul(x, W.transpose(1, 2)), bias)
+
+
+@reference
+def rmh_build(z, seed_t: int, n: int, D: int):
+    return _random_linear_build(z, seed_t, None, n, D)
+
+
+@reference
+def rmh_apply(x, z, seed_t: int, n: int, bias):
+    W = _random_linear_build(z, seed_t, None, n, x.shape[1])
+    return add_bias(torch.matmul(x, W.transpose(1, 2)), bias)
+
+
+class hypernet_reconciliation(Seeded, Reconciliation):
+    """W = reshape(W2 @ sigmoid(W1 @ w + b1) + b2, n, D); l is the constructor's ``l``.
+
+    ``static=False`` trains the hypernet: call ``setup(n, D)`` before building the optimizer
+    (``tinyrecon.nn.ReconciledLinear`` does), so its parameters exist and get trained; tinyBIG
+    0.2.1 created them lazily after the optimizer was built, so they never were. ``net``: your
+    own module mapping w (C, l) to (C, n*D), used instead of the random one.
+    """
+
+    def __init__(self, name="hypernet_reconciliation", l=64, hidden_dim=128, static=True, net=None,
+                 seed=None, **kwargs):
+        super().__init__(name, **kwargs)
+        self.l, self.hidden_dim, self.static = check_rank(l), check_rank(hidden_dim), static
+        self._init_seed(seed)
+        self.net = net
+        self._setup_for = None
+
+    def calculate_l(self, n=None, D=None):
+        return self.l
+
+    def l_formula(self, n, D):
+        return f"l = {self.l} (the constructor's l)"
+
+    def first_layer(self, like: torch.Tensor):
+        """The frozen (W1, b1), generated from the seed."""
+        W1 = _random.randn(self.stream_seed(0), (self.hidden_dim, self.l), like.device, like.dtype)
+        b1 = _random.randn(self.stream_seed(1), (self.hidden_dim,), like.device, like.dtype)
+        return W1, b1
+
+    def setup(self, n: int, D: int) -> None:
+        """Create the trainable hypernet (``static=False``), initialised to the seed's matrices."""
+        if self.static or self.net is not None or self._setup_for == (n, D):
+            return
+        like = torch.empty(0)
+        W1, b1 = self.first_layer(like)
+        net = nn.Sequential(nn.Linear(self.l, self.hidden_dim), nn.Sigmoid(), nn.Linear(self.hidden_dim, n * D))
+        with torch.no_grad():
+            net[0].weight.copy_(W1)
+            net[0].bias.copy_(b1)
+            net[2].weight.copy_(_random.randn(self.stream_seed(2), (n * D, self.hidden_dim)))
+            net[2].bias.copy_(_random.randn(self.stream_seed(3), (n * D,)))
+        self.net, self._setup_for = net, (n, D)
+
+    def _trainable(self, n, D):
+        if self.net is None and not self.static:
+            raise RuntimeError("hypernet_reconciliation(static=False) trains its hypernet: call "
+                               f"setup(n={n}, D={D}) before building the optimizer")
+        return self.net
+
+    def _hvec(self, w):
+        W1, b1 = self.first_layer(w)
+        return torch.sigmoid(torch.matmul(w, W1.T) + b1)
+
+    def _build(self, n, D, w, backend):
+        net = self._trainable(n, D)
+        if net is not None:
+            return net(w).reshape(-1, n, D)
+        op = dispatch.get("hypernet_build", w.device.type, backend)
+        return op(self._hvec(w), self.stream_seed(2), self.stream_seed(3), n, D)
+
+    def _apply(self, x, w, n, bias, backend):
+        if self._trainable(n, x.shape[-1]) is not None:
+            return super()._apply(x, w, n, bias, backend)
+        op = dispatch.get("hypernet_apply", x.device.type, backend)
+        return op(x, self._hvec(w), self.stream_seed(2), self.stream_seed(3), n, bias)
+
+    def extra_repr(self):
+        return f"name={self.name!r}, l={self.l}, hidden_dim={self.hidden_dim}, static={self.static}, seed={self.seed}"
+
+
+class random_matrix_hypernet_reconciliation(Seeded, Reconciliation):
+    """W = reshape(((sigmoid((w @ P) @ Q^T) @ S) @ T^T), n, D); P, Q, S, T frozen N(0, 1)."""
+
+    def __init__(self, name="random_matrix_hypernet_reconciliation", r=2, l=64, hidden_dim=128, seed=None,
+                 **kwargs):
+        super().__init__(name, **kwargs)
+        self.r, self.l, self.hidden_dim = check_rank(r), check_rank(l), check_rank(hidden_dim)
+        self._init_seed(seed)
+
+    def calculate_l(self, n=None, D=None):
+        return self.l
+
+    def l_formula(self, n, D):
+        return f"l = {self.l} (the constructor's l)"
+
+    def small_matrices(self, like: torch.Tensor):
+        """The frozen (P, Q, S), generated from the seed."""
+        shapes = ((self.l, self.r), (self.hidden_dim, self.r), (self.hidden_dim, self.r))
+        return [_random.randn(self.stream_seed(i), s, like.device, like.dtype) for i, s in enumerate(shapes)]
+
+    def _z(self, w):
+        P, Q, S = self.small_matrices(w)
+        return torch.matmul(torch.sigmoid(torch.matmul(torch.matmul(w, P), Q.T)), S)
+
+    def _build(self, n, D, w, backend):
+        return dispatch.get("rmh_build", w.device.type, backend)(self._z(w), self.stream_seed(3), n, D)
+
+    def _apply(self, x, w, n, bias, backend):
+        return dispatch.get("rmh_apply", x.device.type, backend)(x, self._z(w), self.stream_seed(3), n, bias)
+
+    def extra_repr(self):
+        return f"name={self.name!r}, r={self.r}, l={self.l}, hidden_dim={self.hidden_dim}, seed={self.seed}"

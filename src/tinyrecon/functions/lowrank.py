@@ -1,0 +1,109 @@
+"""Low-rank family: lorr and random_matrix_adaption (SPEC.md rows 10 and 15).
+
+lorr:                    ``W = A @ B``; w = [vec(A) (n*r), vec(B) (r*D)].
+random_matrix_adaption:  ``W = diag(l1) @ A @ diag(l2) @ B^T``; w = [l1 (n), l2 (r)];
+                         A (n x r) and B (D x r) frozen N(0, 1), regenerated from the seed.
+
+Ops: ``lowrank_build(A, B)``, ``lowrank_apply(x, A, B, bias)`` (A: (C, n, r), B: (C, r, D));
+``rma_build(l1, l2, seed_a, seed_b, D)``, ``rma_apply(x, l1, l2, seed_a, seed_b, bias)``
+(l1: (C, n), l2: (C, r)). Triton: ``kernels/lowrank.py``; CUDA: ``csrc/lowrank.cu``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _random, dispatch
+from ..base import Reconciliation, Seeded, add_bias, check_rank, reference
+
+
+@reference
+def lowrank_build(A, B):
+    return torch.matmul(A, B)
+
+
+@reference
+def lowrank_apply(x, A, B, bias):
+    C, n, r = A.shape
+    U = torch.matmul(x, B.reshape(C * r, -1).T).reshape(-1, C, r).transpose(0, 1)   # (C, N, r)
+    return add_bias(torch.matmul(U, A.transpose(1, 2)), bias)
+
+
+def rma_matrices(seed_a: int, seed_b: int, n: int, D: int, r: int, like: torch.Tensor):
+    """The frozen A (n x r) and B (D x r) of random_matrix_adaption."""
+    A = _random.randn(seed_a, (n, r), device=like.device, dtype=like.dtype)
+    B = _random.randn(seed_b, (D, r), device=like.device, dtype=like.dtype)
+    return A, B
+
+
+@reference
+def rma_build(l1, l2, seed_a: int, seed_b: int, D: int):
+    A, B = rma_matrices(seed_a, seed_b, l1.shape[1], D, l2.shape[1], l1)
+    return torch.matmul(l1[:, :, None] * A * l2[:, None, :], B.T)
+
+
+@reference
+def rma_apply(x, l1, l2, seed_a: int, seed_b: int, bias):
+    A, B = rma_matrices(seed_a, seed_b, l1.shape[1], x.shape[1], l2.shape[1], x)
+    U = torch.matmul(x, B)[None] * l2[:, None, :]           # (C, N, r): the rank-r bottleneck
+    return add_bias(torch.matmul(U, A.T) * l1[:, None, :], bias)
+
+
+class lorr_reconciliation(Reconciliation):
+    """W = A @ B with A (n x r), B (r x D) read from w; l = r*(n+D)."""
+
+    def __init__(self, name="low_rank_reconciliation", r=2, **kwargs):
+        super().__init__(name, **kwargs)
+        self.r = check_rank(r)
+
+    def calculate_l(self, n, D):
+        return self.r * (n + D)
+
+    def l_formula(self, n, D):
+        return f"r*(n+D) = {self.r}*({n}+{D}) = {self.calculate_l(n, D)}"
+
+    def _AB(self, n, D, w):
+        A, B = torch.split(w, [n * self.r, self.r * D], dim=1)
+        return A.reshape(-1, n, self.r), B.reshape(-1, self.r, D)
+
+    def _build(self, n, D, w, backend):
+        return dispatch.get("lowrank_build", w.device.type, backend)(*self._AB(n, D, w))
+
+    def _apply(self, x, w, n, bias, backend):
+        op = dispatch.get("lowrank_apply", x.device.type, backend)
+        return op(x, *self._AB(n, x.shape[-1], w), bias)
+
+    def extra_repr(self):
+        return f"name={self.name!r}, r={self.r}"
+
+
+class random_matrix_adaption_reconciliation(Seeded, Reconciliation):
+    """W = diag(l1) @ A @ diag(l2) @ B^T; l = n + r; A, B frozen N(0, 1) from ``seed``."""
+
+    def __init__(self, name="random_matrix_adaption_reconciliation", r=2, seed=None, **kwargs):
+        super().__init__(name, **kwargs)
+        self.r = check_rank(r)
+        self._init_seed(seed)
+
+    def calculate_l(self, n, D):
+        return n + self.r
+
+    def l_formula(self, n, D):
+        return f"n + r = {n} + {self.r} = {self.calculate_l(n, D)}"
+
+    def _lambdas(self, n, w):
+        l1, l2 = torch.split(w, [n, self.r], dim=1)
+        return l1, l2, self.stream_seed(0), self.stream_seed(1)
+
+    def _build(self, n, D, w, backend):
+        return dispatch.get("rma_build", w.device.type, backend)(*self._lambdas(n, w), D)
+
+    def _apply(self, x, w, n, bias, backend):
+        return dispatch.get("rma_apply", x.device.type, backend)(x, *self._lambdas(n, w), bias)
+
+    def matrices(self, n, D, device=None, dtype=torch.float32):
+        """The frozen (A, B), for inspection and tests."""
+        return rma_matrices(self.stream_seed(0), self.stream_seed(1), n, D, self.r,
+                            torch.empty(0, device=device, dtype=dtype))
+
+    def extra_repr(self):
+        return f"name={self.name!r}, r={self.r}, seed={self.seed}"

@@ -1,0 +1,73 @@
+"""masking_reconciliation (SPEC.md row 6): ``W = M * reshape(w, n, D)``.
+
+``M[i, j] = 1`` where ``u[i, j] < p``, ``u = tl.rand(seed, i*D + j)``: the mask is regenerated
+from the seed wherever it is used and never stored. ``fixed_mask=False`` draws a new mask on
+every call (the seed of call k is derived from (seed, k)).
+
+Ops: ``masking_build(w, seed, p)`` and ``masking_apply(x, w, seed, p, bias)`` with w (C, n, D).
+Triton: ``kernels/masking.py``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _random, dispatch
+from ..base import Reconciliation, Seeded, add_bias, reference
+
+
+def mask(seed: int, n: int, D: int, p: float, like: torch.Tensor) -> torch.Tensor:
+    u = _random.rand(seed, (n, D), device=like.device)
+    return (u < torch.tensor(p, dtype=torch.float32)).to(like.dtype)
+
+
+@reference
+def masking_build(w, seed: int, p: float):
+    return w * mask(seed, w.shape[1], w.shape[2], p, w)
+
+
+@reference
+def masking_apply(x, w, seed: int, p: float, bias):
+    W = masking_build(w, seed, p)
+    return add_bias(torch.matmul(x, W.transpose(1, 2)), bias)
+
+
+class masking_reconciliation(Seeded, Reconciliation):
+    """W = M * reshape(w, n, D), M ~ Bernoulli(p) frozen (or redrawn per call); l = n*D."""
+
+    def __init__(self, name="masking_reconciliation", p=0.5, fixed_mask=True, seed=None, **kwargs):
+        super().__init__(name, **kwargs)
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
+        self.p, self.fixed_mask = float(p), fixed_mask
+        self._init_seed(seed)
+        self._calls = 0
+
+    def calculate_l(self, n, D):
+        return n * D
+
+    def l_formula(self, n, D):
+        return f"n*D = {n}*{D} = {n * D}"
+
+    def mask_seed(self) -> int:
+        """Seed of this call's mask: fixed, or a fresh one per call when ``fixed_mask=False``."""
+        if self.fixed_mask:
+            return self.stream_seed(0)
+        self._calls += 1
+        return _random.derive_seed(self.stream_seed(0), self._calls)
+
+    def _build(self, n, D, w, backend):
+        op = dispatch.get("masking_build", w.device.type, backend)
+        return op(w.reshape(-1, n, D), self.mask_seed(), self.p)
+
+    def _apply(self, x, w, n, bias, backend):
+        op = dispatch.get("masking_apply", x.device.type, backend)
+        return op(x, w.reshape(-1, n, x.shape[-1]), self.mask_seed(), self.p, bias)
+
+    def get_extra_state(self):
+        return {"seed": self.seed, "calls": self._calls}
+
+    def set_extra_state(self, state):
+        self.seed, self._calls = int(state["seed"]), int(state.get("calls", 0))
+
+    def extra_repr(self):
+        return f"name={self.name!r}, p={self.p}, fixed_mask={self.fixed_mask}, seed={self.seed}"

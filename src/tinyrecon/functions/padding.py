@@ -1,0 +1,111 @@
+"""Padding family: duplicated_padding and duplicated_diagonal_padding (SPEC.md rows 7-8).
+
+duplicated_padding:          ``W = ones(p, q) kron B``, ``B = reshape(w, s, t)``.
+duplicated_diagonal_padding: ``W = eye(p, q) kron B`` (block diagonal when p = q).
+
+Ops: ``dup_pad_build(B, p, q, layout)``, ``dup_pad_apply(x, B, p, q, bias, layout)``,
+``block_diag_build(B, p, q)``, ``block_diag_apply(x, B, p, q, bias)``; ``B`` is (C, s, t).
+Triton: ``kernels/padding.py``; CUDA: ``csrc/padding.cu``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import dispatch
+from ..base import LAYOUTS, Reconciliation, add_bias, check_divides, reference
+from .kron import tinybig_outer_apply
+
+
+@reference
+def dup_pad_build(B, p: int, q: int, layout: str):
+    C, s, t = B.shape
+    if layout == "kron":
+        return B.repeat(1, p, q)
+    # tinyBIG 0.2.1: reshape(outer(ones(p*q), vec(B)), n, D), i.e. vec(B) tiled p*q times.
+    return B.reshape(C, -1).repeat(1, p * q).reshape(C, p * s, q * t)
+
+
+@reference
+def dup_pad_apply(x, B, p: int, q: int, bias, layout: str):
+    C, s, t = B.shape
+    N = x.shape[0]
+    if layout == "tinybig":
+        a = torch.ones(C, p * q, dtype=B.dtype, device=B.device)
+        return tinybig_outer_apply(x, a, B.reshape(C, -1), p * s, bias)
+    # Every block row sees the same B: sum x's q blocks first, one small GEMM, then repeat.
+    Ys = torch.matmul(x.reshape(N, q, t).sum(1), B.reshape(C * s, t).T).reshape(N, C, s)
+    return add_bias(Ys.permute(1, 0, 2).repeat(1, 1, p), bias)
+
+
+@reference
+def block_diag_build(B, p: int, q: int):
+    C, s, t = B.shape
+    eye = torch.eye(p, q, dtype=B.dtype, device=B.device)
+    return (eye[None, :, None, :, None] * B[:, None, :, None, :]).reshape(C, p * s, q * t)
+
+
+@reference
+def block_diag_apply(x, B, p: int, q: int, bias):
+    C, s, t = B.shape
+    N = x.shape[0]
+    k = min(p, q)   # blocks on the diagonal; rows past them are zero
+    Xd = x.reshape(N, q, t)[:, :k].reshape(N * k, t)
+    Y = torch.matmul(Xd, B.reshape(C * s, t).T).reshape(N, k, C, s).permute(2, 0, 1, 3)
+    if k < p:
+        Y = torch.cat([Y, Y.new_zeros(C, N, p - k, s)], dim=2)
+    return add_bias(Y.reshape(C, N, p * s), bias)
+
+
+class duplicated_padding_reconciliation(Reconciliation):
+    """W = ones(p, q) kron reshape(w, s, t); l = s*t. ``q=None`` means q = p."""
+
+    def __init__(self, name="duplicated_padding_reconciliation", p=2, q=None, layout="kron", **kwargs):
+        super().__init__(name, **kwargs)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.p, self.q, self.layout = p, (p if q is None else q), layout
+
+    def pq(self, n, D):
+        check_divides("p", self.p, "n", n)
+        check_divides("q", self.q, "D", D)
+        return self.p, self.q
+
+    def calculate_l(self, n, D):
+        p, q = self.pq(n, D)
+        return (n // p) * (D // q)
+
+    def l_formula(self, n, D):
+        p, q = self.pq(n, D)
+        return f"s*t = {n // p}*{D // q} = {self.calculate_l(n, D)}"
+
+    def _B(self, n, D, w):
+        p, q = self.pq(n, D)
+        return w.reshape(w.shape[0], n // p, D // q), p, q
+
+    def _build(self, n, D, w, backend):
+        return dispatch.get("dup_pad_build", w.device.type, backend)(*self._B(n, D, w), self.layout)
+
+    def _apply(self, x, w, n, bias, backend):
+        op = dispatch.get("dup_pad_apply", x.device.type, backend)
+        return op(x, *self._B(n, x.shape[-1], w), bias, self.layout)
+
+    def extra_repr(self):
+        return f"name={self.name!r}, p={self.p}, q={self.q}, layout={self.layout!r}"
+
+
+class duplicated_diagonal_padding_reconciliation(duplicated_padding_reconciliation):
+    """W = eye(p, q) kron reshape(w, s, t); l = s*t.
+
+    tinyBIG 0.2.1 only runs this with p = q = n (then its W equals this one) and returns it as
+    a sparse COO tensor; here W is always dense, and ``layout`` is accepted for symmetry only.
+    """
+
+    def __init__(self, name="duplicated_diagonal_padding_reconciliation", p=2, q=None, layout="kron", **kwargs):
+        super().__init__(name, p, q, layout, **kwargs)
+
+    def _build(self, n, D, w, backend):
+        return dispatch.get("block_diag_build", w.device.type, backend)(*self._B(n, D, w))
+
+    def _apply(self, x, w, n, bias, backend):
+        op = dispatch.get("block_diag_apply", x.device.type, backend)
+        return op(x, *self._B(n, x.shape[-1], w), bias)
