@@ -33,23 +33,38 @@ def kron_build(A1, A2, B1, B2, layout: str):
     return (A.reshape(C, -1, 1) * B.reshape(C, 1, -1)).reshape(C, p * s, q * t)
 
 
+def _thin(F1, F2):
+    """``(left, right)`` with ``F = left @ right`` and ``right`` as thin as it can be (left None: identity).
+
+    Only the right factor touches x, so a rank-r factor (r smaller than F's rows) saves work.
+    """
+    if F2 is not None and F2.shape[1] < F1.shape[1]:
+        return F1, F2
+    return None, _factor(F1, F2)
+
+
 @reference
 def kron_apply(x, A1, A2, B1, B2, bias, layout: str):
-    A, B = _factor(A1, A2), _factor(B1, B2)
-    C, p, q = A.shape
-    _, s, t = B.shape
     if layout == "tinybig":
-        return tinybig_outer_apply(x, A.reshape(C, -1), B.reshape(C, -1), p * s, bias)
+        A, B = _factor(A1, A2), _factor(B1, B2)
+        return tinybig_outer_apply(x, A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1), A.shape[1] * B.shape[1], bias)
+    (Al, Ar), (Bl, Br) = _thin(A1, A2), _thin(B1, B2)
+    C, q, t = Ar.shape[0], Ar.shape[2], Br.shape[2]
     N = x.shape[0]
     X = x.reshape(N, q, t)
-    # y[n, i1, i2] = sum_{j1, j2} A[i1, j1] X[n, j1, j2] B[i2, j2]: contract the cheaper factor first.
-    if q * s * (t + p) <= p * t * (q + s):
-        Z = torch.matmul(X.reshape(N * q, t), B.reshape(C * s, t).T).reshape(N, q, C, s)
-        Y = torch.einsum("nqcs,cpq->cnps", Z, A)
+    # y[n, i1, i2] = sum_{j1, j2} A[i1, j1] X[n, j1, j2] B[i2, j2]. The one pass over x contracts
+    # it with the thinner of Br (over t) and Ar (over q); the rest works on the small result.
+    if Br.shape[1] <= Ar.shape[1]:
+        Z = torch.matmul(X.reshape(N * q, t), Br.reshape(-1, t).T).reshape(N, q, C, -1)
+        if Bl is not None:
+            Z = torch.einsum("nqcr,csr->nqcs", Z, Bl)
+        Y = torch.einsum("nqcs,cpq->cnps", Z, _factor(A1, A2))
     else:
-        Z = torch.matmul(X.transpose(1, 2).reshape(N * t, q), A.reshape(C * p, q).T).reshape(N, t, C, p)
-        Y = torch.einsum("ntcp,cst->cnps", Z, B)
-    return add_bias(Y.reshape(C, N, p * s), bias)
+        Z = torch.matmul(Ar.reshape(-1, q), X).reshape(N, C, -1, t)
+        if Al is not None:
+            Z = torch.einsum("ncrt,cpr->ncpt", Z, Al)
+        Y = torch.einsum("ncpt,cst->cnps", Z, _factor(B1, B2))
+    return add_bias(Y.reshape(C, N, -1), bias)
 
 
 def tinybig_outer_apply(x, a, b, n, bias):
