@@ -112,10 +112,11 @@ class Reconciliation(nn.Module):
         return W if device is None else W.to(device)
 
     def apply(self, x: torch.Tensor, w: torch.Tensor | None = None, n: int | None = None,
-              bias: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+              bias: torch.Tensor | None = None, backend: str | None = None, D: int | None = None) -> torch.Tensor:
         """``x @ psi(w)^T + bias`` without building W where the function has structure.
 
-        ``x``: ``(*batch, D)``. Returns ``(*batch, n)``, or ``(C, *batch, n)`` for ``C > 1`` channels.
+        ``x``: ``(*batch, D)``; ``D`` is read from x, or checked against x when given.
+        Returns ``(*batch, n)``, or ``(C, *batch, n)`` for ``C > 1`` channels.
         """
         if callable(x) and not isinstance(x, torch.Tensor) and w is None and n is None:
             # nn.Module.apply(fn) (e.g. ``model.apply(init_weights)``) recurses into children,
@@ -127,6 +128,8 @@ class Reconciliation(nn.Module):
             raise ValueError("x must have at least one dimension (its last is D)")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        if D is not None and x.shape[-1] != D:
+            raise ValueError(f"x's last dimension is {x.shape[-1]} but D={D}")
         D = x.shape[-1]
         if n is None:
             raise ValueError("apply needs the output width n")

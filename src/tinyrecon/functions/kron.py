@@ -55,16 +55,16 @@ def kron_apply(x, A1, A2, B1, B2, bias, layout: str):
     # y[n, i1, i2] = sum_{j1, j2} A[i1, j1] X[n, j1, j2] B[i2, j2]. The one pass over x contracts
     # it with the thinner of Br (over t) and Ar (over q); the rest works on the small result.
     if Br.shape[1] <= Ar.shape[1]:
-        Z = torch.matmul(X.reshape(N * q, t), Br.reshape(-1, t).T).reshape(N, q, C, -1)
+        Z = torch.matmul(X.reshape(N * q, t), Br.reshape(-1, t).T).reshape(N, q, C, Br.shape[1])
         if Bl is not None:
             Z = torch.einsum("nqcr,csr->nqcs", Z, Bl)
         Y = torch.einsum("nqcs,cpq->cnps", Z, _factor(A1, A2))
     else:
-        Z = torch.matmul(Ar.reshape(-1, q), X).reshape(N, C, -1, t)
+        Z = torch.matmul(Ar.reshape(-1, q), X).reshape(N, C, Ar.shape[1], t)
         if Al is not None:
             Z = torch.einsum("ncrt,cpr->ncpt", Z, Al)
         Y = torch.einsum("ncpt,cst->cnps", Z, _factor(B1, B2))
-    return add_bias(Y.reshape(C, N, -1), bias)
+    return add_bias(Y.reshape(C, N, Y.shape[2] * Y.shape[3]), bias)
 
 
 def tinybig_outer_apply(x, a, b, n, bias):

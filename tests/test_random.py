@@ -1,0 +1,42 @@
+"""The torch Philox equals Triton's tl.rand bit for bit (and tl.randn to libm rounding)."""
+import pytest
+import torch
+
+from tinyrecon import _random
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from conftest import DEVICE  # noqa: E402
+
+
+@triton.jit
+def _draw(U, Z, N, seed, start, BLOCK: tl.constexpr):
+    off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = off < N
+    tl.store(U + off, tl.rand(seed, start + off), mask=mask)
+    tl.store(Z + off, tl.randn(seed, start + off), mask=mask)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**32 + 7, 2**62 + 5, _random.derive_seed(123, 4)])
+@pytest.mark.parametrize("start", [0, 2**31 - 5, 2**33 + 3])   # offsets past int32 use the high counter word
+def test_matches_triton(seed, start):
+    n = 777
+    u = torch.empty(n, device=DEVICE)
+    z = torch.empty(n, device=DEVICE)
+    _draw[(triton.cdiv(n, 256),)](u, z, n, seed, start, BLOCK=256)
+    assert torch.equal(u, _random.rand(seed, (n,), device=DEVICE, start=start))
+    torch.testing.assert_close(z, _random.randn(seed, (n,), device=DEVICE, start=start), rtol=0, atol=2e-6)
+
+
+def test_distribution_and_slicing():
+    z = _random.randn(5, (200_000,))
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01
+    u = _random.rand(5, (200_000,))
+    assert 0 <= u.min().item() and u.max().item() < 1 and abs(u.mean().item() - 0.5) < 0.005
+    assert torch.equal(_random.randn(5, (10, 7))[3:], _random.randn(5, (7, 7), start=21))
+
+
+def test_derived_seeds_differ_and_fit_int64():
+    seeds = {_random.derive_seed(s, k) for s in range(50) for k in range(4)}
+    assert len(seeds) == 200 and all(0 <= s < 2**63 for s in seeds)
