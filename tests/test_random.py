@@ -40,3 +40,11 @@ def test_distribution_and_slicing():
 def test_derived_seeds_differ_and_fit_int64():
     seeds = {_random.derive_seed(s, k) for s in range(50) for k in range(4)}
     assert len(seeds) == 200 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_cache_hands_out_private_copies_of_the_same_values():
+    first = _random.randn(9, (4, 3))
+    first.add_(1.0)   # a caller mutating its copy must not change what others get
+    again = _random.randn(9, (4, 3))
+    assert torch.equal(again, first - 1.0)
+    assert torch.equal(again.flatten(), _random._fill(9, 0, 12, None, "randn"))

@@ -13,6 +13,8 @@ halves), so this runs on any torch device.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -69,10 +71,30 @@ def _fill(seed: int, start: int, numel: int, device, kind: str) -> torch.Tensor:
     return out
 
 
+# Generating in torch costs ~100 ns per number on a CPU core, more than the GEMM that uses it
+# (random_matrix_adaption's B at D=65536: 18 ms vs a 6 ms dense layer), so recently used small
+# matrices are kept per process. They are not module state: nothing is saved or moved with a model.
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_ELEMENTS = 1 << 22
+_CACHE_ENTRIES = 16
+
+
+def _values(seed: int, start: int, numel: int, device, kind: str) -> torch.Tensor:
+    if numel > _CACHE_ELEMENTS or torch.compiler.is_compiling():
+        return _fill(seed, start, numel, device, kind)
+    key = (seed, start, numel, torch.device(device or "cpu"), kind)
+    if key not in _CACHE:
+        _CACHE[key] = _fill(seed, start, numel, device, kind)
+        if len(_CACHE) > _CACHE_ENTRIES:
+            _CACHE.popitem(last=False)
+    _CACHE.move_to_end(key)
+    return _CACHE[key].clone()   # callers own their copy
+
+
 def rand(seed: int, shape, device=None, dtype=torch.float32, start: int = 0) -> torch.Tensor:
     """U[0, 1) values equal to ``tl.rand(seed, start + arange(numel)).reshape(shape)``."""
     shape = tuple(shape)
-    return _fill(seed, start, _numel(shape), device, "rand").reshape(shape).to(dtype)
+    return _values(seed, start, _numel(shape), device, "rand").reshape(shape).to(dtype)
 
 
 def randn(seed: int, shape, device=None, dtype=torch.float32, start: int = 0) -> torch.Tensor:
@@ -81,7 +103,7 @@ def randn(seed: int, shape, device=None, dtype=torch.float32, start: int = 0) ->
     ``start`` selects rows of a larger matrix, so it can be generated in slices.
     """
     shape = tuple(shape)
-    return _fill(seed, start, _numel(shape), device, "randn").reshape(shape).to(dtype)
+    return _values(seed, start, _numel(shape), device, "randn").reshape(shape).to(dtype)
 
 
 def derive_seed(seed: int, stream: int) -> int:
