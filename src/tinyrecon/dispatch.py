@@ -75,12 +75,11 @@ def _library_status(backend: str) -> str:
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or 'auto'")
 
 
-def why_not(backend: str, op: str, device_type: str) -> str:
-    """'' if ``backend`` can run ``op`` on tensors of ``device_type``, else the reason."""
+def why_not(backend: str, op: str | None, device_type: str) -> str:
+    """'' if ``backend`` can run ``op`` (any op when None) on ``device_type`` tensors, else the reason."""
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; expected one of {BACKENDS} or 'auto'"
-    column = BACKENDS.index(backend)
-    if OPS[op][column] is None:
+    if op is not None and OPS[op][BACKENDS.index(backend)] is None:
         return f"the {backend} backend has no kernel for {op}"
     reason = _library_status(backend)
     if reason:
@@ -140,4 +139,4 @@ def get(op: str, device_type: str, backend: str | None = None):
 
 def available(device_type: str = "cuda") -> dict:
     """backend -> '' (usable on ``device_type`` tensors) or the reason it is not."""
-    return {b: (_library_status(b) or why_not(b, "kron_apply", device_type)) for b in BACKENDS}
+    return {b: why_not(b, None, device_type) for b in BACKENDS}

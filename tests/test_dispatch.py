@@ -1,0 +1,61 @@
+"""The dispatch table: auto choice, the three overrides and their precedence, clear refusals."""
+import pytest
+import torch
+
+import tinyrecon as tr
+from tinyrecon import dispatch
+
+
+def test_auto_on_cpu_is_torch(monkeypatch):
+    monkeypatch.delenv("TINYRECON_BACKEND", raising=False)
+    for op in dispatch.OPS:
+        assert dispatch.resolve(op, "cpu") == "torch"
+
+
+def test_every_op_has_a_torch_reference_with_that_name():
+    for op, modules in dispatch.OPS.items():
+        assert callable(dispatch.get(op, "cpu", "torch")), op
+        for backend, module in zip(dispatch.BACKENDS, modules):
+            if module is None:
+                assert f"no kernel for {op}" in dispatch.why_not(backend, op, "cuda")
+
+
+def test_precedence_call_over_block_over_env(monkeypatch):
+    monkeypatch.setenv("TINYRECON_BACKEND", "cuda")
+    assert dispatch.requested() == "cuda"
+    with tr.use_backend("triton"):
+        assert dispatch.requested() == "triton"
+        assert dispatch.requested("torch") == "torch"
+    assert dispatch.requested() == "cuda"
+
+
+def test_env_override_reaches_ops(monkeypatch):
+    monkeypatch.setenv("TINYRECON_BACKEND", "cuda")
+    rec = tr.hm_reconciliation()
+    w, x = torch.randn(18), torch.randn(2, 12)
+    with pytest.raises(tr.BackendUnavailable, match="backend 'cuda' cannot run kron_apply"):
+        rec.apply(x, w, n=6)
+    assert rec.apply(x, w, n=6, backend="torch").shape == (2, 6)
+
+
+def test_refusals_say_why(monkeypatch):
+    assert dispatch.why_not("cuda", None, "cpu")            # the CUDA library never takes CPU tensors
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "set TRITON_INTERPRET=1" in dispatch.why_not("triton", None, "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.why_not("triton", None, "cpu") == ""
+    assert "got a mps tensor" in dispatch.why_not("triton", None, "mps")
+    with pytest.raises(ValueError, match="unknown backend"):
+        with tr.use_backend("numpy"):
+            pass
+    with pytest.raises(tr.BackendUnavailable):
+        dispatch.resolve("kron_apply", "cpu", "nope")
+    assert dispatch.available("cpu")["torch"] == ""
+
+
+def test_instance_backend_is_the_default_for_its_calls():
+    rec = tr.hm_reconciliation(backend="cuda")
+    with pytest.raises(tr.BackendUnavailable):
+        rec.apply(torch.randn(2, 12), torch.randn(18), n=6)
+    assert rec.apply(torch.randn(2, 12), torch.randn(18), n=6, backend="torch").shape == (2, 6)
