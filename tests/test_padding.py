@@ -1,0 +1,146 @@
+"""Padding family: duplicated_padding and duplicated_diagonal_padding, every backend vs a direct construction."""
+import pytest
+import torch
+
+import tinyrecon as tr
+from conftest import DEVICE, DTYPES, assert_close, backends_for
+
+# (kind, op prefix): kind picks the class and layout; the op is what the backend column must provide.
+KINDS = {
+    "kron": (tr.duplicated_padding_reconciliation, "kron", "dup_pad"),
+    "tinybig": (tr.duplicated_padding_reconciliation, "tinybig", "dup_pad"),
+    "diag": (tr.duplicated_diagonal_padding_reconciliation, "kron", "block_diag"),
+}
+# (n, D, p, q): s = n/p and t = D/q odd, p < q and p > q, p = q = n, blocks wider than 16.
+SHAPES = [(15, 14, 3, 2), (6, 20, 2, 4), (20, 6, 4, 2), (5, 5, 5, 5), (9, 9, 3, None), (40, 36, 2, 3)]
+
+
+def dense(kind, B, p, q):
+    """W built directly from its definition (SPEC.md), B of shape (s, t)."""
+    if kind == "kron":
+        return torch.kron(torch.ones(p, q, dtype=B.dtype), B)
+    if kind == "diag":
+        return torch.kron(torch.eye(p, q, dtype=B.dtype), B)
+    s, t = B.shape   # tinyBIG 0.2.1: reshape(outer(ones(p*q), vec(B)), n, D)
+    return torch.outer(torch.ones(p * q, dtype=B.dtype), B.flatten()).reshape(p * s, q * t)
+
+
+def make(kind, p, q, **kw):
+    cls, layout, _ = KINDS[kind]
+    return cls(p=p, q=q, layout=layout, **kw)
+
+
+def each(kind_list=KINDS):
+    """(kind, backend) pairs; a backend that cannot run the kind's op is a skip with its reason."""
+    return [pytest.param(k, *b.values, marks=b.marks, id=f"{k}-{b.id}")
+            for k in kind_list for b in backends_for(KINDS[k][2] + "_apply")]
+
+
+@pytest.mark.parametrize("kind,backend", each())
+@pytest.mark.parametrize("n,D,p,q", SHAPES)
+def test_build_matches_definition(kind, backend, n, D, p, q):
+    rec = make(kind, p, q)
+    qq = p if q is None else q
+    w = torch.randn(3, rec.calculate_l(n, D), dtype=torch.float64, device=DEVICE)
+    W = rec(w=w, n=n, D=D, backend=backend)
+    assert W.shape == (3, n, D)
+    for c in range(3):
+        assert torch.equal(W[c].cpu(), dense(kind, w[c].reshape(n // p, D // qq).cpu(), p, qq))
+
+
+@pytest.mark.parametrize("n,D,p,q", [(6, 12, 2, 2), (6, 12, 6, 3), (6, 12, 3, 1), (6, 4, 3, 4)])
+def test_layouts_agree_iff_s_or_q_is_one(n, D, p, q):
+    w = torch.randn(tr.duplicated_padding_reconciliation(p=p, q=q).calculate_l(n, D), dtype=torch.float64)
+    Wk = make("kron", p, q)(w=w, n=n, D=D)
+    Wt = make("tinybig", p, q)(w=w, n=n, D=D)
+    assert torch.equal(Wk, Wt) == (n == p or q == 1)
+
+
+def test_calculate_l():
+    assert tr.duplicated_padding_reconciliation(p=2, q=2).calculate_l(6, 12) == 18   # SPEC.md
+    assert tr.duplicated_padding_reconciliation(p=2).calculate_l(6, 12) == 18        # q=None means q=p
+    assert tr.duplicated_padding_reconciliation(p=3).calculate_l(6, 12) == 2 * 4
+    assert tr.duplicated_padding_reconciliation(p=2, q=3).calculate_l(6, 12) == 3 * 4
+    assert tr.duplicated_diagonal_padding_reconciliation(p=6, q=12).calculate_l(6, 12) == 1
+    assert tr.duplicated_diagonal_padding_reconciliation(p=2).calculate_l(6, 12) == 18
+
+
+def _inputs(n, D, dtype, batch):
+    x = torch.randn(*batch, D, dtype=torch.float64, device=DEVICE).to(dtype)
+    b = torch.randn(n, dtype=torch.float64, device=DEVICE).to(dtype)
+    return x, b
+
+
+def _expected(rec, x, w, n, b):
+    """x @ W^T + b in float64 from the same (rounded) inputs, W from the torch reference build."""
+    W = rec(w=w.double(), n=n, D=x.shape[-1], backend="torch")
+    y = torch.einsum("...d,cnd->c...n", x.double(), W.reshape(-1, *W.shape[-2:])) + b.double()
+    return y if W.dim() == 3 else y[0]
+
+
+@pytest.mark.parametrize("kind,backend", each())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,D,p,q", [(15, 14, 3, 2), (20, 6, 4, 2), (6, 20, 2, 4), (40, 36, 2, 3)])
+def test_apply_matches_dense(kind, backend, dtype, n, D, p, q):
+    rec = make(kind, p, q)
+    w = torch.randn(rec.calculate_l(n, D), dtype=torch.float64, device=DEVICE).to(dtype)
+    x, b = _inputs(n, D, dtype, batch=(37,))
+    y = rec.apply(x, w, n=n, bias=b, backend=backend)
+    assert y.shape == (37, n) and y.dtype == dtype
+    assert_close(y, _expected(rec, x, w, n, b), dtype)
+
+
+@pytest.mark.parametrize("kind,backend", each())
+def test_apply_layouts_of_x_and_channels(kind, backend):
+    n, D, p, q = 15, 14, 3, 2
+    rec = make(kind, p, q)
+    w = torch.randn(3, rec.calculate_l(n, D), dtype=torch.float64, device=DEVICE)
+    b = torch.randn(n, dtype=torch.float64, device=DEVICE)
+    xs = {
+        "strided": torch.randn(5, 2 * D, dtype=torch.float64, device=DEVICE)[:, ::2],
+        "transposed": torch.randn(D, 5, dtype=torch.float64, device=DEVICE).T,
+        "batch dims": torch.randn(2, 3, D, dtype=torch.float64, device=DEVICE),
+        "empty": torch.randn(0, D, dtype=torch.float64, device=DEVICE),
+        "empty batch dims": torch.randn(2, 0, D, dtype=torch.float64, device=DEVICE),
+    }
+    for what, x in xs.items():
+        y = rec.apply(x, w, n=n, bias=b, backend=backend)
+        assert y.shape == (3, *x.shape[:-1], n), what
+        assert_close(y, _expected(rec, x, w, n, b))
+        y1 = rec.apply(x, w[1], n=n, backend=backend)   # one channel: no channel dim
+        assert y1.shape == (*x.shape[:-1], n), what
+        assert_close(y1, y[1] - b)
+
+
+@pytest.mark.parametrize("kind,backend", each())
+def test_gradcheck(kind, backend):
+    n, D, p, q = 6, 10, 3, 2
+    rec = make(kind, p, q)
+    opts = dict(dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(2, rec.calculate_l(n, D), **opts)
+    x = torch.randn(3, D, **opts)
+    b = torch.randn(n, **opts)
+    assert torch.autograd.gradcheck(lambda w: rec(w=w, n=n, D=D, backend=backend), (w,))
+    assert torch.autograd.gradcheck(lambda x, w, b: rec.apply(x, w, n=n, bias=b, backend=backend), (x, w, b))
+
+
+@pytest.mark.parametrize("kind,backend", each())
+def test_grads_of_empty_batch(kind, backend):
+    n, D, p, q = 6, 10, 3, 2
+    rec = make(kind, p, q)
+    w = torch.randn(rec.calculate_l(n, D), device=DEVICE, requires_grad=True)
+    b = torch.randn(n, device=DEVICE, requires_grad=True)
+    rec.apply(torch.randn(0, D, device=DEVICE), w, n=n, bias=b, backend=backend).sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_errors(kind):
+    with pytest.raises(ValueError, match=r"p=4 must be a positive divisor of n=6; divisors of 6: \[1, 2, 3, 6\]"):
+        make(kind, 4, 2)(w=torch.randn(18), n=6, D=12)
+    with pytest.raises(ValueError, match=r"q=5 must be a positive divisor of D=12; divisors of 12"):
+        make(kind, 2, 5).apply(torch.randn(2, 12), torch.randn(18), n=6)
+    with pytest.raises(ValueError, match=r"l = s\*t = 3\*6 = 18; got \(17,\)"):
+        make(kind, 2, None)(w=torch.randn(17), n=6, D=12)
+    with pytest.raises(ValueError, match=r"l = s\*t = 2\*3 = 6; got \(2, 18\)"):
+        make(kind, 3, 4).apply(torch.randn(2, 12), torch.randn(2, 18), n=6)
