@@ -67,7 +67,7 @@ class Reconciliation(nn.Module):
     The channel dimension is kept in results only when ``C > 1``.
 
     Subclasses define ``calculate_l`` (plus ``l_formula`` for error messages), ``_build``
-    returning ``(C, n, D)`` and ``_apply`` returning ``(C, N, n)`` for ``x`` of shape ``(N, D)``.
+    returning ``(C, n, D)`` and ``_apply_flat`` returning ``(C, N, n)`` for ``x`` of shape ``(N, D)``.
     """
 
     def __init__(self, name: str, *, require_parameters: bool = True, enable_bias: bool = False,
@@ -96,7 +96,7 @@ class Reconciliation(nn.Module):
     def _build(self, n, D, w, backend):
         raise NotImplementedError
 
-    def _apply(self, x, w, n, bias, backend):
+    def _apply_flat(self, x, w, n, bias, backend):
         # Functions without exploitable structure: build W once and use one GEMM.
         W = self._build(n, x.shape[-1], w, backend)
         return add_bias(torch.matmul(x, W.transpose(1, 2)), bias)
@@ -140,7 +140,7 @@ class Reconciliation(nn.Module):
             if tuple(bias.shape) != (n,):
                 raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
         batch = x.shape[:-1]
-        y = self._apply(x.reshape(-1, D), w2, n, bias, self._backend(backend))
+        y = self._apply_flat(x.reshape(-1, D), w2, n, bias, self._backend(backend))
         y = y.reshape(y.shape[0], *batch, n)
         return y if keep else y[0]
 

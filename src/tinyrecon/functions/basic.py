@@ -26,7 +26,7 @@ class constant_reconciliation(Reconciliation):
     def _build(self, n, D, w, backend):
         return torch.full((w.shape[0], n, D), self.c, dtype=w.dtype, device=w.device)
 
-    def _apply(self, x, w, n, bias, backend):
+    def _apply_flat(self, x, w, n, bias, backend):
         # Every output is c * sum(x): one reduction, no matmul.
         y = (self.c * x.sum(-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))).to(x.dtype)
         return add_bias(y.expand(-1, n).expand(w.shape[0], -1, -1), bias)
@@ -62,7 +62,7 @@ class constant_eye_reconciliation(Reconciliation):
     def _build(self, n, D, w, backend):
         return torch.eye(n, D, dtype=w.dtype, device=w.device).expand(w.shape[0], -1, -1)
 
-    def _apply(self, x, w, n, bias, backend):
+    def _apply_flat(self, x, w, n, bias, backend):
         # y[:, i] = x[:, i] for i < min(n, D), zero after: a copy, no matmul.
         k = min(n, x.shape[1])
         y = torch.cat([x[:, :k], x.new_zeros(x.shape[0], n - k)], dim=1)
@@ -84,5 +84,5 @@ class identity_reconciliation(Reconciliation):
     def _build(self, n, D, w, backend):
         return w.reshape(-1, n, D)
 
-    def _apply(self, x, w, n, bias, backend):
+    def _apply_flat(self, x, w, n, bias, backend):
         return add_bias(torch.matmul(x, w.reshape(-1, n, x.shape[1]).transpose(1, 2)), bias)

@@ -124,9 +124,9 @@ class hypernet_reconciliation(Seeded, Reconciliation):
         op = dispatch.get("hypernet_build", w.device.type, backend)
         return op(self._hvec(w), self.stream_seed(2), self.stream_seed(3), n, D)
 
-    def _apply(self, x, w, n, bias, backend):
+    def _apply_flat(self, x, w, n, bias, backend):
         if self._trainable(n, x.shape[-1]) is not None:
-            return super()._apply(x, w, n, bias, backend)
+            return super()._apply_flat(x, w, n, bias, backend)
         op = dispatch.get("hypernet_apply", x.device.type, backend)
         return op(x, self._hvec(w), self.stream_seed(2), self.stream_seed(3), n, bias)
 
@@ -161,7 +161,7 @@ class random_matrix_hypernet_reconciliation(Seeded, Reconciliation):
     def _build(self, n, D, w, backend):
         return dispatch.get("rmh_build", w.device.type, backend)(self._z(w), self.stream_seed(3), n, D)
 
-    def _apply(self, x, w, n, bias, backend):
+    def _apply_flat(self, x, w, n, bias, backend):
         return dispatch.get("rmh_apply", x.device.type, backend)(x, self._z(w), self.stream_seed(3), n, bias)
 
     def extra_repr(self):

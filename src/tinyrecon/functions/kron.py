@@ -115,7 +115,7 @@ class _KronBase(Reconciliation):
         op = dispatch.get("kron_build", w.device.type, backend)
         return op(*self._factors(n, D, w), self.layout)
 
-    def _apply(self, x, w, n, bias, backend):
+    def _apply_flat(self, x, w, n, bias, backend):
         op = dispatch.get("kron_apply", x.device.type, backend)
         return op(x, *self._factors(n, D=x.shape[-1], w=w), bias, self.layout)
 

@@ -68,7 +68,7 @@ class lorr_reconciliation(Reconciliation):
     def _build(self, n, D, w, backend):
         return dispatch.get("lowrank_build", w.device.type, backend)(*self._AB(n, D, w))
 
-    def _apply(self, x, w, n, bias, backend):
+    def _apply_flat(self, x, w, n, bias, backend):
         op = dispatch.get("lowrank_apply", x.device.type, backend)
         return op(x, *self._AB(n, x.shape[-1], w), bias)
 
@@ -97,7 +97,7 @@ class random_matrix_adaption_reconciliation(Seeded, Reconciliation):
     def _build(self, n, D, w, backend):
         return dispatch.get("rma_build", w.device.type, backend)(*self._lambdas(n, w), D)
 
-    def _apply(self, x, w, n, bias, backend):
+    def _apply_flat(self, x, w, n, bias, backend):
         return dispatch.get("rma_apply", x.device.type, backend)(x, *self._lambdas(n, w), bias)
 
     def matrices(self, n, D, device=None, dtype=torch.float32):

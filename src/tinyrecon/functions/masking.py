@@ -59,7 +59,7 @@ class masking_reconciliation(Seeded, Reconciliation):
         op = dispatch.get("masking_build", w.device.type, backend)
         return op(w.reshape(-1, n, D), self.mask_seed(), self.p)
 
-    def _apply(self, x, w, n, bias, backend):
+    def _apply_flat(self, x, w, n, bias, backend):
         op = dispatch.get("masking_apply", x.device.type, backend)
         return op(x, w.reshape(-1, n, x.shape[-1]), self.mask_seed(), self.p, bias)
 

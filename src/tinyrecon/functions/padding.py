@@ -85,7 +85,7 @@ class duplicated_padding_reconciliation(Reconciliation):
     def _build(self, n, D, w, backend):
         return dispatch.get("dup_pad_build", w.device.type, backend)(*self._B(n, D, w), self.layout)
 
-    def _apply(self, x, w, n, bias, backend):
+    def _apply_flat(self, x, w, n, bias, backend):
         op = dispatch.get("dup_pad_apply", x.device.type, backend)
         return op(x, *self._B(n, x.shape[-1], w), bias, self.layout)
 
@@ -106,6 +106,6 @@ class duplicated_diagonal_padding_reconciliation(duplicated_padding_reconciliati
     def _build(self, n, D, w, backend):
         return dispatch.get("block_diag_build", w.device.type, backend)(*self._B(n, D, w))
 
-    def _apply(self, x, w, n, bias, backend):
+    def _apply_flat(self, x, w, n, bias, backend):
         op = dispatch.get("block_diag_apply", x.device.type, backend)
         return op(x, *self._B(n, x.shape[-1], w), bias)

@@ -1,0 +1,113 @@
+"""Low-rank family (lorr, random_matrix_adaption): W from SPEC.md, apply, gradients, seeds, every backend."""
+import io
+
+import pytest
+import torch
+
+import tinyrecon as tr
+from tinyrecon import _random
+from conftest import DEVICE, DTYPES, assert_close, backends_for
+
+LORR, RMA = tr.lorr_reconciliation, tr.random_matrix_adaption_reconciliation
+
+# n, D, r, batch, C: odd sizes (no multiple of a block size), a single element, channels, empty batch.
+CASES = [(5, 7, 3, (4,), 1), (1, 1, 1, (2, 3), 1), (13, 29, 2, (3,), 3), (6, 12, 1, (0,), 2)]
+# (class, backend) for every backend that runs the class's apply op here.
+CLS_BACKENDS = [pytest.param(cls, p.values[0], marks=p.marks, id=f"{short}-{p.id}")
+                for cls, short, op in ((LORR, "lorr", "lowrank_apply"), (RMA, "rma", "rma_apply"))
+                for p in backends_for(op)]
+
+
+def direct_W(rec, w, n, D):
+    """W of SPEC.md built the obvious way (w: (C, l)), as (C, n, D)."""
+    C, r = w.shape[0], rec.r
+    if isinstance(rec, LORR):
+        A, B = w[:, :n * r].reshape(C, n, r), w[:, n * r:].reshape(C, r, D)
+        return A @ B
+    A, B = rec.matrices(n, D, device=w.device, dtype=w.dtype)
+    l1, l2 = w[:, :n], w[:, n:]
+    return torch.stack([torch.diag(l1[c]) @ A @ torch.diag(l2[c]) @ B.T for c in range(C)])
+
+
+def tol_dtype(dtype, backend, rec):
+    # Triton draws normals with its own libm (Box-Muller): ~1e-6 from torch's, so float64 results
+    # of the seeded function can only match the torch reference to float32 accuracy.
+    random = isinstance(rec, RMA)
+    return torch.float32 if backend == "triton" and random and dtype == torch.float64 else dtype
+
+
+def test_calculate_l():
+    assert LORR(r=1).calculate_l(6, 12) == 18              # SPEC.md's example
+    assert LORR(r=3).calculate_l(5, 7) == 36
+    assert RMA(r=2).calculate_l(6, 12) == 8                # n + r
+    assert RMA(r=5).calculate_l(64, 615440) == 69
+
+
+def test_rma_matrices_come_from_the_seed():
+    rec = RMA(r=3, seed=11)
+    A, B = rec.matrices(5, 7)
+    assert torch.equal(A, _random.randn(rec.stream_seed(0), (5, 3)))
+    assert torch.equal(B, _random.randn(rec.stream_seed(1), (7, 3)))
+    assert not torch.equal(A[:, 0], B[:5, 0])              # two streams, not one
+
+
+@pytest.mark.parametrize("cls,backend", CLS_BACKENDS)
+@pytest.mark.parametrize("n,D,r,batch,C", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_build_and_apply(cls, backend, n, D, r, batch, C, dtype):
+    torch.manual_seed(0)
+    rec = cls(r=r, seed=3) if cls is RMA else cls(r=r)
+    l = rec.calculate_l(n, D)
+    w = torch.randn(C, l, dtype=torch.float64, device=DEVICE).to(dtype)
+    x = torch.randn(*batch, 2 * D, dtype=torch.float64, device=DEVICE).to(dtype)[..., ::2]   # non-contiguous
+    bias = torch.randn(n, dtype=torch.float64, device=DEVICE).to(dtype)
+    W64 = direct_W(rec, w.double(), n, D)
+    expected = torch.einsum("...d,cnd->c...n", x.double(), W64) + bias.double()
+    tol = tol_dtype(dtype, backend, rec)
+    keep = (lambda t: t) if C > 1 else (lambda t: t[0])
+    W = rec(w=w, n=n, D=D, backend=backend)
+    assert W.dtype == dtype and W.shape == keep(W64).shape
+    assert_close(W, keep(W64), tol)
+    y = rec.apply(x, w, n=n, bias=bias, backend=backend)
+    assert y.dtype == dtype and y.shape == keep(expected).shape
+    assert_close(y, keep(expected), tol)
+    assert_close(rec.apply(x, w, n=n, backend=backend), keep(expected - bias.double()), tol)
+
+
+@pytest.mark.parametrize("cls,backend", CLS_BACKENDS)
+def test_gradcheck(cls, backend):
+    torch.manual_seed(0)
+    n, D, r, C = 3, 5, 2, 2
+    rec = cls(r=r, seed=5) if cls is RMA else cls(r=r)
+    opts = dict(dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(C, rec.calculate_l(n, D), **opts)
+    x = torch.randn(2, D, **opts)
+    bias = torch.randn(n, **opts)
+    assert torch.autograd.gradcheck(lambda w: rec(w=w, n=n, D=D, backend=backend), (w,))
+    assert torch.autograd.gradcheck(lambda x, w, b: rec.apply(x, w, n=n, bias=b, backend=backend), (x, w, bias))
+
+
+def test_rma_seeds():
+    n, D = 5, 7
+    a = RMA(r=2, seed=21)
+    w = torch.randn(a.calculate_l(n, D))
+    W = a(w=w, n=n, D=D)
+    assert torch.equal(W, RMA(r=2, seed=21)(w=w, n=n, D=D))        # same seed, same W
+    assert not torch.equal(W, RMA(r=2, seed=22)(w=w, n=n, D=D))    # another seed, another W
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = RMA(r=2, seed=99)
+    b.load_state_dict(torch.load(buf))
+    assert torch.equal(b(w=w, n=n, D=D), W)                          # round trip to a fresh instance
+    assert torch.equal(a.to(torch.float64).to("cpu")(w=w, n=n, D=D), W)   # .to() keeps the seed
+
+
+def test_rma_matrices_are_frozen():
+    rec = RMA(r=2, seed=4)
+    assert list(rec.parameters()) == []
+    w = torch.randn(7, requires_grad=True)
+    rec(w=w, n=5, D=6).sum().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+    A, B = rec.matrices(5, 6)
+    assert not A.requires_grad and not B.requires_grad
