@@ -6,11 +6,14 @@
     y = rec.apply(x, w, n=64, bias=b)     # x @ W^T + b without building W
 """
 from .base import Reconciliation
+from .config import from_config
 from .dispatch import BackendUnavailable, use_backend
 from .functions import *  # noqa: F401,F403  (the 15 tinyBIG class names)
 from .functions import ALL
 from .registry import lookup, reconciliation
+from .nn import ReconciledLinear
 
 __version__ = "0.1.0"
 __all__ = ["Reconciliation", "BackendUnavailable", "use_backend", "lookup", "reconciliation",
+           "from_config", "ReconciledLinear",
            *[cls.__name__ for cls in ALL]]
