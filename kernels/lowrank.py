@@ -1,0 +1,333 @@
+"""Triton kernels for the low-rank family; the spec is ``tinyrecon/functions/lowrank.py``.
+
+The applies are fused: each program keeps the rank-r bottleneck ``U = x @ B^T`` (lorr) or
+``x @ B`` (random_matrix_adaption) of its rows in registers and writes only ``y``. RMA's
+frozen A (n x r) and B (D x r) are generated in registers with ``tl.randn(seed, row*r + col)``,
+the counter layout of ``tinyrecon._random.randn``.
+
+Backward passes are GEMMs on rank-r intermediates (N x r, n x r: small next to x), run by one
+batched GEMM kernel; RMA's backward materializes A and B ((n + D) * r values, as many as
+lorr's parameters) with the same ``tl.randn``, so they equal the forward's bit for bit.
+Every launch is a ``torch.library.custom_op`` so ``torch.compile`` sees one op, not a break.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import autotune
+
+
+def acc_type(dtype: torch.dtype):
+    """Accumulate in float64 for float64 data, float32 otherwise."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def rank_block(r: int) -> int:
+    """The rank dimension as one power-of-two tile, at least 16 wide (``tl.dot``'s minimum)."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def _cfg(bm, bn, bk, warps, stages=3):
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
+
+
+# The first config is the one the interpreter runs: small, so CPU tests stay fast.
+_GEMM_CONFIGS = [_cfg(16, 16, 16, 4), _cfg(64, 64, 32, 4), _cfg(128, 64, 32, 4), _cfg(64, 128, 32, 4),
+                 _cfg(128, 128, 32, 8), _cfg(32, 32, 64, 4)]
+# Fused applies: BN tiles n, BK tiles D; the rank tile is fixed by r.
+_FUSED_CONFIGS = [_cfg(16, 16, 32, 4), _cfg(64, 64, 64, 4), _cfg(128, 64, 64, 4), _cfg(64, 32, 128, 4),
+                  _cfg(128, 128, 64, 8), _cfg(32, 64, 64, 4)]
+
+
+# ---- batched GEMM: out[b] = a[b] @ c[b], any strides (0 broadcasts) ------------------------------
+@autotune(_GEMM_CONFIGS, key=["M", "N", "K"])
+@triton.jit
+def _bmm_kernel(A, Bm, O, M, N, K, sab, sam, sak, sbb, sbk, sbn, sob, som, son,
+                ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    tiles_n = tl.cdiv(N, BN)
+    rows = (pid // tiles_n).to(tl.int64) * BM + tl.arange(0, BM)
+    cols = (pid % tiles_n).to(tl.int64) * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), ACC)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK).to(tl.int64)
+        a = tl.load(A + b * sab + rows[:, None] * sam + ks[None, :] * sak,
+                    mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
+        c = tl.load(Bm + b * sbb + ks[:, None] * sbk + cols[None, :] * sbn,
+                    mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0)
+        acc = tl.dot(a.to(ACC), c.to(ACC), acc, input_precision="ieee")
+    tl.store(O + b * sob + rows[:, None] * som + cols[None, :] * son, acc.to(O.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@torch.library.custom_op("tinyrecon::triton_bmm", mutates_args=())
+def bmm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` for (Bt, M, K) @ (Bt, K, N) in ``dtype``, accumulated in fp32 (fp64 for fp64)."""
+    Bt, M, K = a.shape
+    N = b.shape[2]
+    out = torch.empty(Bt, M, N, dtype=dtype, device=a.device)
+    if out.numel():
+        grid = lambda META: (triton.cdiv(M, META["BM"]) * triton.cdiv(N, META["BN"]), Bt)  # noqa: E731
+        _bmm_kernel[grid](a, b, out, M, N, K, *a.stride(), *b.stride(), *out.stride(), ACC=acc_type(a.dtype))
+    return out
+
+
+@bmm.register_fake
+def _(a, b, dtype):
+    return a.new_empty(a.shape[0], a.shape[1], b.shape[2], dtype=dtype)
+
+
+def _inner(dtype):
+    """dtype of backward intermediates: fp32 for half types, so they are rounded once, at the end."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- lorr ------------------------------------------------------------------------------------------
+@torch.library.custom_op("tinyrecon::triton_lowrank_build", mutates_args=())
+def lowrank_build(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    return bmm(A, B, A.dtype)
+
+
+@lowrank_build.register_fake
+def _(A, B):
+    return A.new_empty(A.shape[0], A.shape[1], B.shape[2])
+
+
+def _lowrank_build_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _lowrank_build_backward(ctx, dW):
+    A, B = ctx.saved_tensors
+    return bmm(dW, B.transpose(1, 2), A.dtype), bmm(A.transpose(1, 2), dW, B.dtype)
+
+
+lowrank_build.register_autograd(_lowrank_build_backward, setup_context=_lowrank_build_setup)
+
+
+@autotune(_FUSED_CONFIGS, key=["N", "D", "n"])
+@triton.jit
+def _lowrank_apply_kernel(X, A, Bm, Bias, Y, N, D, n, r, sxm, sxd, sac, sai, sak, sbc, sbk, sbd,
+                          HAS_BIAS: tl.constexpr, ACC: tl.constexpr, RP: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid, c = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    rows = pid.to(tl.int64) * BM + tl.arange(0, BM)
+    ks = tl.arange(0, RP)
+    u = tl.zeros((BM, RP), ACC)                       # x @ B_c^T for these rows: never stored
+    for d0 in range(0, D, BK):
+        ds = d0 + tl.arange(0, BK).to(tl.int64)
+        xt = tl.load(X + rows[:, None] * sxm + ds[None, :] * sxd,
+                     mask=(rows[:, None] < N) & (ds[None, :] < D), other=0.0)
+        bt = tl.load(Bm + c * sbc + ks[None, :] * sbk + ds[:, None] * sbd,
+                     mask=(ks[None, :] < r) & (ds[:, None] < D), other=0.0)
+        u = tl.dot(xt.to(ACC), bt.to(ACC), u, input_precision="ieee")
+    for i0 in range(0, n, BN):
+        cols = i0 + tl.arange(0, BN).to(tl.int64)
+        at = tl.load(A + c * sac + cols[None, :] * sai + ks[:, None] * sak,
+                     mask=(cols[None, :] < n) & (ks[:, None] < r), other=0.0)
+        y = tl.dot(u, at.to(ACC), input_precision="ieee", out_dtype=ACC)
+        if HAS_BIAS:
+            y += tl.load(Bias + cols, mask=cols < n, other=0.0).to(ACC)[None, :]
+        tl.store(Y + (c * N + rows[:, None]) * n + cols[None, :], y.to(Y.dtype.element_ty),
+                 mask=(rows[:, None] < N) & (cols[None, :] < n))
+
+
+@torch.library.custom_op("tinyrecon::triton_lowrank_apply", mutates_args=())
+def lowrank_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    C, n, r = A.shape
+    N, D = x.shape
+    y = torch.empty(C, N, n, dtype=x.dtype, device=x.device)
+    if y.numel():
+        grid = lambda META: (triton.cdiv(N, META["BM"]), C)  # noqa: E731
+        _lowrank_apply_kernel[grid](x, A, B, bias, y, N, D, n, r, *x.stride(), *A.stride(), *B.stride(),
+                                    HAS_BIAS=bias is not None, ACC=acc_type(x.dtype), RP=rank_block(r))
+    return y
+
+
+@lowrank_apply.register_fake
+def _(x, A, B, bias):
+    return x.new_empty(A.shape[0], x.shape[0], A.shape[1])
+
+
+def _apply_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _lowrank_apply_backward(ctx, dy):
+    x, A, B, bias = ctx.saved_tensors
+    C, n, r = A.shape
+    N, D = x.shape
+    f = _inner(x.dtype)
+    xs = x.expand(C, N, D)
+    U = bmm(xs, B.transpose(1, 2), f)                        # (C, N, r)
+    dU = bmm(dy, A, f)                                       # (C, N, r)
+    dA = bmm(dy.transpose(1, 2), U, A.dtype)
+    dB = bmm(dU.transpose(1, 2), xs, B.dtype)
+    dx = bmm(dU.transpose(0, 1).reshape(1, N, C * r), B.reshape(1, C * r, D), x.dtype)[0]
+    return dx, dA, dB, _bias_grad(dy, bias)
+
+
+def _bias_grad(dy, bias):
+    return None if bias is None else dy.sum((0, 1), dtype=_inner(dy.dtype)).to(bias.dtype)
+
+
+lowrank_apply.register_autograd(_lowrank_apply_backward, setup_context=_apply_setup)
+
+
+# ---- random_matrix_adaption ------------------------------------------------------------------------
+@triton.jit
+def _randn_kernel(O, numel, seed, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(O + offs, tl.randn(seed, offs).to(O.dtype.element_ty), mask=offs < numel)
+
+
+@torch.library.custom_op("tinyrecon::triton_randn", mutates_args=())
+def randn(seed: int, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``tl.randn(seed, row*cols + col)`` as a (rows, cols) tensor."""
+    out = torch.empty(rows, cols, dtype=dtype, device=device)
+    if out.numel():
+        _randn_kernel[(triton.cdiv(out.numel(), 1024),)](out, out.numel(), seed, BLOCK=1024)
+    return out
+
+
+@randn.register_fake
+def _(seed, rows, cols, dtype, device):
+    return torch.empty(rows, cols, dtype=dtype, device=device)
+
+
+@triton.jit
+def _randn_tile(seed, rows, cols, n_rows, r):
+    """Element (rows[i], cols[j]) of the (n_rows x r) matrix tl.randn(seed, row*r + col); 0 outside it."""
+    inside = (rows[:, None] < n_rows) & (cols[None, :] < r)
+    return tl.where(inside, tl.randn(seed, rows[:, None] * r + cols[None, :]), 0.0)
+
+
+@autotune(_GEMM_CONFIGS, key=["n", "D"])
+@triton.jit
+def _rma_build_kernel(L1, L2, W, C, n, D, r, seed_a, seed_b, sl1c, sl1i, sl2c, sl2k,
+                      ACC: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(D, BN)
+    rows = (pid // tiles_n).to(tl.int64) * BM + tl.arange(0, BM)
+    cols = (pid % tiles_n).to(tl.int64) * BN + tl.arange(0, BN)
+    ks = tl.arange(0, RP).to(tl.int64)
+    a = _randn_tile(seed_a, rows, ks, n, r).to(ACC)                       # A tile (BM, RP)
+    bt = tl.trans(_randn_tile(seed_b, cols, ks, D, r)).to(ACC)            # B^T tile (RP, BN)
+    for c in range(C):    # A and B are shared by the channels: generate once, use C times
+        l2 = tl.load(L2 + c * sl2c + ks * sl2k, mask=ks < r, other=0.0).to(ACC)
+        l1 = tl.load(L1 + c * sl1c + rows * sl1i, mask=rows < n, other=0.0).to(ACC)
+        w = tl.dot(a * l2[None, :], bt, input_precision="ieee", out_dtype=ACC) * l1[:, None]
+        tl.store(W + (c * n + rows[:, None]) * D + cols[None, :], w.to(W.dtype.element_ty),
+                 mask=(rows[:, None] < n) & (cols[None, :] < D))
+
+
+@torch.library.custom_op("tinyrecon::triton_rma_build", mutates_args=())
+def rma_build(l1: torch.Tensor, l2: torch.Tensor, seed_a: int, seed_b: int, D: int) -> torch.Tensor:
+    (C, n), r = l1.shape, l2.shape[1]
+    W = torch.empty(C, n, D, dtype=l1.dtype, device=l1.device)
+    if W.numel():
+        grid = lambda META: (triton.cdiv(n, META["BM"]) * triton.cdiv(D, META["BN"]),)  # noqa: E731
+        _rma_build_kernel[grid](l1, l2, W, C, n, D, r, seed_a, seed_b, *l1.stride(), *l2.stride(),
+                                ACC=acc_type(l1.dtype), RP=rank_block(r))
+    return W
+
+
+@rma_build.register_fake
+def _(l1, l2, seed_a, seed_b, D):
+    return l1.new_empty(l1.shape[0], l1.shape[1], D)
+
+
+def _rma_build_setup(ctx, inputs, output):
+    l1, l2, ctx.seed_a, ctx.seed_b, ctx.D = inputs
+    ctx.save_for_backward(l1, l2)
+
+
+def _lambda_grads(M, A, l1, l2):
+    """Gradients of l1, l2 from ``M[c][i, k] = sum_j dW_c[i, j] B[j, k]`` (C, n, r)."""
+    P = M * A
+    f = P.dtype
+    return (P * l2.to(f)[:, None, :]).sum(2).to(l1.dtype), (P * l1.to(f)[:, :, None]).sum(1).to(l2.dtype)
+
+
+def _rma_build_backward(ctx, dW):
+    l1, l2 = ctx.saved_tensors
+    (C, n), r = l1.shape, l2.shape[1]
+    f = _inner(l1.dtype)
+    A, B = randn(ctx.seed_a, n, r, f, l1.device), randn(ctx.seed_b, ctx.D, r, f, l1.device)
+    M = bmm(dW, B.expand(C, ctx.D, r), f)                    # dW_c @ B: (C, n, r)
+    return (*_lambda_grads(M, A, l1, l2), None, None, None)
+
+
+rma_build.register_autograd(_rma_build_backward, setup_context=_rma_build_setup)
+
+
+@autotune(_FUSED_CONFIGS, key=["N", "D", "n"])
+@triton.jit
+def _rma_apply_kernel(X, L1, L2, Bias, Y, C, N, D, n, r, seed_a, seed_b, sxm, sxd, sl1c, sl1i, sl2c, sl2k,
+                      HAS_BIAS: tl.constexpr, ACC: tl.constexpr, RP: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    ks = tl.arange(0, RP).to(tl.int64)
+    u = tl.zeros((BM, RP), ACC)                       # x @ B for these rows: shared by the channels
+    for d0 in range(0, D, BK):
+        ds = d0 + tl.arange(0, BK).to(tl.int64)
+        xt = tl.load(X + rows[:, None] * sxm + ds[None, :] * sxd,
+                     mask=(rows[:, None] < N) & (ds[None, :] < D), other=0.0)
+        u = tl.dot(xt.to(ACC), _randn_tile(seed_b, ds, ks, D, r).to(ACC), u, input_precision="ieee")
+    for i0 in range(0, n, BN):
+        cols = i0 + tl.arange(0, BN).to(tl.int64)
+        at = tl.trans(_randn_tile(seed_a, cols, ks, n, r)).to(ACC)      # A^T tile (RP, BN)
+        if HAS_BIAS:
+            b = tl.load(Bias + cols, mask=cols < n, other=0.0).to(ACC)
+        for c in range(C):
+            l2 = tl.load(L2 + c * sl2c + ks * sl2k, mask=ks < r, other=0.0).to(ACC)
+            l1 = tl.load(L1 + c * sl1c + cols * sl1i, mask=cols < n, other=0.0).to(ACC)
+            y = tl.dot(u * l2[None, :], at, input_precision="ieee", out_dtype=ACC) * l1[None, :]
+            if HAS_BIAS:
+                y += b[None, :]
+            tl.store(Y + (c * N + rows[:, None]) * n + cols[None, :], y.to(Y.dtype.element_ty),
+                     mask=(rows[:, None] < N) & (cols[None, :] < n))
+
+
+@torch.library.custom_op("tinyrecon::triton_rma_apply", mutates_args=())
+def rma_apply(x: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor, seed_a: int, seed_b: int,
+              bias: Optional[torch.Tensor]) -> torch.Tensor:
+    (C, n), r = l1.shape, l2.shape[1]
+    N, D = x.shape
+    y = torch.empty(C, N, n, dtype=x.dtype, device=x.device)
+    if y.numel():
+        grid = lambda META: (triton.cdiv(N, META["BM"]),)  # noqa: E731
+        _rma_apply_kernel[grid](x, l1, l2, bias, y, C, N, D, n, r, seed_a, seed_b, *x.stride(),
+                                *l1.stride(), *l2.stride(), HAS_BIAS=bias is not None,
+                                ACC=acc_type(x.dtype), RP=rank_block(r))
+    return y
+
+
+@rma_apply.register_fake
+def _(x, l1, l2, seed_a, seed_b, bias):
+    return x.new_empty(l1.shape[0], x.shape[0], l1.shape[1])
+
+
+def _rma_apply_setup(ctx, inputs, output):
+    x, l1, l2, ctx.seed_a, ctx.seed_b, bias = inputs
+    ctx.save_for_backward(x, l1, l2, bias)
+
+
+def _rma_apply_backward(ctx, dy):
+    x, l1, l2, bias = ctx.saved_tensors
+    (C, n), r = l1.shape, l2.shape[1]
+    N, D = x.shape
+    f = _inner(x.dtype)
+    A, B = randn(ctx.seed_a, n, r, f, x.device), randn(ctx.seed_b, D, r, f, x.device)
+    U = bmm(x[None], B[None], f)[0]                                          # x @ B: (N, r)
+    M = bmm(dy.transpose(1, 2), U.expand(C, N, r), f)                        # dy_c^T @ U: (C, n, r)
+    dl1, dl2 = _lambda_grads(M, A, l1, l2)
+    G = bmm(dy, l1.to(f)[:, :, None] * A, f)                                 # dy_c @ diag(l1_c) A
+    dU = (G * l2.to(f)[:, None, :]).sum(0)                                   # (N, r)
+    dx = bmm(dU[None], B.T[None], x.dtype)[0]
+    return dx, dl1, dl2, None, None, _bias_grad(dy, bias)
+
+
+rma_apply.register_autograd(_rma_apply_backward, setup_context=_rma_apply_setup)
