@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import tinyrecon as tr
-from conftest import TOL, assert_close
+from conftest import DEVICE, TOL, assert_close
 from test_api import ALL, make
 from tinybig_ref import load
+from tinyrecon import dispatch
 from tinyrecon.nn import ReconciledLinear
 
 N, D = 6, 12
@@ -160,6 +161,21 @@ def test_torch_compile_fullgraph(name):
     assert_close(y, layer(x))
     g, = torch.autograd.grad(y.sum(), layer.w)
     assert_close(g, torch.autograd.grad(layer(x).sum(), layer.w)[0])
+
+
+@pytest.mark.parametrize("name,op", [("lorr", "lowrank_apply"), ("duplicated_padding", "dup_pad_apply"),
+                                     ("dual_lphm", "kron_apply"), ("random_matrix_adaption", "rma_apply")])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_layer_runs_on_every_backend(name, op, backend):
+    reason = dispatch.why_not(backend, op, torch.device(DEVICE).type)
+    if reason:
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    layer = ReconciledLinear(D, N, name, channels=2, backend=backend).to(DEVICE)
+    x = torch.randn(5, D, device=DEVICE)
+    reference = copy.deepcopy(layer)
+    reference.backend = "torch"
+    assert_close(layer(x), reference(x))
 
 
 def test_xavier_init_like_tinybig():
