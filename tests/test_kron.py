@@ -1,0 +1,266 @@
+"""Kronecker family (hm, lphm, dual_lphm): W from SPEC.md, apply per backend/dtype/layout, gradients, errors."""
+import pytest
+import torch
+
+import tinyrecon as tr
+from tinyrecon.functions import kron
+from conftest import DEVICE, DTYPES, assert_close, backends_for
+
+KINDS = {"hm": tr.hm_reconciliation, "lphm": tr.lphm_reconciliation, "dual_lphm": tr.dual_lphm_reconciliation}
+LAYOUTS = ("kron", "tinybig")
+# (n, D, p, q, r): s = n/p and t = D/q odd and even, p < q and p > q, s = t = 1 (r > s),
+# and s, t above 16 so kernel tiles have edges.
+SHAPES = [(15, 14, 3, 2, 2), (20, 6, 4, 2, 3), (6, 20, 2, 4, 1), (5, 7, 5, 7, 2), (34, 36, 2, 2, 3)]
+
+
+def make(kind, p, q, r=2, layout="kron"):
+    cls = KINDS[kind]
+    return cls(p=p, q=q, layout=layout) if kind == "hm" else cls(p=p, q=q, r=r, layout=layout)
+
+
+def factors(kind, w, n, D, p, q, r):
+    """(A, B) of SPEC.md from one channel's w (1-D): consecutive slices, in the table's order."""
+    s, t = n // p, D // q
+    shapes = {"hm": [(p, q), (s, t)],
+              "lphm": [(p, q), (s, r), (r, t)],
+              "dual_lphm": [(p, r), (r, q), (s, r), (r, t)]}[kind]
+    assert w.numel() == sum(a * b for a, b in shapes)
+    parts, start = [], 0
+    for a, b in shapes:
+        parts.append(w[start:start + a * b].reshape(a, b))
+        start += a * b
+    if kind == "hm":
+        return parts[0], parts[1]
+    if kind == "lphm":
+        return parts[0], parts[1] @ parts[2]
+    return parts[0] @ parts[1], parts[2] @ parts[3]
+
+
+def direct_W(layout, A, B):
+    """W = A kron B, or tinyBIG 0.2.1's W[i, j] = a[(i*D + j) // (s*t)] * b[(i*D + j) % (s*t)]."""
+    if layout == "kron":
+        return torch.kron(A, B)
+    (p, q), (s, t) = A.shape, B.shape
+    n, D = p * s, q * t
+    f = torch.arange(n)[:, None] * D + torch.arange(D)[None, :]
+    return A.flatten()[f // (s * t)] * B.flatten()[f % (s * t)]
+
+
+def expected_W(kind, layout, w, n, D, p, q, r):
+    """(C, n, D) in float64 for w of shape (C, l)."""
+    return torch.stack([direct_W(layout, *factors(kind, wc.double().cpu(), n, D, p, q, r)) for wc in w])
+
+
+def each(with_torch=True):
+    """(kind, layout, backend) triples; a backend that cannot run kron_apply here is a skip with its reason."""
+    return [pytest.param(k, lay, *b.values, marks=b.marks, id=f"{k}-{lay}-{b.id}")
+            for k in KINDS for lay in LAYOUTS for b in backends_for("kron_apply")
+            if with_torch or b.id != "torch"]
+
+
+# ---- W ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,layout,backend", each())
+def test_build_matches_definition(kind, layout, backend):
+    for n, D, p, q, r in SHAPES:
+        rec = make(kind, p, q, r, layout)
+        w = torch.randn(3, rec.calculate_l(n, D), dtype=torch.float64, device=DEVICE)
+        W = rec(w=w, n=n, D=D, backend=backend)
+        assert W.shape == (3, n, D) and W.dtype == torch.float64
+        assert_close(W.cpu(), expected_W(kind, layout, w, n, D, p, q, r))
+        assert_close(rec(w=w[1], n=n, D=D, backend=backend).cpu(), W[1].cpu())   # one channel: no C dim
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n,D,p,q", [(6, 12, 2, 2), (6, 12, 6, 3), (6, 12, 3, 1), (6, 4, 3, 4), (6, 12, 6, 1)])
+def test_layouts_agree_iff_s_or_q_is_one(kind, n, D, p, q):
+    w = torch.randn(make(kind, p, q).calculate_l(n, D), dtype=torch.float64)
+    Wk = make(kind, p, q)(w=w, n=n, D=D)
+    Wt = make(kind, p, q, layout="tinybig")(w=w, n=n, D=D)
+    assert torch.equal(Wk, Wt) == (n == p or q == 1)
+
+
+def test_calculate_l():
+    n, D = 6, 12   # SPEC.md's examples: p=None, q=None give p=2, q=3
+    assert tr.hm_reconciliation().calculate_l(n, D) == 18
+    assert tr.lphm_reconciliation(r=1).calculate_l(n, D) == 13
+    assert tr.dual_lphm_reconciliation(r=1).calculate_l(n, D) == 12
+    assert tr.hm_reconciliation(p=2, q=2).calculate_l(n, D) == 22
+    assert tr.lphm_reconciliation(p=3, q=4, r=3).calculate_l(n, D) == 12 + 3 * (2 + 3)
+    assert tr.dual_lphm_reconciliation(p=1, q=12, r=2).calculate_l(n, D) == 2 * (1 + 12 + 6 + 1)
+
+
+@pytest.mark.parametrize("k,f", [(6, 2), (12, 3), (64, 8), (784, 28), (615440, 784), (13, 1), (1, 1)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_p_none_picks_largest_divisor_up_to_isqrt(kind, k, f):
+    rec = make(kind, None, None)
+    assert rec.pq(k, k) == (f, f)
+    assert rec.pq(k, 6) == (f, 2)
+
+
+# ---- apply ----------------------------------------------------------------------------------------
+def expected_y(kind, layout, x, w, n, p, q, r, bias):
+    """x @ W^T + bias in float64 from the same (rounded) inputs: (C, *batch, n)."""
+    W = expected_W(kind, layout, w, n, x.shape[-1], p, q, r)
+    y = torch.einsum("...d,cnd->c...n", x.double().cpu(), W)
+    return y if bias is None else y + bias.double().cpu()
+
+
+@pytest.mark.parametrize("kind,layout,backend", each())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_apply_matches_dense(kind, layout, backend, dtype):
+    torch.manual_seed(0)
+    for n, D, p, q, r in SHAPES[:3] if dtype in (torch.float16, torch.bfloat16) else SHAPES:
+        rec = make(kind, p, q, r, layout)
+        w = torch.randn(rec.calculate_l(n, D), dtype=torch.float64, device=DEVICE).to(dtype)
+        x = torch.randn(37, D, dtype=torch.float64, device=DEVICE).to(dtype)
+        b = torch.randn(n, dtype=torch.float64, device=DEVICE).to(dtype)
+        y = rec.apply(x, w, n=n, bias=b, backend=backend)
+        assert y.shape == (37, n) and y.dtype == dtype
+        assert_close(y.cpu(), expected_y(kind, layout, x, w[None], n, p, q, r, b)[0], dtype)
+
+
+@pytest.mark.parametrize("kind,layout,backend", each())
+def test_apply_layouts_of_x_and_channels(kind, layout, backend):
+    n, D, p, q, r = 15, 14, 3, 2, 2
+    rec = make(kind, p, q, r, layout)
+    w = torch.randn(3, rec.calculate_l(n, D), dtype=torch.float64, device=DEVICE)
+    b = torch.randn(n, dtype=torch.float64, device=DEVICE)
+    xs = {
+        "strided": torch.randn(5, 2 * D, dtype=torch.float64, device=DEVICE)[:, ::2],
+        "transposed": torch.randn(D, 5, dtype=torch.float64, device=DEVICE).T,
+        "batch dims": torch.randn(2, 3, D, dtype=torch.float64, device=DEVICE),
+        "one row": torch.randn(D, dtype=torch.float64, device=DEVICE),
+        "empty": torch.randn(0, D, dtype=torch.float64, device=DEVICE),
+        "empty batch dims": torch.randn(2, 0, D, dtype=torch.float64, device=DEVICE),
+    }
+    for what, x in xs.items():
+        y = rec.apply(x, w, n=n, bias=b, backend=backend)
+        assert y.shape == (3, *x.shape[:-1], n), what
+        assert_close(y.cpu(), expected_y(kind, layout, x, w, n, p, q, r, b))
+        y1 = rec.apply(x, w[1], n=n, backend=backend)   # one channel: no channel dim
+        assert y1.shape == (*x.shape[:-1], n), what
+        assert_close(y1, y[1] - b)
+
+
+# ---- gradients ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,layout,backend", each())
+def test_gradcheck(kind, layout, backend):
+    torch.manual_seed(0)
+    n, D, p, q, r = 4, 6, 2, 3, 1   # s = 2, q = 3: the layouts differ
+    rec = make(kind, p, q, r, layout)
+    opts = dict(dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(2, rec.calculate_l(n, D), **opts)
+    x = torch.randn(3, D, **opts)
+    b = torch.randn(n, **opts)
+    assert torch.autograd.gradcheck(lambda w: rec(w=w, n=n, D=D, backend=backend), (w,))
+    assert torch.autograd.gradcheck(lambda x, w, b: rec.apply(x, w, n=n, bias=b, backend=backend), (x, w, b))
+
+
+@pytest.mark.parametrize("kind,layout,backend", each(with_torch=False))
+def test_grads_match_reference(kind, layout, backend):
+    """Gradients of a fused backend vs the torch reference's autograd, on shapes with tile edges."""
+    torch.manual_seed(0)
+    n, D, p, q, r = 34, 36, 2, 2, 3
+    rec = make(kind, p, q, r, layout)
+    w = torch.randn(3, rec.calculate_l(n, D), device=DEVICE)
+    x = torch.randn(2, 19, D, device=DEVICE)[:, ::2]
+    b = torch.randn(n, device=DEVICE)
+    g = torch.randn(3, 2, 10, n, device=DEVICE)
+    for wants in ((True, True, True), (False, True, False), (True, False, False)):
+        grads = []
+        for bk in (backend, "torch"):
+            ins = [t.detach().requires_grad_(need) for t, need in zip((x, w, b), wants)]
+            y = rec.apply(ins[0], ins[1], n=n, bias=ins[2], backend=bk)
+            grads.append(torch.autograd.grad(y, [t for t in ins if t.requires_grad], g))
+        for got, ref in zip(*grads):
+            assert_close(got, ref)
+    w2 = w.detach().requires_grad_()
+    gW = torch.randn(3, n, D, device=DEVICE)
+    got, = torch.autograd.grad(rec(w=w2, n=n, D=D, backend=backend), w2, gW)
+    ref, = torch.autograd.grad(rec(w=w2, n=n, D=D, backend="torch"), w2, gW)
+    assert_close(got, ref)
+
+
+@pytest.mark.parametrize("kind,layout,backend", each())
+def test_grads_of_empty_batch(kind, layout, backend):
+    n, D, p, q, r = 6, 10, 3, 2, 2
+    rec = make(kind, p, q, r, layout)
+    w = torch.randn(rec.calculate_l(n, D), device=DEVICE, requires_grad=True)
+    b = torch.randn(n, device=DEVICE, requires_grad=True)
+    rec.apply(torch.randn(0, D, device=DEVICE), w, n=n, bias=b, backend=backend).sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+# ---- tinyBIG layout's structured apply ------------------------------------------------------------
+# (n, D, p, q): s | q, q | s, gcd(s, q) = 2 but neither divides, s and q coprime, and shapes
+# where the cost rule in tinybig_outer_apply picks the dense product instead.
+OUTER = [((6, 20, 3, 4), True),     # s = 2 | q = 4: k = 1
+         ((12, 10, 2, 2), True),    # q = 2 | s = 6: m = 1, k = 3
+         ((12, 12, 2, 4), True),    # s = 6, q = 4: g = 2t, m = 2, k = 3
+         ((12, 12, 4, 2), True),    # s = 3, q = 2 coprime: m = 2, k = 3
+         ((15, 3, 3, 3), False),    # s = 5, q = 3, t = 1: m*k = 15 > D
+         ((6, 12, 2, 2), False)]    # s = 3, q = 2, t = 6: m*k = 6 <= D but dearer than dense
+
+
+@pytest.mark.parametrize("shape,structured", OUTER, ids=str)
+def test_tinybig_outer_apply(shape, structured, monkeypatch):
+    n, D, p, q = shape
+    s, t = n // p, D // q
+    calls = []
+    one_hot = torch.nn.functional.one_hot
+    monkeypatch.setattr(torch.nn.functional, "one_hot", lambda *a: calls.append(a) or one_hot(*a))
+    A, B = torch.randn(2, p, q, dtype=torch.float64), torch.randn(2, s, t, dtype=torch.float64)
+    x, b = torch.randn(7, D, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    y = kron.tinybig_outer_apply(x, A.reshape(2, -1), B.reshape(2, -1), n, b)
+    assert bool(calls) == structured   # the selector G is built only on the structured path
+    W = torch.stack([direct_W("tinybig", A[c], B[c]) for c in range(2)])
+    assert_close(y, x @ W.transpose(1, 2) + b)
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+FORMULAS = {"hm": r"l = p\*q \+ s\*t = 2\*3 \+ 3\*4 = 18",
+            "lphm": r"l = p\*q \+ r\*\(s\+t\) = 2\*3 \+ 2\*\(3\+4\) = 20",
+            "dual_lphm": r"l = r\*\(p\+q\+s\+t\) = 2\*\(2\+3\+3\+4\) = 24"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_errors(kind):
+    with pytest.raises(ValueError, match=r"p=4 must be a positive divisor of n=6; divisors of 6: \[1, 2, 3, 6\]"):
+        make(kind, 4, 3)(w=torch.randn(18), n=6, D=12)
+    with pytest.raises(ValueError, match=r"q=5 must be a positive divisor of D=12; divisors of 12: "
+                                         r"\[1, 2, 3, 4, 6, 12\]"):
+        make(kind, 2, 5).apply(torch.randn(2, 12), torch.randn(18), n=6)
+    l = make(kind, 2, 3).calculate_l(6, 12)
+    with pytest.raises(ValueError, match=FORMULAS[kind] + r"; got \(17,\)"):
+        make(kind, 2, 3)(w=torch.randn(17), n=6, D=12)
+    with pytest.raises(ValueError, match=FORMULAS[kind] + rf"; got \(2, {l + 1}\)"):
+        make(kind, None, None).apply(torch.randn(2, 12), torch.randn(2, l + 1), n=6)
+
+
+# ---- torch.compile --------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", [b for b in backends_for("kron_apply") if b.id != "torch"])
+def test_torch_compile_sees_one_op(backend):
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rec = tr.dual_lphm_reconciliation(p=2, q=3, r=1)
+            self.w = torch.nn.Parameter(torch.randn(2, self.rec.calculate_l(6, 12)))
+
+        def forward(self, x):
+            return self.rec.apply(x, self.w, n=6, backend=backend).mean(0)
+
+    graphs = []
+
+    def capture(gm, inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, inputs)   # traces the backward too
+
+    torch.manual_seed(0)
+    model, x = Tiny().to(DEVICE), torch.randn(5, 12, device=DEVICE)
+    y = torch.compile(model, fullgraph=True, backend=capture)(x)
+    assert_close(y, model(x))
+    assert len(graphs) == 1
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert sum("tinyrecon" in tg for tg in targets) == 1, targets
+    g, = torch.autograd.grad(y.sum(), model.w)
+    assert_close(g, torch.autograd.grad(model(x).sum(), model.w)[0])
