@@ -1,0 +1,323 @@
+"""Triton kernels for the padding family (reference: ``tinyrecon/functions/padding.py``).
+
+Both functions are GEMMs whose operands are x and y cut into blocks of one width:
+
+    duplicated_padding  (W = ones(p, q) kron B):  y[:, i1*s + i2] = (sum_j1 x[:, j1*t : (j1+1)*t]) @ B^T
+    duplicated_diagonal (W = eye(p, q) kron B):   y[:, i1*s + i2] = x[:, i1*t : (i1+1)*t] @ B^T  (0 for i1 >= q)
+
+``_blocked_mm`` computes both, and both input gradients, as one kernel: GEMM row ``m`` is batch
+row ``m // G``, block ``g = m % G`` (G = 1 for duplicated_padding, one row per diagonal block
+otherwise); its input is the sum of ``IN_BLOCKS`` consecutive input blocks starting at block g,
+and its result is written to ``OUT_BLOCKS`` consecutive output blocks starting at block g.
+``_blocked_mm_grad`` is the weight gradient ``dY_rows^T @ X_rows`` with the same row addressing.
+
+Ops: ``dup_pad_build``, ``dup_pad_apply``, ``block_diag_build``, ``block_diag_apply`` (same
+signatures as the references), registered as ``tinyrecon::triton_<op>`` custom ops so that
+``torch.compile(fullgraph=True)`` sees one op. ``layout="tinybig"`` applies by building W with
+the Triton build kernel and one ``torch.matmul``: its W has no block structure to exploit here.
+The gradient of the build ops w.r.t. B is a torch reduction of dW.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, autotune
+
+# Under the interpreter only the first config runs: small tiles, so tests cross tile edges.
+_MM_CONFIGS = [triton.Config({"BM": 16, "BR": 16, "BK": 16}, num_warps=1)] + [
+    triton.Config({"BM": bm, "BR": br, "BK": bk}, num_warps=w, num_stages=st)
+    for bm, br, bk, w, st in [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
+                              (128, 128, 32, 8, 3), (32, 32, 64, 4, 4), (128, 32, 64, 4, 4)]]
+_GRAD_CONFIGS = [triton.Config({"BS": 16, "BT": 16, "BM": 16}, num_warps=1)] + [
+    triton.Config({"BS": bs, "BT": bt, "BM": bm}, num_warps=w, num_stages=st)
+    for bs, bt, bm, w, st in [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
+                              (32, 32, 64, 4, 4), (128, 128, 32, 8, 3)]]
+_BUILD_CONFIGS = [triton.Config({"BI": 16, "BJ": 32}, num_warps=1)] + [
+    triton.Config({"BI": bi, "BJ": bj}, num_warps=4) for bi, bj in [(32, 128), (64, 64), (16, 256)]]
+_KRON, _TINYBIG, _DIAG = 0, 1, 2
+
+
+def _acc(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _dot(dtype):
+    """Dtype of tl.dot operands: the input's, but fp32 for bf16 under the interpreter, whose bf16 dot
+    is wrong (Triton 3.8); bf16 products are exact in fp32, so the result is what a GPU computes."""
+    return tl.float32 if INTERPRET and dtype == torch.bfloat16 else _TL[dtype]
+
+
+_TL = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _precision(dtype):
+    """fp32 inputs: IEEE products (the tolerance is fp32's) unless the user allowed TF32 in torch."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+@triton.jit
+def _block_sum(ptr, stride_m, stride_k, b, g, row_ok, k, K, BLOCKS, VALID, ACC: tl.constexpr):
+    """Rows ``(b, g)``, columns ``k`` of ``sum_{j < BLOCKS} block g + j`` (width K); 0 where g >= VALID."""
+    ok = (row_ok & (g < VALID))[:, None] & (k < K)[None, :]
+    total = tl.zeros((b.shape[0], k.shape[0]), dtype=ACC)
+    for j in range(0, BLOCKS):
+        cols = (g + j)[:, None] * K + k[None, :]
+        total += tl.load(ptr + b[:, None] * stride_m + cols * stride_k, mask=ok, other=0.0).to(ACC)
+    return total
+
+
+@autotune(_MM_CONFIGS, key=["ROWS", "K", "R", "IN_BLOCKS", "OUT_BLOCKS"])
+@triton.jit
+def _blocked_mm(IN, s_ic, s_im, s_ik, M, s_mc, s_mk, s_mr, BIAS, OUT, s_oc, s_om,
+                ROWS, G, K, R, IN_BLOCKS, IN_VALID, OUT_BLOCKS, CHANNELS,
+                HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+    """OUT[c, m//G, (m%G + i)*R + r] = sum_c' (row-block sum of IN[c']) @ M[c'] (+ bias), i < OUT_BLOCKS.
+
+    Program (pid_m, pid_r, pid_c) sums channels c' = pid_c .. pid_c + CHANNELS - 1 (CHANNELS is 1
+    for the forward, where IN has channel stride 0, and C for the input gradient).
+    """
+    pid_m, pid_r, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    r = pid_r.to(tl.int64) * BR + tl.arange(0, BR)
+    b, g = m // G, m % G
+    row_ok, r_ok = m < ROWS, r < R
+    acc = tl.zeros((BM, BR), dtype=ACC)
+    for cc in range(0, CHANNELS):
+        c = pid_c.to(tl.int64) + cc
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            a = _block_sum(IN + c * s_ic, s_im, s_ik, b, g, row_ok, k, K, IN_BLOCKS, IN_VALID, ACC)
+            mt = tl.load(M + c * s_mc + k[:, None] * s_mk + r[None, :] * s_mr,
+                         mask=(k < K)[:, None] & r_ok[None, :], other=0.0)
+            acc = tl.dot(a.to(mt.dtype).to(DOT), mt.to(DOT), acc, input_precision=PREC)
+    base = OUT + pid_c.to(tl.int64) * s_oc + b[:, None] * s_om
+    ok = row_ok[:, None] & r_ok[None, :]
+    for i in range(0, OUT_BLOCKS):
+        cols = (g + i)[:, None] * R + r[None, :]
+        out = acc
+        if HAS_BIAS:
+            out += tl.load(BIAS + cols, mask=ok, other=0.0).to(ACC)
+        tl.store(base + cols, out.to(OUT.dtype.element_ty), mask=ok)
+
+
+@autotune(_GRAD_CONFIGS, key=["ROWS", "S", "T", "DY_BLOCKS", "X_BLOCKS"])
+@triton.jit
+def _blocked_mm_grad(DY, s_dc, s_dm, s_dk, X, s_xm, s_xk, GB, ROWS, G, S, T, DY_BLOCKS, X_BLOCKS,
+                     ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                     BS: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr):
+    """GB[c] (S x T, contiguous) = sum over rows m of (row-block sum of DY[c])^T (row-block sum of X)."""
+    pid_s, pid_t, c = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i = pid_s.to(tl.int64) * BS + tl.arange(0, BS)
+    j = pid_t.to(tl.int64) * BT + tl.arange(0, BT)
+    acc = tl.zeros((BS, BT), dtype=ACC)
+    for m0 in range(0, ROWS, BM):
+        m = m0 + tl.arange(0, BM).to(tl.int64)
+        b, g, row_ok = m // G, m % G, m < ROWS
+        dy = _block_sum(DY + c * s_dc, s_dm, s_dk, b, g, row_ok, i, S, DY_BLOCKS, G, ACC)
+        x = _block_sum(X, s_xm, s_xk, b, g, row_ok, j, T, X_BLOCKS, G, ACC)
+        acc = tl.dot(tl.trans(dy.to(DY.dtype.element_ty).to(DOT)), x.to(DY.dtype.element_ty).to(DOT), acc,
+                     input_precision=PREC)
+    tl.store(GB + c * S * T + i[:, None] * T + j[None, :], acc.to(GB.dtype.element_ty),
+             mask=(i < S)[:, None] & (j < T)[None, :])
+
+
+@autotune(_BUILD_CONFIGS, key=["n", "D", "MODE"])
+@triton.jit
+def _build(B, s_bc, s_bs, s_bt, W, n, D, s, t, MODE: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
+    """W[c] (n x D, contiguous) of one padding function, zeros included, in one pass."""
+    pid_i, pid_j, c = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i = (pid_i.to(tl.int64) * BI + tl.arange(0, BI))[:, None]
+    j = (pid_j.to(tl.int64) * BJ + tl.arange(0, BJ))[None, :]
+    ok = (i < n) & (j < D)
+    if MODE == 1:   # tinyBIG: vec(B) tiled, W[i, j] = vec(B)[(i*D + j) % (s*t)]
+        f = (i * D + j) % (s * t)
+        src, keep = f // t * s_bs + f % t * s_bt, ok
+    else:
+        src = (i % s) * s_bs + (j % t) * s_bt
+        keep = ok & ((i // s) == (j // t)) if MODE == 2 else ok
+    v = tl.load(B + c * s_bc + src, mask=keep, other=0.0)
+    tl.store(W + c * n * D + i * D + j, v, mask=ok)
+
+
+# ---- launchers (plain tensors in, plain tensors out) -------------------------------------------
+def _launch_build(B, p, q, mode):
+    C, s, t = B.shape
+    W = torch.empty(C, p * s, q * t, dtype=B.dtype, device=B.device)
+    if W.numel():
+        grid = lambda a: (triton.cdiv(p * s, a["BI"]), triton.cdiv(q * t, a["BJ"]), C)  # noqa: E731
+        _build[grid](B, *B.stride(), W, p * s, q * t, s, t, MODE=mode)
+    return W
+
+
+def _launch_mm(inp, in_channel_stride, M, mk_mr, bias, C_out, channels, rows, G, K, R,
+               in_blocks, in_valid, out_blocks, width):
+    """The shared forward / input-gradient launch; OUT is (C_out, batch, width)."""
+    N = inp.shape[-2]
+    out = torch.empty(C_out, N, width, dtype=inp.dtype, device=inp.device)
+    if out.numel():
+        grid = lambda a: (triton.cdiv(rows, a["BM"]), triton.cdiv(R, a["BR"]), C_out)  # noqa: E731
+        _blocked_mm[grid](inp, in_channel_stride, inp.stride(-2), inp.stride(-1), M, M.stride(0), *mk_mr,
+                          bias, out, out.stride(0), out.stride(1), rows, G, K, R, in_blocks, in_valid,
+                          out_blocks, channels, HAS_BIAS=bias is not None, ACC=_acc(inp.dtype),
+                          DOT=_dot(inp.dtype), PREC=_precision(inp.dtype))
+    return out
+
+
+def _forward(x, B, p, q, bias, diag):
+    C, s, t = B.shape
+    N = x.shape[0]
+    if diag:   # one GEMM row per (batch row, output block); input block i1 exists for i1 < q
+        return _launch_mm(x, 0, B, (B.stride(2), B.stride(1)), bias, C, 1, N * p, p, t, s, 1, q, 1, p * s)
+    return _launch_mm(x, 0, B, (B.stride(2), B.stride(1)), bias, C, 1, N, 1, t, s, q, 1, p, p * s)
+
+
+def _grad_x(dy, B, p, q, diag):
+    C, s, t = B.shape
+    N = dy.shape[1]
+    if diag:
+        gx = _launch_mm(dy, dy.stride(0), B, (B.stride(1), B.stride(2)), None, 1, C, N * q, q, s, t, 1, p, 1, q * t)
+    else:
+        gx = _launch_mm(dy, dy.stride(0), B, (B.stride(1), B.stride(2)), None, 1, C, N, 1, s, t, p, 1, q, q * t)
+    return gx[0]
+
+
+def _grad_B(dy, x, p, q, diag):
+    C, N, n = dy.shape
+    s, t = n // p, x.shape[1] // q
+    gB = torch.empty(C, s, t, dtype=x.dtype, device=x.device)
+    if diag:   # rows (batch row, diagonal block) for the min(p, q) blocks that exist
+        k = min(p, q)
+        rows, G, dy_blocks, x_blocks = N * k, k, 1, 1
+    else:
+        rows, G, dy_blocks, x_blocks = N, 1, p, q
+    grid = lambda a: (triton.cdiv(s, a["BS"]), triton.cdiv(t, a["BT"]), C)  # noqa: E731
+    _blocked_mm_grad[grid](dy, dy.stride(0), dy.stride(1), dy.stride(2), x, x.stride(0), x.stride(1), gB,
+                           rows, G, s, t, dy_blocks, x_blocks, ACC=_acc(x.dtype), DOT=_dot(x.dtype),
+                           PREC=_precision(x.dtype))
+    return gB
+
+
+# ---- custom ops --------------------------------------------------------------------------------
+@torch.library.custom_op("tinyrecon::triton_dup_pad_build", mutates_args=())
+def _dup_pad_build_op(B: torch.Tensor, p: int, q: int, layout: str) -> torch.Tensor:
+    return _launch_build(B, p, q, _TINYBIG if layout == "tinybig" else _KRON)
+
+
+@torch.library.custom_op("tinyrecon::triton_block_diag_build", mutates_args=())
+def _block_diag_build_op(B: torch.Tensor, p: int, q: int) -> torch.Tensor:
+    return _launch_build(B, p, q, _DIAG)
+
+
+@torch.library.custom_op("tinyrecon::triton_dup_pad_apply", mutates_args=())
+def _dup_pad_apply_op(x: torch.Tensor, B: torch.Tensor, p: int, q: int, bias: torch.Tensor | None) -> torch.Tensor:
+    return _forward(x, B, p, q, bias, diag=False)
+
+
+@torch.library.custom_op("tinyrecon::triton_block_diag_apply", mutates_args=())
+def _block_diag_apply_op(x: torch.Tensor, B: torch.Tensor, p: int, q: int, bias: torch.Tensor | None) -> torch.Tensor:
+    return _forward(x, B, p, q, bias, diag=True)
+
+
+@torch.library.custom_op("tinyrecon::triton_padding_grad_x", mutates_args=())
+def _grad_x_op(dy: torch.Tensor, B: torch.Tensor, p: int, q: int, diag: bool) -> torch.Tensor:
+    return _grad_x(dy, B, p, q, diag)
+
+
+@torch.library.custom_op("tinyrecon::triton_padding_grad_B", mutates_args=())
+def _grad_B_op(dy: torch.Tensor, x: torch.Tensor, p: int, q: int, diag: bool) -> torch.Tensor:
+    return _grad_B(dy, x, p, q, diag)
+
+
+@_dup_pad_build_op.register_fake
+def _(B, p, q, layout):
+    return B.new_empty(B.shape[0], p * B.shape[1], q * B.shape[2])
+
+
+@_block_diag_build_op.register_fake
+def _(B, p, q):
+    return B.new_empty(B.shape[0], p * B.shape[1], q * B.shape[2])
+
+
+def _apply_fake(x, B, p, q, bias):
+    return x.new_empty(B.shape[0], x.shape[0], p * B.shape[1])
+
+
+_dup_pad_apply_op.register_fake(_apply_fake)
+_block_diag_apply_op.register_fake(_apply_fake)
+
+
+@_grad_x_op.register_fake
+def _(dy, B, p, q, diag):
+    return dy.new_empty(dy.shape[1], q * B.shape[2])
+
+
+@_grad_B_op.register_fake
+def _(dy, x, p, q, diag):
+    return x.new_empty(dy.shape[0], dy.shape[2] // p, x.shape[1] // q)
+
+
+def _build_backward(ctx, dW):
+    C, n, D = dW.shape
+    p, q, s, t = ctx.p, ctx.q, n // ctx.p, D // ctx.q
+    if ctx.mode == _TINYBIG:
+        dB = dW.reshape(C, p * q, s * t).sum(1)
+    elif ctx.mode == _DIAG:
+        dB = torch.diagonal(dW.reshape(C, p, s, q, t), dim1=1, dim2=3).sum(-1)
+    else:
+        dB = dW.reshape(C, p, s, q, t).sum((1, 3))
+    return (dB.reshape(C, s, t),) + (None,) * ctx.extra
+
+
+def _setup_build(mode_of):
+    def setup(ctx, inputs, output):
+        ctx.p, ctx.q = inputs[1], inputs[2]
+        ctx.mode, ctx.extra = mode_of(inputs), len(inputs) - 1
+    return setup
+
+
+_dup_pad_build_op.register_autograd(
+    _build_backward, setup_context=_setup_build(lambda i: _TINYBIG if i[3] == "tinybig" else _KRON))
+_block_diag_build_op.register_autograd(_build_backward, setup_context=_setup_build(lambda i: _DIAG))
+
+
+def _setup_apply(diag):
+    def setup(ctx, inputs, output):
+        x, B, p, q, bias = inputs
+        ctx.save_for_backward(x, B)
+        ctx.p, ctx.q, ctx.diag = p, q, diag
+    return setup
+
+
+def _apply_backward(ctx, dy):
+    x, B = ctx.saved_tensors
+    gx = _grad_x_op(dy, B, ctx.p, ctx.q, ctx.diag) if ctx.needs_input_grad[0] else None
+    gB = _grad_B_op(dy, x, ctx.p, ctx.q, ctx.diag) if ctx.needs_input_grad[1] else None
+    gbias = dy.sum((0, 1)) if ctx.needs_input_grad[4] else None
+    return gx, gB, None, None, gbias
+
+
+_dup_pad_apply_op.register_autograd(_apply_backward, setup_context=_setup_apply(False))
+_block_diag_apply_op.register_autograd(_apply_backward, setup_context=_setup_apply(True))
+
+
+# ---- the dispatch entry points (signatures of the torch reference) -----------------------------
+def dup_pad_build(B, p: int, q: int, layout: str):
+    return _dup_pad_build_op(B, p, q, layout)
+
+
+def dup_pad_apply(x, B, p: int, q: int, bias, layout: str):
+    if layout == "tinybig":
+        y = torch.matmul(x, _dup_pad_build_op(B, p, q, layout).transpose(1, 2))
+        return y if bias is None else y + bias
+    return _dup_pad_apply_op(x, B, p, q, bias)
+
+
+def block_diag_build(B, p: int, q: int):
+    return _block_diag_build_op(B, p, q)
+
+
+def block_diag_apply(x, B, p: int, q: int, bias):
+    return _block_diag_apply_op(x, B, p, q, bias)
