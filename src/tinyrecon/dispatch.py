@@ -31,14 +31,14 @@ AUTO_CUDA_OPS: frozenset = frozenset()
 # under the same name with the same signature as the torch reference.
 OPS = {
     # op                      torch reference                  triton                cuda
-    "kron_build":           ("tinyrecon.functions.kron",     None, None),
-    "kron_apply":           ("tinyrecon.functions.kron",     None, None),
+    "kron_build":           ("tinyrecon.functions.kron",     None, "tinyrecon.cuda_ops"),
+    "kron_apply":           ("tinyrecon.functions.kron",     None, "tinyrecon.cuda_ops"),
     "dup_pad_build":        ("tinyrecon.functions.padding",  "tinyrecon.kernels.padding", None),
     "dup_pad_apply":        ("tinyrecon.functions.padding",  "tinyrecon.kernels.padding", None),
-    "block_diag_build":     ("tinyrecon.functions.padding",  "tinyrecon.kernels.padding", None),
-    "block_diag_apply":     ("tinyrecon.functions.padding",  "tinyrecon.kernels.padding", None),
-    "lowrank_build":        ("tinyrecon.functions.lowrank",  "tinyrecon.kernels.lowrank", None),
-    "lowrank_apply":        ("tinyrecon.functions.lowrank",  "tinyrecon.kernels.lowrank", None),
+    "block_diag_build":     ("tinyrecon.functions.padding",  "tinyrecon.kernels.padding", "tinyrecon.cuda_ops"),
+    "block_diag_apply":     ("tinyrecon.functions.padding",  "tinyrecon.kernels.padding", "tinyrecon.cuda_ops"),
+    "lowrank_build":        ("tinyrecon.functions.lowrank",  "tinyrecon.kernels.lowrank", "tinyrecon.cuda_ops"),
+    "lowrank_apply":        ("tinyrecon.functions.lowrank",  "tinyrecon.kernels.lowrank", "tinyrecon.cuda_ops"),
     "rma_build":            ("tinyrecon.functions.lowrank",  "tinyrecon.kernels.lowrank", None),
     "rma_apply":            ("tinyrecon.functions.lowrank",  "tinyrecon.kernels.lowrank", None),
     "masking_build":        ("tinyrecon.functions.masking",  "tinyrecon.kernels.masking", None),

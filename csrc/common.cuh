@@ -1,0 +1,143 @@
+// What every CUDA source shares: dtypes, strided operands, the batched GEMM, workspace, errors.
+//
+// The library has a plain C ABI (no torch headers): every exported entry point takes the
+// device index, the caller's stream and a dtype code, returns 0 or an error code, and leaves
+// the message for tinyrecon_last_error(). Arithmetic accumulates in fp32 (fp64 for double);
+// intermediates between launches are kept in that accumulation type, so half inputs are
+// rounded once, at the output, like the torch reference.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#define TR_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace tr {
+
+using i64 = int64_t;
+
+// dtype codes shared with src/tinyrecon/cuda_lib.py
+enum Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+// layout codes of the Kronecker family (functions/kron.py: "kron", "tinybig")
+enum Layout : int { kKron = 0, kTinybig = 1 };
+
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+template <typename T> using acc_t = typename AccOf<T>::type;
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_acc(acc_t<T> v) { return v; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// A strided operand: element (b0, b1, mo, mi, ko, ki, n) lives at p + the dot product of those
+// indices with the strides below (in elements; unused strides stay 0). A GEMM row index m is
+// split as m = mo * Mi + mi and a reduction index k as k = ko * Ki + ki, which lets one launch
+// walk e.g. the (sample, block) rows of x or reduce over (channel, row) pairs. `acc`: stored in
+// the accumulation type (a workspace intermediate) rather than in T.
+struct View {
+  void* p = nullptr;
+  bool acc = false;
+  i64 b0 = 0, b1 = 0, mo = 0, mi = 0, ko = 0, ki = 0, n = 0;
+};
+
+// A caller's tensor (in T) and a workspace buffer (in the accumulation type), strides to be set.
+inline View tensor(const void* p) { return View{.p = const_cast<void*>(p)}; }
+inline View scratch(void* p) { return View{.p = p, .acc = true}; }
+
+template <typename T> __device__ __forceinline__ acc_t<T> load(const View& v, i64 off) {
+  return v.acc ? static_cast<const acc_t<T>*>(v.p)[off] : to_acc(static_cast<const T*>(v.p)[off]);
+}
+
+template <typename T> __device__ __forceinline__ void store(const View& v, i64 off, acc_t<T> x) {
+  if (v.acc) static_cast<acc_t<T>*>(v.p)[off] = x;
+  else static_cast<T*>(v.p)[off] = from_acc<T>(x);
+}
+
+// C[b, m, n] = sum_k A[b, m, k] * B[b, k, n] (+ bias[b, m, n]) for b in batch0 x batch1.
+// Mi / Ki: inner extents of the two-level row and reduction indices (0: single level).
+struct GemmShape {
+  i64 batch0 = 1, batch1 = 1, M = 0, Mi = 0, N = 0, K = 0, Ki = 0;
+};
+
+// Defined in gemm.cu for float, __half, __nv_bfloat16, double. bias.p may be null.
+template <typename T>
+cudaError_t gemm(GemmShape shape, View a, View b, View c, View bias, cudaStream_t stream);
+
+// out[c] = F1[c] @ F2[c] for F1 (C, rows, r), F2 (C, r, cols), all contiguous.
+template <typename T>
+cudaError_t matmul(View F1, View F2, View out, i64 C, i64 rows, i64 r, i64 cols, cudaStream_t stream);
+
+// Gradients of out = F1 @ F2 (shapes as in matmul): gF1 = g @ F2^T, gF2 = F1^T @ g.
+template <typename T>
+cudaError_t matmul_grad(View g, View F1, View F2, View gF1, View gF2, i64 C, i64 rows, i64 r, i64 cols,
+                        cudaStream_t stream);
+
+// Defined in kron.cu. W (C, p*s, q*t) with W's entries A[c, fa] * B[c, fb] placed by `layout`;
+// A.p == nullptr means A = eye(p, q) (the block-diagonal padding).
+template <typename T>
+cudaError_t kron_build(View A, View B, View W, int layout, i64 C, i64 p, i64 q, i64 s, i64 t, cudaStream_t stream);
+
+// Gradient of kron_build for one factor: gX[c, f] = sum_g gW[c, W index of (f, g)] * Y[c, g].
+// of_a: X = A (Y = B) or X = B (Y = A); Y.p == nullptr means eye(p, q) as above.
+template <typename T>
+cudaError_t kron_build_grad(View gW, View Y, View gX, bool of_a, int layout, i64 C, i64 p, i64 q, i64 s, i64 t,
+                            cudaStream_t stream);
+
+// Bump allocator over the caller's workspace. Entry points carve every buffer first; called
+// with a non-null work_bytes they only report the size needed (and launch nothing).
+struct Arena {
+  char* base;
+  i64 used = 0;
+  explicit Arena(void* work) : base(static_cast<char*>(work)) {}
+  template <typename U> U* take(i64 count) {
+    const i64 off = (used + 255) / 256 * 256;
+    used = off + count * static_cast<i64>(sizeof(U));
+    return base ? reinterpret_cast<U*>(base + off) : nullptr;
+  }
+};
+
+// Records the message of a failed call for tinyrecon_last_error(); returns the code.
+int fail(cudaError_t err);
+int fail_msg(const char* msg);
+
+template <typename T> struct Tag { using type = T; };
+
+// Runs f(Tag<T>{}) (returning cudaError_t) for the dtype code on `device`; also reports launch errors.
+template <typename F> int run(int device, int dtype, F f) {
+  cudaError_t err = cudaSetDevice(device);
+  if (err != cudaSuccess) return fail(err);
+  switch (dtype) {
+    case kFloat32: err = f(Tag<float>{}); break;
+    case kFloat16: err = f(Tag<__half>{}); break;
+    case kBFloat16: err = f(Tag<__nv_bfloat16>{}); break;
+    case kFloat64: err = f(Tag<double>{}); break;
+    default: return fail_msg("unsupported dtype code (expected 0 float32, 1 float16, 2 bfloat16, 3 float64)");
+  }
+  if (err == cudaSuccess) err = cudaGetLastError();
+  return err == cudaSuccess ? 0 : fail(err);
+}
+
+// Launch configuration of the elementwise and reduction kernels: a grid-stride loop.
+constexpr int kThreads = 256;
+inline unsigned blocks_for(i64 work) {
+  const i64 b = (work + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(b < 1 ? 1 : (b > (1 << 20) ? (1 << 20) : b));
+}
+
+}  // namespace tr
+
+#define TR_TRY(expr)                              \
+  do {                                            \
+    const cudaError_t tr_err_ = (expr);           \
+    if (tr_err_ != cudaSuccess) return tr_err_;   \
+  } while (0)

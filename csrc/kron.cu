@@ -1,0 +1,267 @@
+// Kronecker family (functions/kron.py): kron_build and kron_apply, forward and backward.
+//
+// A = A1 @ A2 when A2 is given, else A1 (likewise B); a product factor is formed once per call
+// in fp32 workspace (it is tiny: C x p x q). kron_apply never builds W:
+//   Z[n, j1, c, i2] = sum_j2 X[n, j1, j2] B[c, i2, j2]     one GEMM over all of x
+//   y[c, n, i1, i2] = sum_j1 A[c, i1, j1] Z[n, j1, c, i2]  one GEMM per channel, rows (n, i2)
+// kron_apply supports layout "kron"; the Python glue routes "tinybig" to the torch reference.
+#include "common.cuh"
+
+namespace tr {
+namespace {
+
+// (fa, fb): the entries of vec(A) and vec(B) whose product is W's within-channel entry e.
+__device__ __forceinline__ void split(int layout, i64 e, i64 q, i64 s, i64 t, i64& fa, i64& fb) {
+  if (layout == kTinybig) {  // W = reshape(outer(vec(A), vec(B)), n, D)
+    fa = e / (s * t), fb = e % (s * t);
+    return;
+  }
+  const i64 i = e / (q * t), j = e % (q * t);  // W[i1*s + i2, j1*t + j2] = A[i1, j1] * B[i2, j2]
+  fa = (i / s) * q + j / t, fb = (i % s) * t + j % t;
+}
+
+// The inverse of split: W's within-channel entry holding A[fa] * B[fb].
+__device__ __forceinline__ i64 w_index(int layout, i64 fa, i64 fb, i64 q, i64 s, i64 t) {
+  if (layout == kTinybig) return fa * (s * t) + fb;
+  return ((fa / q) * s + fb / t) * (q * t) + (fa % q) * t + fb % t;
+}
+
+template <typename T>
+__global__ void kron_build_kernel(View A, View B, View W, int layout, i64 C, i64 p, i64 q, i64 s, i64 t) {
+  const i64 per = p * s * q * t, total = C * per;
+  for (i64 o = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; o < total;
+       o += static_cast<i64>(gridDim.x) * blockDim.x) {
+    const i64 c = o / per;
+    i64 fa, fb;
+    split(layout, o % per, q, s, t, fa, fb);
+    const acc_t<T> a = A.p ? load<T>(A, c * p * q + fa) : acc_t<T>(fa / q == fa % q);
+    store<T>(W, o, a * load<T>(B, c * s * t + fb));
+  }
+}
+
+// One warp per entry of gX, its lanes striding over the other factor's entries.
+template <typename T>
+__global__ void kron_grad_kernel(View gW, View Y, View gX, bool of_a, int layout, i64 C, i64 p, i64 q, i64 s,
+                                 i64 t) {
+  using Acc = acc_t<T>;
+  const i64 nX = of_a ? p * q : s * t, nY = of_a ? s * t : p * q;
+  const i64 terms = Y.p ? nY : (p < q ? p : q);  // eye(p, q): its ones sit at fa = i * (q + 1)
+  const i64 warps = C * nX, stride = static_cast<i64>(gridDim.x) * blockDim.x / 32;
+  const int lane = threadIdx.x % 32;
+  for (i64 w = (blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x) / 32; w < warps; w += stride) {
+    const i64 c = w / nX, f = w % nX;
+    Acc sum = 0;
+    for (i64 g = lane; g < terms; g += 32) {
+      const i64 fy = Y.p ? g : g * (q + 1);
+      const Acc y = Y.p ? load<T>(Y, c * nY + fy) : Acc(1);
+      const i64 e = of_a ? w_index(layout, f, fy, q, s, t) : w_index(layout, fy, f, q, s, t);
+      sum += load<T>(gW, c * p * s * q * t + e) * y;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) sum += __shfl_down_sync(0xffffffffu, sum, o);
+    if (lane == 0) store<T>(gX, w, sum);
+  }
+}
+
+// F = F1 @ F2 into `work` when F2 is given, else F1 itself; contiguous (C, rows, cols).
+template <typename T>
+cudaError_t factor(const void* F1, const void* F2, acc_t<T>* work, i64 C, i64 rows, i64 r, i64 cols, View* F,
+                   cudaStream_t stream) {
+  *F = F2 ? scratch(work) : tensor(F1);
+  return F2 ? matmul<T>(tensor(F1), tensor(F2), *F, C, rows, r, cols, stream) : cudaSuccess;
+}
+
+// Where the gradient of a factor goes: straight into gF1 (F2 absent), else into fp32 work.
+inline View factor_grad_view(void* gF1, const void* F2, void* work) { return F2 ? scratch(work) : View{.p = gF1}; }
+
+// The chain rule through F = F1 @ F2 (nothing to do when F = F1: its gradient is already in place).
+template <typename T>
+cudaError_t factor_grad(View gF, const void* F1, const void* F2, void* gF1, void* gF2, i64 C, i64 rows, i64 r,
+                        i64 cols, cudaStream_t stream) {
+  if (!F2) return cudaSuccess;
+  return matmul_grad<T>(gF, tensor(F1), tensor(F2), View{.p = gF1}, View{.p = gF2}, C, rows, r, cols, stream);
+}
+
+// Z (N, q, C, s) = X (N*q, t) @ B (C*s, t)^T.
+template <typename T>
+cudaError_t contract_x(const void* x, View B, acc_t<T>* Z, i64 N, i64 C, i64 q, i64 s, i64 t, cudaStream_t stream) {
+  View a = tensor(x), z = scratch(Z);
+  a.mi = t, a.ki = 1;
+  B.ki = 1, B.n = t;
+  z.mi = C * s, z.n = 1;
+  return gemm<T>({.M = N * q, .N = C * s, .K = t}, a, B, z, View{}, stream);
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t kron_build(View A, View B, View W, int layout, i64 C, i64 p, i64 q, i64 s, i64 t, cudaStream_t stream) {
+  kron_build_kernel<T><<<blocks_for(C * p * s * q * t), kThreads, 0, stream>>>(A, B, W, layout, C, p, q, s, t);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t kron_build_grad(View gW, View Y, View gX, bool of_a, int layout, i64 C, i64 p, i64 q, i64 s, i64 t,
+                            cudaStream_t stream) {
+  const i64 warps = C * (of_a ? p * q : s * t);
+  kron_grad_kernel<T><<<blocks_for(warps * 32), kThreads, 0, stream>>>(gW, Y, gX, of_a, layout, C, p, q, s, t);
+  return cudaGetLastError();
+}
+
+template cudaError_t kron_build<float>(View, View, View, int, i64, i64, i64, i64, i64, cudaStream_t);
+template cudaError_t kron_build<__half>(View, View, View, int, i64, i64, i64, i64, i64, cudaStream_t);
+template cudaError_t kron_build<__nv_bfloat16>(View, View, View, int, i64, i64, i64, i64, i64, cudaStream_t);
+template cudaError_t kron_build<double>(View, View, View, int, i64, i64, i64, i64, i64, cudaStream_t);
+template cudaError_t kron_build_grad<float>(View, View, View, bool, int, i64, i64, i64, i64, i64, cudaStream_t);
+template cudaError_t kron_build_grad<__half>(View, View, View, bool, int, i64, i64, i64, i64, i64, cudaStream_t);
+template cudaError_t kron_build_grad<__nv_bfloat16>(View, View, View, bool, int, i64, i64, i64, i64, i64,
+                                                    cudaStream_t);
+template cudaError_t kron_build_grad<double>(View, View, View, bool, int, i64, i64, i64, i64, i64, cudaStream_t);
+
+}  // namespace tr
+
+using tr::i64;
+
+// W (C, p*s, q*t) from A1 (C, p, rA) [@ A2 (C, rA, q)] and B1 (C, s, rB) [@ B2 (C, rB, t)].
+TR_EXPORT int tinyrecon_kron_build(int device, void* stream, int dtype, int layout, const void* A1, const void* A2,
+                                   const void* B1, const void* B2, void* W, void* work, i64* work_bytes, i64 C,
+                                   i64 p, i64 q, i64 rA, i64 s, i64 t, i64 rB) {
+  return tr::run(device, dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    using Acc = tr::acc_t<T>;
+    const auto st = static_cast<cudaStream_t>(stream);
+    tr::Arena arena(work);
+    Acc* Aw = A2 ? arena.take<Acc>(C * p * q) : nullptr;
+    Acc* Bw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
+    if (work_bytes) {  // size query only
+      *work_bytes = arena.used;
+      return cudaSuccess;
+    }
+    tr::View A, B;
+    TR_TRY(tr::factor<T>(A1, A2, Aw, C, p, rA, q, &A, st));
+    TR_TRY(tr::factor<T>(B1, B2, Bw, C, s, rB, t, &B, st));
+    return tr::kron_build<T>(A, B, tr::View{.p = W}, layout, C, p, q, s, t, st);
+  });
+}
+
+// Gradients of kron_build with respect to A1, A2, B1, B2 (gA2 / gB2 ignored when A2 / B2 is null).
+TR_EXPORT int tinyrecon_kron_build_bwd(int device, void* stream, int dtype, int layout, const void* A1,
+                                       const void* A2, const void* B1, const void* B2, const void* gW, void* gA1,
+                                       void* gA2, void* gB1, void* gB2, void* work, i64* work_bytes, i64 C, i64 p,
+                                       i64 q, i64 rA, i64 s, i64 t, i64 rB) {
+  return tr::run(device, dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    using Acc = tr::acc_t<T>;
+    const auto st = static_cast<cudaStream_t>(stream);
+    tr::Arena arena(work);
+    Acc* Aw = A2 ? arena.take<Acc>(C * p * q) : nullptr;
+    Acc* Bw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
+    Acc* gAw = A2 ? arena.take<Acc>(C * p * q) : nullptr;
+    Acc* gBw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
+    if (work_bytes) {  // size query only
+      *work_bytes = arena.used;
+      return cudaSuccess;
+    }
+    tr::View A, B;
+    TR_TRY(tr::factor<T>(A1, A2, Aw, C, p, rA, q, &A, st));
+    TR_TRY(tr::factor<T>(B1, B2, Bw, C, s, rB, t, &B, st));
+    const tr::View gA = tr::factor_grad_view(gA1, A2, gAw), gB = tr::factor_grad_view(gB1, B2, gBw);
+    TR_TRY(tr::kron_build_grad<T>(tr::tensor(gW), B, gA, true, layout, C, p, q, s, t, st));
+    TR_TRY(tr::kron_build_grad<T>(tr::tensor(gW), A, gB, false, layout, C, p, q, s, t, st));
+    TR_TRY(tr::factor_grad<T>(gA, A1, A2, gA1, gA2, C, p, rA, q, st));
+    return tr::factor_grad<T>(gB, B1, B2, gB1, gB2, C, s, rB, t, st);
+  });
+}
+
+// y (C, N, p*s) = x (N, q*t) @ (A kron B)^T (+ bias (p*s)), layout "kron".
+TR_EXPORT int tinyrecon_kron_apply(int device, void* stream, int dtype, const void* x, const void* A1,
+                                   const void* A2, const void* B1, const void* B2, const void* bias, void* y,
+                                   void* work, i64* work_bytes, i64 N, i64 C, i64 p, i64 q, i64 rA, i64 s, i64 t,
+                                   i64 rB) {
+  return tr::run(device, dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    using Acc = tr::acc_t<T>;
+    const auto st = static_cast<cudaStream_t>(stream);
+    tr::Arena arena(work);
+    Acc* Aw = A2 ? arena.take<Acc>(C * p * q) : nullptr;
+    Acc* Bw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
+    Acc* Z = arena.take<Acc>(N * q * C * s);
+    if (work_bytes) {  // size query only
+      *work_bytes = arena.used;
+      return cudaSuccess;
+    }
+    tr::View A, B;
+    TR_TRY(tr::factor<T>(A1, A2, Aw, C, p, rA, q, &A, st));
+    TR_TRY(tr::factor<T>(B1, B2, Bw, C, s, rB, t, &B, st));
+    TR_TRY(tr::contract_x<T>(x, B, Z, N, C, q, s, t, st));
+    // y[c, n, i1*s + i2] = sum_j1 Z[n, j1, c, i2] A[c, i1, j1]: rows (n, i2), columns i1.
+    tr::View z = tr::scratch(Z), out{.p = y}, b = tr::tensor(bias);
+    z.b0 = s, z.mo = q * C * s, z.mi = 1, z.ki = C * s;
+    A.b0 = p * q, A.ki = 1, A.n = q;
+    out.b0 = N * p * s, out.mo = p * s, out.mi = 1, out.n = s;
+    b.mi = 1, b.n = s;
+    return tr::gemm<T>({.batch0 = C, .M = N * s, .Mi = s, .N = p, .K = q}, z, A, out, b, st);
+  });
+}
+
+// Gradients of kron_apply ("kron") with respect to x, A1, A2, B1, B2 (the bias's is gy's sum).
+TR_EXPORT int tinyrecon_kron_apply_bwd(int device, void* stream, int dtype, const void* x, const void* A1,
+                                       const void* A2, const void* B1, const void* B2, const void* gy, void* gx,
+                                       void* gA1, void* gA2, void* gB1, void* gB2, void* work, i64* work_bytes,
+                                       i64 N, i64 C, i64 p, i64 q, i64 rA, i64 s, i64 t, i64 rB) {
+  return tr::run(device, dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    using Acc = tr::acc_t<T>;
+    const auto st = static_cast<cudaStream_t>(stream);
+    tr::Arena arena(work);
+    Acc* Aw = A2 ? arena.take<Acc>(C * p * q) : nullptr;
+    Acc* Bw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
+    Acc* gAw = A2 ? arena.take<Acc>(C * p * q) : nullptr;
+    Acc* gBw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
+    Acc* Z = arena.take<Acc>(N * q * C * s);
+    Acc* V = arena.take<Acc>(N * q * C * s);
+    if (work_bytes) {  // size query only
+      *work_bytes = arena.used;
+      return cudaSuccess;
+    }
+    tr::View A, B;
+    TR_TRY(tr::factor<T>(A1, A2, Aw, C, p, rA, q, &A, st));
+    TR_TRY(tr::factor<T>(B1, B2, Bw, C, s, rB, t, &B, st));
+    TR_TRY(tr::contract_x<T>(x, B, Z, N, C, q, s, t, st));
+    // V[n, j1, c, i2] = sum_i1 gy[c, n, i1*s + i2] A[c, i1, j1]: rows (n, i2), columns j1.
+    {
+      tr::View g = tr::tensor(gy), a = A, v = tr::scratch(V);
+      g.b0 = N * p * s, g.mo = p * s, g.mi = 1, g.ki = s;
+      a.b0 = p * q, a.ki = q, a.n = 1;
+      v.b0 = s, v.mo = q * C * s, v.mi = 1, v.n = C * s;
+      TR_TRY(tr::gemm<T>({.batch0 = C, .M = N * s, .Mi = s, .N = q, .K = p}, g, a, v, tr::View{}, st));
+    }
+    // gx (N*q, t) = V (N*q, C*s) @ B (C*s, t).
+    {
+      tr::View v = tr::scratch(V), b = B, out{.p = gx};
+      v.mi = C * s, v.ki = 1;
+      b.ki = t, b.n = 1;
+      out.mi = t, out.n = 1;
+      TR_TRY(tr::gemm<T>({.M = N * q, .N = t, .K = C * s}, v, b, out, tr::View{}, st));
+    }
+    const tr::View gA = tr::factor_grad_view(gA1, A2, gAw), gB = tr::factor_grad_view(gB1, B2, gBw);
+    // gA[c, i1, j1] = sum_(n, i2) gy[c, n, i1*s + i2] Z[n, j1, c, i2].
+    {
+      tr::View g = tr::tensor(gy), z = tr::scratch(Z), out = gA;
+      g.b0 = N * p * s, g.mi = s, g.ko = p * s, g.ki = 1;
+      z.b0 = s, z.ko = q * C * s, z.ki = 1, z.n = C * s;
+      out.b0 = p * q, out.mi = q, out.n = 1;
+      TR_TRY(tr::gemm<T>({.batch0 = C, .M = p, .N = q, .K = N * s, .Ki = s}, g, z, out, tr::View{}, st));
+    }
+    // gB[c, i2, j2] = sum_(n, j1) V[n, j1, c, i2] X[n, j1, j2].
+    {
+      tr::View v = tr::scratch(V), a = tr::tensor(x), out = gB;
+      v.b0 = s, v.mi = 1, v.ki = C * s;
+      a.ki = t, a.n = 1;
+      out.b0 = s * t, out.mi = t, out.n = 1;
+      TR_TRY(tr::gemm<T>({.batch0 = C, .M = s, .N = t, .K = N * q}, v, a, out, tr::View{}, st));
+    }
+    TR_TRY(tr::factor_grad<T>(gA, A1, A2, gA1, gA2, C, p, rA, q, st));
+    return tr::factor_grad<T>(gB, B1, B2, gB1, gB2, C, s, rB, t, st);
+  });
+}

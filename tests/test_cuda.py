@@ -1,0 +1,264 @@
+"""The CUDA backend (csrc/ + cuda_lib + cuda_ops).
+
+Without a GPU: every csrc/ source compiles with nvcc, warnings as errors, into a library whose
+exported symbols are exactly the plain-C entry points the Python glue calls (skipped only
+without nvcc). With a GPU: every CUDA op against its torch reference (values per dtype, odd
+shapes, empty batch, non-contiguous x, gradients, fp64 gradcheck, torch.library.opcheck).
+"""
+import glob
+import os
+import subprocess
+
+import pytest
+import torch
+
+import tinyrecon as tr
+from tinyrecon import cuda_lib, dispatch
+from tinyrecon.functions import kron as kron_ref
+from tinyrecon.functions import lowrank as lowrank_ref
+from tinyrecon.functions import padding as padding_ref
+
+from conftest import DTYPES, assert_close
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NVCC = cuda_lib.find_nvcc()
+GPU_REASON = dispatch.why_not("cuda", "kron_apply", "cuda") if torch.cuda.is_available() else "no CUDA device"
+gpu = pytest.mark.skipif(bool(GPU_REASON), reason=f"CUDA backend unavailable: {GPU_REASON}")
+
+
+# ---- build and ABI (no GPU needed) ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def built_library(tmp_path_factory):
+    if NVCC is None:
+        pytest.skip("nvcc not found")
+    out = str(tmp_path_factory.mktemp("cuda") / cuda_lib.LIB_NAME)
+    sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu")))
+    # One arch keeps this quick; setup.py builds the archs of TORCH_CUDA_ARCH_LIST.
+    command = cuda_lib.nvcc_command(NVCC, sources, out, arch_list="8.0", werror=True)
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
+    return out
+
+
+def test_library_exports_exactly_the_entry_points(built_library):
+    nm = subprocess.run(["nm", "-D", "--defined-only", built_library], capture_output=True, text=True, check=True)
+    functions = {line.split()[-1] for line in nm.stdout.splitlines() if line.split()[1:2] == ["T"]}
+    assert set(cuda_lib.ENTRY_POINTS) | {"tinyrecon_last_error"} == functions
+
+
+def test_library_loads_and_says_why_it_cannot_run(built_library, monkeypatch):
+    monkeypatch.setenv("TINYRECON_CUDA_LIB", built_library)
+    cuda_lib._load.cache_clear()
+    try:
+        reason = cuda_lib.load_error()
+    finally:
+        cuda_lib._load.cache_clear()
+    assert "does not load" not in reason    # every entry point resolved
+    if torch.cuda.is_available():
+        assert reason == ""
+    else:
+        assert "CUDA" in reason
+
+
+def test_missing_library_is_a_reason_not_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYRECON_CUDA_LIB", str(tmp_path / "absent.so"))
+    cuda_lib._load.cache_clear()
+    try:
+        assert "no CUDA library at" in cuda_lib.load_error()
+        with pytest.raises(cuda_lib.CudaError, match="no CUDA library"):
+            cuda_lib.call("tinyrecon_device_count", None)
+    finally:
+        cuda_lib._load.cache_clear()
+
+
+def test_arch_list():
+    assert cuda_lib.gencode_flags("8.0;9.0+PTX") == [
+        "-gencode", "arch=compute_80,code=[sm_80]", "-gencode", "arch=compute_90,code=[sm_90,compute_90]"]
+    assert cuda_lib.gencode_flags("sm_86") == ["-gencode", "arch=compute_86,code=[sm_86]"]
+    with pytest.raises(ValueError, match="cannot read CUDA arch"):
+        cuda_lib.gencode_flags("ampere")
+
+
+# ---- ops against the torch reference (GPU) ----------------------------------------------------------------
+def _compare(op, ref, args, dtype, transpose_x=False):
+    """``op`` vs ``ref`` on the same dtype-rounded values (reference in fp64): output and every gradient.
+
+    ``transpose_x``: pass args[0] as a non-contiguous (transposed) view.
+    """
+    leaves, ref_leaves, call, ref_call = [], [], [], []
+    for i, a in enumerate(args):
+        if not isinstance(a, torch.Tensor):
+            call.append(a)
+            ref_call.append(a)
+            continue
+        value = a.to(dtype)
+        leaf = (value.t().contiguous() if i == 0 and transpose_x else value).requires_grad_()
+        ref_leaf = leaf.detach().double().requires_grad_()
+        leaves.append(leaf)
+        ref_leaves.append(ref_leaf)
+        call.append(leaf.t() if i == 0 and transpose_x else leaf)
+        ref_call.append(ref_leaf.t() if i == 0 and transpose_x else ref_leaf)
+    out, expected = op(*call), ref(*ref_call)
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert_close(out, expected, dtype)
+    g = torch.randn_like(expected).to(dtype)
+    out.backward(g)
+    expected.backward(g.double())
+    for leaf, ref_leaf in zip(leaves, ref_leaves):
+        assert leaf.grad is not None and leaf.grad.dtype == dtype
+        assert_close(leaf.grad, ref_leaf.grad, dtype)
+
+
+def _randn(*shape):
+    return torch.randn(*shape, dtype=torch.float64, device="cuda")
+
+
+def _factors(C, p, q, rA, s, t, rB):
+    A = (_randn(C, p, rA), _randn(C, rA, q)) if rA else (_randn(C, p, q), None)
+    B = (_randn(C, s, rB), _randn(C, rB, t)) if rB else (_randn(C, s, t), None)
+    return (*A, *B)
+
+
+# C, p, q, rA, s, t, rB: hm, lphm, dual_lphm; sizes not multiples of 16 or 64, some past one 64-tile.
+KRON = [(1, 3, 5, 0, 7, 3, 0), (2, 5, 3, 0, 3, 67, 2), (2, 2, 3, 2, 3, 5, 2), (3, 65, 1, 3, 1, 9, 1)]
+BATCH = [0, 5, 70]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dims", KRON)
+@pytest.mark.parametrize("N", BATCH)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_kron_apply(dtype, dims, N, with_bias):
+    from tinyrecon import cuda_ops
+    C, p, q, rA, s, t, rB = dims
+    bias = _randn(p * s) if with_bias else None
+    args = (_randn(N, q * t), *_factors(*dims), bias, "kron")
+    _compare(cuda_ops.kron_apply, kron_ref.kron_apply, args, dtype, transpose_x=N == 70)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dims", KRON)
+@pytest.mark.parametrize("layout", ["kron", "tinybig"])
+def test_kron_build(dtype, dims, layout):
+    from tinyrecon import cuda_ops
+    _compare(cuda_ops.kron_build, kron_ref.kron_build, (*_factors(*dims), layout), dtype)
+
+
+@gpu
+def test_kron_apply_tinybig_layout_runs_the_reference():
+    from tinyrecon import cuda_ops
+    args = (_randn(4, 12), *_factors(1, 2, 3, 0, 3, 4, 0), None, "tinybig")
+    torch.testing.assert_close(cuda_ops.kron_apply(*args), kron_ref.kron_apply(*args))
+
+
+# N, C, p, q, s, t: p < q, p > q, p = q past a 64-tile
+BLOCK = [(1, 2, 3, 4, 5), (2, 3, 2, 5, 3), (2, 3, 3, 66, 2)]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dims", BLOCK)
+@pytest.mark.parametrize("N", BATCH)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_block_diag_apply(dtype, dims, N, with_bias):
+    from tinyrecon import cuda_ops
+    C, p, q, s, t = dims
+    args = (_randn(N, q * t), _randn(C, s, t), p, q, _randn(p * s) if with_bias else None)
+    _compare(cuda_ops.block_diag_apply, padding_ref.block_diag_apply, args, dtype, transpose_x=N == 70)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dims", BLOCK)
+def test_block_diag_build(dtype, dims):
+    from tinyrecon import cuda_ops
+    C, p, q, s, t = dims
+    _compare(cuda_ops.block_diag_build, padding_ref.block_diag_build, (_randn(C, s, t), p, q), dtype)
+
+
+# C, n, r, D
+LOWRANK = [(1, 7, 2, 9), (3, 65, 3, 130), (2, 3, 1, 4)]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dims", LOWRANK)
+@pytest.mark.parametrize("N", BATCH)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_lowrank_apply(dtype, dims, N, with_bias):
+    from tinyrecon import cuda_ops
+    C, n, r, D = dims
+    args = (_randn(N, D), _randn(C, n, r), _randn(C, r, D), _randn(n) if with_bias else None)
+    _compare(cuda_ops.lowrank_apply, lowrank_ref.lowrank_apply, args, dtype, transpose_x=N == 70)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dims", LOWRANK)
+def test_lowrank_build(dtype, dims):
+    from tinyrecon import cuda_ops
+    C, n, r, D = dims
+    _compare(cuda_ops.lowrank_build, lowrank_ref.lowrank_build, (_randn(C, n, r), _randn(C, r, D)), dtype)
+
+
+def _small_cases():
+    x = _randn(3, 6)
+    return {
+        "kron_build": (*_factors(2, 2, 3, 2, 3, 2, 1), "kron"),
+        "kron_apply": (x, *_factors(2, 2, 3, 2, 3, 2, 1), _randn(6), "kron"),
+        "block_diag_build": (_randn(2, 2, 3), 3, 2),
+        "block_diag_apply": (x, _randn(2, 2, 3), 3, 2, _randn(6)),
+        "lowrank_build": (_randn(2, 4, 2), _randn(2, 2, 6)),
+        "lowrank_apply": (x, _randn(2, 4, 2), _randn(2, 2, 6), _randn(4)),
+    }
+
+
+@gpu
+@pytest.mark.parametrize("op", ["kron_build", "kron_apply", "block_diag_build", "block_diag_apply",
+                                "lowrank_build", "lowrank_apply"])
+def test_gradcheck_fp64(op):
+    from tinyrecon import cuda_ops
+    args = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in _small_cases()[op]]
+    assert torch.autograd.gradcheck(getattr(cuda_ops, op), args)
+
+
+@gpu
+@pytest.mark.parametrize("op", ["kron_build", "block_diag_build", "block_diag_apply", "lowrank_build",
+                                "lowrank_apply"])
+def test_opcheck(op):
+    """Schema, fake (meta) kernels and autograd registration agree with the real kernels."""
+    from tinyrecon import cuda_ops
+    args = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in _small_cases()[op]]
+    torch.library.opcheck(getattr(cuda_ops, op), args)
+
+
+@gpu
+def test_opcheck_kron_apply_kernel():
+    from tinyrecon import cuda_ops
+    args = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in _small_cases()["kron_apply"][:-1]]
+    torch.library.opcheck(cuda_ops._kron_apply, args)
+
+
+@gpu
+@pytest.mark.parametrize("make", [
+    lambda: tr.hm_reconciliation(p=3, q=4), lambda: tr.lphm_reconciliation(p=3, q=4, r=2),
+    lambda: tr.dual_lphm_reconciliation(p=3, q=4, r=2), lambda: tr.lorr_reconciliation(r=3),
+    lambda: tr.duplicated_diagonal_padding_reconciliation(p=3, q=4)])
+def test_public_api_on_the_cuda_backend(make):
+    rec = make()
+    n, D, C = 9, 20, 2
+    w = torch.randn(C, rec.calculate_l(n, D), device="cuda")
+    x = torch.randn(4, 5, D, device="cuda")
+    assert_close(rec.apply(x, w, n=n, backend="cuda"), rec.apply(x, w, n=n, backend="torch"))
+    assert_close(rec(n, D, w, backend="cuda"), rec(n, D, w, backend="torch"))
+
+
+@gpu
+def test_errors_carry_the_library_message():
+    A = torch.randn(1, 2, 2, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    with pytest.raises(cuda_lib.CudaError, match="unsupported dtype code"):
+        cuda_lib.call("tinyrecon_lowrank_build", A.device.index, stream, 99, A.data_ptr(), A.data_ptr(),
+                      A.data_ptr(), 1, 2, 2, 2)
