@@ -1,0 +1,244 @@
+"""The benchmark core (tinyrecon.benchmark) and the ``tinyrecon`` command: arguments, errors,
+output files, compare, info, and a broken kernel reported as wrong and never timed."""
+import json
+import math
+import runpy
+import sys
+
+import pytest
+import torch
+
+from tinyrecon import benchmark as tb
+from tinyrecon import cli, dispatch
+from tinyrecon.functions import kron
+
+CPU = torch.device("cpu")
+FAST = tb.Mode(budget_s=0.0, min_reps=2, max_reps=2, max_call_s=5.0, max_random=1 << 20)
+TINY = ["--shapes", "small", "--backends", "torch"]
+
+
+def bench(tmp_path, *args):
+    return cli.main(["bench", *TINY, "--out", str(tmp_path), *args])
+
+
+# ---- arguments and errors ----------------------------------------------------------------------
+@pytest.mark.parametrize("flag, bad, valid", [
+    ("--functions", "dual_lphmm", "dual_lphm"),
+    ("--shapes", "huge", "square4096"),
+    ("--backends", "metal", "triton"),
+    ("--ops", "backward", "fwdbwd"),
+])
+def test_unknown_names_list_the_valid_ones(flag, bad, valid, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", flag, bad, "--out", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert repr(bad) in err and valid in err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_bad_dtype_and_missing_command(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--dtype", "int8"])
+    assert "float32" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([])
+
+
+def test_select_defaults_names_and_families():
+    quick = tb.select()
+    assert {c.shape for c in quick} == {"small", "tall", "mnist"}
+    assert {c.function for c in quick if c.shape == "mnist"} == {"dual_lphm"}   # the headline only
+    assert {c.shape for c in tb.select(quick=False)} == set(tb.SHAPES)
+    assert {c.shape for c in tb.select(shapes=["small"])} == {"small"}        # no headline when shapes are named
+    cases = tb.select(functions=["kron", "tinybig.reconciliation.lorr_reconciliation,hm"], shapes=["small,tall"],
+                      backends=["torch"], ops=["fwd"])
+    assert [c.id for c in cases] == [f"{f}-{s}-fwd-torch" for s in ("small", "tall")
+                                     for f in ("hm", "lphm", "dual_lphm", "lorr")]
+    assert tb.select(functions=["rma"], shapes=["small"], backends=["torch"], ops=["build"]) == \
+        [tb.Case("random_matrix_adaption", "small", "build", "torch")]
+
+
+def test_every_function_has_a_family_module_and_existing_ops():
+    assert set(tb.FAMILIES) == {"basic", "hypernet", "kron", "lowrank", "masking", "padding"}
+    for f in tb.FUNCTIONS:
+        prefix = tb.OP_PREFIX.get(f)
+        if prefix is None:
+            assert tb.FAMILY[f] == "basic"
+        else:
+            assert {f"{prefix}_build", f"{prefix}_apply"} <= set(dispatch.OPS)
+
+
+def test_headline_config_is_the_mnist_rpn_layer():
+    s = tb.SHAPES["mnist"]
+    rec = tb.make_function("dual_lphm")
+    assert (s.n, s.D, s.batch) == (64, 615440, 64)
+    assert rec.pq(s.n, s.D) == (8, 784) and rec.r == 5
+
+
+# ---- a run: output files and JSON schema -------------------------------------------------------
+RESULT_KEYS = {"function", "family", "shape", "op", "backend", "n", "D", "batch", "dtype", "status", "reason",
+               "ms", "ms_tinybig", "ms_dense", "x_tinybig", "x_dense", "reps", "tol_used", "gbps", "tflops",
+               "pct_copy"}
+
+
+def test_bench_writes_table_json_markdown_and_plot(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tb, "QUICK", FAST)
+    assert bench(tmp_path, "--functions", "hm", "constant", "--ops", "fwd", "fwdbwd") == 0
+    out = capsys.readouterr().out
+    assert "x vs tinyBIG" in out and "x vs dense" in out and "hm" in out
+    data = json.loads((tmp_path / "results.json").read_text())
+    meta = data["meta"]
+    for key in ("date", "device", "cpu", "torch", "triton", "tinyrecon", "dtype", "mode"):
+        assert meta[key]
+    assert meta["torch"] == torch.__version__ and meta["dtype"] == "float32"
+    assert [(r["function"], r["op"]) for r in data["results"]] == \
+        [("hm", "fwd"), ("hm", "fwdbwd"), ("constant", "fwd"), ("constant", "fwdbwd")]   # in the order asked
+    for r in data["results"]:
+        assert set(r) == RESULT_KEYS
+        assert r["status"] == "ok" and r["reps"] == 2 and 0 <= r["tol_used"] <= 1
+        assert r["ms"] > 0 and math.isclose(r["x_tinybig"], r["ms_tinybig"] / r["ms"])
+        assert math.isclose(r["x_dense"], r["ms_dense"] / r["ms"])
+    md = (tmp_path / "results.md").read_text()
+    assert meta["date"] in md and meta["device"] in md and "| hm | small | fwdbwd | torch |" in md
+    assert (tmp_path / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_skips_are_reported_with_their_reason(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tb, "QUICK", FAST)
+    assert cli.main(["bench", "--functions", "identity", "--shapes", "small", "--ops", "build",
+                     "--out", str(tmp_path)]) == 0
+    rows = {r["backend"]: r for r in json.loads((tmp_path / "results.json").read_text())["results"]}
+    assert rows["torch"]["status"] == "ok"
+    for b in ("triton", "cuda"):
+        assert rows[b]["status"] == "skipped" and rows[b]["ms"] is None
+        assert rows[b]["reason"] == "no kernels: plain torch code on every device"
+    assert "no kernels: plain torch code on every device (2): identity/small" in capsys.readouterr().out
+
+
+def test_skip_reasons():
+    f32 = torch.float32
+    case = tb.Case("hm", "small", "fwd", "cuda")
+    assert tb.skip_reason(case, CPU, f32) == dispatch.why_not("cuda", "kron_apply", "cpu") != ""
+    assert "frozen random numbers" in tb.skip_reason(tb.Case("hypernet", "tall", "fwd", "torch"), CPU, f32)
+    assert tb.skip_reason(tb.Case("hypernet", "small", "fwd", "torch"), CPU, f32) == ""
+
+
+def test_too_slow_calls_are_skipped_not_timed(monkeypatch):
+    slow = tb.Mode(budget_s=0.0, min_reps=2, max_reps=2, max_call_s=0.0, max_random=1 << 20)
+    r = tb.run_case(tb.Case("lorr", "small", "fwd", "torch"), torch.float32, CPU, slow)
+    assert r["status"] == "skipped" and "warm call" in r["reason"] and r["ms"] is None
+
+
+# ---- the correctness check ---------------------------------------------------------------------
+def _patch_op(monkeypatch, op, impl):
+    """Make every backend's ``op`` run ``impl`` (what a buggy kernel would do)."""
+    get = dispatch.get
+    monkeypatch.setattr(dispatch, "get", lambda name, *args, **kwargs: impl if name == op else get(name, *args, **kwargs))
+
+
+def test_broken_kernel_is_reported_wrong_and_not_timed(tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        return kron.kron_apply(*args, **kwargs) * 1.001   # 0.1% off: far outside the fp32 tolerance
+    _patch_op(monkeypatch, "kron_apply", broken)
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("a wrong kernel must not be timed")
+    monkeypatch.setattr(tb, "time_interleaved", no_timing)
+    assert bench(tmp_path, "--functions", "dual_lphm", "--ops", "fwd", "fwdbwd") == 1
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [r["status"] for r in results] == ["wrong", "wrong"]
+    for r in results:
+        assert r["ms"] is None and r["ms_tinybig"] is None and r["tol_used"] > 1
+        assert "not timed" in r["reason"]
+    assert "WRONG" in capsys.readouterr().out
+
+
+def test_failing_kernel_is_an_error_result(monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("kernel launch failed")
+    _patch_op(monkeypatch, "kron_apply", boom)
+    r = tb.run_case(tb.Case("hm", "small", "fwd", "torch"), torch.float32, CPU, FAST)
+    assert r["status"] == "error" and r["reason"] == "RuntimeError: kernel launch failed"
+
+
+def test_tolerance_used():
+    e = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
+    assert tb.tolerance_used(e.float(), e, torch.float32) == 0
+    bound = 2e-5 * 3 + 2e-5 * 3   # atol scaled by max |e|, plus rtol * |e| at the largest entry
+    a = e.clone()
+    a[2] += bound / 2
+    assert tb.tolerance_used(a, e, torch.float32) == pytest.approx(0.5)
+    a[0] = float("nan")
+    assert tb.tolerance_used(a, e, torch.float32) == math.inf
+    assert tb.tolerance_used(e[:2], e, torch.float32) == math.inf
+    assert tb.tolerance_used((e, e), (e,), torch.float32) == math.inf
+
+
+# ---- timing and traffic ------------------------------------------------------------------------
+def test_timing_interleaves_candidate_and_baselines():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("candidate", "tinybig", "dense")}
+    t = tb.time_interleaved(fns, CPU, tb.Mode(budget_s=0.0, min_reps=3, max_reps=3, max_call_s=1.0, max_random=0))
+    assert t["reps"] == 3 and all(t[k] > 0 for k in fns)
+    timed = [c for i, c in enumerate(calls) if i >= 3]          # after one warmup call each
+    assert [timed[i] for i in range(0, len(timed)) if i == 0 or timed[i] != timed[i - 1]] == \
+        ["candidate", "tinybig", "dense"] * 3                   # A B C A B C A B C (each looped to ~1 ms)
+
+
+def test_traffic_and_copy_bandwidth():
+    nbytes, flops = tb.traffic(tb.Case("hm", "small", "fwd", "torch"), torch.float32)
+    l = tb.make_function("hm").calculate_l(6, 12)
+    assert nbytes == 4 * (8 * 12 + l + 6 + 8 * 6) and flops == 2 * 8 * 6 * 12
+    assert tb.traffic(tb.Case("hm", "small", "build", "torch"), torch.float16) == (2 * (l + 6 * 12), None)
+    assert tb.copy_bandwidth(CPU, nbytes=1 << 16, reps=3) > 0
+
+
+# ---- compare and info --------------------------------------------------------------------------
+def _result(function, ms, status="ok"):
+    return dict(function=function, shape="small", op="fwd", backend="torch", dtype="float32", status=status, ms=ms)
+
+
+def test_compare_two_runs(tmp_path, capsys):
+    meta = dict(date="d", device="cpu", torch="t", triton="tr", tinyrecon="0", dtype="float32", mode="quick")
+    a = {"meta": meta, "results": [_result("hm", 2.0), _result("lorr", 1.0), _result("masking", None, "wrong")]}
+    b = {"meta": meta, "results": [_result("hm", 1.0), _result("masking", 3.0), _result("lphm", 1.0)]}
+    rows = {r["function"]: r for r in tb.compare(a, b)}
+    assert rows["hm"]["speedup"] == 2.0
+    assert rows["lorr"]["speedup"] is None and rows["lorr"]["status_b"] == "absent"
+    assert rows["masking"]["speedup"] is None and rows["masking"]["status_a"] == "wrong"
+    assert rows["lphm"]["status_a"] == "absent"
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    assert cli.main(["compare", str(pa), str(pb)]) == 0
+    out = capsys.readouterr().out
+    assert "2x" in out and "ok -> absent" in out and "wrong -> ok" in out and "absent -> ok" in out
+    pb.write_text("[]")
+    with pytest.raises(SystemExit):
+        cli.main(["compare", str(pa), str(pb)])
+    assert "not a tinyrecon bench results.json" in capsys.readouterr().err
+
+
+def test_bench_json_round_trips_through_compare(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tb, "QUICK", FAST)
+    bench(tmp_path / "a", "--functions", "lorr", "--ops", "fwd")
+    bench(tmp_path / "b", "--functions", "lorr", "--ops", "fwd")
+    rows = tb.compare(tb.load(tmp_path / "a" / "results.json"), tb.load(tmp_path / "b" / "results.json"))
+    assert len(rows) == 1 and rows[0]["speedup"] > 0
+
+
+def test_info(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in out and "cpu:" in out
+    for device_type in ("cpu", "cuda"):
+        for backend, reason in dispatch.available(device_type).items():
+            assert (reason or "available") in out
+
+
+def test_python_dash_m(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["tinyrecon", "info"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("tinyrecon", run_name="__main__")
+    assert e.value.code == 0 and "backends for cpu tensors:" in capsys.readouterr().out
