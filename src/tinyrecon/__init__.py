@@ -13,6 +13,10 @@ from .functions import ALL
 from .registry import lookup, reconciliation
 from .nn import ReconciledLinear
 
+from . import dispatch as _dispatch
+
+_dispatch.preload()
+
 __version__ = "0.1.0"
 __all__ = ["Reconciliation", "BackendUnavailable", "use_backend", "lookup", "reconciliation",
            "from_config", "ReconciledLinear",

@@ -130,11 +130,34 @@ def resolve(op: str, device_type: str, backend: str | None = None) -> str:
     return choice
 
 
+_IMPLS: dict = {}   # (op, backend) -> function; filled by preload() so that get() is a lookup
+
+
+def preload() -> None:
+    """Import every op of every backend whose library loads, ahead of use.
+
+    Called when tinyrecon is imported: ``torch.compile`` cannot trace an import, so a
+    compiled model's first call must find its ops already loaded.
+    """
+    device_types = {"cpu"} | ({"cuda"} if _cuda_device() else set())
+    for op, modules in OPS.items():
+        for backend, module in zip(BACKENDS, modules):
+            if module and (op, backend) not in _IMPLS and any(
+                    not why_not(backend, op, d) for d in device_types):
+                _IMPLS[(op, backend)] = getattr(importlib.import_module(module), op)
+
+
+def _cuda_device() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
 def get(op: str, device_type: str, backend: str | None = None):
     """The function implementing ``op`` for these tensors (see :data:`OPS`)."""
     name = resolve(op, device_type, backend)
-    module = importlib.import_module(OPS[op][BACKENDS.index(name)])
-    return getattr(module, op)
+    if (op, name) not in _IMPLS:   # e.g. TRITON_INTERPRET switched on after import
+        _IMPLS[(op, name)] = getattr(importlib.import_module(OPS[op][BACKENDS.index(name)]), op)
+    return _IMPLS[(op, name)]
 
 
 def available(device_type: str = "cuda") -> dict:
