@@ -81,15 +81,13 @@ def why_not(backend: str, op: str | None, device_type: str) -> str:
         return f"unknown backend {backend!r}; expected one of {BACKENDS} or 'auto'"
     if op is not None and OPS[op][BACKENDS.index(backend)] is None:
         return f"the {backend} backend has no kernel for {op}"
-    reason = _library_status(backend)
-    if reason:
-        return reason
+    # The device first: it needs no import (CPU-only users never load Triton or the CUDA library).
     if backend == "triton" and device_type != "cuda" and not (device_type == "cpu" and _triton_interpret()):
         return (f"Triton runs on CUDA/ROCm tensors (got a {device_type} tensor); "
                 "for CPU tensors set TRITON_INTERPRET=1 before importing triton")
     if backend == "cuda" and device_type != "cuda":
         return f"the CUDA library runs on CUDA tensors (got a {device_type} tensor)"
-    return ""
+    return _library_status(backend)
 
 
 _local = threading.local()
