@@ -12,8 +12,9 @@ from conftest import DEVICE, DTYPES, assert_close, backends_for
 HN, RMH = tr.hypernet_reconciliation, tr.random_matrix_hypernet_reconciliation
 SMALL = dict(l=5, hidden_dim=6)
 
-# n, D, batch, C: odd sizes, a single element, channels, empty batch.
-CASES = [(5, 7, (4,), 1), (1, 1, (2, 3), 1), (9, 19, (3,), 3), (4, 6, (0,), 2)]
+# n, D, batch, C: odd sizes, a single element, channels, empty batch; the last two cross the
+# interpreter's 16-wide tiles of n and D, and rows of x in several chunks.
+CASES = [(5, 7, (4,), 1), (1, 1, (2, 3), 1), (4, 6, (0,), 2), (17, 3, (3,), 3), (3, 18, (37,), 1)]
 CLS_BACKENDS = [pytest.param(cls, p.values[0], marks=p.marks, id=f"{short}-{p.id}")
                 for cls, short, op in ((HN, "hypernet", "hypernet_apply"), (RMH, "rmh", "rmh_apply"))
                 for p in backends_for(op)]
@@ -83,14 +84,39 @@ def test_build_and_apply(cls, backend, n, D, batch, C, dtype):
 @pytest.mark.parametrize("cls,backend", CLS_BACKENDS)
 def test_gradcheck(cls, backend):
     torch.manual_seed(0)
-    n, D, C = 3, 5, 2
-    rec = make(cls)
+    n, D, C = 2, 3, 2
+    rec = cls(l=3, hidden_dim=2, seed=5) if cls is HN else cls(l=3, hidden_dim=4, r=2, seed=5)
     opts = dict(dtype=torch.float64, device=DEVICE, requires_grad=True)
     w = torch.randn(C, rec.calculate_l(n, D), **opts)
     x = torch.randn(2, D, **opts)
     bias = torch.randn(n, **opts)
-    assert torch.autograd.gradcheck(lambda w: rec(w=w, n=n, D=D, backend=backend), (w,))
-    assert torch.autograd.gradcheck(lambda x, w, b: rec.apply(x, w, n=n, bias=b, backend=backend), (x, w, bias))
+    fast = backend != "torch"    # one random direction per input: the interpreter is slow
+    assert torch.autograd.gradcheck(lambda w: rec(w=w, n=n, D=D, backend=backend), (w,), fast_mode=fast)
+    assert torch.autograd.gradcheck(lambda x, w, b: rec.apply(x, w, n=n, bias=b, backend=backend), (x, w, bias),
+                                    fast_mode=fast)
+
+
+@pytest.mark.parametrize("cls,backend", [p for p in CLS_BACKENDS if p.values[1] != "torch"])
+@pytest.mark.parametrize("n,D,batch,C", CASES[3:])
+def test_gradients_match_reference(cls, backend, n, D, batch, C):
+    """Gradients of x, w, bias (fp32) against the torch reference's autograd, over tile edges."""
+    torch.manual_seed(1)
+    rec = make(cls)
+    x = torch.randn(*batch, D, device=DEVICE)
+    w = torch.randn(C, rec.calculate_l(n, D), device=DEVICE)
+    bias = torch.randn(n, device=DEVICE)
+    keep = (lambda t: t) if C > 1 else (lambda t: t[0])
+    dy = keep(torch.randn(C, *batch, n, device=DEVICE))
+    dW = keep(torch.randn(C, n, D, device=DEVICE))
+    grads = {}
+    for b in ("torch", backend):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, bias))
+        y = rec.apply(xs, ws, n=n, bias=bs, backend=b)
+        W = rec(w=ws, n=n, D=D, backend=b)
+        torch.autograd.backward((y, W), (dy, dW))
+        grads[b] = (xs.grad, ws.grad, bs.grad)
+    for got, want in zip(grads[backend], grads["torch"]):
+        assert_close(got, want)
 
 
 @pytest.mark.parametrize("cls", [HN, RMH])
@@ -150,3 +176,53 @@ def test_trainable_hypernet():
     (rec.apply(x, w, n=n) ** 2).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
     assert w.grad is not None
+
+
+triton_only = pytest.mark.skipif(bool(tr.dispatch.why_not("triton", "rmh_apply", torch.device(DEVICE).type)),
+                                 reason="Triton cannot run here")
+
+
+@triton_only
+def test_in_kernel_matrix_equals_torch_philox():
+    from tinyrecon.kernels import hypernet as K
+    n, D, k = 5, 7, 3
+    seed_m, seed_c = 2**62 + 11, 123
+    M = _random.randn(seed_m, (n * D, k), device=DEVICE)
+    # Box-Muller runs on each side's libm: equal to ~1 ulp of the log/cos, not bit for bit.
+    exact = dict(rtol=0, atol=2e-6)
+    # v = e_c: channel c of the build is column c of M.
+    W = K.random_linear_build(torch.eye(k, device=DEVICE), seed_m, None, n, D)
+    torch.testing.assert_close(W.reshape(k, n * D).T, M, **exact)
+    W0 = K.random_linear_build(torch.zeros(1, k, device=DEVICE), seed_m, seed_c, n, D)
+    torch.testing.assert_close(W0.reshape(-1), _random.randn(seed_c, (n * D,), device=DEVICE), **exact)
+    # x = I: the apply kernel's y[c] is W_c^T, drawn by the apply kernel itself.
+    y = K.random_linear_apply(torch.eye(D, device=DEVICE), torch.eye(k, device=DEVICE), seed_m, None, n, None)
+    torch.testing.assert_close(y, W.transpose(1, 2), **exact)
+
+
+@triton_only
+def test_torch_compile_fullgraph():
+    torch.manual_seed(0)
+    n, D = 4, 6
+    rec = HN(l=3, hidden_dim=4, seed=2)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(3, device=DEVICE))
+            self.b = torch.nn.Parameter(torch.randn(n, device=DEVICE))
+
+        def forward(self, x):
+            return rec.apply(x, self.w, n=n, bias=self.b, backend="triton")
+
+    model, x = Tiny(), torch.randn(3, D, device=DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")   # fake + autograd registrations
+    results = []
+    for m in (compiled, model):
+        model.zero_grad()
+        y = m(x)
+        y.square().sum().backward()
+        results.append((y, model.w.grad, model.b.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+    assert_close(results[0][0], rec.apply(x, model.w, n=n, bias=model.b, backend="torch"))

@@ -43,10 +43,10 @@ OPS = {
     "rma_apply":            ("tinyrecon.functions.lowrank",  "tinyrecon.kernels.lowrank", None),
     "masking_build":        ("tinyrecon.functions.masking",  "tinyrecon.kernels.masking", None),
     "masking_apply":        ("tinyrecon.functions.masking",  "tinyrecon.kernels.masking", None),
-    "hypernet_build":       ("tinyrecon.functions.hypernet", None, None),
-    "hypernet_apply":       ("tinyrecon.functions.hypernet", None, None),
-    "rmh_build":            ("tinyrecon.functions.hypernet", None, None),
-    "rmh_apply":            ("tinyrecon.functions.hypernet", None, None),
+    "hypernet_build":       ("tinyrecon.functions.hypernet", "tinyrecon.kernels.hypernet", None),
+    "hypernet_apply":       ("tinyrecon.functions.hypernet", "tinyrecon.kernels.hypernet", None),
+    "rmh_build":            ("tinyrecon.functions.hypernet", "tinyrecon.kernels.hypernet", None),
+    "rmh_apply":            ("tinyrecon.functions.hypernet", "tinyrecon.kernels.hypernet", None),
 }
 
 

@@ -1,0 +1,254 @@
+"""Triton kernels for the hypernet family; the spec is ``tinyrecon/functions/hypernet.py``.
+
+Both functions are ``W_c = reshape(M @ v_c (+ m0), n, D)`` for a frozen random M (n*D x k), the
+vector ``v_c`` (hypernet: ``sigmoid(W1 w + b1)``, k = hidden_dim, plus ``m0 = b2``; random matrix
+hypernet: ``z``, k = r) and ``M[e, j] = tl.randn(seed_m, e*k + j)``, the counter layout of
+``tinyrecon._random.randn``. M is never stored (n=64, D=615,440, r=2 gives 79M values, and
+hidden_dim=128 gives 5G): every kernel generates the tile of W it needs in registers.
+
+The apply is W-stationary: a program generates one (BN x BK) tile of W once (k normals per
+element, which costs far more than the GEMM), multiplies it into all rows of x of its row chunk and
+adds its partial ``y`` tile with atomics (fp32, fp64 for fp64 data). The backward regenerates the
+tile, adds ``dy @ W`` into dx with atomics, and reduces ``dW = dy^T x`` (kept in registers) against
+M again for ``dv``. Each launch is a ``torch.library.custom_op`` so ``torch.compile`` sees one op.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET
+from .lowrank import acc_type
+
+_BLOCK = 32 if INTERPRET else 1024       # build: elements of W per program
+_BM = 16 if INTERPRET else 64            # apply: rows of x per step
+
+
+def _tile(size: int) -> int:
+    """Tile edge for n or D: a power of two in [16, 64] (16 under the interpreter)."""
+    return 16 if INTERPRET else min(64, max(16, triton.next_power_of_2(size)))
+
+
+def _row_chunks(N: int, tiles: int, device: torch.device) -> int:
+    """Row chunks per W tile: enough programs to fill the GPU; each chunk regenerates its tile."""
+    target = 8 if INTERPRET else 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(N, _BM), target // tiles))
+
+
+@triton.jit
+def _w_tile(V, c, svc, svk, k, seed_m, seed_c, idx, inside, HAS_M0: tl.constexpr, ACC: tl.constexpr):
+    """``W_c`` at flat indices ``idx``: ``sum_j M[idx, j] v_c[j] (+ m0[idx])``; 0 outside."""
+    w = tl.zeros(idx.shape, ACC)
+    if HAS_M0:
+        w += tl.randn(seed_c, idx).to(ACC)
+    for j in range(k):
+        w += tl.randn(seed_m, idx * k + j).to(ACC) * tl.load(V + c * svc + j * svk).to(ACC)
+    return tl.where(inside, w, 0.0)
+
+
+# ---- build ---------------------------------------------------------------------------------------
+@triton.jit
+def _build_kernel(V, W, numel, k, seed_m, seed_c, svc, svk,
+                  HAS_M0: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.program_id(1).to(tl.int64)
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    w = _w_tile(V, c, svc, svk, k, seed_m, seed_c, idx, idx < numel, HAS_M0, ACC)
+    tl.store(W + c * numel + idx, w.to(W.dtype.element_ty), mask=idx < numel)
+
+
+@triton.jit
+def _build_grad_kernel(G, Part, numel, k, seed_m, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Part[c, pid, j] = sum over this block of M[e, j] * dW_c[e]."""
+    pid, c = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    g = tl.load(G + c * numel + idx, mask=idx < numel, other=0.0).to(ACC)
+    out = Part + (c * tl.num_programs(0) + pid) * k
+    for j in range(k):
+        tl.store(out + j, tl.sum(tl.randn(seed_m, idx * k + j).to(ACC) * g, axis=0))
+
+
+@torch.library.custom_op("tinyrecon::triton_random_linear_build", mutates_args=())
+def random_linear_build(v: torch.Tensor, seed_m: int, seed_c: Optional[int], n: int, D: int) -> torch.Tensor:
+    """``reshape(M @ v_c (+ m0), C, n, D)`` for v (C, k)."""
+    C, k = v.shape
+    W = torch.empty(C, n, D, dtype=v.dtype, device=v.device)
+    if W.numel():
+        _build_kernel[(triton.cdiv(n * D, _BLOCK), C)](v, W, n * D, k, seed_m, seed_c or 0, *v.stride(),
+                                                      HAS_M0=seed_c is not None, ACC=acc_type(v.dtype),
+                                                      BLOCK=_BLOCK)
+    return W
+
+
+@random_linear_build.register_fake
+def _(v, seed_m, seed_c, n, D):
+    return v.new_empty(v.shape[0], n, D)
+
+
+@torch.library.custom_op("tinyrecon::triton_random_linear_build_backward", mutates_args=())
+def random_linear_build_backward(dW: torch.Tensor, seed_m: int, k: int) -> torch.Tensor:
+    """``dv_c = M^T vec(dW_c)``: (C, k), in fp32 (fp64 for fp64)."""
+    C, numel = dW.shape[0], dW[0].numel()
+    f = torch.float64 if dW.dtype == torch.float64 else torch.float32
+    blocks = triton.cdiv(numel, _BLOCK)
+    part = torch.zeros(C, blocks, k, dtype=f, device=dW.device)
+    if part.numel():
+        _build_grad_kernel[(blocks, C)](dW.contiguous(), part, numel, k, seed_m, ACC=acc_type(dW.dtype), BLOCK=_BLOCK)
+    return part.sum(1)
+
+
+@random_linear_build_backward.register_fake
+def _(dW, seed_m, k):
+    return dW.new_empty(dW.shape[0], k, dtype=torch.float64 if dW.dtype == torch.float64 else torch.float32)
+
+
+def _build_setup(ctx, inputs, output):
+    v, ctx.seed_m = inputs[0], inputs[1]
+    ctx.k, ctx.dtype = v.shape[1], v.dtype
+
+
+def _build_backward(ctx, dW):
+    return random_linear_build_backward(dW, ctx.seed_m, ctx.k).to(ctx.dtype), None, None, None, None
+
+
+random_linear_build.register_autograd(_build_backward, setup_context=_build_setup)
+
+
+# ---- apply ---------------------------------------------------------------------------------------
+@triton.jit
+def _apply_kernel(X, V, Y, N, D, n, k, seed_m, seed_c, sxm, sxd, svc, svk,
+                  HAS_M0: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Y[c] += x @ W_c^T, one (BN x BK) tile of W_c per program, for the rows of its chunk."""
+    pid, chunk, c = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    tiles_d = tl.cdiv(D, BK)
+    i = (pid // tiles_d).to(tl.int64) * BN + tl.arange(0, BN)
+    d = (pid % tiles_d).to(tl.int64) * BK + tl.arange(0, BK)
+    inside = (i[:, None] < n) & (d[None, :] < D)
+    w = _w_tile(V, c, svc, svk, k, seed_m, seed_c, i[:, None] * D + d[None, :], inside, HAS_M0, ACC)
+    wt = tl.trans(w)                                                          # (BK, BN)
+    rows_per = tl.cdiv(tl.cdiv(N, BM), tl.num_programs(1)) * BM
+    for m0 in range(chunk * rows_per, tl.minimum(chunk * rows_per + rows_per, N), BM):
+        rows = m0 + tl.arange(0, BM).to(tl.int64)
+        xt = tl.load(X + rows[:, None] * sxm + d[None, :] * sxd,
+                     mask=(rows[:, None] < N) & (d[None, :] < D), other=0.0)
+        y = tl.dot(xt.to(ACC), wt, input_precision="ieee", out_dtype=ACC)
+        tl.atomic_add(Y + (c * N + rows[:, None]) * n + i[None, :], y,
+                      mask=(rows[:, None] < N) & (i[None, :] < n), sem="relaxed")
+
+
+@triton.jit
+def _apply_grad_kernel(X, V, DY, DX, Part, N, D, n, k, seed_m, seed_c, sxm, sxd, svc, svk, sdc, sdm, sdi,
+                       NEED_X: tl.constexpr, HAS_M0: tl.constexpr, ACC: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """DX += dy_c @ W_c (this tile); Part[c, chunk, pid, j] = sum over the tile of M[e, j] (dy_c^T x)[e]."""
+    pid, chunk, c = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    tiles_d = tl.cdiv(D, BK)
+    i = (pid // tiles_d).to(tl.int64) * BN + tl.arange(0, BN)
+    d = (pid % tiles_d).to(tl.int64) * BK + tl.arange(0, BK)
+    idx = i[:, None] * D + d[None, :]
+    inside = (i[:, None] < n) & (d[None, :] < D)
+    if NEED_X:
+        w = _w_tile(V, c, svc, svk, k, seed_m, seed_c, idx, inside, HAS_M0, ACC)
+    g = tl.zeros((BN, BK), ACC)                                               # this tile of dy_c^T x
+    rows_per = tl.cdiv(tl.cdiv(N, BM), tl.num_programs(1)) * BM
+    for m0 in range(chunk * rows_per, tl.minimum(chunk * rows_per + rows_per, N), BM):
+        rows = m0 + tl.arange(0, BM).to(tl.int64)
+        dyt = tl.load(DY + c * sdc + rows[:, None] * sdm + i[None, :] * sdi,
+                      mask=(rows[:, None] < N) & (i[None, :] < n), other=0.0).to(ACC)
+        xt = tl.load(X + rows[:, None] * sxm + d[None, :] * sxd,
+                     mask=(rows[:, None] < N) & (d[None, :] < D), other=0.0).to(ACC)
+        g = tl.dot(tl.trans(dyt), xt, g, input_precision="ieee")
+        if NEED_X:
+            tl.atomic_add(DX + rows[:, None] * D + d[None, :], tl.dot(dyt, w, input_precision="ieee", out_dtype=ACC),
+                          mask=(rows[:, None] < N) & (d[None, :] < D), sem="relaxed")
+    out = Part + ((c * tl.num_programs(1) + chunk) * tl.num_programs(0) + pid) * k
+    for j in range(k):
+        tl.store(out + j, tl.sum(tl.randn(seed_m, idx * k + j).to(ACC) * g))   # g is 0 outside W
+
+
+def _inner(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grid(N, n, D, C, device):
+    BN, BK = _tile(n), _tile(D)
+    tiles = triton.cdiv(n, BN) * triton.cdiv(D, BK)
+    return (tiles, _row_chunks(N, tiles * C, device), C), dict(BM=_BM, BN=BN, BK=BK)
+
+
+@torch.library.custom_op("tinyrecon::triton_random_linear_apply", mutates_args=())
+def random_linear_apply(x: torch.Tensor, v: torch.Tensor, seed_m: int, seed_c: Optional[int], n: int,
+                        bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x @ W_c^T + bias`` for every channel c: (C, N, n)."""
+    C, k = v.shape
+    N, D = x.shape
+    y = torch.zeros(C, N, n, dtype=_inner(x.dtype), device=x.device)
+    if y.numel():
+        grid, blocks = _grid(N, n, D, C, x.device)
+        _apply_kernel[grid](x, v, y, N, D, n, k, seed_m, seed_c or 0, *x.stride(), *v.stride(),
+                            HAS_M0=seed_c is not None, ACC=acc_type(x.dtype), **blocks)
+    if bias is not None:
+        y += bias
+    return y.to(x.dtype)
+
+
+@random_linear_apply.register_fake
+def _(x, v, seed_m, seed_c, n, bias):
+    return x.new_empty(v.shape[0], x.shape[0], n)
+
+
+@torch.library.custom_op("tinyrecon::triton_random_linear_apply_backward", mutates_args=())
+def random_linear_apply_backward(dy: torch.Tensor, x: torch.Tensor, v: torch.Tensor, seed_m: int,
+                                 seed_c: Optional[int], need_x: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, or an empty tensor unless ``need_x``; dv (C, k) in fp32, fp64 for fp64)."""
+    C, k = v.shape
+    N, D = x.shape
+    n = dy.shape[2]
+    f = _inner(x.dtype)
+    dx = torch.zeros((N, D) if need_x else (0,), dtype=f, device=x.device)
+    grid, blocks = _grid(N, n, D, C, x.device)
+    part = torch.zeros(C, grid[1], grid[0], k, dtype=f, device=x.device)
+    if N:
+        _apply_grad_kernel[grid](x, v, dy, dx, part, N, D, n, k, seed_m, seed_c or 0, *x.stride(), *v.stride(),
+                                 *dy.stride(), NEED_X=need_x, HAS_M0=seed_c is not None, ACC=acc_type(x.dtype),
+                                 **blocks)
+    return dx.to(x.dtype), part.sum((1, 2))
+
+
+@random_linear_apply_backward.register_fake
+def _(dy, x, v, seed_m, seed_c, need_x):
+    f = _inner(x.dtype)
+    return x.new_empty(x.shape if need_x else (0,)), v.new_empty(v.shape, dtype=f)
+
+
+def _apply_setup(ctx, inputs, output):
+    x, v, ctx.seed_m, ctx.seed_c, _, bias = inputs
+    ctx.save_for_backward(x, v)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _apply_backward(ctx, dy):
+    x, v = ctx.saved_tensors
+    dx, dv = random_linear_apply_backward(dy, x, v, ctx.seed_m, ctx.seed_c, ctx.needs_input_grad[0])
+    dbias = None if ctx.bias_dtype is None else dy.sum((0, 1), dtype=_inner(dy.dtype)).to(ctx.bias_dtype)
+    return dx if ctx.needs_input_grad[0] else None, dv.to(v.dtype), None, None, None, dbias
+
+
+random_linear_apply.register_autograd(_apply_backward, setup_context=_apply_setup)
+
+
+# ---- the ops of the dispatch table (signatures of the references) -----------------------------------
+def hypernet_build(hvec, seed_w2: int, seed_b2: int, n: int, D: int):
+    return random_linear_build(hvec, seed_w2, seed_b2, n, D)
+
+
+def hypernet_apply(x, hvec, seed_w2: int, seed_b2: int, n: int, bias):
+    return random_linear_apply(x, hvec, seed_w2, seed_b2, n, bias)
+
+
+def rmh_build(z, seed_t: int, n: int, D: int):
+    return random_linear_build(z, seed_t, None, n, D)
+
+
+def rmh_apply(x, z, seed_t: int, n: int, bias):
+    return random_linear_apply(x, z, seed_t, None, n, bias)
