@@ -13,17 +13,10 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from tinyrecon import dispatch  # noqa: E402
+from tinyrecon.benchmark import TOL  # noqa: E402  (one table: the benchmark checks kernels with it too)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# Tolerances against a float64 (or float32) reference: one rounding of the output in the
-# dtype plus fp32 accumulation error.
-TOL = {
-    torch.float64: dict(rtol=1e-10, atol=1e-10),
-    torch.float32: dict(rtol=2e-5, atol=2e-5),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
-}
 DTYPES = list(TOL)
 
 

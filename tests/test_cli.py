@@ -48,7 +48,7 @@ def test_bad_dtype_and_missing_command(capsys):
 def test_select_defaults_names_and_families():
     quick = tb.select()
     assert {c.shape for c in quick} == {"small", "tall", "mnist"}
-    assert {c.function for c in quick if c.shape == "mnist"} == {"dual_lphm"}   # the headline only
+    assert {(c.function, c.op) for c in quick if c.shape == "mnist"} == {("dual_lphm", "fwdbwd")}   # the headline
     assert {c.shape for c in tb.select(quick=False)} == set(tb.SHAPES)
     assert {c.shape for c in tb.select(shapes=["small"])} == {"small"}        # no headline when shapes are named
     cases = tb.select(functions=["kron", "tinybig.reconciliation.lorr_reconciliation,hm"], shapes=["small,tall"],
