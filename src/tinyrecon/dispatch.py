@@ -31,8 +31,8 @@ AUTO_CUDA_OPS: frozenset = frozenset()
 # under the same name with the same signature as the torch reference.
 OPS = {
     # op                      torch reference                  triton                cuda
-    "kron_build":           ("tinyrecon.functions.kron",     None, "tinyrecon.cuda_ops"),
-    "kron_apply":           ("tinyrecon.functions.kron",     None, "tinyrecon.cuda_ops"),
+    "kron_build":           ("tinyrecon.functions.kron",     "tinyrecon.kernels.kron", "tinyrecon.cuda_ops"),
+    "kron_apply":           ("tinyrecon.functions.kron",     "tinyrecon.kernels.kron", "tinyrecon.cuda_ops"),
     "dup_pad_build":        ("tinyrecon.functions.padding",  "tinyrecon.kernels.padding", None),
     "dup_pad_apply":        ("tinyrecon.functions.padding",  "tinyrecon.kernels.padding", None),
     "block_diag_build":     ("tinyrecon.functions.padding",  "tinyrecon.kernels.padding", "tinyrecon.cuda_ops"),

@@ -1,0 +1,365 @@
+"""Triton kernels for the Kronecker family; the spec is ``tinyrecon/functions/kron.py``.
+
+With x viewed as X (N, q, t), ``W = A kron B`` gives ``y[m, i1*s + i2] = sum_j1 A[i1, j1] (X_j1 @ B^T)[m, i2]``.
+``_kron_mm`` computes that without W: a program owns rows m, a block of i1 and a block of i2;
+for each j1 it contracts its rows of X_j1 with B (``tl.dot``; with B = S @ T first with T, then
+the rank-r result with S) and adds ``A[i1, j1] * Z`` to a (i1, m, i2) accumulator, so x is read
+once per program and the tensor-core work is N*D*s per i1 block, not N*D*n. ``dx = dy @ W`` has the
+same structure with ``A^T, B^T`` (strides, no copies), run by the same kernel summing the channels.
+``_kron_grad`` gives ``dB[i2, j2] = sum_{m, j1} (sum_i1 A[i1, j1] dy[m, i1, i2]) X[m, j1, j2]``
+without dW; dA is the same sum with the roles of the two factors swapped (strides again).
+Low-rank factors enter the forward kernels as factors; the backward works on A = P @ Q and
+B = S @ T (p*q and s*t values) and applies the chain rule to the factors with torch matmuls.
+
+``layout="tinybig"`` applies by building W (``_kron_build``, one pass, low-rank products in the
+kernel) and one ``torch.matmul``; its gradient reduces dW in torch.
+Every launch is a ``torch.library.custom_op`` so ``torch.compile`` sees one op, not a break.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, autotune
+from .lowrank import acc_type, rank_block
+from .padding import _dot, _precision
+
+
+def _cfg(bp, bm, bs, bt, warps, stages=3):
+    return triton.Config({"BP": bp, "BM": bm, "BS": bs, "BT": bt}, num_warps=warps, num_stages=stages)
+
+
+# The first config is the interpreter's: small tiles, so tests cross the edges of every tile.
+_MM_CONFIGS = [_cfg(2, 16, 16, 16, 1), _cfg(4, 64, 32, 32, 4), _cfg(8, 32, 32, 32, 4), _cfg(2, 64, 64, 32, 4),
+               _cfg(4, 32, 64, 64, 4), _cfg(8, 64, 32, 32, 8), _cfg(16, 32, 32, 32, 8)]
+_GRAD_CONFIGS = [triton.Config({"BPG": 16, "BM": 16, "BS": 16, "BT": 16}, num_warps=1)] + [
+    triton.Config({"BPG": bp, "BM": bm, "BS": bs, "BT": bt}, num_warps=w, num_stages=3)
+    for bp, bm, bs, bt, w in [(4, 32, 32, 32, 4), (2, 64, 32, 64, 4), (4, 32, 64, 64, 4), (8, 32, 32, 32, 4),
+                              (2, 128, 64, 64, 8)]]
+_BUILD_CONFIGS = [triton.Config({"BI": 16, "BJ": 32}, num_warps=1)] + [
+    triton.Config({"BI": bi, "BJ": bj}, num_warps=4) for bi, bj in [(32, 128), (64, 64), (16, 256)]]
+# Row chunks of the factor gradients: each program sums its chunks into its own partial.
+_ROWS_PER_SPLIT, _MAX_SPLIT = (16, 4) if INTERPRET else (512, 64)
+
+
+@triton.jit
+def _entry(F1, s1c, s1i, s1k, F2, s2c, s2k, s2j, c, i, j, ok, R, LOWRANK: tl.constexpr, ACC: tl.constexpr):
+    """F[c, i, j] for index tensors i, j (0 where not ok), with F = F1 @ F2 (rank R) when LOWRANK."""
+    if LOWRANK:
+        v = tl.zeros(ok.shape, ACC)
+        for k in range(0, R):
+            v += (tl.load(F1 + c * s1c + i * s1i + k * s1k, mask=ok, other=0.0).to(ACC)
+                  * tl.load(F2 + c * s2c + k * s2k + j * s2j, mask=ok, other=0.0).to(ACC))
+        return v
+    return tl.load(F1 + c * s1c + i * s1i + j * s1k, mask=ok, other=0.0).to(ACC)
+
+
+@autotune(_BUILD_CONFIGS, key=["n", "D", "TINYBIG", "A_LR", "B_LR"])
+@triton.jit
+def _kron_build(A1, sa1c, sa1i, sa1k, A2, sa2c, sa2k, sa2j, B1, sb1c, sb1i, sb1k, B2, sb2c, sb2k, sb2j,
+                W, n, D, Q, S, T, RA, RB, TINYBIG: tl.constexpr, A_LR: tl.constexpr, B_LR: tl.constexpr,
+                ACC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
+    """W[c] (n x D, contiguous) = A kron B, or tinyBIG's reshape(outer(vec A, vec B)), in one pass."""
+    pid_i, pid_j, c = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i = (pid_i.to(tl.int64) * BI + tl.arange(0, BI))[:, None]
+    j = (pid_j.to(tl.int64) * BJ + tl.arange(0, BJ))[None, :]
+    ok = (i < n) & (j < D)
+    if TINYBIG:   # W[i, j] = vec(A)[f // (s*t)] * vec(B)[f % (s*t)], f = i*D + j
+        f = i * D + j
+        fa, fb = f // (S * T), f % (S * T)
+        ia, ja, ib, jb = fa // Q, fa % Q, fb // T, fb % T
+    else:
+        ia, ja, ib, jb = i // S, j // T, i % S, j % T
+    a = _entry(A1, sa1c, sa1i, sa1k, A2, sa2c, sa2k, sa2j, c, ia, ja, ok, RA, A_LR, ACC)
+    b = _entry(B1, sb1c, sb1i, sb1k, B2, sb2c, sb2k, sb2j, c, ib, jb, ok, RB, B_LR, ACC)
+    tl.store(W + c * n * D + i * D + j, (a * b).to(W.dtype.element_ty), mask=ok)
+
+
+@autotune(_MM_CONFIGS, key=["M", "P", "Q", "S", "T", "CH", "A_LR", "B_LR"])
+@triton.jit
+def _kron_mm(X, sxc, sxm, sxd, A1, sa1c, sa1i, sa1k, A2, sa2c, sa2k, sa2j,
+             B1, sb1c, sb1i, sb1k, B2, sb2c, sb2k, sb2j, BIAS, Y, syc, sym, syi,
+             M, P, Q, S, T, RA, RB, CH, A_LR: tl.constexpr, B_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
+             ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, RPA: tl.constexpr, RPB: tl.constexpr,
+             BP: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr):
+    """Y[pid_c, m, i1*S + i2] = sum over CH channels c of sum_{j1, j2} A[c,i1,j1] X[c,m,j1*T+j2] B[c,i2,j2] (+ bias).
+
+    The forward runs CH = 1 with c = pid_c and X's channel stride 0; the input gradient runs one
+    output with CH = C. A = A1 @ A2 when A_LR (A1: P x RA), else A1 (P x Q); likewise B.
+    """
+    pid_m, pid_ps, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tiles_s = tl.cdiv(S, BS)
+    i1 = (pid_ps // tiles_s).to(tl.int64) * BP + tl.arange(0, BP)
+    i2 = (pid_ps % tiles_s).to(tl.int64) * BS + tl.arange(0, BS)
+    m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    i1_ok, i2_ok, m_ok = i1 < P, i2 < S, m < M
+    ka, kb = tl.arange(0, RPA), tl.arange(0, RPB)
+    acc = tl.zeros((BP, BM, BS), ACC)   # y[m, i1*S + i2] as (i1, m, i2)
+    for cc in range(0, CH):
+        c = pid_c.to(tl.int64) + cc
+        xc = X + c * sxc + m[:, None] * sxm
+        if B_LR:   # S^T (RPB x BS) and the P tile (BP x RPA) serve every j1
+            st = tl.load(B1 + c * sb1c + i2[None, :] * sb1i + kb[:, None] * sb1k,
+                         mask=i2_ok[None, :] & (kb < RB)[:, None], other=0.0).to(ACC)
+        if A_LR:
+            pa = tl.load(A1 + c * sa1c + i1[:, None] * sa1i + ka[None, :] * sa1k,
+                         mask=i1_ok[:, None] & (ka < RA)[None, :], other=0.0).to(ACC)
+        for j1 in range(0, Q):
+            # Z = X_j1 @ B^T for these rows; with B = S @ T as (X_j1 @ T^T) @ S^T (rank r in between).
+            if B_LR:
+                z = tl.zeros((BM, RPB), ACC)
+            else:
+                z = tl.zeros((BM, BS), ACC)
+            for t0 in range(0, T, BT):
+                j2 = t0 + tl.arange(0, BT)
+                col = j1 * T + j2.to(tl.int64)
+                xt = tl.load(xc + col[None, :] * sxd, mask=m_ok[:, None] & (j2 < T)[None, :], other=0.0)
+                if B_LR:
+                    bt = tl.load(B2 + c * sb2c + kb[None, :] * sb2k + j2[:, None] * sb2j,
+                                 mask=(kb < RB)[None, :] & (j2 < T)[:, None], other=0.0)
+                else:
+                    bt = tl.load(B1 + c * sb1c + i2[None, :] * sb1i + j2[:, None] * sb1k,
+                                 mask=i2_ok[None, :] & (j2 < T)[:, None], other=0.0)
+                z = tl.dot(xt.to(DOT), bt.to(DOT), z, input_precision=PREC)
+            if B_LR:
+                z = tl.dot(z, st, input_precision="ieee", out_dtype=ACC)
+            if A_LR:
+                qa = tl.load(A2 + c * sa2c + ka * sa2k + j1 * sa2j, mask=ka < RA, other=0.0).to(ACC)
+                a = tl.sum(pa * qa[None, :], axis=1)
+            else:
+                a = tl.load(A1 + c * sa1c + i1 * sa1i + j1 * sa1k, mask=i1_ok, other=0.0).to(ACC)
+            acc += a[:, None, None] * z[None, :, :]
+    cols = i1[:, None, None] * S + i2[None, None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=i1_ok[:, None, None] & i2_ok[None, None, :], other=0.0).to(ACC)
+    ok = i1_ok[:, None, None] & m_ok[None, :, None] & i2_ok[None, None, :]
+    tl.store(Y + pid_c.to(tl.int64) * syc + m[None, :, None] * sym + cols * syi, acc.to(Y.dtype.element_ty), mask=ok)
+
+
+@autotune(_GRAD_CONFIGS, key=["M", "P", "Q", "S", "T"])
+@triton.jit
+def _kron_grad(DY, sdc, sdm, sd1, sd2, X, sxm, sx1, sx2, F, sfc, sf1, sf2, G, M, P, Q, S, T, C, SPLIT,
+               ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+               BPG: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr):
+    """G[split, c] (S x T) = sum over rows m of this split and j1 of (sum_i1 F[c,i1,j1] DY[c,m,i1,:])^T X[m,j1,:].
+
+    DY is (C, M, P, S), X (M, Q, T), F (C, P, Q), all by strides; split z takes row blocks z, z + SPLIT, ...
+    """
+    pid_st, split, c = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    tiles_t = tl.cdiv(T, BT)
+    i2 = (pid_st // tiles_t).to(tl.int64) * BS + tl.arange(0, BS)
+    j2 = (pid_st % tiles_t).to(tl.int64) * BT + tl.arange(0, BT)
+    i2_ok, j2_ok = i2 < S, j2 < T
+    acc = tl.zeros((BS, BT), ACC)
+    for m0 in range(split * BM, M, SPLIT * BM):
+        m = m0 + tl.arange(0, BM).to(tl.int64)
+        m_ok = m < M
+        dyc = DY + c * sdc + m[None, :, None] * sdm + i2[None, None, :] * sd2
+        for j1 in range(0, Q):
+            g = tl.zeros((BM, BS), ACC)   # dy_c contracted with column j1 of F, for these rows
+            for p0 in range(0, P, BPG):
+                i1 = p0 + tl.arange(0, BPG).to(tl.int64)
+                f = tl.load(F + c * sfc + i1 * sf1 + j1 * sf2, mask=i1 < P, other=0.0).to(ACC)
+                d = tl.load(dyc + i1[:, None, None] * sd1,
+                            mask=(i1 < P)[:, None, None] & m_ok[None, :, None] & i2_ok[None, None, :], other=0.0)
+                g += tl.sum(f[:, None, None] * d.to(ACC), axis=0)
+            xt = tl.load(X + m[:, None] * sxm + j1 * sx1 + j2[None, :] * sx2,
+                         mask=m_ok[:, None] & j2_ok[None, :], other=0.0)
+            acc = tl.dot(tl.trans(g.to(X.dtype.element_ty).to(DOT)), xt.to(DOT), acc, input_precision=PREC)
+    tl.store(G + ((split * C + c) * S + i2[:, None]) * T + j2[None, :], acc, mask=i2_ok[:, None] & j2_ok[None, :])
+
+
+# ---- launchers (plain tensors in, plain tensors out) -------------------------------------------
+def _strides(F):
+    """F's three strides, or zeros for an absent factor (the kernel does not read it)."""
+    return F.stride() if F is not None else (0, 0, 0)
+
+
+def _inner(dtype):
+    """dtype of backward intermediates: fp32 for half types, so they are rounded once, at the end."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _launch_build(A1, A2, B1, B2, tinybig):
+    C, P, RA = A1.shape
+    S, RB = B1.shape[1:]
+    Q = RA if A2 is None else A2.shape[2]
+    T = RB if B2 is None else B2.shape[2]
+    W = torch.empty(C, P * S, Q * T, dtype=A1.dtype, device=A1.device)
+    if not W.numel():
+        return W
+    grid = lambda a: (triton.cdiv(P * S, a["BI"]), triton.cdiv(Q * T, a["BJ"]), C)  # noqa: E731
+    _kron_build[grid](A1, *A1.stride(), A2, *_strides(A2), B1, *B1.stride(), B2, *_strides(B2),
+                      W, P * S, Q * T, Q, S, T, RA, RB, TINYBIG=tinybig, A_LR=A2 is not None,
+                      B_LR=B2 is not None, ACC=acc_type(A1.dtype))
+    return W
+
+
+def _launch_mm(inp, A1, A2, B1, B2, bias, C_out, CH):
+    """(C_out, M, P*S): inp is (C, M, Q*T) (channel stride 0 for a shared x); see ``_kron_mm``."""
+    P, RA = A1.shape[1:]
+    S, RB = B1.shape[1:]
+    Q = RA if A2 is None else A2.shape[2]
+    T = RB if B2 is None else B2.shape[2]
+    M = inp.shape[1]
+    out = torch.empty(C_out, M, P * S, dtype=inp.dtype, device=inp.device)
+    if out.numel():
+        grid = lambda a: (triton.cdiv(M, a["BM"]), triton.cdiv(P, a["BP"]) * triton.cdiv(S, a["BS"]), C_out)  # noqa: E731
+        _kron_mm[grid](inp, *inp.stride(), A1, *A1.stride(), A2, *_strides(A2), B1, *B1.stride(),
+                       B2, *_strides(B2), bias, out, *out.stride(), M, P, Q, S, T, RA, RB, CH,
+                       A_LR=A2 is not None, B_LR=B2 is not None, HAS_BIAS=bias is not None,
+                       ACC=acc_type(inp.dtype), DOT=_dot(inp.dtype), PREC=_precision(inp.dtype),
+                       RPA=rank_block(RA), RPB=rank_block(RB))
+    return out
+
+
+def _launch_grad(dy4, x3, F):
+    """(C, S, T), accumulated in fp32 (fp64): sum_{m, j1} (sum_i1 F[c,i1,j1] dy4[c,m,i1,:])^T x3[m,j1,:]."""
+    C, M, P, S = dy4.shape
+    Q, T = x3.shape[1:]
+    split = max(1, min(_MAX_SPLIT, triton.cdiv(M, _ROWS_PER_SPLIT)))
+    part = torch.empty(split, C, S, T, dtype=_inner(x3.dtype), device=x3.device)
+    grid = lambda a: (triton.cdiv(S, a["BS"]) * triton.cdiv(T, a["BT"]), split, C)  # noqa: E731
+    _kron_grad[grid](dy4, *dy4.stride(), x3, *x3.stride(), F, *F.stride(), part, M, P, Q, S, T, C, split,
+                     ACC=acc_type(x3.dtype), DOT=_dot(x3.dtype), PREC=_precision(x3.dtype))
+    return part.sum(0)
+
+
+def _t(F):
+    return None if F is None else F.transpose(1, 2)
+
+
+# ---- custom ops --------------------------------------------------------------------------------
+@torch.library.custom_op("tinyrecon::triton_kron_build", mutates_args=())
+def _build_op(A1: torch.Tensor, A2: Optional[torch.Tensor], B1: torch.Tensor, B2: Optional[torch.Tensor],
+              tinybig: bool) -> torch.Tensor:
+    return _launch_build(A1, A2, B1, B2, tinybig)
+
+
+@torch.library.custom_op("tinyrecon::triton_kron_apply", mutates_args=())
+def _apply_op(x: torch.Tensor, A1: torch.Tensor, A2: Optional[torch.Tensor], B1: torch.Tensor,
+              B2: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    C = A1.shape[0]
+    return _launch_mm(x.expand(C, *x.shape), A1, A2, B1, B2, bias, C, 1)
+
+
+@torch.library.custom_op("tinyrecon::triton_kron_grad_x", mutates_args=())
+def _grad_x_op(dy: torch.Tensor, A1: torch.Tensor, A2: Optional[torch.Tensor], B1: torch.Tensor,
+               B2: Optional[torch.Tensor]) -> torch.Tensor:
+    # dx = dy @ W = sum_c dy_c @ (A_c^T kron B_c^T)^T: the forward with transposed factors, channels summed.
+    A1t, A2t = (_t(A1), None) if A2 is None else (_t(A2), _t(A1))
+    B1t, B2t = (_t(B1), None) if B2 is None else (_t(B2), _t(B1))
+    return _launch_mm(dy, A1t, A2t, B1t, B2t, None, 1, dy.shape[0])[0]
+
+
+@torch.library.custom_op("tinyrecon::triton_kron_grad_factor", mutates_args=())
+def _grad_factor_op(dy: torch.Tensor, x: torch.Tensor, F: torch.Tensor, of_a: bool) -> torch.Tensor:
+    """For ``y = x @ (A kron B)^T``: dB given F = A, or dA given F = B (of_a), in fp32 (fp64)."""
+    if of_a:
+        s, t = F.shape[1:]
+        p, q = dy.shape[2] // s, x.shape[1] // t
+    else:
+        p, q = F.shape[1:]
+        s, t = dy.shape[2] // p, x.shape[1] // q
+    dy4, x3 = dy.unflatten(2, (p, s)), x.unflatten(1, (q, t))
+    if of_a:   # the same sum with the two factors' roles swapped
+        return _launch_grad(dy4.transpose(2, 3), x3.transpose(1, 2), F)
+    return _launch_grad(dy4, x3, F)
+
+
+@_build_op.register_fake
+def _(A1, A2, B1, B2, tinybig):
+    Q = A1.shape[2] if A2 is None else A2.shape[2]
+    T = B1.shape[2] if B2 is None else B2.shape[2]
+    return A1.new_empty(A1.shape[0], A1.shape[1] * B1.shape[1], Q * T)
+
+
+@_apply_op.register_fake
+def _(x, A1, A2, B1, B2, bias):
+    return x.new_empty(A1.shape[0], x.shape[0], A1.shape[1] * B1.shape[1])
+
+
+@_grad_x_op.register_fake
+def _(dy, A1, A2, B1, B2):
+    Q = A1.shape[2] if A2 is None else A2.shape[2]
+    T = B1.shape[2] if B2 is None else B2.shape[2]
+    return dy.new_empty(dy.shape[1], Q * T)
+
+
+@_grad_factor_op.register_fake
+def _(dy, x, F, of_a):   # the other factor's shape: (n // rows of F, D // columns of F)
+    return x.new_empty(F.shape[0], dy.shape[2] // F.shape[1], x.shape[1] // F.shape[2], dtype=_inner(x.dtype))
+
+
+def _factor(F1, F2, dtype):
+    F1 = F1.to(dtype)
+    return F1 if F2 is None else torch.matmul(F1, F2.to(dtype))
+
+
+def _chain(dF, F1, F2, need1, need2):
+    """Gradients of F1 and F2 from dF, the gradient of F = F1 @ F2 (or F = F1)."""
+    if F2 is None:
+        return (dF.to(F1.dtype) if need1 else None), None
+    g1 = torch.matmul(dF, F2.to(dF.dtype).transpose(1, 2)).to(F1.dtype) if need1 else None
+    g2 = torch.matmul(F1.to(dF.dtype).transpose(1, 2), dF).to(F2.dtype) if need2 else None
+    return g1, g2
+
+
+def _build_setup(ctx, inputs, output):
+    *factors, ctx.tinybig = inputs
+    ctx.save_for_backward(*factors)
+
+
+def _build_backward(ctx, dW):
+    A1, A2, B1, B2 = ctx.saved_tensors
+    f = _inner(dW.dtype)
+    A, B = _factor(A1, A2, f), _factor(B1, B2, f)
+    (C, p, q), (s, t) = A.shape, B.shape[1:]
+    if ctx.tinybig:   # W = reshape(outer(vec A, vec B))
+        G = dW.to(f).reshape(C, p * q, s * t)
+        dA = torch.matmul(G, B.reshape(C, s * t, 1)).reshape(C, p, q)
+        dB = torch.matmul(A.reshape(C, 1, p * q), G).reshape(C, s, t)
+    else:
+        G = dW.to(f).reshape(C, p, s, q, t)
+        dA = torch.einsum("cisjt,cst->cij", G, B)
+        dB = torch.einsum("cisjt,cij->cst", G, A)
+    need = ctx.needs_input_grad
+    return (*_chain(dA, A1, A2, need[0], need[1]), *_chain(dB, B1, B2, need[2], need[3]), None)
+
+
+_build_op.register_autograd(_build_backward, setup_context=_build_setup)
+
+
+def _apply_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5])
+    ctx.has_bias = inputs[5] is not None
+
+
+def _apply_backward(ctx, dy):
+    x, A1, A2, B1, B2 = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx = _grad_x_op(dy, A1, A2, B1, B2) if need[0] else None
+    f = _inner(x.dtype)
+    gA = gB = (None, None)
+    if need[1] or need[2]:
+        gA = _chain(_grad_factor_op(dy, x, _factor(B1, B2, f), True), A1, A2, need[1], need[2])
+    if need[3] or need[4]:
+        gB = _chain(_grad_factor_op(dy, x, _factor(A1, A2, f), False), B1, B2, need[3], need[4])
+    gbias = dy.sum((0, 1), dtype=f).to(dy.dtype) if ctx.has_bias and need[5] else None
+    return dx, *gA, *gB, gbias
+
+
+_apply_op.register_autograd(_apply_backward, setup_context=_apply_setup)
+
+
+# ---- the dispatch entry points (signatures of the torch reference) -----------------------------
+def kron_build(A1, A2, B1, B2, layout: str):
+    return _build_op(A1, A2, B1, B2, layout == "tinybig")
+
+
+def kron_apply(x, A1, A2, B1, B2, bias, layout: str):
+    if layout == "tinybig":   # no structure exploited here: W from the build kernel and one GEMM
+        y = torch.matmul(x, _build_op(A1, A2, B1, B2, True).transpose(1, 2))
+        return y if bias is None else y + bias
+    return _apply_op(x, A1, A2, B1, B2, bias)
