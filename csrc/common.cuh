@@ -28,14 +28,14 @@ template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 template <typename T> using acc_t = typename AccOf<T>::type;
 
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__host__ __device__ inline float to_acc(float v) { return v; }
+__host__ __device__ inline double to_acc(double v) { return v; }
+__host__ __device__ inline float to_acc(__half v) { return __half2float(v); }
+__host__ __device__ inline float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-template <typename T> __device__ __forceinline__ T from_acc(acc_t<T> v) { return v; }
-template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+template <typename T> __host__ __device__ inline T from_acc(acc_t<T> v) { return v; }
+template <> __host__ __device__ inline __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __host__ __device__ inline __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
@@ -54,14 +54,34 @@ struct View {
 inline View tensor(const void* p) { return View{.p = const_cast<void*>(p)}; }
 inline View scratch(void* p) { return View{.p = p, .acc = true}; }
 
-template <typename T> __device__ __forceinline__ acc_t<T> load(const View& v, i64 off) {
+// (fa, fb): the entries of vec(A) and vec(B) whose product is W's within-channel entry e.
+__host__ __device__ inline void split(int layout, i64 e, i64 q, i64 s, i64 t, i64& fa, i64& fb) {
+  if (layout == kTinybig) {  // W = reshape(outer(vec(A), vec(B)), n, D)
+    fa = e / (s * t), fb = e % (s * t);
+    return;
+  }
+  const i64 i = e / (q * t), j = e % (q * t);  // W[i1*s + i2, j1*t + j2] = A[i1, j1] * B[i2, j2]
+  fa = (i / s) * q + j / t, fb = (i % s) * t + j % t;
+}
+
+// The inverse of split: W's within-channel entry holding A[fa] * B[fb].
+__host__ __device__ inline i64 w_index(int layout, i64 fa, i64 fb, i64 q, i64 s, i64 t) {
+  if (layout == kTinybig) return fa * (s * t) + fb;
+  return ((fa / q) * s + fb / t) * (q * t) + (fa % q) * t + fb % t;
+}
+
+template <typename T> __host__ __device__ inline acc_t<T> load(const View& v, i64 off) {
   return v.acc ? static_cast<const acc_t<T>*>(v.p)[off] : to_acc(static_cast<const T*>(v.p)[off]);
 }
 
-template <typename T> __device__ __forceinline__ void store(const View& v, i64 off, acc_t<T> x) {
+template <typename T> __host__ __device__ inline void store(const View& v, i64 off, acc_t<T> x) {
   if (v.acc) static_cast<acc_t<T>*>(v.p)[off] = x;
   else static_cast<T*>(v.p)[off] = from_acc<T>(x);
 }
+
+// Offsets of the two-level row (m = mo * Mi + mi) and reduction (k = ko * Ki + ki) indices.
+__host__ __device__ inline i64 row_off(const View& v, i64 m, i64 Mi) { return (m / Mi) * v.mo + (m % Mi) * v.mi; }
+__host__ __device__ inline i64 red_off(const View& v, i64 k, i64 Ki) { return (k / Ki) * v.ko + (k % Ki) * v.ki; }
 
 // C[b, m, n] = sum_k A[b, m, k] * B[b, k, n] (+ bias[b, m, n]) for b in batch0 x batch1.
 // Mi / Ki: inner extents of the two-level row and reduction indices (0: single level).
@@ -69,20 +89,19 @@ struct GemmShape {
   i64 batch0 = 1, batch1 = 1, M = 0, Mi = 0, N = 0, K = 0, Ki = 0;
 };
 
-// Defined in gemm.cu for float, __half, __nv_bfloat16, double. bias.p may be null.
+inline GemmShape normalized(GemmShape sh) {
+  if (sh.Mi <= 0) sh.Mi = sh.M > 0 ? sh.M : 1;
+  if (sh.Ki <= 0) sh.Ki = sh.K > 0 ? sh.K : 1;
+  return sh;
+}
+
+// The kernels (kernels.cu, for float, __half, __nv_bfloat16, double) ------------------------------
+
+// gemm: bias.p may be null.
 template <typename T>
 cudaError_t gemm(GemmShape shape, View a, View b, View c, View bias, cudaStream_t stream);
 
-// out[c] = F1[c] @ F2[c] for F1 (C, rows, r), F2 (C, r, cols), all contiguous.
-template <typename T>
-cudaError_t matmul(View F1, View F2, View out, i64 C, i64 rows, i64 r, i64 cols, cudaStream_t stream);
-
-// Gradients of out = F1 @ F2 (shapes as in matmul): gF1 = g @ F2^T, gF2 = F1^T @ g.
-template <typename T>
-cudaError_t matmul_grad(View g, View F1, View F2, View gF1, View gF2, i64 C, i64 rows, i64 r, i64 cols,
-                        cudaStream_t stream);
-
-// Defined in kron.cu. W (C, p*s, q*t) with W's entries A[c, fa] * B[c, fb] placed by `layout`;
+// W (C, p*s, q*t) with W's entries A[c, fa] * B[c, fb] placed by `layout`;
 // A.p == nullptr means A = eye(p, q) (the block-diagonal padding).
 template <typename T>
 cudaError_t kron_build(View A, View B, View W, int layout, i64 C, i64 p, i64 q, i64 s, i64 t, cudaStream_t stream);
@@ -92,6 +111,20 @@ cudaError_t kron_build(View A, View B, View W, int layout, i64 C, i64 p, i64 q, 
 template <typename T>
 cudaError_t kron_build_grad(View gW, View Y, View gX, bool of_a, int layout, i64 C, i64 p, i64 q, i64 s, i64 t,
                             cudaStream_t stream);
+
+// out[row * stride + j] = bias ? bias[j] : 0 for row < rows, j < cols (rows a GEMM does not write).
+template <typename T> cudaError_t fill(T* out, const T* bias, i64 rows, i64 cols, i64 stride, cudaStream_t stream);
+
+// Defined in lowrank.cu (compositions of gemm) --------------------------------------------------------
+
+// out[c] = F1[c] @ F2[c] for F1 (C, rows, r), F2 (C, r, cols), all contiguous.
+template <typename T>
+cudaError_t matmul(View F1, View F2, View out, i64 C, i64 rows, i64 r, i64 cols, cudaStream_t stream);
+
+// Gradients of out = F1 @ F2 (shapes as in matmul): gF1 = g @ F2^T, gF2 = F1^T @ g.
+template <typename T>
+cudaError_t matmul_grad(View g, View F1, View F2, View gF1, View gF2, i64 C, i64 rows, i64 r, i64 cols,
+                        cudaStream_t stream);
 
 // Bump allocator over the caller's workspace. Entry points carve every buffer first; called
 // with a non-null work_bytes they only report the size needed (and launch nothing).

@@ -1,5 +1,8 @@
-// The batched, strided GEMM every op is built from (see GemmShape and View in common.cuh).
+// Every device kernel of the library; the family files (kron.cu, padding.cu, lowrank.cu) only
+// compose them. (tests/host_kernels.cu implements the same functions on the host, so the
+// compositions are checked on machines without a GPU.)
 //
+// gemm: the batched, strided GEMM every apply is built from (GemmShape and View in common.cuh).
 // A 64 x 64 output tile per block of 256 threads, each thread owning a 4 x 4 sub-tile strided
 // by 16 (so a warp reads consecutive shared-memory words and writes consecutive columns);
 // K is walked in slices of 16 staged through shared memory in the accumulation type.
@@ -11,9 +14,6 @@ namespace {
 constexpr int BM = 64, BN = 64, BK = 16, TM = 4, TN = 4;
 constexpr int kGemmThreads = (BM / TM) * (BN / TN);
 static_assert(kGemmThreads == 256, "one thread per 4 x 4 sub-tile");
-
-__device__ __forceinline__ i64 row_off(const View& v, i64 m, i64 Mi) { return (m / Mi) * v.mo + (m % Mi) * v.mi; }
-__device__ __forceinline__ i64 red_off(const View& v, i64 k, i64 Ki) { return (k / Ki) * v.ko + (k % Ki) * v.ki; }
 
 template <typename T>
 __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(GemmShape sh, View a, View b, View c, View bias) {
@@ -78,13 +78,59 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(GemmShape sh, View a
   }
 }
 
+template <typename T>
+__global__ void kron_build_kernel(View A, View B, View W, int layout, i64 C, i64 p, i64 q, i64 s, i64 t) {
+  const i64 per = p * s * q * t, total = C * per;
+  for (i64 o = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; o < total;
+       o += static_cast<i64>(gridDim.x) * blockDim.x) {
+    const i64 c = o / per;
+    i64 fa, fb;
+    split(layout, o % per, q, s, t, fa, fb);
+    const acc_t<T> a = A.p ? load<T>(A, c * p * q + fa) : acc_t<T>(fa / q == fa % q);
+    store<T>(W, o, a * load<T>(B, c * s * t + fb));
+  }
+}
+
+// One warp per entry of gX, its lanes striding over the other factor's entries.
+template <typename T>
+__global__ void kron_grad_kernel(View gW, View Y, View gX, bool of_a, int layout, i64 C, i64 p, i64 q, i64 s,
+                                 i64 t) {
+  using Acc = acc_t<T>;
+  const i64 nX = of_a ? p * q : s * t, nY = of_a ? s * t : p * q;
+  const i64 terms = Y.p ? nY : (p < q ? p : q);  // eye(p, q): its ones sit at fa = i * (q + 1)
+  const i64 warps = C * nX, stride = static_cast<i64>(gridDim.x) * blockDim.x / 32;
+  const int lane = threadIdx.x % 32;
+  for (i64 w = (blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x) / 32; w < warps; w += stride) {
+    const i64 c = w / nX, f = w % nX;
+    Acc sum = 0;
+    for (i64 g = lane; g < terms; g += 32) {
+      const i64 fy = Y.p ? g : g * (q + 1);
+      const Acc y = Y.p ? load<T>(Y, c * nY + fy) : Acc(1);
+      const i64 e = of_a ? w_index(layout, f, fy, q, s, t) : w_index(layout, fy, f, q, s, t);
+      sum += load<T>(gW, c * p * s * q * t + e) * y;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) sum += __shfl_down_sync(0xffffffffu, sum, o);
+    if (lane == 0) store<T>(gX, w, sum);
+  }
+}
+
+// out[row * stride + j] = bias ? bias[j] : 0 for row < rows, j < cols.
+template <typename T>
+__global__ void fill_kernel(T* out, const T* bias, i64 rows, i64 cols, i64 stride) {
+  for (i64 o = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; o < rows * cols;
+       o += static_cast<i64>(gridDim.x) * blockDim.x) {
+    const i64 j = o % cols;
+    out[(o / cols) * stride + j] = bias ? bias[j] : from_acc<T>(acc_t<T>(0));
+  }
+}
+
 }  // namespace
 
 template <typename T>
-cudaError_t gemm(GemmShape sh, View a, View b, View c, View bias, cudaStream_t stream) {
+cudaError_t gemm(GemmShape shape, View a, View b, View c, View bias, cudaStream_t stream) {
+  const GemmShape sh = normalized(shape);
   if (sh.batch0 * sh.batch1 == 0 || sh.M == 0 || sh.N == 0) return cudaSuccess;
-  if (sh.Mi <= 0) sh.Mi = sh.M;
-  if (sh.Ki <= 0) sh.Ki = sh.K > 0 ? sh.K : 1;
   const i64 mt = (sh.M + BM - 1) / BM, nt = (sh.N + BN - 1) / BN, batch = sh.batch0 * sh.batch1;
   if (mt > 0x7fffffff) return cudaErrorInvalidConfiguration;
   // grid.y and grid.z are capped at 65535; the kernel loops over what they do not cover.
@@ -95,35 +141,30 @@ cudaError_t gemm(GemmShape sh, View a, View b, View c, View bias, cudaStream_t s
 }
 
 template <typename T>
-cudaError_t matmul(View F1, View F2, View out, i64 C, i64 rows, i64 r, i64 cols, cudaStream_t stream) {
-  F1.b0 = rows * r, F1.mi = r, F1.ki = 1;
-  F2.b0 = r * cols, F2.ki = cols, F2.n = 1;
-  out.b0 = rows * cols, out.mi = cols, out.n = 1;
-  return gemm<T>({.batch0 = C, .M = rows, .N = cols, .K = r}, F1, F2, out, View{}, stream);
+cudaError_t kron_build(View A, View B, View W, int layout, i64 C, i64 p, i64 q, i64 s, i64 t, cudaStream_t stream) {
+  kron_build_kernel<T><<<blocks_for(C * p * s * q * t), kThreads, 0, stream>>>(A, B, W, layout, C, p, q, s, t);
+  return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t matmul_grad(View g, View F1, View F2, View gF1, View gF2, i64 C, i64 rows, i64 r, i64 cols,
-                        cudaStream_t stream) {
-  // gF1[c] = g[c] @ F2[c]^T: (rows x cols) @ (cols x r)
-  View ga = g, fb = F2, out = gF1;
-  ga.b0 = rows * cols, ga.mi = cols, ga.ki = 1;
-  fb.b0 = r * cols, fb.ki = 1, fb.n = cols;
-  out.b0 = rows * r, out.mi = r, out.n = 1;
-  TR_TRY(gemm<T>({.batch0 = C, .M = rows, .N = r, .K = cols}, ga, fb, out, View{}, stream));
-  // gF2[c] = F1[c]^T @ g[c]: (r x rows) @ (rows x cols)
-  View fa = F1, gb = g;
-  out = gF2;
-  fa.b0 = rows * r, fa.mi = 1, fa.ki = r;
-  gb.b0 = rows * cols, gb.ki = cols, gb.n = 1;
-  out.b0 = r * cols, out.mi = cols, out.n = 1;
-  return gemm<T>({.batch0 = C, .M = r, .N = cols, .K = rows}, fa, gb, out, View{}, stream);
+cudaError_t kron_build_grad(View gW, View Y, View gX, bool of_a, int layout, i64 C, i64 p, i64 q, i64 s, i64 t,
+                            cudaStream_t stream) {
+  const i64 warps = C * (of_a ? p * q : s * t);
+  kron_grad_kernel<T><<<blocks_for(warps * 32), kThreads, 0, stream>>>(gW, Y, gX, of_a, layout, C, p, q, s, t);
+  return cudaGetLastError();
 }
 
-#define TR_INSTANTIATE(T)                                                                                  \
-  template cudaError_t gemm<T>(GemmShape, View, View, View, View, cudaStream_t);                           \
-  template cudaError_t matmul<T>(View, View, View, i64, i64, i64, i64, cudaStream_t);                      \
-  template cudaError_t matmul_grad<T>(View, View, View, View, View, i64, i64, i64, i64, cudaStream_t);
+template <typename T> cudaError_t fill(T* out, const T* bias, i64 rows, i64 cols, i64 stride, cudaStream_t stream) {
+  if (rows * cols == 0) return cudaSuccess;
+  fill_kernel<T><<<blocks_for(rows * cols), kThreads, 0, stream>>>(out, bias, rows, cols, stride);
+  return cudaGetLastError();
+}
+
+#define TR_INSTANTIATE(T)                                                                                \
+  template cudaError_t gemm<T>(GemmShape, View, View, View, View, cudaStream_t);                         \
+  template cudaError_t kron_build<T>(View, View, View, int, i64, i64, i64, i64, i64, cudaStream_t);      \
+  template cudaError_t kron_build_grad<T>(View, View, View, bool, int, i64, i64, i64, i64, i64, cudaStream_t); \
+  template cudaError_t fill<T>(T*, const T*, i64, i64, i64, cudaStream_t);
 TR_INSTANTIATE(float)
 TR_INSTANTIATE(__half)
 TR_INSTANTIATE(__nv_bfloat16)

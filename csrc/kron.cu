@@ -10,59 +10,6 @@
 namespace tr {
 namespace {
 
-// (fa, fb): the entries of vec(A) and vec(B) whose product is W's within-channel entry e.
-__device__ __forceinline__ void split(int layout, i64 e, i64 q, i64 s, i64 t, i64& fa, i64& fb) {
-  if (layout == kTinybig) {  // W = reshape(outer(vec(A), vec(B)), n, D)
-    fa = e / (s * t), fb = e % (s * t);
-    return;
-  }
-  const i64 i = e / (q * t), j = e % (q * t);  // W[i1*s + i2, j1*t + j2] = A[i1, j1] * B[i2, j2]
-  fa = (i / s) * q + j / t, fb = (i % s) * t + j % t;
-}
-
-// The inverse of split: W's within-channel entry holding A[fa] * B[fb].
-__device__ __forceinline__ i64 w_index(int layout, i64 fa, i64 fb, i64 q, i64 s, i64 t) {
-  if (layout == kTinybig) return fa * (s * t) + fb;
-  return ((fa / q) * s + fb / t) * (q * t) + (fa % q) * t + fb % t;
-}
-
-template <typename T>
-__global__ void kron_build_kernel(View A, View B, View W, int layout, i64 C, i64 p, i64 q, i64 s, i64 t) {
-  const i64 per = p * s * q * t, total = C * per;
-  for (i64 o = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; o < total;
-       o += static_cast<i64>(gridDim.x) * blockDim.x) {
-    const i64 c = o / per;
-    i64 fa, fb;
-    split(layout, o % per, q, s, t, fa, fb);
-    const acc_t<T> a = A.p ? load<T>(A, c * p * q + fa) : acc_t<T>(fa / q == fa % q);
-    store<T>(W, o, a * load<T>(B, c * s * t + fb));
-  }
-}
-
-// One warp per entry of gX, its lanes striding over the other factor's entries.
-template <typename T>
-__global__ void kron_grad_kernel(View gW, View Y, View gX, bool of_a, int layout, i64 C, i64 p, i64 q, i64 s,
-                                 i64 t) {
-  using Acc = acc_t<T>;
-  const i64 nX = of_a ? p * q : s * t, nY = of_a ? s * t : p * q;
-  const i64 terms = Y.p ? nY : (p < q ? p : q);  // eye(p, q): its ones sit at fa = i * (q + 1)
-  const i64 warps = C * nX, stride = static_cast<i64>(gridDim.x) * blockDim.x / 32;
-  const int lane = threadIdx.x % 32;
-  for (i64 w = (blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x) / 32; w < warps; w += stride) {
-    const i64 c = w / nX, f = w % nX;
-    Acc sum = 0;
-    for (i64 g = lane; g < terms; g += 32) {
-      const i64 fy = Y.p ? g : g * (q + 1);
-      const Acc y = Y.p ? load<T>(Y, c * nY + fy) : Acc(1);
-      const i64 e = of_a ? w_index(layout, f, fy, q, s, t) : w_index(layout, fy, f, q, s, t);
-      sum += load<T>(gW, c * p * s * q * t + e) * y;
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) sum += __shfl_down_sync(0xffffffffu, sum, o);
-    if (lane == 0) store<T>(gX, w, sum);
-  }
-}
-
 // F = F1 @ F2 into `work` when F2 is given, else F1 itself; contiguous (C, rows, cols).
 template <typename T>
 cudaError_t factor(const void* F1, const void* F2, acc_t<T>* work, i64 C, i64 rows, i64 r, i64 cols, View* F,
@@ -93,30 +40,6 @@ cudaError_t contract_x(const void* x, View B, acc_t<T>* Z, i64 N, i64 C, i64 q, 
 }
 
 }  // namespace
-
-template <typename T>
-cudaError_t kron_build(View A, View B, View W, int layout, i64 C, i64 p, i64 q, i64 s, i64 t, cudaStream_t stream) {
-  kron_build_kernel<T><<<blocks_for(C * p * s * q * t), kThreads, 0, stream>>>(A, B, W, layout, C, p, q, s, t);
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t kron_build_grad(View gW, View Y, View gX, bool of_a, int layout, i64 C, i64 p, i64 q, i64 s, i64 t,
-                            cudaStream_t stream) {
-  const i64 warps = C * (of_a ? p * q : s * t);
-  kron_grad_kernel<T><<<blocks_for(warps * 32), kThreads, 0, stream>>>(gW, Y, gX, of_a, layout, C, p, q, s, t);
-  return cudaGetLastError();
-}
-
-template cudaError_t kron_build<float>(View, View, View, int, i64, i64, i64, i64, i64, cudaStream_t);
-template cudaError_t kron_build<__half>(View, View, View, int, i64, i64, i64, i64, i64, cudaStream_t);
-template cudaError_t kron_build<__nv_bfloat16>(View, View, View, int, i64, i64, i64, i64, i64, cudaStream_t);
-template cudaError_t kron_build<double>(View, View, View, int, i64, i64, i64, i64, i64, cudaStream_t);
-template cudaError_t kron_build_grad<float>(View, View, View, bool, int, i64, i64, i64, i64, i64, cudaStream_t);
-template cudaError_t kron_build_grad<__half>(View, View, View, bool, int, i64, i64, i64, i64, i64, cudaStream_t);
-template cudaError_t kron_build_grad<__nv_bfloat16>(View, View, View, bool, int, i64, i64, i64, i64, i64,
-                                                    cudaStream_t);
-template cudaError_t kron_build_grad<double>(View, View, View, bool, int, i64, i64, i64, i64, i64, cudaStream_t);
 
 }  // namespace tr
 

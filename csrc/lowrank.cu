@@ -6,6 +6,33 @@
 #include "common.cuh"
 
 namespace tr {
+
+template <typename T>
+cudaError_t matmul(View F1, View F2, View out, i64 C, i64 rows, i64 r, i64 cols, cudaStream_t stream) {
+  F1.b0 = rows * r, F1.mi = r, F1.ki = 1;
+  F2.b0 = r * cols, F2.ki = cols, F2.n = 1;
+  out.b0 = rows * cols, out.mi = cols, out.n = 1;
+  return gemm<T>({.batch0 = C, .M = rows, .N = cols, .K = r}, F1, F2, out, View{}, stream);
+}
+
+template <typename T>
+cudaError_t matmul_grad(View g, View F1, View F2, View gF1, View gF2, i64 C, i64 rows, i64 r, i64 cols,
+                        cudaStream_t stream) {
+  // gF1[c] = g[c] @ F2[c]^T: (rows x cols) @ (cols x r)
+  View ga = g, fb = F2, out = gF1;
+  ga.b0 = rows * cols, ga.mi = cols, ga.ki = 1;
+  fb.b0 = r * cols, fb.ki = 1, fb.n = cols;
+  out.b0 = rows * r, out.mi = r, out.n = 1;
+  TR_TRY(gemm<T>({.batch0 = C, .M = rows, .N = r, .K = cols}, ga, fb, out, View{}, stream));
+  // gF2[c] = F1[c]^T @ g[c]: (r x rows) @ (rows x cols)
+  View fa = F1, gb = g;
+  out = gF2;
+  fa.b0 = rows * r, fa.mi = 1, fa.ki = r;
+  gb.b0 = rows * cols, gb.ki = cols, gb.n = 1;
+  out.b0 = r * cols, out.mi = cols, out.n = 1;
+  return gemm<T>({.batch0 = C, .M = r, .N = cols, .K = rows}, fa, gb, out, View{}, stream);
+}
+
 namespace {
 
 // U (N, C*r) = x (N, D) @ B (C*r, D)^T.
@@ -19,6 +46,15 @@ cudaError_t bottleneck(const void* x, const void* B, acc_t<T>* U, i64 N, i64 C, 
 }
 
 }  // namespace
+
+#define TR_INSTANTIATE(T)                                                                         \
+  template cudaError_t matmul<T>(View, View, View, i64, i64, i64, i64, cudaStream_t);              \
+  template cudaError_t matmul_grad<T>(View, View, View, View, View, i64, i64, i64, i64, cudaStream_t);
+TR_INSTANTIATE(float)
+TR_INSTANTIATE(__half)
+TR_INSTANTIATE(__nv_bfloat16)
+TR_INSTANTIATE(double)
+
 }  // namespace tr
 
 using tr::i64;

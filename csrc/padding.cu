@@ -4,28 +4,6 @@
 // and the output rows past them hold just the bias.
 #include "common.cuh"
 
-namespace tr {
-namespace {
-
-// out[row * stride + j] = bias ? bias[j] : 0 for row < rows, j < cols.
-template <typename T>
-__global__ void fill_kernel(T* out, const T* bias, i64 rows, i64 cols, i64 stride) {
-  for (i64 o = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; o < rows * cols;
-       o += static_cast<i64>(gridDim.x) * blockDim.x) {
-    const i64 j = o % cols;
-    out[(o / cols) * stride + j] = bias ? bias[j] : from_acc<T>(acc_t<T>(0));
-  }
-}
-
-template <typename T> cudaError_t fill(T* out, const T* bias, i64 rows, i64 cols, i64 stride, cudaStream_t stream) {
-  if (rows * cols == 0) return cudaSuccess;
-  fill_kernel<T><<<blocks_for(rows * cols), kThreads, 0, stream>>>(out, bias, rows, cols, stride);
-  return cudaGetLastError();
-}
-
-}  // namespace
-}  // namespace tr
-
 using tr::i64;
 
 // W (C, p*s, q*t) = eye(p, q) kron B (C, s, t).

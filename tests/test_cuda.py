@@ -1,9 +1,13 @@
 """The CUDA backend (csrc/ + cuda_lib + cuda_ops).
 
-Without a GPU: every csrc/ source compiles with nvcc, warnings as errors, into a library whose
-exported symbols are exactly the plain-C entry points the Python glue calls (skipped only
-without nvcc). With a GPU: every CUDA op against its torch reference (values per dtype, odd
-shapes, empty batch, non-contiguous x, gradients, fp64 gradcheck, torch.library.opcheck).
+Build and ABI (needs nvcc only): every csrc/ source compiles with nvcc, warnings as errors,
+into a library whose exported functions are exactly the plain-C entry points the glue calls.
+
+Ops against their torch reference (values per dtype, odd shapes, empty batch, non-contiguous
+x, gradients, fp64 gradcheck, torch.library.opcheck) run twice: on a GPU with the real library
+("cuda", skipped without one), and on host tensors through a host build of the library
+("host": csrc/ entry points linked with tests/host_kernels.cpp, plain-loop versions of the
+kernels), which checks every composition (strides, workspaces, chain rules, glue) without a GPU.
 """
 import glob
 import os
@@ -31,10 +35,14 @@ gpu = pytest.mark.skipif(bool(GPU_REASON), reason=f"CUDA backend unavailable: {G
 def built_library(tmp_path_factory):
     if NVCC is None:
         pytest.skip("nvcc not found")
-    out = str(tmp_path_factory.mktemp("cuda") / cuda_lib.LIB_NAME)
-    sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu")))
     # One arch keeps this quick; setup.py builds the archs of TORCH_CUDA_ARCH_LIST.
+    return _nvcc(sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu"))),
+                 str(tmp_path_factory.mktemp("cuda") / cuda_lib.LIB_NAME))
+
+
+def _nvcc(sources, out, *extra):
     command = cuda_lib.nvcc_command(NVCC, sources, out, arch_list="8.0", werror=True)
+    command[1:1] = list(extra)
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
     return out
@@ -79,7 +87,28 @@ def test_arch_list():
         cuda_lib.gencode_flags("ampere")
 
 
-# ---- ops against the torch reference (GPU) ----------------------------------------------------------------
+# ---- ops against the torch reference -------------------------------------------------------------------
+@pytest.fixture(scope="module", params=["host", "cuda"])
+def device(request, tmp_path_factory):
+    """'cuda' (the real library on a GPU) or 'cpu' (its host build, see the module docstring)."""
+    if request.param == "cuda":
+        if GPU_REASON:
+            pytest.skip(f"CUDA backend unavailable: {GPU_REASON}")
+        yield "cuda"
+        return
+    if NVCC is None:
+        pytest.skip("nvcc not found")
+    sources = [os.path.join(ROOT, "csrc", f) for f in ("api.cu", "kron.cu", "padding.cu", "lowrank.cu")]
+    out = _nvcc(sources + [os.path.join(ROOT, "tests", "host_kernels.cpp")],
+                str(tmp_path_factory.mktemp("host") / "libtinyrecon_host.so"), "-x", "c++", "-cudart", "none")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TINYRECON_CUDA_LIB", out)
+        cuda_lib._load.cache_clear()
+        assert cuda_lib.load_error() == ""
+        yield "cpu"
+    cuda_lib._load.cache_clear()
+
+
 def _compare(op, ref, args, dtype, transpose_x=False):
     """``op`` vs ``ref`` on the same dtype-rounded values (reference in fp64): output and every gradient.
 
@@ -109,14 +138,14 @@ def _compare(op, ref, args, dtype, transpose_x=False):
         assert_close(leaf.grad, ref_leaf.grad, dtype)
 
 
-def _randn(*shape):
-    return torch.randn(*shape, dtype=torch.float64, device="cuda")
-
-
-def _factors(C, p, q, rA, s, t, rB):
-    A = (_randn(C, p, rA), _randn(C, rA, q)) if rA else (_randn(C, p, q), None)
-    B = (_randn(C, s, rB), _randn(C, rB, t)) if rB else (_randn(C, s, t), None)
+def _factors(randn, C, p, q, rA, s, t, rB):
+    A = (randn(C, p, rA), randn(C, rA, q)) if rA else (randn(C, p, q), None)
+    B = (randn(C, s, rB), randn(C, rB, t)) if rB else (randn(C, s, t), None)
     return (*A, *B)
+
+
+def _randn_on(device):
+    return lambda *shape: torch.randn(*shape, dtype=torch.float64, device=device)
 
 
 # C, p, q, rA, s, t, rB: hm, lphm, dual_lphm; sizes not multiples of 16 or 64, some past one 64-tile.
@@ -124,121 +153,125 @@ KRON = [(1, 3, 5, 0, 7, 3, 0), (2, 5, 3, 0, 3, 67, 2), (2, 2, 3, 2, 3, 5, 2), (3
 BATCH = [0, 5, 70]
 
 
-@gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dims", KRON)
 @pytest.mark.parametrize("N", BATCH)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_kron_apply(dtype, dims, N, with_bias):
+def test_kron_apply(device, dtype, dims, N, with_bias):
     from tinyrecon import cuda_ops
+    randn = _randn_on(device)
     C, p, q, rA, s, t, rB = dims
-    bias = _randn(p * s) if with_bias else None
-    args = (_randn(N, q * t), *_factors(*dims), bias, "kron")
+    bias = randn(p * s) if with_bias else None
+    args = (randn(N, q * t), *_factors(randn, *dims), bias, "kron")
     _compare(cuda_ops.kron_apply, kron_ref.kron_apply, args, dtype, transpose_x=N == 70)
 
 
-@gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dims", KRON)
 @pytest.mark.parametrize("layout", ["kron", "tinybig"])
-def test_kron_build(dtype, dims, layout):
+def test_kron_build(device, dtype, dims, layout):
     from tinyrecon import cuda_ops
-    _compare(cuda_ops.kron_build, kron_ref.kron_build, (*_factors(*dims), layout), dtype)
+    _compare(cuda_ops.kron_build, kron_ref.kron_build, (*_factors(_randn_on(device), *dims), layout), dtype)
 
 
-@gpu
-def test_kron_apply_tinybig_layout_runs_the_reference():
+def test_kron_apply_tinybig_layout_runs_the_reference(device):
     from tinyrecon import cuda_ops
-    args = (_randn(4, 12), *_factors(1, 2, 3, 0, 3, 4, 0), None, "tinybig")
+    randn = _randn_on(device)
+    args = (randn(4, 12), *_factors(randn, 1, 2, 3, 0, 3, 4, 0), None, "tinybig")
     torch.testing.assert_close(cuda_ops.kron_apply(*args), kron_ref.kron_apply(*args))
 
 
-# N, C, p, q, s, t: p < q, p > q, p = q past a 64-tile
+# C, p, q, s, t: p < q, p > q, p = q with s past a 64-tile
 BLOCK = [(1, 2, 3, 4, 5), (2, 3, 2, 5, 3), (2, 3, 3, 66, 2)]
 
 
-@gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dims", BLOCK)
 @pytest.mark.parametrize("N", BATCH)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_block_diag_apply(dtype, dims, N, with_bias):
+def test_block_diag_apply(device, dtype, dims, N, with_bias):
     from tinyrecon import cuda_ops
+    randn = _randn_on(device)
     C, p, q, s, t = dims
-    args = (_randn(N, q * t), _randn(C, s, t), p, q, _randn(p * s) if with_bias else None)
+    args = (randn(N, q * t), randn(C, s, t), p, q, randn(p * s) if with_bias else None)
     _compare(cuda_ops.block_diag_apply, padding_ref.block_diag_apply, args, dtype, transpose_x=N == 70)
 
 
-@gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dims", BLOCK)
-def test_block_diag_build(dtype, dims):
+def test_block_diag_build(device, dtype, dims):
     from tinyrecon import cuda_ops
     C, p, q, s, t = dims
-    _compare(cuda_ops.block_diag_build, padding_ref.block_diag_build, (_randn(C, s, t), p, q), dtype)
+    _compare(cuda_ops.block_diag_build, padding_ref.block_diag_build, (_randn_on(device)(C, s, t), p, q), dtype)
 
 
 # C, n, r, D
 LOWRANK = [(1, 7, 2, 9), (3, 65, 3, 130), (2, 3, 1, 4)]
 
 
-@gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dims", LOWRANK)
 @pytest.mark.parametrize("N", BATCH)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_lowrank_apply(dtype, dims, N, with_bias):
+def test_lowrank_apply(device, dtype, dims, N, with_bias):
     from tinyrecon import cuda_ops
+    randn = _randn_on(device)
     C, n, r, D = dims
-    args = (_randn(N, D), _randn(C, n, r), _randn(C, r, D), _randn(n) if with_bias else None)
+    args = (randn(N, D), randn(C, n, r), randn(C, r, D), randn(n) if with_bias else None)
     _compare(cuda_ops.lowrank_apply, lowrank_ref.lowrank_apply, args, dtype, transpose_x=N == 70)
 
 
-@gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dims", LOWRANK)
-def test_lowrank_build(dtype, dims):
+def test_lowrank_build(device, dtype, dims):
     from tinyrecon import cuda_ops
+    randn = _randn_on(device)
     C, n, r, D = dims
-    _compare(cuda_ops.lowrank_build, lowrank_ref.lowrank_build, (_randn(C, n, r), _randn(C, r, D)), dtype)
+    _compare(cuda_ops.lowrank_build, lowrank_ref.lowrank_build, (randn(C, n, r), randn(C, r, D)), dtype)
 
 
-def _small_cases():
-    x = _randn(3, 6)
+def _small_cases(device):
+    randn = _randn_on(device)
+    x = randn(3, 6)
     return {
-        "kron_build": (*_factors(2, 2, 3, 2, 3, 2, 1), "kron"),
-        "kron_apply": (x, *_factors(2, 2, 3, 2, 3, 2, 1), _randn(6), "kron"),
-        "block_diag_build": (_randn(2, 2, 3), 3, 2),
-        "block_diag_apply": (x, _randn(2, 2, 3), 3, 2, _randn(6)),
-        "lowrank_build": (_randn(2, 4, 2), _randn(2, 2, 6)),
-        "lowrank_apply": (x, _randn(2, 4, 2), _randn(2, 2, 6), _randn(4)),
+        "kron_build": (*_factors(randn, 2, 2, 3, 2, 3, 2, 1), "kron"),
+        "kron_apply": (x, *_factors(randn, 2, 2, 3, 2, 3, 2, 1), randn(6), "kron"),
+        "block_diag_build": (randn(2, 2, 3), 3, 2),
+        "block_diag_apply": (x, randn(2, 2, 3), 3, 2, randn(6)),
+        "lowrank_build": (randn(2, 4, 2), randn(2, 2, 6)),
+        "lowrank_apply": (x, randn(2, 4, 2), randn(2, 2, 6), randn(4)),
     }
 
 
-@gpu
-@pytest.mark.parametrize("op", ["kron_build", "kron_apply", "block_diag_build", "block_diag_apply",
-                                "lowrank_build", "lowrank_apply"])
-def test_gradcheck_fp64(op):
+OPS = ["kron_build", "kron_apply", "block_diag_build", "block_diag_apply", "lowrank_build", "lowrank_apply"]
+
+
+def _requiring_grad(args):
+    return [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_gradcheck_fp64(device, op):
     from tinyrecon import cuda_ops
-    args = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in _small_cases()[op]]
-    assert torch.autograd.gradcheck(getattr(cuda_ops, op), args)
+    assert torch.autograd.gradcheck(getattr(cuda_ops, op), _requiring_grad(_small_cases(device)[op]))
 
 
-@gpu
-@pytest.mark.parametrize("op", ["kron_build", "block_diag_build", "block_diag_apply", "lowrank_build",
-                                "lowrank_apply"])
-def test_opcheck(op):
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck(device, op):
     """Schema, fake (meta) kernels and autograd registration agree with the real kernels."""
     from tinyrecon import cuda_ops
-    args = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in _small_cases()[op]]
+    args = _requiring_grad(_small_cases(device)[op])
+    if op == "kron_apply":   # the custom op under the layout switch
+        op, args = "_kron_apply", args[:-1]
     torch.library.opcheck(getattr(cuda_ops, op), args)
 
 
-@gpu
-def test_opcheck_kron_apply_kernel():
-    from tinyrecon import cuda_ops
-    args = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in _small_cases()["kron_apply"][:-1]]
-    torch.library.opcheck(cuda_ops._kron_apply, args)
+def test_errors_carry_the_library_message(device):
+    A = torch.randn(1, 2, 2, device=device)
+    stream = torch.cuda.current_stream().cuda_stream if device == "cuda" else None
+    with pytest.raises(cuda_lib.CudaError, match="unsupported dtype code"):
+        cuda_lib.call("tinyrecon_lowrank_build", A.device.index or 0, stream, 99, A.data_ptr(), A.data_ptr(),
+                      A.data_ptr(), 1, 2, 2, 2)
 
 
 @gpu
@@ -253,12 +286,3 @@ def test_public_api_on_the_cuda_backend(make):
     x = torch.randn(4, 5, D, device="cuda")
     assert_close(rec.apply(x, w, n=n, backend="cuda"), rec.apply(x, w, n=n, backend="torch"))
     assert_close(rec(n, D, w, backend="cuda"), rec(n, D, w, backend="torch"))
-
-
-@gpu
-def test_errors_carry_the_library_message():
-    A = torch.randn(1, 2, 2, device="cuda")
-    stream = torch.cuda.current_stream().cuda_stream
-    with pytest.raises(cuda_lib.CudaError, match="unsupported dtype code"):
-        cuda_lib.call("tinyrecon_lowrank_build", A.device.index, stream, 99, A.data_ptr(), A.data_ptr(),
-                      A.data_ptr(), 1, 2, 2, 2)
