@@ -83,7 +83,7 @@ class Mode:
 
 
 QUICK = Mode(budget_s=0.1, min_reps=3, max_reps=10, max_call_s=5.0, max_random=1 << 20)
-FULL = Mode(budget_s=1.5, min_reps=5, max_reps=50, max_call_s=10.0, max_random=1 << 26)
+FULL = Mode(budget_s=1.5, min_reps=5, max_reps=50, max_call_s=10.0, max_random=1 << 25)
 
 
 @dataclass(frozen=True)
@@ -409,8 +409,15 @@ def device_tag(device: torch.device) -> str:
     return f"{device.type}-{os.cpu_count()}core"
 
 
-def metadata(device: torch.device, dtype: torch.dtype, quick: bool, copy_gbps: float | None) -> dict:
+def load_average() -> float | None:
+    """1-minute load average (other processes slow the timings down), where the OS tells it."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def metadata(device: torch.device, dtype: torch.dtype, quick: bool, copy_gbps: float | None,
+             load=(None, None)) -> dict:
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "load_avg": list(load),
             "device": device_name(device), "device_type": device.type, "cpu": cpu_name(),
             "dtype": str(dtype).replace("torch.", ""), "mode": "quick" if quick else "full",
             "copy_gbps": copy_gbps, "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
@@ -425,10 +432,9 @@ def run(cases, dtype=torch.float32, device=None, quick=True, progress=None) -> d
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mode = QUICK if quick else FULL
     copy_gbps = copy_bandwidth(device) if device.type == "cuda" else None
-    results = []
-    for case in (progress(cases) if progress else cases):
-        results.append(run_case(case, dtype, device, mode, copy_gbps))
-    return {"meta": metadata(device, dtype, quick, copy_gbps), "results": results}
+    load = load_average()
+    results = [run_case(case, dtype, device, mode, copy_gbps) for case in (progress(cases) if progress else cases)]
+    return {"meta": metadata(device, dtype, quick, copy_gbps, (load, load_average())), "results": results}
 
 
 # ---- reporting ---------------------------------------------------------------------------------
@@ -472,8 +478,10 @@ def table(data: dict, markdown: bool = False) -> str:
 
 def header(meta: dict) -> str:
     interp = " | Triton interpreter: its timings mean nothing" if meta.get("triton_interpret") else ""
+    load = meta.get("load_avg") or [None]
+    busy = f" | load average {load[0]:.1f} -> {load[-1]:.1f}" if None not in load else ""
     return (f"{meta['date']} | {meta['device']} | torch {meta['torch']}, triton {meta['triton']}, "
-            f"tinyrecon {meta['tinyrecon']} | {meta['dtype']}, {meta['mode']} mode{interp}")
+            f"tinyrecon {meta['tinyrecon']} | {meta['dtype']}, {meta['mode']} mode{busy}{interp}")
 
 
 def plot(data: dict, path) -> None:
