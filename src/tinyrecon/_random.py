@@ -79,10 +79,12 @@ _CACHE_ELEMENTS = 1 << 22
 _CACHE_ENTRIES = 16
 
 
-def _values(seed: int, start: int, numel: int, device, kind: str) -> torch.Tensor:
-    if numel > _CACHE_ELEMENTS or torch.compiler.is_compiling():
+# One opaque op, so torch.compile neither traces the 10 Philox rounds nor breaks the graph.
+@torch.library.custom_op("tinyrecon::philox_values", mutates_args=())
+def _values(seed: int, start: int, numel: int, device: torch.device, kind: str) -> torch.Tensor:
+    if numel > _CACHE_ELEMENTS:
         return _fill(seed, start, numel, device, kind)
-    key = (seed, start, numel, torch.device(device or "cpu"), kind)
+    key = (seed, start, numel, device, kind)
     if key not in _CACHE:
         _CACHE[key] = _fill(seed, start, numel, device, kind)
         if len(_CACHE) > _CACHE_ENTRIES:
@@ -91,10 +93,15 @@ def _values(seed: int, start: int, numel: int, device, kind: str) -> torch.Tenso
     return _CACHE[key].clone()   # callers own their copy
 
 
+@_values.register_fake
+def _(seed, start, numel, device, kind):
+    return torch.empty(numel, dtype=torch.float32, device=device)
+
+
 def rand(seed: int, shape, device=None, dtype=torch.float32, start: int = 0) -> torch.Tensor:
     """U[0, 1) values equal to ``tl.rand(seed, start + arange(numel)).reshape(shape)``."""
     shape = tuple(shape)
-    return _values(seed, start, _numel(shape), device, "rand").reshape(shape).to(dtype)
+    return _values(seed, start, _numel(shape), torch.device(device or "cpu"), "rand").reshape(shape).to(dtype)
 
 
 def randn(seed: int, shape, device=None, dtype=torch.float32, start: int = 0) -> torch.Tensor:
@@ -103,7 +110,7 @@ def randn(seed: int, shape, device=None, dtype=torch.float32, start: int = 0) ->
     ``start`` selects rows of a larger matrix, so it can be generated in slices.
     """
     shape = tuple(shape)
-    return _values(seed, start, _numel(shape), device, "randn").reshape(shape).to(dtype)
+    return _values(seed, start, _numel(shape), torch.device(device or "cpu"), "randn").reshape(shape).to(dtype)
 
 
 def derive_seed(seed: int, stream: int) -> int:

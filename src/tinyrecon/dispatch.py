@@ -13,8 +13,6 @@ import contextlib
 import importlib
 import os
 import threading
-from functools import lru_cache
-
 BACKENDS = ("torch", "triton", "cuda")
 
 # device type -> backends tried by "auto", best first. Per-op exceptions for CUDA
@@ -58,11 +56,17 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@lru_cache(maxsize=None)
+_STATUS = {"torch": ""}   # backend -> '' or why its library does not load; a plain dict so dynamo reads it
+
+
 def _library_status(backend: str) -> str:
+    if backend not in _STATUS:
+        _STATUS[backend] = _load_library(backend)
+    return _STATUS[backend]
+
+
+def _load_library(backend: str) -> str:
     """'' when the backend's library loads, else the reason it does not."""
-    if backend == "torch":
-        return ""
     if backend == "triton":
         try:
             import triton  # noqa: F401
