@@ -3,7 +3,7 @@
 ``W = M * w`` with ``M[i, j] = tl.rand(seed, i*D + j) < p`` (int64 counters, the comparison in
 fp32, as the torch reference). Every kernel regenerates the mask of the tile it touches, so no
 ``n x D`` mask exists anywhere, in the forward or the backward; dropped entries of w are not
-even loaded.
+loaded (masked off).
 
     apply:   y  = x @ (M*w)^T + bias
     grad x:  dx = sum_c dy_c @ (M*w_c)        (one launch, channels summed in the program)
@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from ._common import autotune
-from .padding import _acc, _dot, _precision
+from .lowrank import acc_type
+from .padding import _dot, _precision
 
 _MM_CONFIGS = [triton.Config({"BM": 16, "BR": 16, "BK": 16}, num_warps=1)] + [
     triton.Config({"BM": bm, "BR": br, "BK": bk}, num_warps=w, num_stages=st)
@@ -105,7 +106,7 @@ def _grad_w(DY, s_dc, s_dm, s_dn, X, s_xm, s_xd, GW, N, n, D, seed, p,
 
 
 def _flags(dtype):
-    return dict(ACC=_acc(dtype), DOT=_dot(dtype), PREC=_precision(dtype))
+    return dict(ACC=acc_type(dtype), DOT=_dot(dtype), PREC=_precision(dtype))
 
 
 # ---- custom ops --------------------------------------------------------------------------------

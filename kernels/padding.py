@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, autotune
+from .lowrank import acc_type
 
 # Under the interpreter only the first config runs: small tiles, so tests cross tile edges.
 _MM_CONFIGS = [triton.Config({"BM": 16, "BR": 16, "BK": 16}, num_warps=1)] + [
@@ -39,17 +40,13 @@ _BUILD_CONFIGS = [triton.Config({"BI": 16, "BJ": 32}, num_warps=1)] + [
 _KRON, _TINYBIG, _DIAG = 0, 1, 2
 
 
-def _acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+_TL = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def _dot(dtype):
     """Dtype of tl.dot operands: the input's, but fp32 for bf16 under the interpreter, whose bf16 dot
     is wrong (Triton 3.8); bf16 products are exact in fp32, so the result is what a GPU computes."""
     return tl.float32 if INTERPRET and dtype == torch.bfloat16 else _TL[dtype]
-
-
-_TL = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def _precision(dtype):
@@ -161,7 +158,7 @@ def _launch_mm(inp, in_channel_stride, M, mk_mr, bias, C_out, channels, rows, G,
         grid = lambda a: (triton.cdiv(rows, a["BM"]), triton.cdiv(R, a["BR"]), C_out)  # noqa: E731
         _blocked_mm[grid](inp, in_channel_stride, inp.stride(-2), inp.stride(-1), M, M.stride(0), *mk_mr,
                           bias, out, out.stride(0), out.stride(1), rows, G, K, R, in_blocks, in_valid,
-                          out_blocks, channels, HAS_BIAS=bias is not None, ACC=_acc(inp.dtype),
+                          out_blocks, channels, HAS_BIAS=bias is not None, ACC=acc_type(inp.dtype),
                           DOT=_dot(inp.dtype), PREC=_precision(inp.dtype))
     return out
 
@@ -169,18 +166,24 @@ def _launch_mm(inp, in_channel_stride, M, mk_mr, bias, C_out, channels, rows, G,
 def _forward(x, B, p, q, bias, diag):
     C, s, t = B.shape
     N = x.shape[0]
+    common = dict(C_out=C, channels=1, K=t, R=s, width=p * s)   # M[c, k, r] = B[c, r, k]
     if diag:   # one GEMM row per (batch row, output block); input block i1 exists for i1 < q
-        return _launch_mm(x, 0, B, (B.stride(2), B.stride(1)), bias, C, 1, N * p, p, t, s, 1, q, 1, p * s)
-    return _launch_mm(x, 0, B, (B.stride(2), B.stride(1)), bias, C, 1, N, 1, t, s, q, 1, p, p * s)
+        return _launch_mm(x, 0, B, (B.stride(2), B.stride(1)), bias, rows=N * p, G=p,
+                          in_blocks=1, in_valid=q, out_blocks=1, **common)
+    return _launch_mm(x, 0, B, (B.stride(2), B.stride(1)), bias, rows=N, G=1,
+                      in_blocks=q, in_valid=1, out_blocks=p, **common)
 
 
 def _grad_x(dy, B, p, q, diag):
     C, s, t = B.shape
     N = dy.shape[1]
+    common = dict(C_out=1, channels=C, K=s, R=t, width=q * t)   # M[c, k, r] = B[c, k, r]
     if diag:
-        gx = _launch_mm(dy, dy.stride(0), B, (B.stride(1), B.stride(2)), None, 1, C, N * q, q, s, t, 1, p, 1, q * t)
+        gx = _launch_mm(dy, dy.stride(0), B, (B.stride(1), B.stride(2)), None, rows=N * q, G=q,
+                        in_blocks=1, in_valid=p, out_blocks=1, **common)
     else:
-        gx = _launch_mm(dy, dy.stride(0), B, (B.stride(1), B.stride(2)), None, 1, C, N, 1, s, t, p, 1, q, q * t)
+        gx = _launch_mm(dy, dy.stride(0), B, (B.stride(1), B.stride(2)), None, rows=N, G=1,
+                        in_blocks=p, in_valid=1, out_blocks=q, **common)
     return gx[0]
 
 
@@ -195,7 +198,7 @@ def _grad_B(dy, x, p, q, diag):
         rows, G, dy_blocks, x_blocks = N, 1, p, q
     grid = lambda a: (triton.cdiv(s, a["BS"]), triton.cdiv(t, a["BT"]), C)  # noqa: E731
     _blocked_mm_grad[grid](dy, dy.stride(0), dy.stride(1), dy.stride(2), x, x.stride(0), x.stride(1), gB,
-                           rows, G, s, t, dy_blocks, x_blocks, ACC=_acc(x.dtype), DOT=_dot(x.dtype),
+                           rows, G, s, t, dy_blocks, x_blocks, ACC=acc_type(x.dtype), DOT=_dot(x.dtype),
                            PREC=_precision(x.dtype))
     return gB
 
