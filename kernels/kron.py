@@ -156,16 +156,19 @@ def _kron_grad(DY, sdc, sdm, sd1, sd2, X, sxm, sx1, sx2, F, sfc, sf1, sf2, G, M,
         m = m0 + tl.arange(0, BM).to(tl.int64)
         m_ok = m < M
         dyc = DY + c * sdc + m[None, :, None] * sdm + i2[None, None, :] * sd2
+        fj = F + c * sfc                                   # column j1 of F_c,
+        xj = X + m[:, None] * sxm + j2[None, :] * sx2      # and of X: pointers advance (64-bit) with j1
         for j1 in range(0, Q):
             g = tl.zeros((BM, BS), ACC)   # dy_c contracted with column j1 of F, for these rows
             for p0 in range(0, P, BPG):
                 i1 = p0 + tl.arange(0, BPG).to(tl.int64)
-                f = tl.load(F + c * sfc + i1 * sf1 + j1 * sf2, mask=i1 < P, other=0.0).to(ACC)
+                f = tl.load(fj + i1 * sf1, mask=i1 < P, other=0.0).to(ACC)
                 d = tl.load(dyc + i1[:, None, None] * sd1,
                             mask=(i1 < P)[:, None, None] & m_ok[None, :, None] & i2_ok[None, None, :], other=0.0)
                 g += tl.sum(f[:, None, None] * d.to(ACC), axis=0)
-            xt = tl.load(X + m[:, None] * sxm + j1 * sx1 + j2[None, :] * sx2,
-                         mask=m_ok[:, None] & j2_ok[None, :], other=0.0)
+            xt = tl.load(xj, mask=m_ok[:, None] & j2_ok[None, :], other=0.0)
+            fj += sf2
+            xj += sx1
             acc = tl.dot(tl.trans(g.to(X.dtype.element_ty).to(DOT)), xt.to(DOT), acc, input_precision=PREC)
     tl.store(G + ((split * C + c) * S + i2[:, None]) * T + j2[None, :], acc, mask=i2_ok[:, None] & j2_ok[None, :])
 
@@ -205,7 +208,8 @@ def _launch_mm(inp, A1, A2, B1, B2, bias, C_out, CH):
     M = inp.shape[1]
     out = torch.empty(C_out, M, P * S, dtype=inp.dtype, device=inp.device)
     if out.numel():
-        grid = lambda a: (triton.cdiv(M, a["BM"]), triton.cdiv(P, a["BP"]) * triton.cdiv(S, a["BS"]), C_out)  # noqa: E731
+        def grid(a):
+            return triton.cdiv(M, a["BM"]), triton.cdiv(P, a["BP"]) * triton.cdiv(S, a["BS"]), C_out
         _kron_mm[grid](inp, *inp.stride(), A1, *A1.stride(), A2, *_strides(A2), B1, *B1.stride(),
                        B2, *_strides(B2), bias, out, *out.stride(), M, P, Q, S, T, RA, RB, CH,
                        A_LR=A2 is not None, B_LR=B2 is not None, HAS_BIAS=bias is not None,

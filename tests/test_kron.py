@@ -164,11 +164,11 @@ def test_grads_match_reference(kind, layout, backend):
     torch.manual_seed(0)
     n, D, p, q, r = 34, 36, 2, 2, 3
     rec = make(kind, p, q, r, layout)
-    w = torch.randn(3, rec.calculate_l(n, D), device=DEVICE)
+    w = torch.randn(2, rec.calculate_l(n, D), device=DEVICE)
     x = torch.randn(2, 19, D, device=DEVICE)[:, ::2]
     b = torch.randn(n, device=DEVICE)
-    g = torch.randn(3, 2, 10, n, device=DEVICE)
-    for wants in ((True, True, True), (False, True, False), (True, False, False)):
+    g = torch.randn(2, 2, 10, n, device=DEVICE)
+    for wants in ((True, True, True), (False, True, False)):   # all, and w alone (no dx, no dbias)
         grads = []
         for bk in (backend, "torch"):
             ins = [t.detach().requires_grad_(need) for t, need in zip((x, w, b), wants)]
@@ -177,7 +177,7 @@ def test_grads_match_reference(kind, layout, backend):
         for got, ref in zip(*grads):
             assert_close(got, ref)
     w2 = w.detach().requires_grad_()
-    gW = torch.randn(3, n, D, device=DEVICE)
+    gW = torch.randn(2, n, D, device=DEVICE)
     got, = torch.autograd.grad(rec(w=w2, n=n, D=D, backend=backend), w2, gW)
     ref, = torch.autograd.grad(rec(w=w2, n=n, D=D, backend="torch"), w2, gW)
     assert_close(got, ref)
