@@ -14,6 +14,8 @@ Registered as ``tinyrecon::triton_masking_*`` custom ops (``torch.compile`` sees
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -132,7 +134,8 @@ def _mm(a, a_channel_stride, w, w_kr, bias, C_out, channels, K, R, trans, seed, 
 
 
 @torch.library.custom_op("tinyrecon::triton_masking_apply", mutates_args=())
-def masking_apply(x: torch.Tensor, w: torch.Tensor, seed: int, p: float, bias: torch.Tensor | None) -> torch.Tensor:
+def masking_apply(x: torch.Tensor, w: torch.Tensor, seed: int, p: float,
+                  bias: Optional[torch.Tensor]) -> torch.Tensor:
     C, n, D = w.shape
     return _mm(x, 0, w, (w.stride(2), w.stride(1)), bias, C, 1, D, n, True, seed, p)
 

@@ -19,6 +19,8 @@ The gradient of the build ops w.r.t. B is a torch reduction of dW.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -215,12 +217,14 @@ def _block_diag_build_op(B: torch.Tensor, p: int, q: int) -> torch.Tensor:
 
 
 @torch.library.custom_op("tinyrecon::triton_dup_pad_apply", mutates_args=())
-def _dup_pad_apply_op(x: torch.Tensor, B: torch.Tensor, p: int, q: int, bias: torch.Tensor | None) -> torch.Tensor:
+def _dup_pad_apply_op(x: torch.Tensor, B: torch.Tensor, p: int, q: int,
+                      bias: Optional[torch.Tensor]) -> torch.Tensor:
     return _forward(x, B, p, q, bias, diag=False)
 
 
 @torch.library.custom_op("tinyrecon::triton_block_diag_apply", mutates_args=())
-def _block_diag_apply_op(x: torch.Tensor, B: torch.Tensor, p: int, q: int, bias: torch.Tensor | None) -> torch.Tensor:
+def _block_diag_apply_op(x: torch.Tensor, B: torch.Tensor, p: int, q: int,
+                         bias: Optional[torch.Tensor]) -> torch.Tensor:
     return _forward(x, B, p, q, bias, diag=True)
 
 
