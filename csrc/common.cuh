@@ -85,13 +85,16 @@ __host__ __device__ inline i64 red_off(const View& v, i64 k, i64 Ki) { return (k
 
 // C[b, m, n] = sum_k A[b, m, k] * B[b, k, n] (+ bias[b, m, n]) for b in batch0 x batch1.
 // Mi / Ki: inner extents of the two-level row and reduction indices (0: single level).
+// splits > 1: K is cut into that many chunks whose partial sums are added into C, which must
+// then be zeroed accumulation-type scratch, without bias (see gemm_long_k).
 struct GemmShape {
-  i64 batch0 = 1, batch1 = 1, M = 0, Mi = 0, N = 0, K = 0, Ki = 0;
+  i64 batch0 = 1, batch1 = 1, M = 0, Mi = 0, N = 0, K = 0, Ki = 0, splits = 1;
 };
 
 inline GemmShape normalized(GemmShape sh) {
   if (sh.Mi <= 0) sh.Mi = sh.M > 0 ? sh.M : 1;
   if (sh.Ki <= 0) sh.Ki = sh.K > 0 ? sh.K : 1;
+  if (sh.splits < 1) sh.splits = 1;
   return sh;
 }
 
@@ -115,7 +118,16 @@ cudaError_t kron_build_grad(View gW, View Y, View gX, bool of_a, int layout, i64
 // out[row * stride + j] = bias ? bias[j] : 0 for row < rows, j < cols (rows a GEMM does not write).
 template <typename T> cudaError_t fill(T* out, const T* bias, i64 rows, i64 cols, i64 stride, cudaStream_t stream);
 
-// Defined in lowrank.cu (compositions of gemm) --------------------------------------------------------
+// out[i] = src[i] for i < count, rounded to out's type (out contiguous).
+template <typename T> cudaError_t cast(const acc_t<T>* src, View out, i64 count, cudaStream_t stream);
+
+// Compositions of the kernels shared by the families (compose.cu) ------------------------------------
+
+// gemm for a K that dwarfs the output (weight gradients, K running over the batch): K is split
+// across blocks summing into `scratch` (batch0 * M * N accumulation-type entries), rounded into
+// c once. c must be contiguous (batch0, M, N) with single-level rows; shape.batch1 must be 1.
+template <typename T>
+cudaError_t gemm_long_k(GemmShape shape, View a, View b, View c, acc_t<T>* scratch, cudaStream_t stream);
 
 // out[c] = F1[c] @ F2[c] for F1 (C, rows, r), F2 (C, r, cols), all contiguous.
 template <typename T>

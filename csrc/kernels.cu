@@ -1,59 +1,81 @@
-// Every device kernel of the library; the family files (kron.cu, padding.cu, lowrank.cu) only
-// compose them. (tests/host_kernels.cu implements the same functions on the host, so the
-// compositions are checked on machines without a GPU.)
+// Every device kernel of the library; the family files (kron.cu, padding.cu, lowrank.cu) and
+// compose.cu only compose them. (tests/host_kernels.cpp implements the same functions on the
+// host, so the compositions are checked on machines without a GPU.)
 //
-// gemm: the batched, strided GEMM every apply is built from (GemmShape and View in common.cuh).
-// A 64 x 64 output tile per block of 256 threads, each thread owning a 4 x 4 sub-tile strided
-// by 16 (so a warp reads consecutive shared-memory words and writes consecutive columns);
-// K is walked in slices of 16 staged through shared memory in the accumulation type.
+// gemm: the batched, strided GEMM every op is built from (GemmShape and View in common.cuh).
+// 256 threads per block, each owning a 4 x 4 sub-tile of the output strided by the thread grid
+// (so a warp reads consecutive shared-memory words and writes consecutive columns); K is walked
+// in slices of 16 staged through shared memory in the accumulation type. The tile is picked per
+// launch from the GEMM's N: the applies often have N = s, p or r well under 64, which get tall
+// 256 x 16 or 128 x 32 tiles instead of a mostly idle 64 x 64 one.
 #include "common.cuh"
 
 namespace tr {
 namespace {
 
-constexpr int BM = 64, BN = 64, BK = 16, TM = 4, TN = 4;
-constexpr int kGemmThreads = (BM / TM) * (BN / TN);
-static_assert(kGemmThreads == 256, "one thread per 4 x 4 sub-tile");
+constexpr int kGemmThreads = 256, BK = 16, TM = 4, TN = 4;
 
-template <typename T>
+template <typename T, int BM, int BN>
 __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(GemmShape sh, View a, View b, View c, View bias) {
   using Acc = acc_t<T>;
+  constexpr int TX = BN / TN, TY = BM / TM, A_LOADS = BM * BK / kGemmThreads, B_LOADS = BN * BK / kGemmThreads;
+  static_assert(TX * TY == kGemmThreads && A_LOADS >= 1 && B_LOADS >= 1, "tile does not fit 256 threads");
   __shared__ Acc As[BK][BM + 1];
   __shared__ Acc Bs[BK][BN + 1];
-  const int tid = threadIdx.x;
-  const int tx = tid % (BN / TN), ty = tid / (BN / TN);
+  const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
   const i64 m0 = static_cast<i64>(blockIdx.x) * BM;
   // Threads walk the operand's contiguous dimension when it has one, for coalesced loads.
   const bool a_k_fast = a.ki == 1, b_k_fast = b.n != 1;
-  const i64 batch = sh.batch0 * sh.batch1;
-  for (i64 z = blockIdx.z; z < batch; z += gridDim.z) {
-    const i64 z0 = z / sh.batch1, z1 = z % sh.batch1;
-    const i64 a_base = z0 * a.b0 + z1 * a.b1, b_base = z0 * b.b0 + z1 * b.b1;
-    for (i64 n0 = static_cast<i64>(blockIdx.y) * BN; n0 < sh.N; n0 += static_cast<i64>(gridDim.y) * BN) {
-      Acc acc[TM][TN] = {};
-      for (i64 k0 = 0; k0 < sh.K; k0 += BK) {
+  // Offsets along K: one multiply unless K is two-level (then a division per load).
+  const bool k_single = sh.Ki >= sh.K;
+  auto k_off = [&](const View& v, i64 k) { return k_single ? k * v.ki : red_off(v, k, sh.Ki); };
+  // Split K (sh.splits > 1): block z handles chunk z % splits and adds its partial sums into c.
+  const i64 chunk = (sh.K + sh.splits * BK - 1) / (sh.splits * BK) * BK;
+  const i64 jobs = sh.batch0 * sh.batch1 * sh.splits;
+  for (i64 z = blockIdx.z; z < jobs; z += gridDim.z) {
+    const i64 zb = z / sh.splits, k_begin = (z % sh.splits) * chunk;
+    const i64 k_end = k_begin + chunk < sh.K ? k_begin + chunk : sh.K;
+    const i64 z0 = zb / sh.batch1, z1 = zb % sh.batch1;
+    // This thread's A rows do not change along K or N: their offsets (-1: past M) are computed once.
+    i64 a_row[A_LOADS];
 #pragma unroll
-        for (int e = 0; e < BM * BK / kGemmThreads; ++e) {
+    for (int e = 0; e < A_LOADS; ++e) {
+      const int idx = tid + e * kGemmThreads;
+      const i64 m = m0 + (a_k_fast ? idx / BK : idx % BM);
+      a_row[e] = m < sh.M ? z0 * a.b0 + z1 * a.b1 + row_off(a, m, sh.Mi) : -1;
+    }
+    for (i64 n0 = static_cast<i64>(blockIdx.y) * BN; n0 < sh.N; n0 += static_cast<i64>(gridDim.y) * BN) {
+      i64 b_col[B_LOADS];
+#pragma unroll
+      for (int e = 0; e < B_LOADS; ++e) {
+        const int idx = tid + e * kGemmThreads;
+        const i64 n = n0 + (b_k_fast ? idx / BK : idx % BN);
+        b_col[e] = n < sh.N ? z0 * b.b0 + z1 * b.b1 + n * b.n : -1;
+      }
+      Acc acc[TM][TN] = {};
+      for (i64 k0 = k_begin; k0 < k_end; k0 += BK) {
+#pragma unroll
+        for (int e = 0; e < A_LOADS; ++e) {
           const int idx = tid + e * kGemmThreads;
           const int i = a_k_fast ? idx / BK : idx % BM, kk = a_k_fast ? idx % BK : idx / BM;
-          const i64 m = m0 + i, k = k0 + kk;
-          As[kk][i] = (m < sh.M && k < sh.K) ? load<T>(a, a_base + row_off(a, m, sh.Mi) + red_off(a, k, sh.Ki)) : Acc(0);
+          const i64 k = k0 + kk;
+          As[kk][i] = (a_row[e] >= 0 && k < k_end) ? load<T>(a, a_row[e] + k_off(a, k)) : Acc(0);
         }
 #pragma unroll
-        for (int e = 0; e < BN * BK / kGemmThreads; ++e) {
+        for (int e = 0; e < B_LOADS; ++e) {
           const int idx = tid + e * kGemmThreads;
           const int j = b_k_fast ? idx / BK : idx % BN, kk = b_k_fast ? idx % BK : idx / BN;
-          const i64 n = n0 + j, k = k0 + kk;
-          Bs[kk][j] = (n < sh.N && k < sh.K) ? load<T>(b, b_base + red_off(b, k, sh.Ki) + n * b.n) : Acc(0);
+          const i64 k = k0 + kk;
+          Bs[kk][j] = (b_col[e] >= 0 && k < k_end) ? load<T>(b, b_col[e] + k_off(b, k)) : Acc(0);
         }
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < BK; ++kk) {
           Acc ar[TM], br[TN];
 #pragma unroll
-          for (int i = 0; i < TM; ++i) ar[i] = As[kk][ty + i * (BM / TM)];
+          for (int i = 0; i < TM; ++i) ar[i] = As[kk][ty + i * TY];
 #pragma unroll
-          for (int j = 0; j < TN; ++j) br[j] = Bs[kk][tx + j * (BN / TN)];
+          for (int j = 0; j < TN; ++j) br[j] = Bs[kk][tx + j * TX];
 #pragma unroll
           for (int i = 0; i < TM; ++i)
 #pragma unroll
@@ -63,15 +85,21 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(GemmShape sh, View a
       }
 #pragma unroll
       for (int i = 0; i < TM; ++i) {
-        const i64 m = m0 + ty + i * (BM / TM);
+        const i64 m = m0 + ty + i * TY;
         if (m >= sh.M) continue;
+        const i64 c_row = z0 * c.b0 + z1 * c.b1 + row_off(c, m, sh.Mi);
+        const i64 bias_row = bias.p ? z0 * bias.b0 + z1 * bias.b1 + row_off(bias, m, sh.Mi) : 0;
 #pragma unroll
         for (int j = 0; j < TN; ++j) {
-          const i64 n = n0 + tx + j * (BN / TN);
+          const i64 n = n0 + tx + j * TX;
           if (n >= sh.N) continue;
           Acc v = acc[i][j];
-          if (bias.p) v += load<T>(bias, z0 * bias.b0 + z1 * bias.b1 + row_off(bias, m, sh.Mi) + n * bias.n);
-          store<T>(c, z0 * c.b0 + z1 * c.b1 + row_off(c, m, sh.Mi) + n * c.n, v);
+          if (sh.splits > 1) {  // c is fp32 (fp64) scratch, zeroed by the caller; no bias
+            atomicAdd(static_cast<Acc*>(c.p) + c_row + n * c.n, v);
+            continue;
+          }
+          if (bias.p) v += load<T>(bias, bias_row + n * bias.n);
+          store<T>(c, c_row + n * c.n, v);
         }
       }
     }
@@ -125,19 +153,33 @@ __global__ void fill_kernel(T* out, const T* bias, i64 rows, i64 cols, i64 strid
   }
 }
 
+template <typename T> __global__ void cast_kernel(const acc_t<T>* src, View out, i64 count) {
+  for (i64 i = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<i64>(gridDim.x) * blockDim.x)
+    store<T>(out, i, src[i]);
+}
+
 }  // namespace
+
+template <typename T, int BM, int BN>
+cudaError_t launch_gemm(const GemmShape& sh, View a, View b, View c, View bias, cudaStream_t stream) {
+  const i64 mt = (sh.M + BM - 1) / BM, nt = (sh.N + BN - 1) / BN, jobs = sh.batch0 * sh.batch1 * sh.splits;
+  if (mt > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  // grid.y and grid.z are capped at 65535; the kernel loops over what they do not cover.
+  const dim3 grid(static_cast<unsigned>(mt), static_cast<unsigned>(nt < 65535 ? nt : 65535),
+                  static_cast<unsigned>(jobs < 65535 ? jobs : 65535));
+  gemm_kernel<T, BM, BN><<<grid, kGemmThreads, 0, stream>>>(sh, a, b, c, bias);
+  return cudaGetLastError();
+}
 
 template <typename T>
 cudaError_t gemm(GemmShape shape, View a, View b, View c, View bias, cudaStream_t stream) {
   const GemmShape sh = normalized(shape);
   if (sh.batch0 * sh.batch1 == 0 || sh.M == 0 || sh.N == 0) return cudaSuccess;
-  const i64 mt = (sh.M + BM - 1) / BM, nt = (sh.N + BN - 1) / BN, batch = sh.batch0 * sh.batch1;
-  if (mt > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  // grid.y and grid.z are capped at 65535; the kernel loops over what they do not cover.
-  const dim3 grid(static_cast<unsigned>(mt), static_cast<unsigned>(nt < 65535 ? nt : 65535),
-                  static_cast<unsigned>(batch < 65535 ? batch : 65535));
-  gemm_kernel<T><<<grid, kGemmThreads, 0, stream>>>(sh, a, b, c, bias);
-  return cudaGetLastError();
+  if (sh.splits > 1 && (bias.p || !c.acc)) return cudaErrorInvalidValue;
+  if (sh.N <= 16) return launch_gemm<T, 256, 16>(sh, a, b, c, bias, stream);
+  if (sh.N <= 32) return launch_gemm<T, 128, 32>(sh, a, b, c, bias, stream);
+  return launch_gemm<T, 64, 64>(sh, a, b, c, bias, stream);
 }
 
 template <typename T>
@@ -160,11 +202,18 @@ template <typename T> cudaError_t fill(T* out, const T* bias, i64 rows, i64 cols
   return cudaGetLastError();
 }
 
+template <typename T> cudaError_t cast(const acc_t<T>* src, View out, i64 count, cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  cast_kernel<T><<<blocks_for(count), kThreads, 0, stream>>>(src, out, count);
+  return cudaGetLastError();
+}
+
 #define TR_INSTANTIATE(T)                                                                                \
   template cudaError_t gemm<T>(GemmShape, View, View, View, View, cudaStream_t);                         \
   template cudaError_t kron_build<T>(View, View, View, int, i64, i64, i64, i64, i64, cudaStream_t);      \
   template cudaError_t kron_build_grad<T>(View, View, View, bool, int, i64, i64, i64, i64, i64, cudaStream_t); \
-  template cudaError_t fill<T>(T*, const T*, i64, i64, i64, cudaStream_t);
+  template cudaError_t fill<T>(T*, const T*, i64, i64, i64, cudaStream_t);                                 \
+  template cudaError_t cast<T>(const acc_t<T>*, View, i64, cudaStream_t);
 TR_INSTANTIATE(float)
 TR_INSTANTIATE(__half)
 TR_INSTANTIATE(__nv_bfloat16)

@@ -143,6 +143,8 @@ TR_EXPORT int tinyrecon_kron_apply_bwd(int device, void* stream, int dtype, cons
     Acc* gBw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
     Acc* Z = arena.take<Acc>(N * q * C * s);
     Acc* V = arena.take<Acc>(N * q * C * s);
+    Acc* gAs = arena.take<Acc>(C * p * q);
+    Acc* gBs = arena.take<Acc>(C * s * t);
     if (work_bytes) {  // size query only
       *work_bytes = arena.used;
       return cudaSuccess;
@@ -174,7 +176,7 @@ TR_EXPORT int tinyrecon_kron_apply_bwd(int device, void* stream, int dtype, cons
       g.b0 = N * p * s, g.mi = s, g.ko = p * s, g.ki = 1;
       z.b0 = s, z.ko = q * C * s, z.ki = 1, z.n = C * s;
       out.b0 = p * q, out.mi = q, out.n = 1;
-      TR_TRY(tr::gemm<T>({.batch0 = C, .M = p, .N = q, .K = N * s, .Ki = s}, g, z, out, tr::View{}, st));
+      TR_TRY(tr::gemm_long_k<T>({.batch0 = C, .M = p, .N = q, .K = N * s, .Ki = s}, g, z, out, gAs, st));
     }
     // gB[c, i2, j2] = sum_(n, j1) V[n, j1, c, i2] X[n, j1, j2].
     {
@@ -182,7 +184,7 @@ TR_EXPORT int tinyrecon_kron_apply_bwd(int device, void* stream, int dtype, cons
       v.b0 = s, v.mi = 1, v.ki = C * s;
       a.ki = t, a.n = 1;
       out.b0 = s * t, out.mi = t, out.n = 1;
-      TR_TRY(tr::gemm<T>({.batch0 = C, .M = s, .N = t, .K = N * q}, v, a, out, tr::View{}, st));
+      TR_TRY(tr::gemm_long_k<T>({.batch0 = C, .M = s, .N = t, .K = N * q}, v, a, out, gBs, st));
     }
     TR_TRY(tr::factor_grad<T>(gA, A1, A2, gA1, gA2, C, p, rA, q, st));
     return tr::factor_grad<T>(gB, B1, B2, gB1, gB2, C, s, rB, t, st);

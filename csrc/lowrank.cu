@@ -6,33 +6,6 @@
 #include "common.cuh"
 
 namespace tr {
-
-template <typename T>
-cudaError_t matmul(View F1, View F2, View out, i64 C, i64 rows, i64 r, i64 cols, cudaStream_t stream) {
-  F1.b0 = rows * r, F1.mi = r, F1.ki = 1;
-  F2.b0 = r * cols, F2.ki = cols, F2.n = 1;
-  out.b0 = rows * cols, out.mi = cols, out.n = 1;
-  return gemm<T>({.batch0 = C, .M = rows, .N = cols, .K = r}, F1, F2, out, View{}, stream);
-}
-
-template <typename T>
-cudaError_t matmul_grad(View g, View F1, View F2, View gF1, View gF2, i64 C, i64 rows, i64 r, i64 cols,
-                        cudaStream_t stream) {
-  // gF1[c] = g[c] @ F2[c]^T: (rows x cols) @ (cols x r)
-  View ga = g, fb = F2, out = gF1;
-  ga.b0 = rows * cols, ga.mi = cols, ga.ki = 1;
-  fb.b0 = r * cols, fb.ki = 1, fb.n = cols;
-  out.b0 = rows * r, out.mi = r, out.n = 1;
-  TR_TRY(gemm<T>({.batch0 = C, .M = rows, .N = r, .K = cols}, ga, fb, out, View{}, stream));
-  // gF2[c] = F1[c]^T @ g[c]: (r x rows) @ (rows x cols)
-  View fa = F1, gb = g;
-  out = gF2;
-  fa.b0 = rows * r, fa.mi = 1, fa.ki = r;
-  gb.b0 = rows * cols, gb.ki = cols, gb.n = 1;
-  out.b0 = r * cols, out.mi = cols, out.n = 1;
-  return gemm<T>({.batch0 = C, .M = r, .N = cols, .K = rows}, fa, gb, out, View{}, stream);
-}
-
 namespace {
 
 // U (N, C*r) = x (N, D) @ B (C*r, D)^T.
@@ -46,15 +19,6 @@ cudaError_t bottleneck(const void* x, const void* B, acc_t<T>* U, i64 N, i64 C, 
 }
 
 }  // namespace
-
-#define TR_INSTANTIATE(T)                                                                         \
-  template cudaError_t matmul<T>(View, View, View, i64, i64, i64, i64, cudaStream_t);              \
-  template cudaError_t matmul_grad<T>(View, View, View, View, View, i64, i64, i64, i64, cudaStream_t);
-TR_INSTANTIATE(float)
-TR_INSTANTIATE(__half)
-TR_INSTANTIATE(__nv_bfloat16)
-TR_INSTANTIATE(double)
-
 }  // namespace tr
 
 using tr::i64;
@@ -114,6 +78,8 @@ TR_EXPORT int tinyrecon_lowrank_apply_bwd(int device, void* stream, int dtype, c
     tr::Arena arena(work);
     Acc* U = arena.take<Acc>(N * C * r);
     Acc* V = arena.take<Acc>(N * C * r);
+    Acc* gAs = arena.take<Acc>(C * n * r);
+    Acc* gBs = arena.take<Acc>(C * r * D);
     if (work_bytes) {  // size query only
       *work_bytes = arena.used;
       return cudaSuccess;
@@ -141,13 +107,13 @@ TR_EXPORT int tinyrecon_lowrank_apply_bwd(int device, void* stream, int dtype, c
       g.b0 = N * n, g.mi = 1, g.ki = n;
       u.b0 = r, u.ki = C * r, u.n = 1;
       out.b0 = n * r, out.mi = r, out.n = 1;
-      TR_TRY(tr::gemm<T>({.batch0 = C, .M = n, .N = r, .K = N}, g, u, out, tr::View{}, st));
+      TR_TRY(tr::gemm_long_k<T>({.batch0 = C, .M = n, .N = r, .K = N}, g, u, out, gAs, st));
     }
     // gB[c] (r, D) = V[:, c]^T @ x.
     tr::View v = tr::scratch(V), a = tr::tensor(x), out{.p = gB};
     v.b0 = r, v.mi = 1, v.ki = C * r;
     a.ki = D, a.n = 1;
     out.b0 = r * D, out.mi = D, out.n = 1;
-    return tr::gemm<T>({.batch0 = C, .M = r, .N = D, .K = N}, v, a, out, tr::View{}, st);
+    return tr::gemm_long_k<T>({.batch0 = C, .M = r, .N = D, .K = N}, v, a, out, gBs, st);
   });
 }

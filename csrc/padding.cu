@@ -47,11 +47,17 @@ TR_EXPORT int tinyrecon_block_diag_apply(int device, void* stream, int dtype, co
 
 // Gradients of block_diag_apply with respect to x and B (the bias's is gy's sum).
 TR_EXPORT int tinyrecon_block_diag_apply_bwd(int device, void* stream, int dtype, const void* x, const void* B,
-                                             const void* gy, void* gx, void* gB, i64 N, i64 C, i64 p, i64 q, i64 s,
-                                             i64 t) {
+                                             const void* gy, void* gx, void* gB, void* work, i64* work_bytes, i64 N,
+                                             i64 C, i64 p, i64 q, i64 s, i64 t) {
   return tr::run(device, dtype, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
     const auto st = static_cast<cudaStream_t>(stream);
+    tr::Arena arena(work);
+    tr::acc_t<T>* gBs = arena.take<tr::acc_t<T>>(C * s * t);
+    if (work_bytes) {  // size query only
+      *work_bytes = arena.used;
+      return cudaSuccess;
+    }
     const i64 k = p < q ? p : q;
     TR_TRY(tr::fill<T>(static_cast<T*>(gx) + k * t, nullptr, N, (q - k) * t, q * t, st));
     // gx[n, j1*t + j2] = sum_(c, i2) gy[c, n, j1*s + i2] B[c, i2, j2]: rows (n, j1).
@@ -67,6 +73,6 @@ TR_EXPORT int tinyrecon_block_diag_apply_bwd(int device, void* stream, int dtype
     g.b0 = N * p * s, g.mi = 1, g.ko = p * s, g.ki = s;
     a.ko = q * t, a.ki = t, a.n = 1;
     out.b0 = s * t, out.mi = t, out.n = 1;
-    return tr::gemm<T>({.batch0 = C, .M = s, .N = t, .K = N * k, .Ki = k}, g, a, out, tr::View{}, st);
+    return tr::gemm_long_k<T>({.batch0 = C, .M = s, .N = t, .K = N * k, .Ki = k}, g, a, out, gBs, st);
   });
 }

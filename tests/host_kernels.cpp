@@ -3,13 +3,17 @@
 // every entry point run on host memory, so the compositions (strides, workspaces, chain rules)
 // are checked against the torch reference anywhere nvcc is. Each is the plain loop that
 // specifies its kernel; the CUDA runtime calls the library makes are stubbed below.
+#include <cstring>
+
 #include "../csrc/common.cuh"
 
 namespace tr {
 
+// splits > 1 only promises that the sums are added into c: here in one go.
 template <typename T>
 cudaError_t gemm(GemmShape shape, View a, View b, View c, View bias, cudaStream_t) {
   const GemmShape sh = normalized(shape);
+  if (sh.splits > 1 && (bias.p || !c.acc)) return cudaErrorInvalidValue;
   for (i64 z0 = 0; z0 < sh.batch0; ++z0)
     for (i64 z1 = 0; z1 < sh.batch1; ++z1)
       for (i64 m = 0; m < sh.M; ++m)
@@ -18,8 +22,10 @@ cudaError_t gemm(GemmShape shape, View a, View b, View c, View bias, cudaStream_
           for (i64 k = 0; k < sh.K; ++k)
             acc += load<T>(a, z0 * a.b0 + z1 * a.b1 + row_off(a, m, sh.Mi) + red_off(a, k, sh.Ki)) *
                    load<T>(b, z0 * b.b0 + z1 * b.b1 + red_off(b, k, sh.Ki) + n * b.n);
+          const i64 off = z0 * c.b0 + z1 * c.b1 + row_off(c, m, sh.Mi) + n * c.n;
+          if (sh.splits > 1) acc += load<T>(c, off);
           if (bias.p) acc += load<T>(bias, z0 * bias.b0 + z1 * bias.b1 + row_off(bias, m, sh.Mi) + n * bias.n);
-          store<T>(c, z0 * c.b0 + z1 * c.b1 + row_off(c, m, sh.Mi) + n * c.n, acc);
+          store<T>(c, off, acc);
         }
   return cudaSuccess;
 }
@@ -59,11 +65,17 @@ template <typename T> cudaError_t fill(T* out, const T* bias, i64 rows, i64 cols
   return cudaSuccess;
 }
 
+template <typename T> cudaError_t cast(const acc_t<T>* src, View out, i64 count, cudaStream_t) {
+  for (i64 i = 0; i < count; ++i) store<T>(out, i, src[i]);
+  return cudaSuccess;
+}
+
 #define TR_INSTANTIATE(T)                                                                                    \
   template cudaError_t gemm<T>(GemmShape, View, View, View, View, cudaStream_t);                             \
   template cudaError_t kron_build<T>(View, View, View, int, i64, i64, i64, i64, i64, cudaStream_t);          \
   template cudaError_t kron_build_grad<T>(View, View, View, bool, int, i64, i64, i64, i64, i64, cudaStream_t); \
-  template cudaError_t fill<T>(T*, const T*, i64, i64, i64, cudaStream_t);
+  template cudaError_t fill<T>(T*, const T*, i64, i64, i64, cudaStream_t);                                   \
+  template cudaError_t cast<T>(const acc_t<T>*, View, i64, cudaStream_t);
 TR_INSTANTIATE(float)
 TR_INSTANTIATE(__half)
 TR_INSTANTIATE(__nv_bfloat16)
@@ -76,6 +88,10 @@ cudaError_t CUDARTAPI cudaSetDevice(int) { return cudaSuccess; }
 cudaError_t CUDARTAPI cudaGetLastError() { return cudaSuccess; }
 cudaError_t CUDARTAPI cudaGetDeviceCount(int* count) {
   *count = 1;
+  return cudaSuccess;
+}
+cudaError_t CUDARTAPI cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) {
+  std::memset(p, value, bytes);
   return cudaSuccess;
 }
 const char* CUDARTAPI cudaGetErrorName(cudaError_t) { return "cudaErrorUnknown"; }

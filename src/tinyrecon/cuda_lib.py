@@ -32,7 +32,7 @@ ENTRY_POINTS = {
     "tinyrecon_block_diag_build": _HEAD + [_P] * 2 + [_I64] * 5,
     "tinyrecon_block_diag_build_bwd": _HEAD + [_P] * 2 + [_I64] * 5,
     "tinyrecon_block_diag_apply": _HEAD + [_P] * 4 + [_I64] * 6,
-    "tinyrecon_block_diag_apply_bwd": _HEAD + [_P] * 5 + [_I64] * 6,
+    "tinyrecon_block_diag_apply_bwd": _HEAD + [_P] * 5 + _WORK + [_I64] * 6,
     "tinyrecon_lowrank_build": _HEAD + [_P] * 3 + [_I64] * 4,
     "tinyrecon_lowrank_build_bwd": _HEAD + [_P] * 5 + [_I64] * 4,
     "tinyrecon_lowrank_apply": _HEAD + [_P] * 5 + _WORK + [_I64] * 5,

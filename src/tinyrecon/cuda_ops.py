@@ -237,7 +237,7 @@ def _block_diag_apply_bwd(gy: Tensor, x: Tensor, B: Tensor, p: int, q: int) -> l
     gy, x, B = map(_c, (gy, x, B))
     gx, gB = _empty(x), _empty(B)
     _launch("tinyrecon_block_diag_apply_bwd", x, list(map(_ptr, (x, B, gy, gx, gB))),
-            [x.shape[0], *_block_dims(B, p, q)])
+            [x.shape[0], *_block_dims(B, p, q)], workspace=True)
     return [gx, gB]
 
 
