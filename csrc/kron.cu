@@ -2,8 +2,10 @@
 //
 // A = A1 @ A2 when A2 is given, else A1 (likewise B); a product factor is formed once per call
 // in fp32 workspace (it is tiny: C x p x q). kron_apply never builds W:
-//   Z[n, j1, c, i2] = sum_j2 X[n, j1, j2] B[c, i2, j2]     one GEMM over all of x
-//   y[c, n, i1, i2] = sum_j1 A[c, i1, j1] Z[n, j1, c, i2]  one GEMM per channel, rows (n, i2)
+//   Z[n, j1, c, i2] = sum_j2 X[n, j1, j2] B[c, i2, j2]     one GEMM over all of x and all channels
+//   y[c, n, i1, i2] = sum_j1 A[c, i1, j1] Z[n, j1, c, i2]  one GEMM batched over channels, rows (n, i2)
+// with Z (N x q x C x s, usually far smaller than x) in fp32 workspace; the backward is four
+// GEMMs of the same kind, the weight gradients split along their long (batch) reduction.
 // kron_apply supports layout "kron"; the Python glue routes "tinybig" to the torch reference.
 #include "common.cuh"
 
