@@ -79,7 +79,7 @@ def _kron_build(A1, sa1c, sa1i, sa1k, A2, sa2c, sa2k, sa2j, B1, sb1c, sb1i, sb1k
 @autotune(_MM_CONFIGS, key=["M", "P", "Q", "S", "T", "CH", "A_LR", "B_LR"])
 @triton.jit
 def _kron_mm(X, sxc, sxm, sxd, A1, sa1c, sa1i, sa1k, A2, sa2c, sa2k, sa2j,
-             B1, sb1c, sb1i, sb1k, B2, sb2c, sb2k, sb2j, BIAS, Y, syc, sym, syi,
+             B1, sb1c, sb1i, sb1k, B2, sb2c, sb2k, sb2j, BIAS, sbias, Y, syc, sym, syi,
              M, P, Q, S, T, RA, RB, CH, A_LR: tl.constexpr, B_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
              ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, RPA: tl.constexpr, RPB: tl.constexpr,
              BP: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr):
@@ -132,7 +132,7 @@ def _kron_mm(X, sxc, sxm, sxd, A1, sa1c, sa1i, sa1k, A2, sa2c, sa2k, sa2j,
             acc += a[:, None, None] * z[None, :, :]
     cols = i1[:, None, None] * S + i2[None, None, :]
     if HAS_BIAS:
-        acc += tl.load(BIAS + cols, mask=i1_ok[:, None, None] & i2_ok[None, None, :], other=0.0).to(ACC)
+        acc += tl.load(BIAS + cols * sbias, mask=i1_ok[:, None, None] & i2_ok[None, None, :], other=0.0).to(ACC)
     ok = i1_ok[:, None, None] & m_ok[None, :, None] & i2_ok[None, None, :]
     tl.store(Y + pid_c.to(tl.int64) * syc + m[None, :, None] * sym + cols * syi, acc.to(Y.dtype.element_ty), mask=ok)
 
@@ -211,7 +211,8 @@ def _launch_mm(inp, A1, A2, B1, B2, bias, C_out, CH):
         def grid(a):
             return triton.cdiv(M, a["BM"]), triton.cdiv(P, a["BP"]) * triton.cdiv(S, a["BS"]), C_out
         _kron_mm[grid](inp, *inp.stride(), A1, *A1.stride(), A2, *_strides(A2), B1, *B1.stride(),
-                       B2, *_strides(B2), bias, out, *out.stride(), M, P, Q, S, T, RA, RB, CH,
+                       B2, *_strides(B2), bias, 0 if bias is None else bias.stride(0), out, *out.stride(),
+                       M, P, Q, S, T, RA, RB, CH,
                        A_LR=A2 is not None, B_LR=B2 is not None, HAS_BIAS=bias is not None,
                        ACC=acc_type(inp.dtype), DOT=_dot(inp.dtype), PREC=_precision(inp.dtype),
                        RPA=rank_block(RA), RPB=rank_block(RB))

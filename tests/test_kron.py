@@ -124,7 +124,7 @@ def test_apply_layouts_of_x_and_channels(kind, layout, backend):
     n, D, p, q, r = 15, 14, 3, 2, 2
     rec = make(kind, p, q, r, layout)
     w = torch.randn(3, rec.calculate_l(n, D), dtype=torch.float64, device=DEVICE)
-    b = torch.randn(n, dtype=torch.float64, device=DEVICE)
+    b = torch.randn(2 * n, dtype=torch.float64, device=DEVICE)[::2]   # strided too
     xs = {
         "strided": torch.randn(5, 2 * D, dtype=torch.float64, device=DEVICE)[:, ::2],
         "transposed": torch.randn(D, 5, dtype=torch.float64, device=DEVICE).T,
