@@ -49,7 +49,9 @@ class BuildCuda(build_ext):
         os.makedirs(os.path.dirname(output), exist_ok=True)
         command = _cuda_lib().nvcc_command(self.nvcc, [os.path.join(ROOT, s) for s in ext.sources], output)
         print("tinyrecon: " + " ".join(command))
-        subprocess.run(command, check=True)
+        if subprocess.run(command).returncode:
+            raise SystemExit("tinyrecon: nvcc failed to build the CUDA library (see above); "
+                             "TINYRECON_BUILD_CUDA=0 installs without the CUDA backend")
 
 
 setup(
