@@ -25,9 +25,11 @@ _BLOCK = 32 if INTERPRET else 1024       # build: elements of W per program
 _BM = 16 if INTERPRET else 64            # apply: rows of x per step
 
 
-def _tile(size: int) -> int:
-    """Tile edge for n or D: a power of two in [16, 64] (16 under the interpreter)."""
-    return 16 if INTERPRET else min(64, max(16, triton.next_power_of_2(size)))
+def _tile(size: int, dtype: torch.dtype) -> int:
+    """Tile edge for n or D: a power of two in [16, 64], 32 at most for fp64 (shared memory), 16 under
+    the interpreter."""
+    top = 32 if dtype == torch.float64 else 64
+    return 16 if INTERPRET else min(top, max(16, triton.next_power_of_2(size)))
 
 
 def _row_chunks(N: int, tiles: int, device: torch.device) -> int:
@@ -170,10 +172,10 @@ def _inner(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _grid(N, n, D, C, device):
-    BN, BK = _tile(n), _tile(D)
+def _grid(N, n, D, C, x):
+    BN, BK = _tile(n, x.dtype), _tile(D, x.dtype)
     tiles = triton.cdiv(n, BN) * triton.cdiv(D, BK)
-    return (tiles, _row_chunks(N, tiles * C, device), C), dict(BM=_BM, BN=BN, BK=BK)
+    return (tiles, _row_chunks(N, tiles * C, x.device), C), dict(BM=_BM, BN=BN, BK=BK)
 
 
 @torch.library.custom_op("tinyrecon::triton_random_linear_apply", mutates_args=())
@@ -184,7 +186,7 @@ def random_linear_apply(x: torch.Tensor, v: torch.Tensor, seed_m: int, seed_c: O
     N, D = x.shape
     y = torch.zeros(C, N, n, dtype=_inner(x.dtype), device=x.device)
     if y.numel():
-        grid, blocks = _grid(N, n, D, C, x.device)
+        grid, blocks = _grid(N, n, D, C, x)
         _apply_kernel[grid](x, v, y, N, D, n, k, seed_m, seed_c or 0, *x.stride(), *v.stride(),
                             HAS_M0=seed_c is not None, ACC=acc_type(x.dtype), **blocks)
     if bias is not None:
@@ -206,7 +208,7 @@ def random_linear_apply_backward(dy: torch.Tensor, x: torch.Tensor, v: torch.Ten
     n = dy.shape[2]
     f = _inner(x.dtype)
     dx = torch.zeros((N, D) if need_x else (0,), dtype=f, device=x.device)
-    grid, blocks = _grid(N, n, D, C, x.device)
+    grid, blocks = _grid(N, n, D, C, x)
     part = torch.zeros(C, grid[1], grid[0], k, dtype=f, device=x.device)
     if N:
         _apply_grad_kernel[grid](x, v, dy, dx, part, N, D, n, k, seed_m, seed_c or 0, *x.stride(), *v.stride(),

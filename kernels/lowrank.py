@@ -219,7 +219,7 @@ def _rma_build_kernel(L1, L2, W, C, n, D, r, seed_a, seed_b, sl1c, sl1i, sl2c, s
         l2 = tl.load(L2 + c * sl2c + ks * sl2k, mask=ks < r, other=0.0).to(ACC)
         l1 = tl.load(L1 + c * sl1c + rows * sl1i, mask=rows < n, other=0.0).to(ACC)
         w = tl.dot(a * l2[None, :], bt, input_precision="ieee", out_dtype=ACC) * l1[:, None]
-        tl.store(W + (c * n + rows[:, None]) * D + cols[None, :], w.to(W.dtype.element_ty),
+        tl.store(W + (tl.cast(c, tl.int64) * n + rows[:, None]) * D + cols[None, :], w.to(W.dtype.element_ty),
                  mask=(rows[:, None] < n) & (cols[None, :] < D))
 
 
@@ -287,7 +287,7 @@ def _rma_apply_kernel(X, L1, L2, Bias, Y, C, N, D, n, r, seed_a, seed_b, sxm, sx
             y = tl.dot(u * l2[None, :], at, input_precision="ieee", out_dtype=ACC) * l1[None, :]
             if HAS_BIAS:
                 y += b[None, :]
-            tl.store(Y + (c * N + rows[:, None]) * n + cols[None, :], y.to(Y.dtype.element_ty),
+            tl.store(Y + (tl.cast(c, tl.int64) * N + rows[:, None]) * n + cols[None, :], y.to(Y.dtype.element_ty),
                      mask=(rows[:, None] < N) & (cols[None, :] < n))
 
 
