@@ -266,6 +266,21 @@ def test_opcheck(device, op):
     torch.library.opcheck(getattr(cuda_ops, op), args)
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_torch_compile_fullgraph(device, op):
+    """torch.compile sees each op (and its backward) as one custom op: no graph break."""
+    from tinyrecon import cuda_ops
+    torch._dynamo.reset()
+    fn = getattr(cuda_ops, op)
+    args = _requiring_grad(_small_cases(device)[op])
+    expected = fn(*args)
+    expected_grads = torch.autograd.grad(expected.sum(), [a for a in args if isinstance(a, torch.Tensor)])
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
+    grads = torch.autograd.grad(out.sum(), [a for a in args if isinstance(a, torch.Tensor)])
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grads, expected_grads)
+
+
 def test_errors_carry_the_library_message(device):
     A = torch.randn(1, 2, 2, device=device)
     stream = torch.cuda.current_stream().cuda_stream if device == "cuda" else None
