@@ -35,7 +35,8 @@ def pytest_collect_file(file_path, parent):
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
         shapes = metafunc.config.getoption("bench_shapes")
-        cases = tb.select([metafunc.module.FAMILY], None if shapes == "all" else [shapes], quick=False)
+        functions = tb.family_functions(metafunc.module.FAMILY)
+        cases = tb.select(functions, None if shapes == "all" else [shapes], quick=False)
         metafunc.parametrize("case", cases, ids=[c.id for c in cases])
         metafunc.parametrize("impl", IMPLS)
 

@@ -57,6 +57,8 @@ def test_select_defaults_names_and_families():
                                      for f in ("hm", "lphm", "dual_lphm", "lorr")]
     assert tb.select(functions=["rma"], shapes=["small"], backends=["torch"], ops=["build"]) == \
         [tb.Case("random_matrix_adaption", "small", "build", "torch")]
+    assert tb.function_names(["hypernet"]) == ["hypernet"]                    # the function, not the family
+    assert tb.family_functions("hypernet") == ["hypernet", "random_matrix_hypernet"]
 
 
 def test_every_function_has_a_family_module_and_existing_ops():

@@ -112,25 +112,29 @@ def _pick(names, valid, what: str) -> list[str]:
     return out
 
 
+def family_functions(family: str) -> list[str]:
+    return [f for f in FUNCTIONS if FAMILY[f] == family]
+
+
 def function_names(names) -> list[str]:
-    """Short function names for names, tinyBIG class names/paths or family names (``kron``)."""
-    families = {fam: [f for f in FUNCTIONS if FAMILY[f] == fam] for fam in FAMILIES}
+    """Short function names for function names, tinyBIG class names/paths or family names
+    (``kron``); a name that is both (``hypernet``, ``masking``) means the function."""
     out = []
     for name in _split(names):
-        if name in families:
-            out += families[name]
-            continue
         try:
             out.append(registry.lookup(name).__name__[: -len(registry.SUFFIX)])
         except ValueError:
-            raise ValueError(f"unknown function {name!r}; valid: {', '.join(FUNCTIONS)} "
-                             f"or a family: {', '.join(FAMILIES)}") from None
+            if name not in FAMILIES:
+                raise ValueError(f"unknown function {name!r}; valid: {', '.join(FUNCTIONS)} "
+                                 f"or a family: {', '.join(FAMILIES)}") from None
+            out += family_functions(name)
     return list(dict.fromkeys(out))
 
 
 def select(functions=None, shapes=None, backends=None, ops=None, quick=True) -> list[Case]:
     """The cases to run; ``None`` means the default (``--quick``: small and tall shapes plus the
-    headline MNIST case; otherwise every shape). Unknown names raise ValueError listing valid ones."""
+    headline MNIST case; otherwise every shape). Unknown names raise ValueError listing valid ones.
+    ``functions`` may also be a list of short names (as :func:`function_names` returns)."""
     fs = function_names(functions) if functions else list(FUNCTIONS)
     ss = _pick(shapes, SHAPES, "shape") if shapes else list(QUICK_SHAPES if quick else SHAPES)
     bs = _pick(backends, dispatch.BACKENDS, "backend") if backends else list(dispatch.BACKENDS)
@@ -150,9 +154,9 @@ def dispatch_op(case: Case) -> str | None:
     return prefix and f"{prefix}_{'build' if case.op == 'build' else 'apply'}"
 
 
-def random_numbers(function: str, shape: Shape, rec=None) -> int:
+def random_numbers(function: str, shape: Shape) -> int:
     """Frozen random numbers one call generates with the torch reference (the cost that dominates on CPU)."""
-    rec = rec or make_function(function)
+    rec = make_function(function)
     n, D = shape.n, shape.D
     per_entry = {"masking": 1, "hypernet": getattr(rec, "hidden_dim", 0) + 1,
                  "random_matrix_hypernet": getattr(rec, "r", 0)}

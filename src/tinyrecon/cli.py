@@ -17,10 +17,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="check every case against the torch reference, then time it "
-                                     "against tinyBIG's algorithm and a dense layer")
+                                     "against tinyBIG's algorithm and a dense layer",
+                       description="Check every case against the float64 torch reference, then time it "
+                                   "interleaved with tinyBIG's algorithm (build W, F.linear) and a dense "
+                                   "nn.Linear. Exits with 1 when a case is wrong or fails.")
     b.add_argument("--functions", nargs="+", metavar="NAME",
                    help=f"function or family names (default: all): {', '.join(tb.FUNCTIONS)}; "
-                        f"families: {', '.join(tb.FAMILIES)}")
+                        f"families: {', '.join(tb.FAMILIES)} (hypernet and masking name the function)")
     b.add_argument("--shapes", nargs="+", metavar="NAME",
                    help=f"{', '.join(f'{s.name} (n={s.n}, D={s.D}, batch {s.batch})' for s in tb.SHAPES.values())}; "
                         f"default: {', '.join(tb.QUICK_SHAPES)} + dual_lphm fwdbwd on mnist with --quick, all with --full")
