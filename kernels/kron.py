@@ -26,19 +26,22 @@ from .lowrank import acc_type, rank_block
 from .padding import _dot, _precision
 
 
-def _cfg(bp, bm, bs, bt, warps, stages=3):
+def _cfg(bp, bm, bs, bt, warps, stages):
     return triton.Config({"BP": bp, "BM": bm, "BS": bs, "BT": bt}, num_warps=warps, num_stages=stages)
 
 
-# The first config is the interpreter's: small tiles, so tests cross the edges of every tile.
-_MM_CONFIGS = [_cfg(2, 16, 16, 16, 1), _cfg(4, 64, 32, 32, 4), _cfg(8, 32, 32, 32, 4), _cfg(2, 64, 64, 32, 4),
-               _cfg(4, 32, 64, 64, 4), _cfg(8, 64, 32, 32, 8), _cfg(16, 32, 32, 32, 8)]
+# The first config is the interpreter's: small tiles, so tests cross the edges of every tile. The
+# others hold the (BP, BM, BS) accumulator without register spills on sm_90 for fp16 and fp32
+# (ptxas -v on the AOT-compiled kernels; larger tiles spill).
+_MM_CONFIGS = [_cfg(2, 16, 16, 16, 1, 1)] + [
+    _cfg(bp, bm, bs, bt, w, 2) for bp, bm, bs, bt, w in [(2, 32, 32, 32, 4), (4, 32, 32, 32, 4), (8, 32, 32, 32, 4),
+                                                         (8, 16, 32, 32, 4), (2, 64, 64, 32, 8), (4, 32, 64, 32, 8)]]
 _GRAD_CONFIGS = [triton.Config({"BPG": 16, "BM": 16, "BS": 16, "BT": 16}, num_warps=1)] + [
-    triton.Config({"BPG": bp, "BM": bm, "BS": bs, "BT": bt}, num_warps=w, num_stages=3)
-    for bp, bm, bs, bt, w in [(4, 32, 32, 32, 4), (2, 64, 32, 64, 4), (4, 32, 64, 64, 4), (8, 32, 32, 32, 4),
-                              (2, 128, 64, 64, 8)]]
-_BUILD_CONFIGS = [triton.Config({"BI": 16, "BJ": 32}, num_warps=1)] + [
-    triton.Config({"BI": bi, "BJ": bj}, num_warps=4) for bi, bj in [(32, 128), (64, 64), (16, 256)]]
+    triton.Config({"BPG": bp, "BM": bm, "BS": bs, "BT": bt}, num_warps=4, num_stages=3)
+    for bp, bm, bs, bt in [(4, 32, 32, 32), (2, 64, 32, 64), (4, 32, 64, 64), (8, 32, 32, 32)]]
+_BUILD_CONFIGS = [triton.Config({"BI": 16, "BJ": 32}, num_warps=1)] + [   # 4096 elements per program spill
+    triton.Config({"BI": bi, "BJ": bj}, num_warps=w) for bi, bj, w in [(16, 128, 4), (8, 256, 4), (32, 128, 8),
+                                                                        (64, 64, 8)]]
 # Row chunks of the factor gradients: each program sums its chunks into its own partial.
 _ROWS_PER_SPLIT, _MAX_SPLIT = (16, 4) if INTERPRET else (512, 64)
 
