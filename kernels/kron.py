@@ -35,7 +35,8 @@ def _cfg(bp, bm, bs, bt, warps, stages):
 # (ptxas -v on the AOT-compiled kernels; larger tiles spill).
 _MM_CONFIGS = [_cfg(2, 16, 16, 16, 1, 1)] + [
     _cfg(bp, bm, bs, bt, w, 2) for bp, bm, bs, bt, w in [(2, 32, 32, 32, 4), (4, 32, 32, 32, 4), (8, 32, 32, 32, 4),
-                                                         (8, 16, 32, 32, 4), (2, 64, 64, 32, 8), (4, 32, 64, 32, 8)]]
+                                                         (8, 16, 32, 32, 4), (2, 64, 64, 32, 8), (4, 32, 64, 32, 8),
+                                                         (8, 64, 16, 32, 4), (16, 32, 16, 32, 4)]]   # BS=16: s <= 16
 _GRAD_CONFIGS = [triton.Config({"BPG": 16, "BM": 16, "BS": 16, "BT": 16}, num_warps=1)] + [
     triton.Config({"BPG": bp, "BM": bm, "BS": bs, "BT": bt}, num_warps=4, num_stages=3)
     for bp, bm, bs, bt in [(4, 32, 32, 32), (2, 64, 32, 64), (4, 32, 64, 64), (8, 32, 32, 32)]]
