@@ -194,3 +194,22 @@ def test_forward_device_argument():
     rec = tr.lorr_reconciliation(r=1)
     W = rec(n=6, D=12, w=torch.randn(1, 18), device="cpu")
     assert W.device.type == "cpu" and W.shape == (6, 12)
+
+
+@ALL
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_bias_and_x_on_every_backend(cls, backend):
+    from tinyrecon import dispatch
+    if dispatch.why_not(backend, None, "cpu"):
+        pytest.skip(dispatch.why_not(backend, None, "cpu"))
+    rec = make(cls, **({"seed": 3} if "seed" in cls.__init__.__code__.co_varnames else {}))
+    n, D = 6, 12
+    w = torch.randn(2, rec.calculate_l(n, D), dtype=torch.float64)
+    bias = torch.randn(2 * n, dtype=torch.float64)[::2]
+    x = torch.randn(D, 5, dtype=torch.float64).T
+    with tr.use_backend(backend):
+        y = rec.apply(x, w, n=n, bias=bias)
+    # Kernels draw frozen N(0,1) matrices in fp32 with the GPU's (here numpy's) libm: fp32 accuracy.
+    random = backend != "torch" and hasattr(rec, "seed")
+    assert_close(y, x @ rec(n=n, D=D, w=w, backend="torch").transpose(1, 2) + bias,
+                 torch.float32 if random else None)

@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import os
 import threading
+
 BACKENDS = ("torch", "triton", "cuda")
 
 # device type -> backends tried by "auto", best first. Per-op exceptions for CUDA
