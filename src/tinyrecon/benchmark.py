@@ -83,7 +83,7 @@ class Mode:
 
 
 QUICK = Mode(budget_s=0.1, min_reps=3, max_reps=10, max_call_s=5.0, max_random=1 << 20)
-FULL = Mode(budget_s=1.5, min_reps=5, max_reps=50, max_call_s=10.0, max_random=1 << 25)
+FULL = Mode(budget_s=1.5, min_reps=5, max_reps=50, max_call_s=10.0, max_random=1 << 23)
 
 
 @dataclass(frozen=True)
@@ -474,9 +474,15 @@ def table(data: dict, markdown: bool = False) -> str:
             lines.append("  ".join(str(c).ljust(wd) for c, wd in zip(row, widths)).rstrip())
     if skipped:
         lines += ["", f"skipped ({sum(map(len, skipped.values()))} cases):"]
+        ran = {}   # function -> the shapes it was asked for
+        for r in data["results"]:
+            ran.setdefault(r["function"], {})[r["shape"]] = None
         for reason, rs in skipped.items():
-            cases = ", ".join(dict.fromkeys(f"{r['function']}/{r['shape']}" for r in rs))
-            lines.append(f"{'- ' if markdown else '  '}{reason} ({len(rs)}): {cases}")
+            shapes = {}
+            for r in rs:
+                shapes.setdefault(r["function"], {})[r["shape"]] = None
+            where = ", ".join(f if list(s) == list(ran[f]) else f"{f} ({', '.join(s)})" for f, s in shapes.items())
+            lines.append(f"{'- ' if markdown else '  '}{reason} ({len(rs)} case{'s' * (len(rs) > 1)}): {where}")
     return "\n".join(lines)
 
 
