@@ -27,8 +27,9 @@ def pytest_addoption(parser):
 
 
 def pytest_collect_file(file_path, parent):
-    # bench_<family>.py are this suite's modules (pytest collects only test_*.py by default).
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    # bench_<family>.py are this suite's modules: pytest collects only test_*.py by default,
+    # except files named on the command line (those it collects itself).
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)
 
 
