@@ -80,8 +80,8 @@ def test_headline_config_is_the_mnist_rpn_layer():
 
 # ---- a run: output files and JSON schema -------------------------------------------------------
 RESULT_KEYS = {"function", "family", "shape", "op", "backend", "n", "D", "batch", "dtype", "status", "reason",
-               "ms", "ms_tinybig", "ms_dense", "x_tinybig", "x_dense", "reps", "tol_used", "gbps", "tflops",
-               "pct_copy"}
+               "ms", "ms_tinybig", "ms_dense", "x_tinybig", "x_dense", "reps", "tol_used", "tol_tinybig", "gbps",
+               "tflops", "pct_copy"}
 
 
 def test_bench_writes_table_json_markdown_and_plot(tmp_path, capsys, monkeypatch):
@@ -154,6 +154,15 @@ def test_broken_kernel_is_reported_wrong_and_not_timed(tmp_path, capsys, monkeyp
         assert r["ms"] is None and r["ms_tinybig"] is None and r["tol_used"] > 1
         assert "not timed" in r["reason"]
     assert "WRONG" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("candidate, tinybig, status", [(1.5, 1.0, "ok"), (3.0, 1.0, "wrong"), (1.5, 0.5, "wrong")])
+def test_beyond_tolerance_passes_only_if_tinybigs_algorithm_is_as_far_off(candidate, tinybig, status, monkeypatch):
+    errors = iter([candidate, tinybig])
+    monkeypatch.setattr(tb, "tolerance_used", lambda *args: next(errors))
+    r = tb.run_case(tb.Case("lorr", "small", "fwd", "torch"), torch.float32, CPU, FAST)
+    assert (r["status"], r["tol_used"], r["tol_tinybig"]) == (status, candidate, tinybig)
+    assert (r["ms"] is None) == (status == "wrong")
 
 
 def test_failing_kernel_is_an_error_result(monkeypatch):

@@ -258,6 +258,11 @@ def prepare(case: Case, dtype: torch.dtype, device: torch.device, seed: int = 0)
     return fns, reference
 
 
+def finite(v: float) -> float | None:
+    """``v``, or None for inf (a wrong shape or NaN), which JSON cannot hold."""
+    return v if math.isfinite(v) else None
+
+
 def _as_tuple(out):
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
@@ -351,18 +356,25 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, mode: Mode = 
     shape = SHAPES[case.shape]
     res = dict(asdict(case), family=FAMILY[case.function], n=shape.n, D=shape.D, batch=shape.batch,
                dtype=str(dtype).replace("torch.", ""), status="ok", reason="", ms=None, ms_tinybig=None,
-               ms_dense=None, x_tinybig=None, x_dense=None, reps=None, tol_used=None, gbps=None,
-               tflops=None, pct_copy=None)
+               ms_dense=None, x_tinybig=None, x_dense=None, reps=None, tol_used=None, tol_tinybig=None,
+               gbps=None, tflops=None, pct_copy=None)
     reason = skip_reason(case, device, dtype, mode)
     if reason:
         return res | dict(status="skipped", reason=reason)
     try:
         fns, reference = prepare(case, dtype, device)
-        used = tolerance_used(fns["candidate"](), reference(), dtype)
-        res["tol_used"] = used if math.isfinite(used) else None   # inf: wrong shape or NaN
+        expected = reference()
+        used = tolerance_used(fns["candidate"](), expected, dtype)
+        res["tol_used"] = finite(used)
         if not used <= 1.0:
-            return res | dict(status="wrong", reason=f"differs from the torch reference by {used:.3g}x "
-                                                     f"the {res['dtype']} tolerance; not timed")
+            # Half-precision gradients through a chain of ops (e.g. dw of the hypernets) can miss the
+            # one-rounding tolerance in tinyBIG's algorithm too: then no worse than twice its error passes.
+            base = tolerance_used(fns["tinybig"](), expected, dtype)
+            res["tol_tinybig"] = finite(base)
+            if not used <= 2 * base < math.inf:
+                return res | dict(status="wrong", reason=f"differs from the float64 torch reference by {used:.3g}x "
+                                  f"the {res['dtype']} tolerance (tinyBIG's algorithm in {res['dtype']}: "
+                                  f"{base:.3g}x); not timed")
         t = time_interleaved(fns, device, mode)
     except TooSlow as e:
         return res | dict(status="skipped", reason=str(e))
