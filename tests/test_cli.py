@@ -214,6 +214,8 @@ def test_compare_two_runs(tmp_path, capsys):
     meta = dict(date="d", device="cpu", torch="t", triton="tr", tinyrecon="0", dtype="float32", mode="quick")
     a = {"meta": meta, "results": [_result("hm", 2.0), _result("lorr", 1.0), _result("masking", None, "wrong")]}
     b = {"meta": meta, "results": [_result("hm", 1.0), _result("masking", 3.0), _result("lphm", 1.0)]}
+    a["results"].append(_result("hypernet", None, "skipped"))
+    b["results"].append(_result("hypernet", None, "skipped"))
     rows = {r["function"]: r for r in tb.compare(a, b)}
     assert rows["hm"]["speedup"] == 2.0
     assert rows["lorr"]["speedup"] is None and rows["lorr"]["status_b"] == "absent"
@@ -225,6 +227,7 @@ def test_compare_two_runs(tmp_path, capsys):
     assert cli.main(["compare", str(pa), str(pb)]) == 0
     out = capsys.readouterr().out
     assert "2x" in out and "ok -> absent" in out and "wrong -> ok" in out and "absent -> ok" in out
+    assert "hypernet" not in out and "(1 cases timed in neither run not shown)" in out
     pb.write_text("[]")
     with pytest.raises(SystemExit):
         cli.main(["compare", str(pa), str(pb)])

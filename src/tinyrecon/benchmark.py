@@ -577,11 +577,18 @@ def compare(a: dict, b: dict) -> list[dict]:
 
 
 def compare_table(rows: list[dict]) -> str:
+    """The rows of :func:`compare` as text; cases timed in neither run with nothing new to say
+    (skipped or absent on both sides, or the same failure) are counted, not listed."""
     head = ["function", "shape", "op", "backend", "dtype", "A ms", "B ms", "B vs A"]
     body = []
+    same = [r for r in rows if r["status_a"] == r["status_b"] != "ok"
+            or {r["status_a"], r["status_b"]} <= {"skipped", "absent"}]
     for r in rows:
+        if r in same:
+            continue
         note = (f"{_fmt(r['speedup'])}x" if r["speedup"] else f"{r['status_a']} -> {r['status_b']}")
         body.append([r["function"], r["shape"], r["op"], r["backend"], r["dtype"], _fmt(r["ms_a"]),
                      _fmt(r["ms_b"]), note])
     widths = [max(len(c) for c in col) for col in zip(head, *body)]
-    return "\n".join("  ".join(c.ljust(wd) for c, wd in zip(row, widths)).rstrip() for row in [head, *body])
+    lines = ["  ".join(c.ljust(wd) for c, wd in zip(row, widths)).rstrip() for row in [head, *body]]
+    return "\n".join(lines + ([f"({len(same)} cases timed in neither run not shown)"] if same else []))
