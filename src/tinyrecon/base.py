@@ -56,6 +56,32 @@ def reference(fn):
     return wrapper
 
 
+class _ThinMatmul(torch.autograd.Function):
+    """``x @ f.T`` for a tall ``x`` (M x K) and a thin ``f`` (R x K, R much smaller than M).
+
+    The same product as ``torch.matmul``; only the backward differs: autograd's mm backward forms
+    ``df`` from the strided ``dz`` and runs 2-3x slower in MKL than ``contiguous(dz^T) @ x`` at
+    RPN shapes (measured: 50,176 x 785 by 5, the MNIST layer's one pass over x).
+    """
+
+    @staticmethod
+    def forward(ctx, x, f):
+        ctx.save_for_backward(x, f)
+        return torch.matmul(x, f.T)
+
+    @staticmethod
+    def backward(ctx, dz):
+        x, f = ctx.saved_tensors
+        dx = torch.matmul(dz, f) if ctx.needs_input_grad[0] else None
+        df = torch.matmul(dz.T.contiguous(), x) if ctx.needs_input_grad[1] else None
+        return dx, df
+
+
+def thin_matmul(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``x @ f.T`` (x: M x K, f: R x K) with a backward tuned for tall x and small R."""
+    return _ThinMatmul.apply(x, f)
+
+
 def add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else y + bias
 

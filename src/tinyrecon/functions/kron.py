@@ -16,7 +16,8 @@ import math
 import torch
 
 from .. import dispatch
-from ..base import LAYOUTS, Reconciliation, add_bias, check_divides, check_rank, close_factor, reference
+from ..base import (LAYOUTS, Reconciliation, add_bias, check_divides, check_rank, close_factor, reference,
+                    thin_matmul)
 
 
 def _factor(F1, F2):
@@ -55,7 +56,7 @@ def kron_apply(x, A1, A2, B1, B2, bias, layout: str):
     # y[n, i1, i2] = sum_{j1, j2} A[i1, j1] X[n, j1, j2] B[i2, j2]. The one pass over x contracts
     # it with the thinner of Br (over t) and Ar (over q); the rest works on the small result.
     if Br.shape[1] <= Ar.shape[1]:
-        Z = torch.matmul(X.reshape(N * q, t), Br.reshape(-1, t).T).reshape(N, q, C, Br.shape[1])
+        Z = thin_matmul(X.reshape(N * q, t), Br.reshape(-1, t)).reshape(N, q, C, Br.shape[1])
         if Bl is not None:
             Z = torch.einsum("nqcr,csr->nqcs", Z, Bl)
         Y = torch.einsum("nqcs,cpq->cnps", Z, _factor(A1, A2))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import _random, dispatch
-from ..base import Reconciliation, Seeded, add_bias, check_rank, reference
+from ..base import Reconciliation, Seeded, add_bias, check_rank, reference, thin_matmul
 
 
 @reference
@@ -24,7 +24,7 @@ def lowrank_build(A, B):
 @reference
 def lowrank_apply(x, A, B, bias):
     C, n, r = A.shape
-    U = torch.matmul(x, B.reshape(C * r, -1).T).reshape(-1, C, r).transpose(0, 1)   # (C, N, r)
+    U = thin_matmul(x, B.reshape(C * r, -1)).reshape(-1, C, r).transpose(0, 1)   # (C, N, r)
     return add_bias(torch.matmul(U, A.transpose(1, 2)), bias)
 
 
@@ -44,7 +44,7 @@ def rma_build(l1, l2, seed_a: int, seed_b: int, D: int):
 @reference
 def rma_apply(x, l1, l2, seed_a: int, seed_b: int, bias):
     A, B = rma_matrices(seed_a, seed_b, l1.shape[1], x.shape[1], l2.shape[1], x)
-    U = torch.matmul(x, B)[None] * l2[:, None, :]           # (C, N, r): the rank-r bottleneck
+    U = thin_matmul(x, B.T)[None] * l2[:, None, :]           # (C, N, r): the rank-r bottleneck
     return add_bias(torch.matmul(U, A.T) * l1[:, None, :], bias)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import dispatch
-from ..base import LAYOUTS, Reconciliation, add_bias, check_divides, reference
+from ..base import LAYOUTS, Reconciliation, add_bias, check_divides, reference, thin_matmul
 from .kron import tinybig_outer_apply
 
 
@@ -50,7 +50,7 @@ def block_diag_apply(x, B, p: int, q: int, bias):
     N = x.shape[0]
     k = min(p, q)   # blocks on the diagonal; rows past them are zero
     Xd = x.reshape(N, q, t)[:, :k].reshape(N * k, t)
-    Y = torch.matmul(Xd, B.reshape(C * s, t).T).reshape(N, k, C, s).permute(2, 0, 1, 3)
+    Y = thin_matmul(Xd, B.reshape(C * s, t)).reshape(N, k, C, s).permute(2, 0, 1, 3)
     if k < p:
         Y = torch.cat([Y, Y.new_zeros(C, N, p - k, s)], dim=2)
     return add_bias(Y.reshape(C, N, p * s), bias)
