@@ -48,7 +48,8 @@ def test_bad_dtype_and_missing_command(capsys):
 def test_select_defaults_names_and_families():
     quick = tb.select()
     assert {c.shape for c in quick} == {"small", "tall", "mnist"}
-    assert {(c.function, c.op) for c in quick if c.shape == "mnist"} == {("dual_lphm", "fwdbwd")}   # the headline
+    assert {(c.function, c.op) for c in quick if c.shape == "mnist"} == {("dual_lphm", "fwdbwd"),
+                                                                         ("dual_lphm", "train")}   # the headline
     assert {c.shape for c in tb.select(quick=False)} == set(tb.SHAPES)
     assert {c.shape for c in tb.select(shapes=["small"])} == {"small"}        # no headline when shapes are named
     cases = tb.select(functions=["kron", "tinybig.reconciliation.lorr_reconciliation,hm"], shapes=["small,tall"],
@@ -256,3 +257,12 @@ def test_python_dash_m(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         runpy.run_module("tinyrecon", run_name="__main__")
     assert e.value.code == 0 and "backends for cpu tensors:" in capsys.readouterr().out
+
+
+def test_train_op_differentiates_w_and_bias_only():
+    fns, reference = tb.prepare(tb.Case("hm", "small", "train", "torch"), torch.float32, torch.device("cpu"))
+    y, *grads = fns["candidate"]()
+    assert [tuple(g.shape) for g in grads] == [(18,), (6,)]          # dw, dbias; x is data
+    _, *ref_grads = reference()
+    assert len(ref_grads) == 2
+    assert len(fns["dense"]()) == 3                                   # y, dweight, dbias

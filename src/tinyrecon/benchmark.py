@@ -1,7 +1,8 @@
 """Benchmark cases shared by ``tinyrecon bench`` and ``pytest bench/``: one list, one check, one timer.
 
 A case is (function, shape, op, backend) with op one of ``build`` (W = psi(w)), ``fwd``
-(``apply``) and ``fwdbwd`` (``apply`` then gradients for x, w and bias). Every case is first
+(``apply``), ``fwdbwd`` (``apply`` then gradients for x, w and bias) and ``train`` (``apply`` then
+gradients for w and bias only: x is data, as ``kappa(x)`` is in an RPN's first layer). Every case is first
 checked against the torch reference in float64 (tinyBIG's algorithm: build W, then F.linear);
 a wrong result is reported as ``wrong`` and never timed. Then the candidate and two baselines,
 tinyBIG's algorithm and a dense ``nn.Linear`` of the same n x D, are timed interleaved
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from . import __version__, dispatch, registry
 
-OPS = ("build", "fwd", "fwdbwd")
+OPS = ("build", "fwd", "fwdbwd", "train")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 
@@ -55,8 +56,8 @@ SHAPES = {s.name: s for s in (
     Shape("mnist", 64, 615440, 64),        # tinyBIG's MNIST RPN layer (D = 784 * 785)
 )}
 QUICK_SHAPES = ("small", "tall")
-# --quick also runs the headline case: forward+backward of dual_lphm (p=8, q=784, r=5) on the MNIST layer.
-QUICK_EXTRA = (("dual_lphm", "mnist", "fwdbwd"),)
+# --quick also runs the headline cases: forward+backward of dual_lphm (p=8, q=784, r=5) on the MNIST layer.
+QUICK_EXTRA = (("dual_lphm", "mnist", "fwdbwd"), ("dual_lphm", "mnist", "train"))
 
 FUNCTIONS = tuple(registry.CLASSES)   # short names, in SPEC.md order
 FAMILY = {f: cls.__module__.rsplit(".", 1)[-1] for f, cls in registry.CLASSES.items()}
@@ -222,9 +223,10 @@ def _thunks(rec, shape: Shape, op: str, x, w, bias, g, backend: str, dense: bool
     if op == "fwd":
         fns = {"candidate": apply, "tinybig": tinybig} | ({"dense": lambda: lin(x)} if lin else {})
         return {name: torch.no_grad()(f) for name, f in fns.items()}
-    fns = {"candidate": _with_grads(apply, (x, w, bias), g), "tinybig": _with_grads(tinybig, (x, w, bias), g)}
+    wrt = (x, w, bias) if op == "fwdbwd" else (w, bias)
+    fns = {"candidate": _with_grads(apply, wrt, g), "tinybig": _with_grads(tinybig, wrt, g)}
     if lin:
-        fns["dense"] = _with_grads(lambda: lin(x), (x, lin.weight, lin.bias), g)
+        fns["dense"] = _with_grads(lambda: lin(x), (x, lin.weight, lin.bias)[3 - len(wrt):], g)
     return fns
 
 
@@ -241,19 +243,20 @@ def prepare(case: Case, dtype: torch.dtype, device: torch.device, seed: int = 0)
     shape = SHAPES[case.shape]
     rec = make_function(case.function)
     gen = torch.Generator().manual_seed(seed)
-    grad = case.op == "fwdbwd"
+    grad = case.op in ("fwdbwd", "train")
 
-    def tensor(*size):
+    def tensor(*size, grad=grad):
         return torch.randn(*size, generator=gen).to(device=device, dtype=dtype).requires_grad_(grad)
 
     w = tensor(rec.calculate_l(shape.n, shape.D))
-    x = tensor(shape.batch, shape.D) if case.op != "build" else None
+    x = tensor(shape.batch, shape.D, grad=case.op == "fwdbwd") if case.op != "build" else None
     bias = tensor(shape.n) if case.op != "build" else None
     g = torch.randn(shape.batch, shape.n, generator=gen).to(device=device, dtype=dtype)
     fns = _thunks(rec, shape, case.op, x, w, bias, g, case.backend, dense=True)
 
     def reference():
-        x64, w64, b64 = (None if t is None else t.detach().double().requires_grad_(grad) for t in (x, w, bias))
+        x64, w64, b64 = (None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+                         for t in (x, w, bias))
         return _thunks(rec, shape, case.op, x64, w64, b64, g.double(), "torch", dense=False)["tinybig"]()
     return fns, reference
 
@@ -336,7 +339,9 @@ def traffic(case: Case, dtype: torch.dtype) -> tuple[float, float | None]:
     fwd = s.batch * s.D + l + s.n + s.batch * s.n
     if case.op == "fwd":
         return fwd * size, 2.0 * s.batch * s.n * s.D
-    # backward: read dy and x again, write dx, dw, dbias
+    # backward: read dy and x again, write dw, dbias (and dx for fwdbwd)
+    if case.op == "train":
+        return (fwd + s.batch * s.n + s.batch * s.D + l + s.n) * size, 4.0 * s.batch * s.n * s.D
     return (fwd + s.batch * s.n + 2 * s.batch * s.D + l + s.n) * size, 6.0 * s.batch * s.n * s.D
 
 

@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
                         f"families: {', '.join(tb.FAMILIES)} (hypernet and masking name the function)")
     b.add_argument("--shapes", nargs="+", metavar="NAME",
                    help=f"{', '.join(f'{s.name} (n={s.n}, D={s.D}, batch {s.batch})' for s in tb.SHAPES.values())}; "
-                        f"default: {', '.join(tb.QUICK_SHAPES)} + dual_lphm fwdbwd on mnist with --quick, all with --full")
+                        f"default: {', '.join(tb.QUICK_SHAPES)} + dual_lphm fwdbwd and train on mnist with --quick, all with --full")
     b.add_argument("--backends", nargs="+", metavar="NAME",
                    help=f"{', '.join(dispatch.BACKENDS)} (default: all; those that cannot run are listed as skipped)")
     b.add_argument("--ops", nargs="+", metavar="OP", help=f"{', '.join(tb.OPS)} (default: all)")
