@@ -18,8 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET
-from .lowrank import acc_type
+from ._common import INTERPRET, acc_type, inner_dtype
 
 _BLOCK = 32 if INTERPRET else 1024       # build: elements of W per program
 _BM = 16 if INTERPRET else 64            # apply: rows of x per step
@@ -91,7 +90,7 @@ def _(v, seed_m, seed_c, n, D):
 def random_linear_build_backward(dW: torch.Tensor, seed_m: int, k: int) -> torch.Tensor:
     """``dv_c = M^T vec(dW_c)``: (C, k), in fp32 (fp64 for fp64)."""
     C, numel = dW.shape[0], dW[0].numel()
-    f = torch.float64 if dW.dtype == torch.float64 else torch.float32
+    f = inner_dtype(dW.dtype)
     blocks = triton.cdiv(numel, _BLOCK)
     part = torch.zeros(C, blocks, k, dtype=f, device=dW.device)
     if part.numel():
@@ -101,7 +100,7 @@ def random_linear_build_backward(dW: torch.Tensor, seed_m: int, k: int) -> torch
 
 @random_linear_build_backward.register_fake
 def _(dW, seed_m, k):
-    return dW.new_empty(dW.shape[0], k, dtype=torch.float64 if dW.dtype == torch.float64 else torch.float32)
+    return dW.new_empty(dW.shape[0], k, dtype=inner_dtype(dW.dtype))
 
 
 def _build_setup(ctx, inputs, output):
@@ -168,10 +167,6 @@ def _apply_grad_kernel(X, V, DY, DX, Part, N, D, n, k, seed_m, seed_c, sxm, sxd,
         tl.store(out + j, tl.sum(tl.randn(seed_m, idx * k + j).to(ACC) * g))   # g is 0 outside W
 
 
-def _inner(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _grid(N, n, D, C, x):
     BN, BK = _tile(n, x.dtype), _tile(D, x.dtype)
     tiles = triton.cdiv(n, BN) * triton.cdiv(D, BK)
@@ -184,7 +179,7 @@ def random_linear_apply(x: torch.Tensor, v: torch.Tensor, seed_m: int, seed_c: O
     """``x @ W_c^T + bias`` for every channel c: (C, N, n)."""
     C, k = v.shape
     N, D = x.shape
-    y = torch.zeros(C, N, n, dtype=_inner(x.dtype), device=x.device)
+    y = torch.zeros(C, N, n, dtype=inner_dtype(x.dtype), device=x.device)
     if y.numel():
         grid, blocks = _grid(N, n, D, C, x)
         _apply_kernel[grid](x, v, y, N, D, n, k, seed_m, seed_c or 0, *x.stride(), *v.stride(),
@@ -206,7 +201,7 @@ def random_linear_apply_backward(dy: torch.Tensor, x: torch.Tensor, v: torch.Ten
     C, k = v.shape
     N, D = x.shape
     n = dy.shape[2]
-    f = _inner(x.dtype)
+    f = inner_dtype(x.dtype)
     dx = torch.zeros((N, D) if need_x else (0,), dtype=f, device=x.device)
     grid, blocks = _grid(N, n, D, C, x)
     part = torch.zeros(C, grid[1], grid[0], k, dtype=f, device=x.device)
@@ -219,7 +214,7 @@ def random_linear_apply_backward(dy: torch.Tensor, x: torch.Tensor, v: torch.Ten
 
 @random_linear_apply_backward.register_fake
 def _(dy, x, v, seed_m, seed_c, need_x):
-    f = _inner(x.dtype)
+    f = inner_dtype(x.dtype)
     return x.new_empty(x.shape if need_x else (0,)), v.new_empty(v.shape, dtype=f)
 
 
@@ -232,7 +227,7 @@ def _apply_setup(ctx, inputs, output):
 def _apply_backward(ctx, dy):
     x, v = ctx.saved_tensors
     dx, dv = random_linear_apply_backward(dy, x, v, ctx.seed_m, ctx.seed_c, ctx.needs_input_grad[0])
-    dbias = None if ctx.bias_dtype is None else dy.sum((0, 1), dtype=_inner(dy.dtype)).to(ctx.bias_dtype)
+    dbias = None if ctx.bias_dtype is None else dy.sum((0, 1), dtype=inner_dtype(dy.dtype)).to(ctx.bias_dtype)
     return dx if ctx.needs_input_grad[0] else None, dv.to(v.dtype), None, None, None, dbias
 
 

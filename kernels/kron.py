@@ -21,9 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, autotune
-from .lowrank import acc_type, rank_block
-from .padding import _dot, _precision
+from ._common import INTERPRET, acc_type, autotune, dot_dtype, inner_dtype, precision, rank_block
 
 
 def _cfg(bp, bm, bs, bt, warps, stages):
@@ -183,11 +181,6 @@ def _strides(F):
     return F.stride() if F is not None else (0, 0, 0)
 
 
-def _inner(dtype):
-    """dtype of backward intermediates: fp32 for half types, so they are rounded once, at the end."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _launch_build(A1, A2, B1, B2, tinybig):
     C, P, RA = A1.shape
     S, RB = B1.shape[1:]
@@ -218,7 +211,7 @@ def _launch_mm(inp, A1, A2, B1, B2, bias, C_out, CH):
                        B2, *_strides(B2), bias, 0 if bias is None else bias.stride(0), out, *out.stride(),
                        M, P, Q, S, T, RA, RB, CH,
                        A_LR=A2 is not None, B_LR=B2 is not None, HAS_BIAS=bias is not None,
-                       ACC=acc_type(inp.dtype), DOT=_dot(inp.dtype), PREC=_precision(inp.dtype),
+                       ACC=acc_type(inp.dtype), DOT=dot_dtype(inp.dtype), PREC=precision(inp.dtype),
                        RPA=rank_block(RA), RPB=rank_block(RB))
     return out
 
@@ -228,10 +221,10 @@ def _launch_grad(dy4, x3, F):
     C, M, P, S = dy4.shape
     Q, T = x3.shape[1:]
     split = max(1, min(_MAX_SPLIT, triton.cdiv(M, _ROWS_PER_SPLIT)))
-    part = torch.empty(split, C, S, T, dtype=_inner(x3.dtype), device=x3.device)
+    part = torch.empty(split, C, S, T, dtype=inner_dtype(x3.dtype), device=x3.device)
     grid = lambda a: (triton.cdiv(S, a["BS"]) * triton.cdiv(T, a["BT"]), split, C)  # noqa: E731
     _kron_grad[grid](dy4, *dy4.stride(), x3, *x3.stride(), F, *F.stride(), part, M, P, Q, S, T, C, split,
-                     ACC=acc_type(x3.dtype), DOT=_dot(x3.dtype), PREC=_precision(x3.dtype))
+                     ACC=acc_type(x3.dtype), DOT=dot_dtype(x3.dtype), PREC=precision(x3.dtype))
     return part.sum(0)
 
 
@@ -298,7 +291,7 @@ def _(dy, A1, A2, B1, B2):
 
 @_grad_factor_op.register_fake
 def _(dy, x, F, of_a):   # the other factor's shape: (n // rows of F, D // columns of F)
-    return x.new_empty(F.shape[0], dy.shape[2] // F.shape[1], x.shape[1] // F.shape[2], dtype=_inner(x.dtype))
+    return x.new_empty(F.shape[0], dy.shape[2] // F.shape[1], x.shape[1] // F.shape[2], dtype=inner_dtype(x.dtype))
 
 
 def _factor(F1, F2, dtype):
@@ -322,7 +315,7 @@ def _build_setup(ctx, inputs, output):
 
 def _build_backward(ctx, dW):
     A1, A2, B1, B2 = ctx.saved_tensors
-    f = _inner(dW.dtype)
+    f = inner_dtype(dW.dtype)
     A, B = _factor(A1, A2, f), _factor(B1, B2, f)
     (C, p, q), (s, t) = A.shape, B.shape[1:]
     if ctx.tinybig:   # W = reshape(outer(vec A, vec B))
@@ -349,7 +342,7 @@ def _apply_backward(ctx, dy):
     x, A1, A2, B1, B2 = ctx.saved_tensors
     need = ctx.needs_input_grad
     dx = _grad_x_op(dy, A1, A2, B1, B2) if need[0] else None
-    f = _inner(x.dtype)
+    f = inner_dtype(x.dtype)
     gA = gB = (None, None)
     if need[1] or need[2]:
         gA = _chain(_grad_factor_op(dy, x, _factor(B1, B2, f), True), A1, A2, need[1], need[2])

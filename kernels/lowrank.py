@@ -16,17 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune
-
-
-def acc_type(dtype: torch.dtype):
-    """Accumulate in float64 for float64 data, float32 otherwise."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def rank_block(r: int) -> int:
-    """The rank dimension as one power-of-two tile, at least 16 wide (``tl.dot``'s minimum)."""
-    return max(16, triton.next_power_of_2(r))
+from ._common import acc_type, autotune, inner_dtype, rank_block
 
 
 def _cfg(bm, bn, bk, warps, stages=3):
@@ -77,11 +67,6 @@ def bmm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @bmm.register_fake
 def _(a, b, dtype):
     return a.new_empty(a.shape[0], a.shape[1], b.shape[2], dtype=dtype)
-
-
-def _inner(dtype):
-    """dtype of backward intermediates: fp32 for half types, so they are rounded once, at the end."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---- lorr ------------------------------------------------------------------------------------------
@@ -159,7 +144,7 @@ def _lowrank_apply_backward(ctx, dy):
     x, A, B, bias = ctx.saved_tensors
     C, n, r = A.shape
     N, D = x.shape
-    f = _inner(x.dtype)
+    f = inner_dtype(x.dtype)
     xs = x.expand(C, N, D)
     U = bmm(xs, B.transpose(1, 2), f)                        # (C, N, r)
     dU = bmm(dy, A, f)                                       # (C, N, r)
@@ -170,7 +155,7 @@ def _lowrank_apply_backward(ctx, dy):
 
 
 def _bias_grad(dy, bias):
-    return None if bias is None else dy.sum((0, 1), dtype=_inner(dy.dtype)).to(bias.dtype)
+    return None if bias is None else dy.sum((0, 1), dtype=inner_dtype(dy.dtype)).to(bias.dtype)
 
 
 lowrank_apply.register_autograd(_lowrank_apply_backward, setup_context=_apply_setup)
@@ -254,7 +239,7 @@ def _lambda_grads(M, A, l1, l2):
 def _rma_build_backward(ctx, dW):
     l1, l2 = ctx.saved_tensors
     (C, n), r = l1.shape, l2.shape[1]
-    f = _inner(l1.dtype)
+    f = inner_dtype(l1.dtype)
     A, B = randn(ctx.seed_a, n, r, f, l1.device), randn(ctx.seed_b, ctx.D, r, f, l1.device)
     M = bmm(dW, B.expand(C, ctx.D, r), f)                    # dW_c @ B: (C, n, r)
     return (*_lambda_grads(M, A, l1, l2), None, None, None)
@@ -319,7 +304,7 @@ def _rma_apply_backward(ctx, dy):
     x, l1, l2, bias = ctx.saved_tensors
     (C, n), r = l1.shape, l2.shape[1]
     N, D = x.shape
-    f = _inner(x.dtype)
+    f = inner_dtype(x.dtype)
     A, B = randn(ctx.seed_a, n, r, f, x.device), randn(ctx.seed_b, D, r, f, x.device)
     U = bmm(x[None], B[None], f)[0]                                          # x @ B: (N, r)
     M = bmm(dy.transpose(1, 2), U.expand(C, N, r), f)                        # dy_c^T @ U: (C, n, r)

@@ -20,9 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune
-from .lowrank import acc_type
-from .padding import _dot, _precision
+from ._common import acc_type, autotune, dot_dtype, precision
 
 _MM_CONFIGS = [triton.Config({"BM": 16, "BR": 16, "BK": 16}, num_warps=1)] + [
     triton.Config({"BM": bm, "BR": br, "BK": bk}, num_warps=w, num_stages=st)
@@ -108,7 +106,7 @@ def _grad_w(DY, s_dc, s_dm, s_dn, X, s_xm, s_xd, GW, N, n, D, seed, p,
 
 
 def _flags(dtype):
-    return dict(ACC=acc_type(dtype), DOT=_dot(dtype), PREC=_precision(dtype))
+    return dict(ACC=acc_type(dtype), DOT=dot_dtype(dtype), PREC=precision(dtype))
 
 
 # ---- custom ops --------------------------------------------------------------------------------

@@ -25,8 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, autotune
-from .lowrank import acc_type
+from ._common import acc_type, autotune, dot_dtype, precision
 
 # Under the interpreter only the first config runs: small tiles, so tests cross tile edges.
 _MM_CONFIGS = [triton.Config({"BM": 16, "BR": 16, "BK": 16}, num_warps=1)] + [
@@ -40,20 +39,6 @@ _GRAD_CONFIGS = [triton.Config({"BS": 16, "BT": 16, "BM": 16}, num_warps=1)] + [
 _BUILD_CONFIGS = [triton.Config({"BI": 16, "BJ": 32}, num_warps=1)] + [
     triton.Config({"BI": bi, "BJ": bj}, num_warps=4) for bi, bj in [(32, 128), (64, 64), (16, 256)]]
 _KRON, _TINYBIG, _DIAG = 0, 1, 2
-
-
-_TL = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
-def _dot(dtype):
-    """Dtype of tl.dot operands: the input's, but fp32 for bf16 under the interpreter, whose bf16 dot
-    is wrong (Triton 3.8); bf16 products are exact in fp32, so the result is what a GPU computes."""
-    return tl.float32 if INTERPRET and dtype == torch.bfloat16 else _TL[dtype]
-
-
-def _precision(dtype):
-    """fp32 inputs: IEEE products (the tolerance is fp32's) unless the user allowed TF32 in torch."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 @triton.jit
@@ -161,7 +146,7 @@ def _launch_mm(inp, in_channel_stride, M, mk_mr, bias, C_out, channels, rows, G,
         _blocked_mm[grid](inp, in_channel_stride, inp.stride(-2), inp.stride(-1), M, M.stride(0), *mk_mr,
                           bias, out, out.stride(0), out.stride(1), rows, G, K, R, in_blocks, in_valid,
                           out_blocks, channels, HAS_BIAS=bias is not None, ACC=acc_type(inp.dtype),
-                          DOT=_dot(inp.dtype), PREC=_precision(inp.dtype))
+                          DOT=dot_dtype(inp.dtype), PREC=precision(inp.dtype))
     return out
 
 
@@ -200,8 +185,8 @@ def _grad_B(dy, x, p, q, diag):
         rows, G, dy_blocks, x_blocks = N, 1, p, q
     grid = lambda a: (triton.cdiv(s, a["BS"]), triton.cdiv(t, a["BT"]), C)  # noqa: E731
     _blocked_mm_grad[grid](dy, dy.stride(0), dy.stride(1), dy.stride(2), x, x.stride(0), x.stride(1), gB,
-                           rows, G, s, t, dy_blocks, x_blocks, ACC=acc_type(x.dtype), DOT=_dot(x.dtype),
-                           PREC=_precision(x.dtype))
+                           rows, G, s, t, dy_blocks, x_blocks, ACC=acc_type(x.dtype), DOT=dot_dtype(x.dtype),
+                           PREC=precision(x.dtype))
     return gB
 
 

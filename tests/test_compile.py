@@ -2,7 +2,6 @@
 
 Kernel backends have their own compile tests beside their kernels (tests/test_<family>.py).
 """
-import pytest
 import torch
 
 import tinyrecon as tr
