@@ -36,3 +36,60 @@ def backends_for(op: str):
         reason = dispatch.why_not(b, op, torch.device(DEVICE).type)
         params.append(pytest.param(b, marks=pytest.mark.skipif(bool(reason), reason=reason), id=b))
     return params
+
+
+def check_compiles_to_one_op(rec, n: int, D: int, backend: str, channels: int = 2):
+    """``torch.compile(fullgraph=True)`` of a tiny module calling ``rec.apply`` on ``backend``: the
+    graph holds exactly one kernel op (forward and backward traced through aot_eager), and the
+    values and gradients equal eager's. The small frozen matrices a hypernet draws in torch are an
+    op of their own (``philox_values``) and do not count."""
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rec = rec
+            shape = (channels, rec.calculate_l(n, D)) if channels > 1 else (rec.calculate_l(n, D),)
+            self.w = torch.nn.Parameter(torch.randn(shape))
+            self.b = torch.nn.Parameter(torch.randn(n))
+
+        def forward(self, x):
+            return torch.relu(self.rec.apply(x, self.w, n=n, bias=self.b, backend=backend)).mean(0)
+
+    graphs = []
+
+    def capture(gm, inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, inputs)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, x = Tiny().to(DEVICE), torch.randn(5, D, device=DEVICE)
+    y = torch.compile(model, fullgraph=True, backend=capture)(x)
+    assert_close(y, model(x))
+    assert len(graphs) == 1
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert sum("tinyrecon." in t and "philox" not in t for t in targets) == 1, targets
+    for got, expected in zip(torch.autograd.grad(y.sum(), (model.w, model.b)),
+                             torch.autograd.grad(model(x).sum(), (model.w, model.b))):
+        assert_close(got, expected)
+
+
+def check_apply_layouts(rec, n: int, D: int, backend: str, expected):
+    """``rec.apply`` on strided, transposed, batched and empty x, with 3 channels and with one:
+    shapes, and values against ``expected(rec, x, w, n, b)``."""
+    w = torch.randn(3, rec.calculate_l(n, D), dtype=torch.float64, device=DEVICE)
+    b = torch.randn(n, dtype=torch.float64, device=DEVICE)
+    xs = {
+        "strided": torch.randn(5, 2 * D, dtype=torch.float64, device=DEVICE)[:, ::2],
+        "transposed": torch.randn(D, 5, dtype=torch.float64, device=DEVICE).T,
+        "batch dims": torch.randn(2, 3, D, dtype=torch.float64, device=DEVICE),
+        "empty": torch.randn(0, D, dtype=torch.float64, device=DEVICE),
+        "empty batch dims": torch.randn(2, 0, D, dtype=torch.float64, device=DEVICE),
+    }
+    for what, x in xs.items():
+        y = rec.apply(x, w, n=n, bias=b, backend=backend)
+        assert y.shape == (3, *x.shape[:-1], n), what
+        assert_close(y, expected(rec, x, w, n, b))
+        y1 = rec.apply(x, w[1], n=n, backend=backend)   # one channel: no channel dim
+        assert y1.shape == (*x.shape[:-1], n), what
+        assert_close(y1, y[1] - b)

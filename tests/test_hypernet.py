@@ -7,7 +7,7 @@ import torch
 import tinyrecon as tr
 from tinyrecon import _random
 from tinyrecon.functions import hypernet as hypernet_module
-from conftest import DEVICE, DTYPES, assert_close, backends_for
+from conftest import DEVICE, DTYPES, assert_close, backends_for, check_compiles_to_one_op
 
 HN, RMH = tr.hypernet_reconciliation, tr.random_matrix_hypernet_reconciliation
 SMALL = dict(l=5, hidden_dim=4)
@@ -201,28 +201,7 @@ def test_in_kernel_matrix_equals_torch_philox():
 
 
 @triton_only
-def test_torch_compile_fullgraph():
-    torch.manual_seed(0)
-    n, D = 4, 6
-    rec = HN(l=3, hidden_dim=4, seed=2)
-
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.randn(3, device=DEVICE))
-            self.b = torch.nn.Parameter(torch.randn(n, device=DEVICE))
-
-        def forward(self, x):
-            return rec.apply(x, self.w, n=n, bias=self.b, backend="triton")
-
-    model, x = Tiny(), torch.randn(3, D, device=DEVICE)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")   # fake + autograd registrations
-    results = []
-    for m in (compiled, model):
-        model.zero_grad()
-        y = m(x)
-        y.square().sum().backward()
-        results.append((y, model.w.grad, model.b.grad))
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want)
-    assert_close(results[0][0], rec.apply(x, model.w, n=n, bias=model.b, backend="torch"))
+@pytest.mark.parametrize("cls", [HN, RMH])
+def test_torch_compile_sees_one_op(cls):
+    check_compiles_to_one_op(cls(r=2, l=3, hidden_dim=4, seed=2) if cls is RMH else cls(l=3, hidden_dim=4, seed=2),
+                             4, 6, "triton", channels=1)

@@ -4,7 +4,7 @@ import torch
 
 import tinyrecon as tr
 from tinyrecon.functions import kron
-from conftest import DEVICE, DTYPES, assert_close, backends_for
+from conftest import DEVICE, DTYPES, assert_close, backends_for, check_compiles_to_one_op
 
 KINDS = {"hm": tr.hm_reconciliation, "lphm": tr.lphm_reconciliation, "dual_lphm": tr.dual_lphm_reconciliation}
 LAYOUTS = ("kron", "tinybig")
@@ -242,27 +242,4 @@ def test_errors(kind):
 # ---- torch.compile --------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", [b for b in backends_for("kron_apply") if b.id != "torch"])
 def test_torch_compile_sees_one_op(backend):
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rec = tr.dual_lphm_reconciliation(p=2, q=3, r=1)
-            self.w = torch.nn.Parameter(torch.randn(2, self.rec.calculate_l(6, 12)))
-
-        def forward(self, x):
-            return self.rec.apply(x, self.w, n=6, backend=backend).mean(0)
-
-    graphs = []
-
-    def capture(gm, inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, inputs)   # traces the backward too
-
-    torch.manual_seed(0)
-    model, x = Tiny().to(DEVICE), torch.randn(5, 12, device=DEVICE)
-    y = torch.compile(model, fullgraph=True, backend=capture)(x)
-    assert_close(y, model(x))
-    assert len(graphs) == 1
-    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
-    assert sum("tinyrecon" in tg for tg in targets) == 1, targets
-    g, = torch.autograd.grad(y.sum(), model.w)
-    assert_close(g, torch.autograd.grad(model(x).sum(), model.w)[0])
+    check_compiles_to_one_op(tr.dual_lphm_reconciliation(p=2, q=3, r=1), 6, 12, backend)

@@ -6,7 +6,7 @@ import torch
 
 import tinyrecon as tr
 from tinyrecon import _random
-from conftest import DEVICE, DTYPES, assert_close, backends_for
+from conftest import DEVICE, DTYPES, assert_close, backends_for, check_compiles_to_one_op
 
 LORR, RMA = tr.lorr_reconciliation, tr.random_matrix_adaption_reconciliation
 
@@ -161,28 +161,7 @@ def test_in_kernel_matrices_equal_torch_philox():
 
 
 @triton_only
-def test_torch_compile_fullgraph():
-    torch.manual_seed(0)
-    n, D = 4, 6
-    rec = RMA(r=2, seed=1)
-
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.randn(rec.calculate_l(n, D), device=DEVICE))
-            self.b = torch.nn.Parameter(torch.randn(n, device=DEVICE))
-
-        def forward(self, x):
-            return rec.apply(x, self.w, n=n, bias=self.b, backend="triton")
-
-    model, x = Tiny(), torch.randn(3, D, device=DEVICE)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")   # fake + autograd registrations
-    results = []
-    for m in (compiled, model):
-        model.zero_grad()
-        y = m(x)
-        y.square().sum().backward()
-        results.append((y, model.w.grad, model.b.grad))
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want)
-    assert_close(results[0][0], rec.apply(x, model.w, n=n, bias=model.b, backend="torch"))
+@pytest.mark.parametrize("rec", [tr.lorr_reconciliation(r=2), tr.random_matrix_adaption_reconciliation(r=2, seed=1)],
+                         ids=["lorr", "rma"])
+def test_torch_compile_sees_one_op(rec):
+    check_compiles_to_one_op(rec, 4, 6, "triton")

@@ -6,7 +6,7 @@ import torch
 
 import tinyrecon as tr
 from tinyrecon import _random
-from conftest import DEVICE, DTYPES, assert_close, backends_for
+from conftest import DEVICE, DTYPES, assert_close, backends_for, check_apply_layouts, check_compiles_to_one_op
 
 BACKENDS = backends_for("masking_apply")
 
@@ -106,22 +106,8 @@ def test_apply_matches_dense(backend, dtype, n, D):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_apply_layouts_of_x_and_channels(backend):
-    n, D = 11, 9
-    rec = tr.masking_reconciliation(p=0.5, seed=3)
-    w = torch.randn(3, n * D, dtype=torch.float64, device=DEVICE)
-    b = torch.randn(n, dtype=torch.float64, device=DEVICE)
-    xs = {
-        "strided": torch.randn(5, 2 * D, dtype=torch.float64, device=DEVICE)[:, ::2],
-        "transposed": torch.randn(D, 5, dtype=torch.float64, device=DEVICE).T,
-        "batch dims": torch.randn(2, 3, D, dtype=torch.float64, device=DEVICE),
-        "empty": torch.randn(0, D, dtype=torch.float64, device=DEVICE),
-        "empty batch dims": torch.randn(2, 0, D, dtype=torch.float64, device=DEVICE),
-    }
-    for what, x in xs.items():
-        y = rec.apply(x, w, n=n, bias=b, backend=backend)
-        assert y.shape == (3, *x.shape[:-1], n), what
-        assert_close(y, _expected(rec, x, w, n, b))
-        assert_close(rec.apply(x, w[1], n=n, backend=backend), y[1] - b)
+    check_apply_layouts(tr.masking_reconciliation(p=0.5, seed=3), 11, 9, backend, _expected)
+
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -191,31 +177,4 @@ def test_grads_match_reference(backend, dtype):
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_torch_compile_sees_one_op(backend):
-    n, D = 6, 10
-
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rec = tr.masking_reconciliation(p=0.5, seed=4)
-            self.w = torch.nn.Parameter(torch.randn(2, n * D))
-            self.b = torch.nn.Parameter(torch.randn(n))
-
-        def forward(self, x):
-            return torch.relu(self.rec.apply(x, self.w, n=n, bias=self.b, backend=backend)).mean(0)
-
-    graphs = []
-
-    def capture(gm, inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, inputs)   # traces the backward too
-
-    torch.manual_seed(0)
-    model, x = Tiny().to(DEVICE), torch.randn(5, D, device=DEVICE)
-    y = torch.compile(model, fullgraph=True, backend=capture)(x)
-    assert_close(y, model(x))
-    assert len(graphs) == 1
-    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
-    assert sum("tinyrecon" in tg for tg in targets) == 1, targets
-    grads = torch.autograd.grad(y.sum(), (model.w, model.b))
-    for got, expected in zip(grads, torch.autograd.grad(model(x).sum(), (model.w, model.b))):
-        assert_close(got, expected)
+    check_compiles_to_one_op(tr.masking_reconciliation(p=0.5, seed=4), 6, 10, backend)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import tinyrecon as tr
-from conftest import DEVICE, DTYPES, assert_close, backends_for
+from conftest import DEVICE, DTYPES, assert_close, backends_for, check_apply_layouts, check_compiles_to_one_op
 
 # (kind, op prefix): kind picks the class and layout; the op is what the backend column must provide.
 KINDS = {
@@ -92,24 +92,8 @@ def test_apply_matches_dense(kind, backend, dtype, n, D, p, q):
 
 @pytest.mark.parametrize("kind,backend", each())
 def test_apply_layouts_of_x_and_channels(kind, backend):
-    n, D, p, q = 15, 14, 3, 2
-    rec = make(kind, p, q)
-    w = torch.randn(3, rec.calculate_l(n, D), dtype=torch.float64, device=DEVICE)
-    b = torch.randn(n, dtype=torch.float64, device=DEVICE)
-    xs = {
-        "strided": torch.randn(5, 2 * D, dtype=torch.float64, device=DEVICE)[:, ::2],
-        "transposed": torch.randn(D, 5, dtype=torch.float64, device=DEVICE).T,
-        "batch dims": torch.randn(2, 3, D, dtype=torch.float64, device=DEVICE),
-        "empty": torch.randn(0, D, dtype=torch.float64, device=DEVICE),
-        "empty batch dims": torch.randn(2, 0, D, dtype=torch.float64, device=DEVICE),
-    }
-    for what, x in xs.items():
-        y = rec.apply(x, w, n=n, bias=b, backend=backend)
-        assert y.shape == (3, *x.shape[:-1], n), what
-        assert_close(y, _expected(rec, x, w, n, b))
-        y1 = rec.apply(x, w[1], n=n, backend=backend)   # one channel: no channel dim
-        assert y1.shape == (*x.shape[:-1], n), what
-        assert_close(y1, y[1] - b)
+    check_apply_layouts(make(kind, 3, 2), 15, 14, backend, _expected)
+
 
 
 @pytest.mark.parametrize("kind,backend", each())
@@ -177,31 +161,4 @@ def test_grads_match_reference(kind, backend, dtype, n, D, p, q):
 
 @pytest.mark.parametrize("kind,backend", fused())
 def test_torch_compile_sees_one_op(kind, backend):
-    n, D, p, q = 15, 14, 3, 2
-
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rec = make(kind, p, q)
-            self.w = torch.nn.Parameter(torch.randn(2, self.rec.calculate_l(n, D)))
-            self.b = torch.nn.Parameter(torch.randn(n))
-
-        def forward(self, x):
-            return torch.relu(self.rec.apply(x, self.w, n=n, bias=self.b, backend=backend)).mean(0)
-
-    graphs = []
-
-    def capture(gm, inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, inputs)   # traces the backward too
-
-    torch.manual_seed(0)
-    model, x = Tiny().to(DEVICE), torch.randn(5, D, device=DEVICE)
-    y = torch.compile(model, fullgraph=True, backend=capture)(x)
-    assert_close(y, model(x))
-    assert len(graphs) == 1
-    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
-    assert sum("tinyrecon" in tg for tg in targets) == 1, targets
-    grads = torch.autograd.grad(y.sum(), (model.w, model.b))
-    for got, expected in zip(grads, torch.autograd.grad(model(x).sum(), (model.w, model.b))):
-        assert_close(got, expected)
+    check_compiles_to_one_op(make(kind, 3, 2), 15, 14, backend)
