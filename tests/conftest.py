@@ -93,3 +93,22 @@ def check_apply_layouts(rec, n: int, D: int, backend: str, expected):
         y1 = rec.apply(x, w[1], n=n, backend=backend)   # one channel: no channel dim
         assert y1.shape == (*x.shape[:-1], n), what
         assert_close(y1, y[1] - b)
+
+
+def check_grads_match_reference(rec, n: int, D: int, batch: int, backend: str, dtype):
+    """Gradients of apply (x, w, bias) and of build (w) on ``backend`` in ``dtype`` against the torch
+    reference's autograd in float64, from the same inputs rounded to ``dtype``."""
+    f64 = dict(dtype=torch.float64, device=DEVICE)
+    w, x, b = torch.randn(2, rec.calculate_l(n, D), **f64), torch.randn(batch, D, **f64), torch.randn(n, **f64)
+    dy, dW = torch.randn(2, batch, n, **f64), torch.randn(2, n, D, **f64)
+
+    def grads(cast, backend):
+        w1, x1, b1 = (t.to(cast).requires_grad_() for t in (w.to(dtype), x.to(dtype), b.to(dtype)))
+        y = rec.apply(x1, w1, n=n, bias=b1, backend=backend)
+        gx, gw, gb = torch.autograd.grad(y, (x1, w1, b1), dy.to(dtype).to(cast))
+        W = rec(w=w1, n=n, D=D, backend=backend)
+        return gx, gw, gb, torch.autograd.grad(W, w1, dW.to(dtype).to(cast))[0]
+
+    for got, expected in zip(grads(dtype, backend), grads(torch.float64, "torch")):
+        assert got.dtype == dtype
+        assert_close(got, expected, dtype)

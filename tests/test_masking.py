@@ -6,7 +6,7 @@ import torch
 
 import tinyrecon as tr
 from tinyrecon import _random
-from conftest import DEVICE, DTYPES, assert_close, backends_for, check_apply_layouts, check_compiles_to_one_op
+from conftest import DEVICE, DTYPES, assert_close, backends_for, check_apply_layouts, check_compiles_to_one_op, check_grads_match_reference
 
 BACKENDS = backends_for("masking_apply")
 
@@ -156,23 +156,9 @@ def test_every_kernel_uses_the_reference_mask_bit_for_bit(backend):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_grads_match_reference(backend, dtype):
-    """Backward kernels (x, w, bias; build's w) vs the reference's autograd in float64 from the same inputs."""
-    n, D = 17, 19
-    rec = tr.masking_reconciliation(p=0.7, seed=8)
-    f64 = dict(dtype=torch.float64, device=DEVICE)
-    w, x, b = torch.randn(2, n * D, **f64), torch.randn(17, D, **f64), torch.randn(n, **f64)
-    dy, dW = torch.randn(2, 17, n, **f64), torch.randn(2, n, D, **f64)
+    """Backward kernels (x, w, bias; build's w) vs the reference's autograd in float64."""
+    check_grads_match_reference(tr.masking_reconciliation(p=0.7, seed=8), 17, 19, 17, backend, dtype)
 
-    def grads(cast, backend):
-        w1, x1, b1 = (t.to(cast).requires_grad_() for t in (w.to(dtype), x.to(dtype), b.to(dtype)))
-        y = rec.apply(x1, w1, n=n, bias=b1, backend=backend)
-        gx, gw, gb = torch.autograd.grad(y, (x1, w1, b1), dy.to(dtype).to(cast))
-        W = rec(w=w1, n=n, D=D, backend=backend)
-        return gx, gw, gb, torch.autograd.grad(W, w1, dW.to(dtype).to(cast))[0]
-
-    for got, expected in zip(grads(dtype, backend), grads(torch.float64, "torch")):
-        assert got.dtype == dtype
-        assert_close(got, expected, dtype)
 
 
 @pytest.mark.parametrize("backend", FUSED)

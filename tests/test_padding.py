@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import tinyrecon as tr
-from conftest import DEVICE, DTYPES, assert_close, backends_for, check_apply_layouts, check_compiles_to_one_op
+from conftest import DEVICE, DTYPES, assert_close, backends_for, check_apply_layouts, check_compiles_to_one_op, check_grads_match_reference
 
 # (kind, op prefix): kind picks the class and layout; the op is what the backend column must provide.
 KINDS = {
@@ -141,22 +141,9 @@ def fused(kind_list=KINDS):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,D,p,q", [(21, 38, 3, 2), (20, 6, 4, 2), (6, 20, 2, 4)])
 def test_grads_match_reference(kind, backend, dtype, n, D, p, q):
-    """Backward kernels (x, B, bias; build's B) vs the reference's autograd in float64 from the same inputs."""
-    rec = make(kind, p, q)
-    f64 = dict(dtype=torch.float64, device=DEVICE)
-    w, x, b = torch.randn(2, rec.calculate_l(n, D), **f64), torch.randn(37, D, **f64), torch.randn(n, **f64)
-    dy, dW = torch.randn(2, 37, n, **f64), torch.randn(2, n, D, **f64)
+    """Backward kernels (x, B, bias; build's B) vs the reference's autograd in float64."""
+    check_grads_match_reference(make(kind, p, q), n, D, 37, backend, dtype)
 
-    def grads(cast, backend):
-        w1, x1, b1 = (t.to(cast).requires_grad_() for t in (w.to(dtype), x.to(dtype), b.to(dtype)))
-        y = rec.apply(x1, w1, n=n, bias=b1, backend=backend)
-        gx, gw, gb = torch.autograd.grad(y, (x1, w1, b1), dy.to(dtype).to(cast))
-        W = rec(w=w1, n=n, D=D, backend=backend)
-        return gx, gw, gb, torch.autograd.grad(W, w1, dW.to(dtype).to(cast))[0]
-
-    for got, expected in zip(grads(dtype, backend), grads(torch.float64, "torch")):
-        assert got.dtype == dtype
-        assert_close(got, expected, dtype)
 
 
 @pytest.mark.parametrize("kind,backend", fused())
