@@ -34,3 +34,19 @@ def test_inductor_compiles_the_mnist_layer_shape_family():
     x = torch.randn(5, 16)
     torch.testing.assert_close(torch.compile(lambda x: rec.apply(x, w, n=6), fullgraph=True)(x),
                                rec.apply(x, w, n=6))
+
+
+def test_kron_core_traces_with_gradients_for_x_and_w():
+    """The Kronecker core (a custom autograd.Function) compiles with every gradient it computes."""
+    rec = tr.dual_lphm_reconciliation(p=2, q=32, r=1)
+    n, D = 4, 2048
+    w = torch.randn(rec.calculate_l(n, D), requires_grad=True)
+    x = torch.randn(5, D, requires_grad=True)
+
+    def f(x):
+        return rec.apply(x, w, n=n).square().sum()
+
+    expected = torch.autograd.grad(f(x), (x, w))
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(x), (x, w))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)

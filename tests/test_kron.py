@@ -243,3 +243,42 @@ def test_errors(kind):
 @pytest.mark.parametrize("backend", [b for b in backends_for("kron_apply") if b.id != "torch"])
 def test_torch_compile_sees_one_op(backend):
     check_compiles_to_one_op(tr.dual_lphm_reconciliation(p=2, q=3, r=1), 6, 12, backend)
+
+
+@pytest.mark.parametrize("rA,rB", [(2, 4), (4, 2)])
+@pytest.mark.parametrize("wants", [(True, True, True), (False, True, False), (False, False, True), (True, False, False)],
+                         ids=["all", "Ar", "Br", "x"])
+def test_kron_core_grads(wants, rA, rB):
+    """The one-pass core keeps U (for dBr) and V (for dAr) exactly as kron_apply asks; each case is exact."""
+    from tinyrecon.functions.kron import _KronCore
+    x, Ar, Br = (torch.randn(*s, dtype=torch.float64) for s in ((3, 5, 7), (rA, 5), (rB, 7)))
+    for t, want in zip((x, Ar, Br), wants):
+        t.requires_grad_(want)
+    inputs = [t for t in (x, Ar, Br) if t.requires_grad]
+    core = _KronCore.apply(x, Ar, Br, Br.requires_grad, Ar.requires_grad)
+    expected = Ar @ x @ Br.T
+    assert_close(core, expected)
+    g = torch.randn_like(core)
+    for a, e in zip(torch.autograd.grad(core, inputs, g), torch.autograd.grad(expected, inputs, g)):
+        assert_close(a, e)
+
+
+def test_kron_passes_over_x(monkeypatch):
+    """Inference reads x in one GEMM; training reads it twice in the forward and never in the backward."""
+    rec = tr.dual_lphm_reconciliation(p=2, q=3, r=1)
+    w, x = torch.randn(rec.calculate_l(6, 12), requires_grad=True), torch.randn(4, 12)
+    passes = []
+    for name in ("bmm", "mm", "matmul"):
+        real = getattr(torch, name)
+
+        def spy(*args, _real=real, **kw):
+            passes.extend(a for a in args if isinstance(a, torch.Tensor) and a.numel() == x.numel())
+            return _real(*args, **kw)
+        monkeypatch.setattr(torch, name, spy)
+    with torch.no_grad():
+        rec.apply(x, w, n=6)
+    assert len(passes) == 1
+    y = rec.apply(x, w, n=6)
+    assert len(passes) == 3
+    y.sum().backward()
+    assert len(passes) == 3

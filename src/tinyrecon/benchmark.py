@@ -84,7 +84,7 @@ class Mode:
 
 
 QUICK = Mode(budget_s=0.1, min_reps=3, max_reps=10, max_call_s=5.0, max_random=1 << 20)
-FULL = Mode(budget_s=1.5, min_reps=5, max_reps=50, max_call_s=10.0, max_random=1 << 23)
+FULL = Mode(budget_s=1.5, min_reps=9, max_reps=50, max_call_s=10.0, max_random=1 << 23)
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,15 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .. import dispatch
-from ..base import (LAYOUTS, Reconciliation, add_bias, check_divides, check_rank, close_factor, reference,
-                    thin_matmul)
+from ..base import (LAYOUTS, Reconciliation, add_bias, channel_matmul, check_divides, check_rank, close_factor,
+                    reference)
 
 
 def _factor(F1, F2):
-    return F1 if F2 is None else torch.matmul(F1, F2)
+    return F1 if F2 is None else channel_matmul(F1, F2)
 
 
 @reference
@@ -44,28 +45,69 @@ def _thin(F1, F2):
     return None, _factor(F1, F2)
 
 
+class _KronCore(torch.autograd.Function):
+    """``core[b] = Ar @ X[b] @ Br^T`` for x (N, q, t): the only part of a Kronecker apply that reads x.
+
+    When the factors need gradients the forward keeps ``U[b] = Ar @ X[b]`` (N x rA x t) for
+    ``dBr`` and ``V[b] = Br @ X[b]^T`` (stored rB x N x q) for ``dAr``, small next to x when the
+    factors are thin, so the backward never reads x again; ``dX[b] = Ar^T @ dcore[b] @ Br`` is
+    written once. Otherwise only the cheaper of U and V is formed. Every GEMM here has x (or
+    U, V) on the right as one folded matrix, which MKL runs near the memory bound at RPN shapes.
+    """
+
+    @staticmethod
+    def forward(ctx, x, Ar, Br, keep_u, keep_v):
+        N, q, t = x.shape
+        rA, rB = Ar.shape[0], Br.shape[0]
+        use_u = keep_u or (not keep_v and rA <= rB)
+        U = V = None
+        if use_u:
+            U = torch.bmm(Ar.expand(N, rA, q), x)
+            core = torch.matmul(U, Br.T)
+        if keep_v or not use_u:
+            V = torch.mm(Br, x.reshape(N * q, t).T)
+            if not use_u:
+                core = torch.mm(Ar, V.view(rB * N, q).T).view(rA, rB, N).permute(2, 0, 1)
+        ctx.save_for_backward(U if keep_u else None, V if keep_v else None, Ar, Br)
+        ctx.x_shape = x.shape
+        return core
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dcore):
+        U, V, Ar, Br = ctx.saved_tensors
+        N, q, t = ctx.x_shape
+        rA, rB = Ar.shape[0], Br.shape[0]
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        dx = dAr = dBr = None
+        if need_a:   # sum over n and b of dcore[n, a, b] V[b, n, :]
+            dAr = torch.mm(dcore.permute(1, 2, 0).reshape(rA, rB * N), V.view(rB * N, q))
+        if need_b:   # sum over n and a of dcore[n, a, b] U[n, a, :]
+            dBr = torch.mm(dcore.reshape(N * rA, rB).T, U.view(N * rA, t))
+        if need_x:
+            G = torch.matmul(dcore, Br)                                  # (N, rA, t), small
+            dx = torch.bmm(Ar.T.expand(N, q, rA), G)
+        return dx, dAr, dBr, None, None
+
+
 @reference
 def kron_apply(x, A1, A2, B1, B2, bias, layout: str):
     if layout == "tinybig":
         A, B = _factor(A1, A2), _factor(B1, B2)
         return tinybig_outer_apply(x, A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1), A.shape[1] * B.shape[1], bias)
+    # y[n] = A X[n] B^T with A = Al @ Ar, B = Bl @ Br: the core Ar X[n] Br^T is the one pass over
+    # x, for all C channels at once (the off-diagonal channel blocks are small and dropped).
     (Al, Ar), (Bl, Br) = _thin(A1, A2), _thin(B1, B2)
-    C, q, t = Ar.shape[0], Ar.shape[2], Br.shape[2]
+    C, rA, q = Ar.shape
+    _, rB, t = Br.shape
     N = x.shape[0]
-    X = x.reshape(N, q, t)
-    # y[n, i1, i2] = sum_{j1, j2} A[i1, j1] X[n, j1, j2] B[i2, j2]. The one pass over x contracts
-    # it with the thinner of Br (over t) and Ar (over q); the rest works on the small result.
-    if Br.shape[1] <= Ar.shape[1]:
-        Z = thin_matmul(X.reshape(N * q, t), Br.reshape(-1, t)).reshape(N, q, C, Br.shape[1])
-        if Bl is not None:
-            Z = torch.einsum("nqcr,csr->nqcs", Z, Bl)
-        Y = torch.einsum("nqcs,cpq->cnps", Z, _factor(A1, A2))
-    else:
-        Z = torch.matmul(Ar.reshape(-1, q), X).reshape(N, C, Ar.shape[1], t)
-        if Al is not None:
-            Z = torch.einsum("ncrt,cpr->ncpt", Z, Al)
-        Y = torch.einsum("ncpt,cst->cnps", Z, _factor(B1, B2))
-    return add_bias(Y.reshape(C, N, Y.shape[2] * Y.shape[3]), bias)
+    Ar2, Br2 = Ar.reshape(C * rA, q), Br.reshape(C * rB, t)
+    grad = torch.is_grad_enabled()
+    core = _KronCore.apply(x.reshape(N, q, t), Ar2, Br2, grad and Br2.requires_grad, grad and Ar2.requires_grad)
+    core = core.view(N, C, rA, C, rB).diagonal(dim1=1, dim2=3)           # (N, rA, rB, C)
+    Y = core if Al is None else torch.einsum("cia,nabc->nibc", Al, core)
+    Y = Y if Bl is None else torch.einsum("cjb,nibc->nijc", Bl, Y)
+    return add_bias(Y.permute(3, 0, 1, 2).reshape(C, N, Y.shape[1] * Y.shape[2]), bias)
 
 
 def tinybig_outer_apply(x, a, b, n, bias):

@@ -13,18 +13,18 @@ from __future__ import annotations
 import torch
 
 from .. import _random, dispatch
-from ..base import Reconciliation, Seeded, add_bias, check_rank, reference, thin_matmul
+from ..base import Reconciliation, Seeded, add_bias, channel_matmul, check_rank, factor_pass, reference
 
 
 @reference
 def lowrank_build(A, B):
-    return torch.matmul(A, B)
+    return channel_matmul(A, B)
 
 
 @reference
 def lowrank_apply(x, A, B, bias):
     C, n, r = A.shape
-    U = thin_matmul(x, B.reshape(C * r, -1)).reshape(-1, C, r).transpose(0, 1)   # (C, N, r)
+    U = factor_pass(x[None], B.reshape(C * r, -1)).reshape(C, r, x.shape[0]).mT   # (C, N, r)
     return add_bias(torch.matmul(U, A.transpose(1, 2)), bias)
 
 
@@ -44,7 +44,7 @@ def rma_build(l1, l2, seed_a: int, seed_b: int, D: int):
 @reference
 def rma_apply(x, l1, l2, seed_a: int, seed_b: int, bias):
     A, B = rma_matrices(seed_a, seed_b, l1.shape[1], x.shape[1], l2.shape[1], x)
-    U = thin_matmul(x, B.T)[None] * l2[:, None, :]           # (C, N, r): the rank-r bottleneck
+    U = factor_pass(x[None], B.T)[0].T * l2[:, None, :]   # (C, N, r): the rank-r bottleneck
     return add_bias(torch.matmul(U, A.T) * l1[:, None, :], bias)
 
 

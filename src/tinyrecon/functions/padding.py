@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from .. import dispatch
-from ..base import LAYOUTS, Reconciliation, add_bias, check_divides, reference, thin_matmul
-from .kron import tinybig_outer_apply
+from ..base import LAYOUTS, Reconciliation, add_bias, check_divides, factor_pass, reference
+from .kron import kron_apply, tinybig_outer_apply
 
 
 @reference
@@ -27,14 +27,13 @@ def dup_pad_build(B, p: int, q: int, layout: str):
 
 @reference
 def dup_pad_apply(x, B, p: int, q: int, bias, layout: str):
-    C, s, t = B.shape
-    N = x.shape[0]
+    C = B.shape[0]
     if layout == "tinybig":
         a = torch.ones(C, p * q, dtype=B.dtype, device=B.device)
-        return tinybig_outer_apply(x, a, B.reshape(C, -1), p * s, bias)
-    # Every block row sees the same B: sum x's q blocks first, one small GEMM, then repeat.
-    Ys = torch.matmul(x.reshape(N, q, t).sum(1), B.reshape(C * s, t).T).reshape(N, C, s)
-    return add_bias(Ys.permute(1, 0, 2).repeat(1, 1, p), bias)
+        return tinybig_outer_apply(x, a, B.reshape(C, -1), p * B.shape[1], bias)
+    # ones(p, q) = ones(p, 1) @ ones(1, q): a Kronecker product with a rank-1 left factor, so
+    # x's q blocks are summed in the one pass and every block row repeats the same small GEMM.
+    return kron_apply(x, B.new_ones(C, p, 1), B.new_ones(C, 1, q), B, None, bias, "kron")
 
 
 @reference
@@ -49,8 +48,7 @@ def block_diag_apply(x, B, p: int, q: int, bias):
     C, s, t = B.shape
     N = x.shape[0]
     k = min(p, q)   # blocks on the diagonal; rows past them are zero
-    Xd = x.reshape(N, q, t)[:, :k].reshape(N * k, t)
-    Y = thin_matmul(Xd, B.reshape(C * s, t)).reshape(N, k, C, s).permute(2, 0, 1, 3)
+    Y = factor_pass(x.reshape(N, q, t)[:, :k], B.reshape(C * s, t)).reshape(N, C, s, k).permute(1, 0, 3, 2)
     if k < p:
         Y = torch.cat([Y, Y.new_zeros(C, N, p - k, s)], dim=2)
     return add_bias(Y.reshape(C, N, p * s), bias)
