@@ -60,14 +60,12 @@ class _KronCore(torch.autograd.Function):
         N, q, t = x.shape
         rA, rB = Ar.shape[0], Br.shape[0]
         use_u = keep_u or (not keep_v and rA <= rB)
-        U = V = None
+        U = torch.bmm(Ar.expand(N, rA, q), x) if use_u else None
+        V = torch.mm(Br, x.reshape(N * q, t).T) if keep_v or not use_u else None   # (rB, N*q)
         if use_u:
-            U = torch.bmm(Ar.expand(N, rA, q), x)
             core = torch.matmul(U, Br.T)
-        if keep_v or not use_u:
-            V = torch.mm(Br, x.reshape(N * q, t).T)
-            if not use_u:
-                core = torch.mm(Ar, V.view(rB * N, q).T).view(rA, rB, N).permute(2, 0, 1)
+        else:
+            core = torch.mm(Ar, V.view(rB * N, q).T).view(rA, rB, N).permute(2, 0, 1)
         ctx.save_for_backward(U if keep_u else None, V if keep_v else None, Ar, Br)
         ctx.x_shape = x.shape
         return core
