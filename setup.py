@@ -1,9 +1,11 @@
 """Packaging: ``src/tinyrecon`` plus the top-level ``kernels/`` as ``tinyrecon.kernels``.
 
-The optional CUDA library (``csrc/*.cu``, a plain C ABI) is compiled with nvcc into
-``tinyrecon/libtinyrecon_cuda.so`` (next to the sources for editable installs):
-``TINYRECON_BUILD_CUDA=auto`` (default) builds it when nvcc is found, ``1`` requires it,
-``0`` skips it; archs come from ``TORCH_CUDA_ARCH_LIST`` (default "8.0;9.0").
+Two optional libraries with a plain C ABI, placed in the package (next to the sources for
+editable installs), each with an ``auto`` (default: build when the compiler is found), ``1``
+(require it) or ``0`` (skip) switch:
+- ``csrc/*.cu`` compiled with nvcc into ``libtinyrecon_cuda.so`` (``TINYRECON_BUILD_CUDA``;
+  archs from ``TORCH_CUDA_ARCH_LIST``, default "8.0;9.0");
+- ``csrc/*.cpp`` compiled with the C++ compiler into ``libtinyrecon_cpu.so`` (``TINYRECON_BUILD_CPU``).
 """
 import glob
 import importlib.util
@@ -16,48 +18,63 @@ from setuptools.command.build_ext import build_ext
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _cuda_lib():
-    """src/tinyrecon/cuda_lib.py, loaded by path: the package is not importable while it builds."""
-    spec = importlib.util.spec_from_file_location("_tinyrecon_cuda_lib", os.path.join(ROOT, "src", "tinyrecon", "cuda_lib.py"))
+def _load_by_path(name):
+    """src/tinyrecon/<name>.py: the package is not importable while it builds."""
+    spec = importlib.util.spec_from_file_location(f"_tinyrecon_{name}", os.path.join(ROOT, "src", "tinyrecon", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-class BuildCuda(build_ext):
-    """Builds the CUDA library with one nvcc command instead of compiling a Python extension."""
+# extension name -> (switch variable, what it needs, module that finds the compiler and spells its command)
+LIBRARIES = {
+    "tinyrecon.libtinyrecon_cuda": ("TINYRECON_BUILD_CUDA", "nvcc", "cuda_lib"),
+    "tinyrecon.libtinyrecon_cpu": ("TINYRECON_BUILD_CPU", "a C++ compiler", "cpu_lib"),
+}
+
+
+class BuildLibraries(build_ext):
+    """Builds each library with one compiler command instead of compiling a Python extension."""
 
     def run(self):
-        mode = os.environ.get("TINYRECON_BUILD_CUDA", "auto")
-        if mode not in ("0", "1", "auto"):
-            raise SystemExit(f"TINYRECON_BUILD_CUDA must be 0, 1 or auto, got {mode!r}")
-        self.nvcc = _cuda_lib().find_nvcc() if mode != "0" else None
-        if mode == "1" and not self.nvcc:
-            raise SystemExit("TINYRECON_BUILD_CUDA=1 but nvcc was not found: put it on PATH or set CUDA_HOME "
-                             "(or TINYRECON_BUILD_CUDA=0 to install without the CUDA backend)")
-        if not self.nvcc:
-            print("tinyrecon: not building the CUDA library "
-                  + ("(TINYRECON_BUILD_CUDA=0)" if mode == "0" else "(nvcc not found)"))
-            self.extensions = []
+        self.compilers, kept = {}, []
+        for ext in self.extensions:
+            switch, needs, module = LIBRARIES[ext.name]
+            mode = os.environ.get(switch, "auto")
+            if mode not in ("0", "1", "auto"):
+                raise SystemExit(f"{switch} must be 0, 1 or auto, got {mode!r}")
+            lib = _load_by_path(module)
+            compiler = (lib.find_nvcc() if module == "cuda_lib" else lib.find_cxx()) if mode != "0" else None
+            if mode == "1" and not compiler:
+                raise SystemExit(f"{switch}=1 but {needs} was not found ({switch}=0 installs without it)")
+            if compiler:
+                self.compilers[ext.name] = (lib, compiler)
+                kept.append(ext)
+            else:
+                print(f"tinyrecon: not building {lib.LIB_NAME} " + (f"({switch}=0)" if mode == "0" else f"({needs} not found)"))
+        self.extensions = kept
         super().run()
 
     def get_ext_filename(self, fullname):
-        return os.path.join(*fullname.split(".")[:-1], _cuda_lib().LIB_NAME)
+        return os.path.join(*fullname.split(".")[:-1], fullname.split(".")[-1] + ".so")
 
     def build_extension(self, ext):
         output = self.get_ext_fullpath(ext.name)
         os.makedirs(os.path.dirname(output), exist_ok=True)
-        command = _cuda_lib().nvcc_command(self.nvcc, [os.path.join(ROOT, s) for s in ext.sources], output)
+        lib, compiler = self.compilers[ext.name]
+        sources = [os.path.join(ROOT, s) for s in ext.sources]
+        command = (lib.nvcc_command if ext.name.endswith("cuda") else lib.cxx_command)(compiler, sources, output)
         print("tinyrecon: " + " ".join(command))
         if subprocess.run(command).returncode:
-            raise SystemExit("tinyrecon: nvcc failed to build the CUDA library (see above); "
-                             "TINYRECON_BUILD_CUDA=0 installs without the CUDA backend")
+            raise SystemExit(f"tinyrecon: building {lib.LIB_NAME} failed (see above); "
+                             f"{LIBRARIES[ext.name][0]}=0 installs without it")
 
 
 setup(
     packages=["tinyrecon", "tinyrecon.functions", "tinyrecon.kernels"],
     package_dir={"tinyrecon": "src/tinyrecon", "tinyrecon.kernels": "kernels"},
     ext_modules=[Extension("tinyrecon.libtinyrecon_cuda", sources=sorted(glob.glob("csrc/*.cu")),
-                           depends=sorted(glob.glob("csrc/*.cuh")))],
-    cmdclass={"build_ext": BuildCuda},
+                           depends=sorted(glob.glob("csrc/*.cuh"))),
+                 Extension("tinyrecon.libtinyrecon_cpu", sources=sorted(glob.glob("csrc/*.cpp")))],
+    cmdclass={"build_ext": BuildLibraries},
 )

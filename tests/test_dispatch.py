@@ -6,10 +6,22 @@ import tinyrecon as tr
 from tinyrecon import dispatch
 
 
-def test_auto_on_cpu_is_torch(monkeypatch):
+def test_auto_on_cpu_is_the_cpu_library_where_it_has_the_op_else_torch(monkeypatch):
     monkeypatch.delenv("TINYRECON_BACKEND", raising=False)
-    for op in dispatch.OPS:
-        assert dispatch.resolve(op, "cpu") == "torch"
+    library = dispatch.why_not("cpu", None, "cpu") == ""
+    for op, modules in dispatch.OPS.items():
+        has_kernel = modules[dispatch.BACKENDS.index("cpu")] is not None
+        assert dispatch.resolve(op, "cpu") == ("cpu" if library and has_kernel else "torch"), op
+
+
+def test_cpu_library_is_built_where_a_compiler_is():
+    """pip install builds the CPU library whenever a C++ compiler is found (TINYRECON_BUILD_CPU=auto)."""
+    import os
+
+    from tinyrecon import cpu_lib
+    if os.environ.get("TINYRECON_BUILD_CPU") == "0" or not cpu_lib.find_cxx():
+        pytest.skip("no C++ compiler here, or the build was switched off")
+    assert cpu_lib.load_error() == ""
 
 
 def test_every_op_has_a_torch_reference_with_that_name():

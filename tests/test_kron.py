@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import tinyrecon as tr
+from tinyrecon import dispatch
 from tinyrecon.functions import kron
 from conftest import DEVICE, DTYPES, assert_close, backends_for, check_compiles_to_one_op
 
@@ -245,17 +246,33 @@ def test_torch_compile_sees_one_op(backend):
     check_compiles_to_one_op(tr.dual_lphm_reconciliation(p=2, q=3, r=1), 6, 12, backend)
 
 
+def _passes():
+    """Each implementation of the Kronecker core's pass over x; the CPU library's skips where it is not built."""
+    from tinyrecon import cpu_lib
+    reason = cpu_lib.load_error()
+    return [pytest.param("torch", id="torch"),
+            pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(bool(reason), reason=reason))]
+
+
+def _x_ops(name):
+    if name == "torch":
+        return kron.TORCH_X_OPS
+    from tinyrecon import cpu_ops
+    return cpu_ops.X_OPS
+
+
+@pytest.mark.parametrize("passes", _passes())
 @pytest.mark.parametrize("rA,rB", [(2, 4), (4, 2)])
 @pytest.mark.parametrize("wants", [(True, True, True), (False, True, False), (False, False, True), (True, False, False)],
                          ids=["all", "Ar", "Br", "x"])
-def test_kron_core_grads(wants, rA, rB):
+def test_kron_core_grads(wants, rA, rB, passes):
     """The one-pass core keeps U (for dBr) and V (for dAr) exactly as kron_apply asks; each case is exact."""
     from tinyrecon.functions.kron import _KronCore
     x, Ar, Br = (torch.randn(*s, dtype=torch.float64) for s in ((3, 5, 7), (rA, 5), (rB, 7)))
     for t, want in zip((x, Ar, Br), wants):
         t.requires_grad_(want)
     inputs = [t for t in (x, Ar, Br) if t.requires_grad]
-    core = _KronCore.apply(x, Ar, Br, Br.requires_grad, Ar.requires_grad)
+    core = _KronCore.apply(x, Ar, Br, Br.requires_grad, Ar.requires_grad, _x_ops(passes))
     expected = Ar @ x @ Br.T
     assert_close(core, expected)
     g = torch.randn_like(core)
@@ -263,22 +280,122 @@ def test_kron_core_grads(wants, rA, rB):
         assert_close(a, e)
 
 
-def test_kron_passes_over_x(monkeypatch):
-    """Inference reads x in one GEMM; training reads it twice in the forward and never in the backward."""
+@pytest.mark.parametrize("passes", _passes())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("N,M,K,RA,RB", [(3, 5, 7, 2, 3), (2, 17, 4099, 5, 1), (1, 9, 70001, 4, 6), (4, 1, 1, 9, 8),
+                                         (5, 0, 3, 2, 2), (0, 4, 3, 1, 1)])
+def test_kron_passes_match_their_definition(N, M, K, RA, RB, dtype, passes):
+    """U = L @ X[b] and V = R @ X^T for ranks above and below the kernel's register groups (4),
+    K past its blocks and not a multiple of the vector width, M not a multiple of its row tile,
+    empty sizes, and a non-contiguous x; each of U and V alone too."""
+    x = torch.randn(N, M, 2 * K, dtype=dtype)[..., ::2]
+    L, R = torch.randn(RA, M, dtype=dtype), torch.randn(RB, K, dtype=dtype)
+    U_ref = (L.double() @ x.double()).to(dtype)
+    V_ref = (R.double() @ x.double().reshape(N * M, K).T).to(dtype)
+    for want_u, want_v in ((True, True), (True, False), (False, True)):
+        U, V = _x_ops(passes).passes(x, L, R, want_u, want_v)
+        assert (U is None) != want_u and (V is None) != want_v
+        if want_u:
+            assert U.shape == (N, RA, K) and U.dtype == dtype
+            assert_close(U, U_ref)
+        if want_v:
+            assert V.shape == (RB, N * M) and V.dtype == dtype
+            assert_close(V, V_ref)
+
+
+@pytest.mark.parametrize("passes", _passes())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("N,M,K,RA", [(3, 5, 7, 2), (2, 17, 4099, 5), (1, 9, 70001, 7), (4, 1, 1, 9), (5, 0, 3, 2),
+                                      (0, 4, 3, 1), (2, 3, 4, 0)])
+def test_kron_expand_matches_its_definition(N, M, K, RA, dtype, passes):
+    """dX[b] = L^T @ G[b]: ranks around the tile, long K, short last tiles, empty sizes, a strided G."""
+    G = torch.randn(N, RA, 2 * K, dtype=dtype)[..., ::2]
+    L = torch.randn(RA, M, dtype=dtype)
+    dx = _x_ops(passes).expand(G, L)
+    assert dx.shape == (N, M, K) and dx.dtype == dtype
+    assert_close(dx, (L.double().T @ G.double()).to(dtype))
+
+
+@pytest.mark.parametrize("passes", _passes())
+def test_kron_passes_over_x(passes, monkeypatch):
+    """Inference reads x once; training reads it in the forward only (twice with torch GEMMs, once
+    with the CPU library's one-read kernel) and never in the backward."""
     rec = tr.dual_lphm_reconciliation(p=2, q=3, r=1)
     w, x = torch.randn(rec.calculate_l(6, 12), requires_grad=True), torch.randn(4, 12)
-    passes = []
-    for name in ("bmm", "mm", "matmul"):
-        real = getattr(torch, name)
+    reads = []
+    if passes == "torch":
+        for name in ("bmm", "mm", "matmul"):
+            real = getattr(torch, name)
 
-        def spy(*args, _real=real, **kw):
-            passes.extend(a for a in args if isinstance(a, torch.Tensor) and a.numel() == x.numel())
-            return _real(*args, **kw)
-        monkeypatch.setattr(torch, name, spy)
+            def spy(*args, _real=real, **kw):
+                reads.extend(a for a in args if isinstance(a, torch.Tensor) and a.numel() == x.numel())
+                return _real(*args, **kw)
+            monkeypatch.setattr(torch, name, spy)
+    else:
+        from tinyrecon import cpu_lib
+        real_call = cpu_lib.call
+        monkeypatch.setattr(cpu_lib, "call", lambda name, *a: reads.append(name) or real_call(name, *a))
     with torch.no_grad():
-        rec.apply(x, w, n=6)
-    assert len(passes) == 1
-    y = rec.apply(x, w, n=6)
-    assert len(passes) == 3
+        rec.apply(x, w, n=6, backend=passes)
+    assert len(reads) == 1
+    y = rec.apply(x, w, n=6, backend=passes)
+    in_forward = len(reads)
+    assert in_forward == (3 if passes == "torch" else 2)
     y.sum().backward()
-    assert len(passes) == 3
+    assert len(reads) == in_forward
+
+
+def _isa_levels():
+    """-march levels this CPU can run (x86-64 with GCC only: elsewhere the library has no clones)."""
+    import platform
+    import shutil
+    if platform.machine() != "x86_64" or not shutil.which("g++"):
+        return []
+    flags = open("/proc/cpuinfo").read()
+    return ["x86-64"] + ["x86-64-v3"] * ("avx2" in flags) + ["x86-64-v4"] * ("avx512f" in flags)
+
+
+@pytest.mark.parametrize("march", _isa_levels())
+def test_cpu_library_is_right_at_each_isa_level(march, tmp_path, monkeypatch):
+    """The installed library runs the best clone this CPU has; each other clone (SSE2, AVX2) is
+    built here alone, warning-free, and checked on the Kronecker apply and its gradients."""
+    import subprocess
+
+    from tinyrecon import cpu_lib
+    out = str(tmp_path / f"lib-{march}.so")
+    command = cpu_lib.cxx_command("g++", ["csrc/kron_cpu.cpp"], out, werror=True) + ["-DTR_NO_CLONES", f"-march={march}"]
+    root = __file__.rsplit("/tests/", 1)[0]
+    assert subprocess.run(command, cwd=root).returncode == 0
+    monkeypatch.setattr(cpu_lib, "_load", lambda: (cpu_lib.open_library(out), ""))
+    for dtype in (torch.float32, torch.float64):
+        for x_shape, RA, RB in (((3, 5, 7), 2, 3), ((2, 17, 1031), 5, 7)):
+            x = torch.randn(*x_shape, dtype=dtype)
+            L, R = torch.randn(RA, x_shape[1], dtype=dtype), torch.randn(RB, x_shape[2], dtype=dtype)
+            U, V = _x_ops("cpu").passes(x, L, R, True, True)
+            assert_close(U, L @ x)
+            assert_close(V, R @ x.reshape(-1, x_shape[2]).T)
+            G = torch.randn(x_shape[0], RA, x_shape[2], dtype=dtype)
+            assert_close(_x_ops("cpu").expand(G, L), L.T @ G)
+
+
+@pytest.mark.skipif(bool(dispatch.why_not("cpu", "kron_apply", "cpu")), reason="no CPU library here")
+def test_cpu_kernels_take_big_x_with_thin_factors(monkeypatch):
+    """The kernels run where they pay: a big x and factor rows that fit one K block; else torch's GEMMs."""
+    from tinyrecon import cpu_lib, cpu_ops
+    monkeypatch.setattr(cpu_ops, "_MIN_ELEMENTS", 1 << 20)
+    calls = []
+    real_call = cpu_lib.call
+    monkeypatch.setattr(cpu_lib, "call", lambda name, *a: calls.append(name) or real_call(name, *a))
+    both = ["tinyrecon_cpu_kron_pass", "tinyrecon_cpu_kron_expand"]
+    cases = [(tr.dual_lphm_reconciliation(p=2, q=64, r=2), 2, 1 << 16, 32, both),   # x 2M elements, thin
+             (tr.dual_lphm_reconciliation(p=2, q=64, r=2), 2, 1 << 16, 8, []),      # x 512K elements
+             # B (32 x 32768) too wide for the pass; dx only needs A's 2 rows, which fit
+             (tr.hm_reconciliation(p=2, q=2), 64, 1 << 16, 32, ["tinyrecon_cpu_kron_expand"])]
+    for rec, n, D, N, expected in cases:
+        calls.clear()
+        w = torch.randn(rec.calculate_l(n, D), requires_grad=True)
+        x = torch.randn(N, D, requires_grad=True)
+        y = rec.apply(x, w, n=n, backend="cpu")
+        y.sum().backward()
+        assert calls == expected, (n, D, N)
+        assert_close(y, rec.apply(x, w, n=n, backend="torch"))

@@ -148,4 +148,6 @@ def test_grads_match_reference(kind, backend, dtype, n, D, p, q):
 
 @pytest.mark.parametrize("kind,backend", fused())
 def test_torch_compile_sees_one_op(kind, backend):
+    if (kind, backend) == ("tinybig", "cpu"):
+        pytest.skip("the CPU library has no kernel for layout='tinybig': the torch reference runs it")
     check_compiles_to_one_op(make(kind, 3, 2), 15, 14, backend)

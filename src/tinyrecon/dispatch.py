@@ -4,7 +4,7 @@ A backend runs an op when it is *available* (its library imports) and it
 *accepts the device* of the tensors. ``backend="auto"`` (the default) tries the
 device's preference list in order; a user picks one per call (``backend=``),
 per block (``with tr.use_backend("triton"):``) or per process
-(``TINYRECON_BACKEND=torch|triton|cuda``), in that order of precedence.
+(``TINYRECON_BACKEND=torch|triton|cuda|cpu``), in that order of precedence.
 Asking for a backend that cannot run raises :class:`BackendUnavailable` saying why.
 """
 from __future__ import annotations
@@ -14,14 +14,15 @@ import importlib
 import os
 import threading
 
-BACKENDS = ("torch", "triton", "cuda")
+BACKENDS = ("torch", "triton", "cuda", "cpu")
 
-# device type -> backends tried by "auto", best first. Per-op exceptions for CUDA
+# device type -> backends tried by "auto", best first ("cpu" is the C++ library of csrc/*.cpp,
+# which has kernels for a few ops only; the others fall through to torch). Per-op exceptions for CUDA
 # devices (where the committed GPU benchmarks show the CUDA library faster) live
 # in AUTO_CUDA_OPS; everything else on a GPU goes to Triton.
 AUTO = {
     "cuda": ("triton", "torch"),
-    "cpu": ("torch",),
+    "cpu": ("cpu", "torch"),
     "mps": ("torch",),
 }
 AUTO_CUDA_OPS: frozenset = frozenset()
@@ -29,23 +30,23 @@ AUTO_CUDA_OPS: frozenset = frozenset()
 # op name -> module implementing it for each backend. Every module exposes the op
 # under the same name with the same signature as the torch reference.
 OPS = {
-    # op                      torch reference                  triton                cuda
-    "kron_build":           ("tinyrecon.functions.kron",     "tinyrecon.kernels.kron", "tinyrecon.cuda_ops"),
-    "kron_apply":           ("tinyrecon.functions.kron",     "tinyrecon.kernels.kron", "tinyrecon.cuda_ops"),
-    "dup_pad_build":        ("tinyrecon.functions.padding",  "tinyrecon.kernels.padding", None),
-    "dup_pad_apply":        ("tinyrecon.functions.padding",  "tinyrecon.kernels.padding", None),
-    "block_diag_build":     ("tinyrecon.functions.padding",  "tinyrecon.kernels.padding", "tinyrecon.cuda_ops"),
-    "block_diag_apply":     ("tinyrecon.functions.padding",  "tinyrecon.kernels.padding", "tinyrecon.cuda_ops"),
-    "lowrank_build":        ("tinyrecon.functions.lowrank",  "tinyrecon.kernels.lowrank", "tinyrecon.cuda_ops"),
-    "lowrank_apply":        ("tinyrecon.functions.lowrank",  "tinyrecon.kernels.lowrank", "tinyrecon.cuda_ops"),
-    "rma_build":            ("tinyrecon.functions.lowrank",  "tinyrecon.kernels.lowrank", None),
-    "rma_apply":            ("tinyrecon.functions.lowrank",  "tinyrecon.kernels.lowrank", None),
-    "masking_build":        ("tinyrecon.functions.masking",  "tinyrecon.kernels.masking", None),
-    "masking_apply":        ("tinyrecon.functions.masking",  "tinyrecon.kernels.masking", None),
-    "hypernet_build":       ("tinyrecon.functions.hypernet", "tinyrecon.kernels.hypernet", None),
-    "hypernet_apply":       ("tinyrecon.functions.hypernet", "tinyrecon.kernels.hypernet", None),
-    "rmh_build":            ("tinyrecon.functions.hypernet", "tinyrecon.kernels.hypernet", None),
-    "rmh_apply":            ("tinyrecon.functions.hypernet", "tinyrecon.kernels.hypernet", None),
+    # op                      torch reference                  triton                cuda                  cpu
+    "kron_build":           ("tinyrecon.functions.kron",     "tinyrecon.kernels.kron", "tinyrecon.cuda_ops", "tinyrecon.cpu_ops"),
+    "kron_apply":           ("tinyrecon.functions.kron",     "tinyrecon.kernels.kron", "tinyrecon.cuda_ops", "tinyrecon.cpu_ops"),
+    "dup_pad_build":        ("tinyrecon.functions.padding",  "tinyrecon.kernels.padding", None, "tinyrecon.cpu_ops"),
+    "dup_pad_apply":        ("tinyrecon.functions.padding",  "tinyrecon.kernels.padding", None, "tinyrecon.cpu_ops"),
+    "block_diag_build":     ("tinyrecon.functions.padding",  "tinyrecon.kernels.padding", "tinyrecon.cuda_ops", None),
+    "block_diag_apply":     ("tinyrecon.functions.padding",  "tinyrecon.kernels.padding", "tinyrecon.cuda_ops", None),
+    "lowrank_build":        ("tinyrecon.functions.lowrank",  "tinyrecon.kernels.lowrank", "tinyrecon.cuda_ops", None),
+    "lowrank_apply":        ("tinyrecon.functions.lowrank",  "tinyrecon.kernels.lowrank", "tinyrecon.cuda_ops", None),
+    "rma_build":            ("tinyrecon.functions.lowrank",  "tinyrecon.kernels.lowrank", None, None),
+    "rma_apply":            ("tinyrecon.functions.lowrank",  "tinyrecon.kernels.lowrank", None, None),
+    "masking_build":        ("tinyrecon.functions.masking",  "tinyrecon.kernels.masking", None, None),
+    "masking_apply":        ("tinyrecon.functions.masking",  "tinyrecon.kernels.masking", None, None),
+    "hypernet_build":       ("tinyrecon.functions.hypernet", "tinyrecon.kernels.hypernet", None, None),
+    "hypernet_apply":       ("tinyrecon.functions.hypernet", "tinyrecon.kernels.hypernet", None, None),
+    "rmh_build":            ("tinyrecon.functions.hypernet", "tinyrecon.kernels.hypernet", None, None),
+    "rmh_apply":            ("tinyrecon.functions.hypernet", "tinyrecon.kernels.hypernet", None, None),
 }
 
 
@@ -77,6 +78,9 @@ def _load_library(backend: str) -> str:
     if backend == "cuda":
         from . import cuda_lib
         return cuda_lib.load_error()
+    if backend == "cpu":
+        from . import cpu_lib
+        return cpu_lib.load_error()
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or 'auto'")
 
 
@@ -92,6 +96,8 @@ def why_not(backend: str, op: str | None, device_type: str) -> str:
                 "for CPU tensors set TRITON_INTERPRET=1 before importing triton")
     if backend == "cuda" and device_type != "cuda":
         return f"the CUDA library runs on CUDA tensors (got a {device_type} tensor)"
+    if backend == "cpu" and device_type != "cpu":
+        return f"the CPU library runs on CPU tensors (got a {device_type} tensor)"
     return _library_status(backend)
 
 
@@ -100,7 +106,7 @@ _local = threading.local()
 
 @contextlib.contextmanager
 def use_backend(backend: str):
-    """Run ops in this block on ``backend`` ('torch', 'triton', 'cuda' or 'auto')."""
+    """Run ops in this block on ``backend`` ('torch', 'triton', 'cuda', 'cpu' or 'auto')."""
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or 'auto'")
     previous = getattr(_local, "backend", None)

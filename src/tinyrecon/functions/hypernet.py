@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import _random, dispatch
-from ..base import Reconciliation, Seeded, add_bias, check_rank, reference
+from ..base import _HALF, Reconciliation, Seeded, add_bias, check_rank, reference
 
 _SLICE = 1 << 22   # random numbers generated per slice of W, to bound memory
 
@@ -114,8 +114,9 @@ class hypernet_reconciliation(Seeded, Reconciliation):
         return self.net
 
     def _hvec(self, w):
-        W1, b1 = self.first_layer(w)
-        return torch.sigmoid(torch.matmul(w, W1.T) + b1)
+        wf = w.float() if w.dtype in _HALF else w   # as in random_matrix_hypernet's _z
+        W1, b1 = self.first_layer(wf)
+        return torch.sigmoid(torch.matmul(wf, W1.T) + b1).to(w.dtype)
 
     def _build(self, n, D, w, backend):
         net = self._trainable(n, D)
@@ -155,8 +156,10 @@ class random_matrix_hypernet_reconciliation(Seeded, Reconciliation):
         return [_random.randn(self.stream_seed(i), s, like.device, like.dtype) for i, s in enumerate(shapes)]
 
     def _z(self, w):
-        P, Q, S = self.small_matrices(w)
-        return torch.matmul(torch.sigmoid(torch.matmul(torch.matmul(w, P), Q.T)), S)
+        # fp16/bf16: the frozen matrices and the chain in fp32, rounded once (they are tiny).
+        wf = w.float() if w.dtype in _HALF else w
+        P, Q, S = self.small_matrices(wf)
+        return torch.matmul(torch.sigmoid(torch.matmul(torch.matmul(wf, P), Q.T)), S).to(w.dtype)
 
     def _build(self, n, D, w, backend):
         return dispatch.get("rmh_build", w.device.type, backend)(self._z(w), self.stream_seed(3), n, D)

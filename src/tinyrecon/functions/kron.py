@@ -7,11 +7,13 @@ hm reads A and B from w; lphm builds ``B = S @ T`` (rank r); dual_lphm also ``A 
 
 Ops (dispatch names): ``kron_build(A1, A2, B1, B2, layout) -> (C, n, D)`` and
 ``kron_apply(x, A1, A2, B1, B2, bias, layout) -> (C, N, n)``, where ``A = A1 @ A2`` when
-``A2`` is given, else ``A = A1`` (likewise B). Triton: ``kernels/kron.py``; CUDA: ``csrc/kron.cu``.
+``A2`` is given, else ``A = A1`` (likewise B). Triton: ``kernels/kron.py``; CUDA: ``csrc/kron.cu``;
+CPU: ``csrc/kron_cpu.cpp`` (what reads and writes x, see ``XOps``), glued in ``cpu_ops.py``.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -45,29 +47,56 @@ def _thin(F1, F2):
     return None, _factor(F1, F2)
 
 
+def torch_passes(x, Ar, Br, want_u: bool, want_v: bool):
+    """``(U, V)`` with ``U[b] = Ar @ X[b]`` (N, rA, t) and ``V = Br @ x.reshape(N*q, t)^T`` (rB, N*q),
+    each only when wanted (else None): every read of x a Kronecker apply makes.
+
+    Two GEMMs with x on the right as one folded matrix, which MKL runs near the memory bound on
+    some CPUs; the CPU backend computes both in one read of x instead (``csrc/kron_cpu.cpp``).
+    """
+    N, q, t = x.shape
+    U = torch.bmm(Ar.expand(N, Ar.shape[0], q), x) if want_u else None
+    V = torch.mm(Br, x.reshape(N * q, t).T) if want_v else None
+    return U, V
+
+
+def torch_expand(G, Ar):
+    """``dX[b] = Ar^T @ G[b]`` for G (N, rA, t): (N, q, t), the one write of dx."""
+    return torch.bmm(Ar.T.expand(G.shape[0], Ar.shape[1], Ar.shape[0]), G)
+
+
+class XOps(NamedTuple):
+    """The two parts of a Kronecker apply that touch x (a backend may replace both)."""
+    passes: Callable   # (x, Ar, Br, want_u, want_v) -> (U or None, V or None), as torch_passes
+    expand: Callable   # (G, Ar) -> dx, as torch_expand
+
+
+TORCH_X_OPS = XOps(torch_passes, torch_expand)
+
+
 class _KronCore(torch.autograd.Function):
     """``core[b] = Ar @ X[b] @ Br^T`` for x (N, q, t): the only part of a Kronecker apply that reads x.
 
     When the factors need gradients the forward keeps ``U[b] = Ar @ X[b]`` (N x rA x t) for
     ``dBr`` and ``V[b] = Br @ X[b]^T`` (stored rB x N x q) for ``dAr``, small next to x when the
     factors are thin, so the backward never reads x again; ``dX[b] = Ar^T @ dcore[b] @ Br`` is
-    written once. Otherwise only the cheaper of U and V is formed. Every GEMM here has x (or
-    U, V) on the right as one folded matrix, which MKL runs near the memory bound at RPN shapes.
+    written once. Otherwise only one of U and V is formed: U unless V is less than half its size
+    (duplicated_padding's rank-1 left factor makes U (N, 1, t) huge next to V (s, N*q)). ``x_ops`` reads and writes x
+    (``TORCH_X_OPS``, or a backend's kernels with the same contract).
     """
 
     @staticmethod
-    def forward(ctx, x, Ar, Br, keep_u, keep_v):
+    def forward(ctx, x, Ar, Br, keep_u, keep_v, x_ops):
         N, q, t = x.shape
         rA, rB = Ar.shape[0], Br.shape[0]
-        use_u = keep_u or (not keep_v and rA <= rB)
-        U = torch.bmm(Ar.expand(N, rA, q), x) if use_u else None
-        V = torch.mm(Br, x.reshape(N * q, t).T) if keep_v or not use_u else None   # (rB, N*q)
+        use_u = keep_u or (not keep_v and rA * t <= 2 * rB * q)
+        U, V = x_ops.passes(x, Ar, Br, use_u, keep_v or not use_u)
         if use_u:
             core = torch.matmul(U, Br.T)
         else:
             core = torch.mm(Ar, V.view(rB * N, q).T).view(rA, rB, N).permute(2, 0, 1)
         ctx.save_for_backward(U if keep_u else None, V if keep_v else None, Ar, Br)
-        ctx.x_shape = x.shape
+        ctx.x_shape, ctx.expand = x.shape, x_ops.expand
         return core
 
     @staticmethod
@@ -83,13 +112,12 @@ class _KronCore(torch.autograd.Function):
         if need_b:   # sum over n and a of dcore[n, a, b] U[n, a, :]
             dBr = torch.mm(dcore.reshape(N * rA, rB).T, U.view(N * rA, t))
         if need_x:
-            G = torch.matmul(dcore, Br)                                  # (N, rA, t), small
-            dx = torch.bmm(Ar.T.expand(N, q, rA), G)
-        return dx, dAr, dBr, None, None
+            dx = ctx.expand(torch.matmul(dcore, Br), Ar)                 # via G (N, rA, t), small
+        return dx, dAr, dBr, None, None, None
 
 
 @reference
-def kron_apply(x, A1, A2, B1, B2, bias, layout: str):
+def kron_apply(x, A1, A2, B1, B2, bias, layout: str, x_ops=TORCH_X_OPS):
     if layout == "tinybig":
         A, B = _factor(A1, A2), _factor(B1, B2)
         return tinybig_outer_apply(x, A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1), A.shape[1] * B.shape[1], bias)
@@ -101,11 +129,14 @@ def kron_apply(x, A1, A2, B1, B2, bias, layout: str):
     N = x.shape[0]
     Ar2, Br2 = Ar.reshape(C * rA, q), Br.reshape(C * rB, t)
     grad = torch.is_grad_enabled()
-    core = _KronCore.apply(x.reshape(N, q, t), Ar2, Br2, grad and Br2.requires_grad, grad and Ar2.requires_grad)
-    core = core.view(N, C, rA, C, rB).diagonal(dim1=1, dim2=3)           # (N, rA, rB, C)
-    Y = core if Al is None else torch.einsum("cia,nabc->nibc", Al, core)
-    Y = Y if Bl is None else torch.einsum("cjb,nibc->nijc", Bl, Y)
-    return add_bias(Y.permute(3, 0, 1, 2).reshape(C, N, Y.shape[1] * Y.shape[2]), bias)
+    core = _KronCore.apply(x.reshape(N, q, t), Ar2, Br2, grad and Br2.requires_grad, grad and Ar2.requires_grad,
+                          x_ops)
+    core = core.view(N, C, rA, C, rB).diagonal(dim1=1, dim2=3).permute(3, 0, 1, 2)   # (C, N, rA, rB)
+    # matmul, not einsum: its output layout is fixed, so torch.compile's traced reshape stays valid
+    # (a broadcast product's strides can differ between fake and real tensors).
+    Y = core if Al is None else torch.matmul(Al[:, None], core)                      # (C, N, p, rB)
+    Y = Y if Bl is None else torch.matmul(Y, Bl[:, None].transpose(2, 3))            # (C, N, p, s)
+    return add_bias(Y.reshape(C, N, Y.shape[2] * Y.shape[3]), bias)
 
 
 def tinybig_outer_apply(x, a, b, n, bias):

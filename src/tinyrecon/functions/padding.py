@@ -5,7 +5,8 @@ duplicated_diagonal_padding: ``W = eye(p, q) kron B`` (block diagonal when p = q
 
 Ops: ``dup_pad_build(B, p, q, layout)``, ``dup_pad_apply(x, B, p, q, bias, layout)``,
 ``block_diag_build(B, p, q)``, ``block_diag_apply(x, B, p, q, bias)``; ``B`` is (C, s, t).
-Triton: ``kernels/padding.py``; CUDA: ``csrc/padding.cu``.
+Triton: ``kernels/padding.py``; CUDA: ``csrc/padding.cu``; CPU: duplicated_padding through the
+Kronecker kernels of ``csrc/kron_cpu.cpp`` (``cpu_ops.py``).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from .. import dispatch
 from ..base import LAYOUTS, Reconciliation, add_bias, check_divides, factor_pass, reference
-from .kron import kron_apply, tinybig_outer_apply
+from .kron import TORCH_X_OPS, kron_apply, tinybig_outer_apply
 
 
 @reference
@@ -26,14 +27,14 @@ def dup_pad_build(B, p: int, q: int, layout: str):
 
 
 @reference
-def dup_pad_apply(x, B, p: int, q: int, bias, layout: str):
+def dup_pad_apply(x, B, p: int, q: int, bias, layout: str, x_ops=TORCH_X_OPS):
     C = B.shape[0]
     if layout == "tinybig":
         a = torch.ones(C, p * q, dtype=B.dtype, device=B.device)
         return tinybig_outer_apply(x, a, B.reshape(C, -1), p * B.shape[1], bias)
     # ones(p, q) = ones(p, 1) @ ones(1, q): a Kronecker product with a rank-1 left factor, so
     # x's q blocks are summed in the one pass and every block row repeats the same small GEMM.
-    return kron_apply(x, B.new_ones(C, p, 1), B.new_ones(C, 1, q), B, None, bias, "kron")
+    return kron_apply(x, B.new_ones(C, p, 1), B.new_ones(C, 1, q), B, None, bias, "kron", x_ops)
 
 
 @reference

@@ -1,0 +1,292 @@
+// Kronecker family on the CPU (functions/kron.py, tinyrecon/cpu_ops.py): what reads or writes x.
+//
+// pass:   for x (N, M, K), L (RA, M) and R (RB, K), one read of x gives both
+//           U[b] = L @ X[b]   (N, RA, K)   and   V[:, b, :] = R @ X[b]^T   (RB, N, M),
+//         everything a Kronecker apply and its weight gradients need from x. BLAS makes two
+//         reads of x for that, and its skinny-GEMM kernels (RA, RB ~ 5) run well below the
+//         memory bound on some CPUs. Here x is read in tiles of 4 rows by one K block (kept in
+//         L1); each row of the tile is used for all RB dot products (4 x 6 accumulators in
+//         registers) and all RA axpys while it is there.
+// expand: dX[b] = L^T @ G[b] for G (N, RA, K): the backward's one write of dx.
+// K blocks keep the factor rows of a block in L2 however long K is. Batches are split over
+// pthreads (an OpenMP runtime beside torch's would fight it for the cores). Plain C ABI, loaded
+// with ctypes; each entry point returns 0, or 1 for bad arguments.
+#include <pthread.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#define TR_EXPORT extern "C" __attribute__((visibility("default")))
+#define TR_INLINE inline __attribute__((always_inline))
+// One clone per ISA level, picked when the library loads: built once, right on any x86-64.
+// (TR_NO_CLONES builds one level, the compiler's -march: the tests check each level that way.)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(TR_NO_CLONES)
+#define TR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define TR_CLONES
+#endif
+
+namespace {
+
+using i64 = int64_t;
+constexpr int TILE = 4;                  // rows of x per tile
+constexpr int GROUP = 6;                 // factor rows per register group (4 x 6 accumulators)
+constexpr i64 L1_TILE = 16 * 1024;       // bytes of x per tile
+constexpr i64 L2_FACTORS = 256 * 1024;   // bytes of factor rows per K block
+
+// 64-byte vectors: one AVX-512 register, two AVX2 or four SSE registers in the other clones.
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <typename T>
+using vec = typename Vec<T>::type;
+template <typename T>
+constexpr int W = 64 / sizeof(T);
+
+template <typename T>
+TR_INLINE vec<T> load(const T* p) {
+  vec<T> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename T>
+TR_INLINE void store(T* p, vec<T> v) {
+  std::memcpy(p, &v, sizeof v);
+}
+template <typename T>
+TR_INLINE T hsum(vec<T> v) {
+  T s = 0;
+  for (int l = 0; l < W<T>; ++l) s += v[l];
+  return s;
+}
+
+// out[i][r] += <x_i, f_r> over n elements, for the TILE rows x_i and NR factor rows f_r.
+template <typename T, int NR>
+TR_INLINE void dots(const T* const* x, const T* const* f, i64 n, T out[TILE][GROUP]) {
+  vec<T> acc[TILE][NR] = {};
+  i64 k = 0;
+  for (; k + W<T> <= n; k += W<T>) {
+    vec<T> fv[NR];
+    for (int r = 0; r < NR; ++r) fv[r] = load(f[r] + k);
+    for (int i = 0; i < TILE; ++i) {
+      const vec<T> xv = load(x[i] + k);
+      for (int r = 0; r < NR; ++r) acc[i][r] += xv * fv[r];
+    }
+  }
+  for (int i = 0; i < TILE; ++i)
+    for (int r = 0; r < NR; ++r) {
+      T s = hsum<T>(acc[i][r]);
+      for (i64 kk = k; kk < n; ++kk) s += x[i][kk] * f[r][kk];
+      out[i][r] += s;
+    }
+}
+
+// u_a += sum_i c[a][i] x_i over n elements, for NA rows u_a. The coefficients and pointers are
+// copied into locals first: a store through u could alias them, and they would be reloaded.
+template <typename T, int NA>
+TR_INLINE void axpys(const T* const* xs, T* const* us, const T c[GROUP][TILE], i64 n) {
+  const T* x[TILE];
+  T* u[NA];
+  vec<T> cv[NA][TILE];
+  for (int i = 0; i < TILE; ++i) x[i] = xs[i];
+  for (int a = 0; a < NA; ++a) {
+    u[a] = us[a];
+    for (int i = 0; i < TILE; ++i) cv[a][i] = vec<T>{} + c[a][i];   // broadcast
+  }
+  i64 k = 0;
+  for (; k + W<T> <= n; k += W<T>) {
+    vec<T> xv[TILE];
+    for (int i = 0; i < TILE; ++i) xv[i] = load(x[i] + k);
+    for (int a = 0; a < NA; ++a) {
+      vec<T> uv = load(u[a] + k);
+      for (int i = 0; i < TILE; ++i) uv += cv[a][i] * xv[i];
+      store(u[a] + k, uv);
+    }
+  }
+  for (; k < n; ++k)
+    for (int a = 0; a < NA; ++a)
+      for (int i = 0; i < TILE; ++i) u[a][k] += c[a][i] * x[i][k];
+}
+
+template <typename T>
+struct Job {
+  const T *x, *L, *R;   // expand: x is G, the input
+  T *U, *V;             // expand: U is dx, the output
+  i64 N, M, K, RA, RB, b0, b1;
+  bool expand;
+};
+
+// K block: the factor rows of one block stay in L2, the 4 rows of x of a tile in L1.
+template <typename T>
+TR_INLINE i64 k_block(i64 factor_rows) {
+  const i64 kb = std::min(L1_TILE / i64(TILE * sizeof(T)), L2_FACTORS / i64(sizeof(T) * std::max<i64>(factor_rows, 1)));
+  return std::max<i64>(kb - kb % W<T>, W<T>);
+}
+
+// dX[b] = L^T @ G[b] for batches [b0, b1): each output row is written once, from RA rows of G in L1.
+template <typename T>
+TR_INLINE void expand(const Job<T>& j) {
+  const i64 M = j.M, K = j.K, RA = j.RA, kb = k_block<T>(RA);
+  for (i64 b = j.b0; b < j.b1; ++b) {
+    const T* G = j.x + b * RA * K;
+    for (i64 k0 = 0; k0 < K; k0 += kb) {
+      const i64 n = std::min(kb, K - k0);
+      for (i64 i0 = 0; i0 < M; i0 += TILE) {
+        const int rows = int(std::min<i64>(TILE, M - i0));
+        T* out[TILE];   // a short last tile writes its last row again, with the same values
+        T c[TILE][64];
+        const i64 ra = std::min<i64>(RA, 64);
+        for (int i = 0; i < TILE; ++i) {
+          const i64 row = i0 + std::min(i, rows - 1);
+          out[i] = j.U + (b * M + row) * K + k0;
+          for (i64 a = 0; a < ra; ++a) c[i][a] = j.L[a * M + row];
+        }
+        i64 k = 0;
+        for (; k + W<T> <= n; k += W<T>) {
+          vec<T> acc[TILE] = {};
+          for (i64 a = 0; a < ra; ++a) {
+            const vec<T> g = load(G + a * K + k0 + k);
+            for (int i = 0; i < TILE; ++i) acc[i] += c[i][a] * g;
+          }
+          for (int i = 0; i < TILE; ++i) store(out[i] + k, acc[i]);
+        }
+        for (; k < n; ++k)
+          for (int i = 0; i < TILE; ++i) {
+            T s = 0;
+            for (i64 a = 0; a < ra; ++a) s += c[i][a] * G[a * K + k0 + k];
+            out[i][k] = s;
+          }
+      }
+    }
+  }
+}
+
+// Batches [b0, b1) of a job.
+template <typename T>
+TR_INLINE void pass(const Job<T>& j) {
+  const i64 M = j.M, K = j.K, RA = j.U ? j.RA : 0, RB = j.V ? j.RB : 0, NM = j.N * M, kb = k_block<T>(RA + RB);
+  for (i64 b = j.b0; b < j.b1; ++b) {
+    T* Ub = RA ? j.U + b * RA * K : nullptr;
+    if (RA) std::memset(Ub, 0, sizeof(T) * RA * K);
+    for (i64 r = 0; r < RB; ++r) std::fill_n(j.V + r * NM + b * M, M, T(0));
+    for (i64 k0 = 0; k0 < K; k0 += kb) {
+      const i64 n = std::min(kb, K - k0);
+      for (i64 i0 = 0; i0 < M; i0 += TILE) {
+        const int rows = int(std::min<i64>(TILE, M - i0));
+        const T* x[TILE];   // a short last tile repeats its last row; the repeats add nothing
+        for (int i = 0; i < TILE; ++i) x[i] = j.x + (b * M + i0 + std::min(i, rows - 1)) * K + k0;
+        // Ask for the next tile now, so its loads from memory overlap this tile's arithmetic.
+        if (i0 + TILE < M)
+          for (int i = 0; i < std::min<i64>(TILE, M - i0 - TILE); ++i)
+            for (i64 k = 0; k < n; k += W<T>) __builtin_prefetch(x[0] + (TILE + i) * K + k, 0, 2);
+        for (i64 r0 = 0; r0 < RB; r0 += GROUP) {
+          const T* f[GROUP];
+          const int nr = int(std::min<i64>(GROUP, RB - r0));
+          for (int r = 0; r < nr; ++r) f[r] = j.R + (r0 + r) * K + k0;
+          T out[TILE][GROUP] = {};
+          switch (nr) {
+            case 1: dots<T, 1>(x, f, n, out); break;
+            case 2: dots<T, 2>(x, f, n, out); break;
+            case 3: dots<T, 3>(x, f, n, out); break;
+            case 4: dots<T, 4>(x, f, n, out); break;
+            case 5: dots<T, 5>(x, f, n, out); break;
+            default: dots<T, 6>(x, f, n, out); break;
+          }
+          for (int i = 0; i < rows; ++i)
+            for (int r = 0; r < nr; ++r) j.V[(r0 + r) * NM + b * M + i0 + i] += out[i][r];
+        }
+        for (i64 a0 = 0; a0 < RA; a0 += GROUP) {
+          T* u[GROUP];
+          T c[GROUP][TILE] = {};
+          const int na = int(std::min<i64>(GROUP, RA - a0));
+          for (int a = 0; a < na; ++a) {
+            u[a] = Ub + (a0 + a) * K + k0;
+            for (int i = 0; i < rows; ++i) c[a][i] = j.L[(a0 + a) * M + i0 + i];
+          }
+          switch (na) {
+            case 1: axpys<T, 1>(x, u, c, n); break;
+            case 2: axpys<T, 2>(x, u, c, n); break;
+            case 3: axpys<T, 3>(x, u, c, n); break;
+            case 4: axpys<T, 4>(x, u, c, n); break;
+            case 5: axpys<T, 5>(x, u, c, n); break;
+            default: axpys<T, 6>(x, u, c, n); break;
+          }
+        }
+      }
+    }
+  }
+}
+
+TR_CLONES void run_f32(const Job<float>& j) { j.expand ? expand(j) : pass(j); }
+TR_CLONES void run_f64(const Job<double>& j) { j.expand ? expand(j) : pass(j); }
+
+template <typename T>
+void* run(void* job) {
+  if constexpr (sizeof(T) == 4)
+    run_f32(*static_cast<const Job<float>*>(job));
+  else
+    run_f64(*static_cast<const Job<double>*>(job));
+  return nullptr;
+}
+
+template <typename T>
+void split(int threads, const Job<T>& whole) {
+  constexpr int MAX_THREADS = 256;
+  // A thread costs tens of microseconds to start: each gets a whole batch and ~1M elements of x.
+  const i64 cap = std::min<i64>(whole.N, 1 + whole.N * whole.M * whole.K / (1 << 20));
+  const int n = int(std::clamp<i64>(std::min<i64>(threads, cap), 1, MAX_THREADS));
+  Job<T> jobs[MAX_THREADS];
+  pthread_t ids[MAX_THREADS];
+  bool started[MAX_THREADS] = {};
+  for (int t = 0; t < n; ++t) {
+    jobs[t] = whole;
+    jobs[t].b0 = whole.N * t / n;
+    jobs[t].b1 = whole.N * (t + 1) / n;
+  }
+  for (int t = 1; t < n; ++t) started[t] = pthread_create(&ids[t], nullptr, run<T>, &jobs[t]) == 0;
+  run<T>(&jobs[0]);
+  for (int t = 1; t < n; ++t) {
+    if (started[t])
+      pthread_join(ids[t], nullptr);
+    else
+      run<T>(&jobs[t]);   // no thread could be started: do its share here
+  }
+}
+
+template <typename T>
+int dispatch(int threads, const void* x, const void* L, const void* R, void* U, void* V, i64 N, i64 M, i64 K, i64 RA,
+             i64 RB, bool expand) {
+  split<T>(threads, {static_cast<const T*>(x), static_cast<const T*>(L), static_cast<const T*>(R), static_cast<T*>(U),
+                     static_cast<T*>(V), N, M, K, RA, RB, 0, N, expand});
+  return 0;
+}
+
+}  // namespace
+
+// dtype: 0 float32, 1 float64; all buffers contiguous. threads: how many to use at most (the caller
+// passes torch's setting).
+
+// U (N, RA, K) and V (RB, N*M) from x (N, M, K), L (RA, M), R (RB, K). U or V may be null (not
+// wanted: L or R is then not read), not both.
+TR_EXPORT int tinyrecon_cpu_kron_pass(int dtype, int threads, const void* x, const void* L, const void* R, void* U,
+                                      void* V, i64 N, i64 M, i64 K, i64 RA, i64 RB) {
+  if (N < 0 || M < 0 || K < 0 || RA < 0 || RB < 0 || (!U && !V) || (dtype != 0 && dtype != 1)) return 1;
+  return dtype == 0 ? dispatch<float>(threads, x, L, R, U, V, N, M, K, RA, RB, false)
+                    : dispatch<double>(threads, x, L, R, U, V, N, M, K, RA, RB, false);
+}
+
+// dx (N, M, K) = L^T @ G[b] for G (N, RA, K), L (RA, M); RA at most 64.
+TR_EXPORT int tinyrecon_cpu_kron_expand(int dtype, int threads, const void* G, const void* L, void* dx, i64 N, i64 M,
+                                        i64 K, i64 RA) {
+  if (N < 0 || M < 0 || K < 0 || RA < 0 || RA > 64 || (dtype != 0 && dtype != 1)) return 1;
+  return dtype == 0 ? dispatch<float>(threads, G, L, nullptr, dx, nullptr, N, M, K, RA, 0, true)
+                    : dispatch<double>(threads, G, L, nullptr, dx, nullptr, N, M, K, RA, 0, true);
+}
