@@ -81,8 +81,8 @@ class _KronCore(torch.autograd.Function):
     ``dBr`` and ``V[b] = Br @ X[b]^T`` (stored rB x N x q) for ``dAr``, small next to x when the
     factors are thin, so the backward never reads x again; ``dX[b] = Ar^T @ dcore[b] @ Br`` is
     written once. Otherwise only one of U and V is formed: U unless V is less than half its size
-    (duplicated_padding's rank-1 left factor makes U (N, 1, t) huge next to V (s, N*q)). ``x_ops`` reads and writes x
-    (``TORCH_X_OPS``, or a backend's kernels with the same contract).
+    (duplicated_padding's rank-1 left factor makes U (N, 1, t) huge next to V (s, N*q)).
+    ``x_ops`` reads and writes x (``TORCH_X_OPS``, or a backend's kernels with the same contract).
     """
 
     @staticmethod
