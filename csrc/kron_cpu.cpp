@@ -10,12 +10,14 @@
 // expand: dX[b] = L^T @ G[b] for G (N, RA, K): the backward's one write of dx.
 // K blocks keep the factor rows of a block in L2 however long K is. Batches are split over
 // pthreads (an OpenMP runtime beside torch's would fight it for the cores). Plain C ABI, loaded
-// with ctypes; each entry point returns 0, or 1 for bad arguments.
+// with ctypes; each entry point returns 0, 1 for bad arguments, or 2 when memory runs out.
 #include <pthread.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <new>
+#include <vector>
 
 #define TR_EXPORT extern "C" __attribute__((visibility("default")))
 #define TR_INLINE inline __attribute__((always_inline))
@@ -120,7 +122,7 @@ template <typename T>
 struct Job {
   const T *x, *L, *R;   // expand: x is G, the input
   T *U, *V;             // expand: U is dx, the output
-  i64 N, M, K, RA, RB, b0, b1;
+  i64 N, M, K, RA, RB, b0, b1, k_begin, k_end;   // this job's batches and columns
   bool expand;
 };
 
@@ -137,8 +139,8 @@ TR_INLINE void expand(const Job<T>& j) {
   const i64 M = j.M, K = j.K, RA = j.RA, kb = k_block<T>(RA);
   for (i64 b = j.b0; b < j.b1; ++b) {
     const T* G = j.x + b * RA * K;
-    for (i64 k0 = 0; k0 < K; k0 += kb) {
-      const i64 n = std::min(kb, K - k0);
+    for (i64 k0 = j.k_begin; k0 < j.k_end; k0 += kb) {
+      const i64 n = std::min(kb, j.k_end - k0);
       for (i64 i0 = 0; i0 < M; i0 += TILE) {
         const int rows = int(std::min<i64>(TILE, M - i0));
         T* out[TILE];   // a short last tile writes its last row again, with the same values
@@ -175,10 +177,10 @@ TR_INLINE void pass(const Job<T>& j) {
   const i64 M = j.M, K = j.K, RA = j.U ? j.RA : 0, RB = j.V ? j.RB : 0, NM = j.N * M, kb = k_block<T>(RA + RB);
   for (i64 b = j.b0; b < j.b1; ++b) {
     T* Ub = RA ? j.U + b * RA * K : nullptr;
-    if (RA) std::memset(Ub, 0, sizeof(T) * RA * K);
+    for (i64 a = 0; a < RA; ++a) std::fill(Ub + a * K + j.k_begin, Ub + a * K + j.k_end, T(0));
     for (i64 r = 0; r < RB; ++r) std::fill_n(j.V + r * NM + b * M, M, T(0));
-    for (i64 k0 = 0; k0 < K; k0 += kb) {
-      const i64 n = std::min(kb, K - k0);
+    for (i64 k0 = j.k_begin; k0 < j.k_end; k0 += kb) {
+      const i64 n = std::min(kb, j.k_end - k0);
       for (i64 i0 = 0; i0 < M; i0 += TILE) {
         const int rows = int(std::min<i64>(TILE, M - i0));
         const T* x[TILE];   // a short last tile repeats its last row; the repeats add nothing
@@ -237,19 +239,29 @@ void* run(void* job) {
   return nullptr;
 }
 
+// Splits a job over up to `threads` threads: by batches when there are enough of them, else by
+// column blocks of K (then each thread but the first sums its V into a buffer of its own, added
+// to V at the end). A thread costs tens of microseconds to start: each gets ~1M elements of x.
 template <typename T>
-void split(int threads, const Job<T>& whole) {
+int split(int threads, const Job<T>& whole) {
   constexpr int MAX_THREADS = 256;
-  // A thread costs tens of microseconds to start: each gets a whole batch and ~1M elements of x.
-  const i64 cap = std::min<i64>(whole.N, 1 + whole.N * whole.M * whole.K / (1 << 20));
+  const i64 N = whole.N, K = whole.K, cap = 1 + N * whole.M * K / (1 << 20);
   const int n = int(std::clamp<i64>(std::min<i64>(threads, cap), 1, MAX_THREADS));
+  const bool by_batch = N >= n;
+  const i64 per = (K + n - 1) / n, chunk = by_batch ? K : (per + W<T> - 1) / W<T> * W<T>;   // whole vectors
+  const i64 v_size = whole.V ? whole.RB * N * whole.M : 0;
+  std::vector<T> partial(by_batch ? 0 : size_t(v_size) * (n - 1));
   Job<T> jobs[MAX_THREADS];
   pthread_t ids[MAX_THREADS];
   bool started[MAX_THREADS] = {};
   for (int t = 0; t < n; ++t) {
     jobs[t] = whole;
-    jobs[t].b0 = whole.N * t / n;
-    jobs[t].b1 = whole.N * (t + 1) / n;
+    if (by_batch) {
+      jobs[t].b0 = N * t / n, jobs[t].b1 = N * (t + 1) / n;
+    } else {
+      jobs[t].k_begin = std::min(K, t * chunk), jobs[t].k_end = std::min(K, (t + 1) * chunk);
+      if (t > 0 && whole.V) jobs[t].V = partial.data() + (t - 1) * v_size;
+    }
   }
   for (int t = 1; t < n; ++t) started[t] = pthread_create(&ids[t], nullptr, run<T>, &jobs[t]) == 0;
   run<T>(&jobs[0]);
@@ -259,14 +271,18 @@ void split(int threads, const Job<T>& whole) {
     else
       run<T>(&jobs[t]);   // no thread could be started: do its share here
   }
+  for (int t = 1; t < n && !by_batch; ++t)
+    for (i64 e = 0; e < v_size; ++e) whole.V[e] += partial[(t - 1) * v_size + e];
+  return 0;
 }
 
 template <typename T>
 int dispatch(int threads, const void* x, const void* L, const void* R, void* U, void* V, i64 N, i64 M, i64 K, i64 RA,
-             i64 RB, bool expand) {
-  split<T>(threads, {static_cast<const T*>(x), static_cast<const T*>(L), static_cast<const T*>(R), static_cast<T*>(U),
-                     static_cast<T*>(V), N, M, K, RA, RB, 0, N, expand});
-  return 0;
+             i64 RB, bool expand) try {
+  return split<T>(threads, {static_cast<const T*>(x), static_cast<const T*>(L), static_cast<const T*>(R),
+                            static_cast<T*>(U), static_cast<T*>(V), N, M, K, RA, RB, 0, N, 0, K, expand});
+} catch (const std::bad_alloc&) {   // the per-thread buffers of a K split
+  return 2;
 }
 
 }  // namespace

@@ -255,10 +255,11 @@ def _passes():
 
 
 def _x_ops(name):
+    """The torch reference's ops on x, or the CPU library's kernels (ungated: every size and rank)."""
     if name == "torch":
         return kron.TORCH_X_OPS
     from tinyrecon import cpu_ops
-    return cpu_ops.X_OPS
+    return cpu_ops.KERNEL_X_OPS
 
 
 @pytest.mark.parametrize("passes", _passes())
@@ -283,11 +284,12 @@ def test_kron_core_grads(wants, rA, rB, passes):
 @pytest.mark.parametrize("passes", _passes())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("N,M,K,RA,RB", [(3, 5, 7, 2, 3), (2, 17, 4099, 5, 1), (1, 9, 70001, 4, 6), (4, 1, 1, 9, 8),
-                                         (5, 0, 3, 2, 2), (0, 4, 3, 1, 1)])
+                                         (5, 0, 3, 2, 2), (0, 4, 3, 1, 1), (1, 33, 70001, 5, 6)])
 def test_kron_passes_match_their_definition(N, M, K, RA, RB, dtype, passes):
-    """U = L @ X[b] and V = R @ X^T for ranks above and below the kernel's register groups (4),
+    """U = L @ X[b] and V = R @ X^T for ranks above and below the kernel's register groups (6),
     K past its blocks and not a multiple of the vector width, M not a multiple of its row tile,
-    empty sizes, and a non-contiguous x; each of U and V alone too."""
+    empty sizes, one batch big enough to be split over threads by columns, and a non-contiguous
+    x; each of U and V alone too."""
     x = torch.randn(N, M, 2 * K, dtype=dtype)[..., ::2]
     L, R = torch.randn(RA, M, dtype=dtype), torch.randn(RB, K, dtype=dtype)
     U_ref = (L.double() @ x.double()).to(dtype)
@@ -306,9 +308,10 @@ def test_kron_passes_match_their_definition(N, M, K, RA, RB, dtype, passes):
 @pytest.mark.parametrize("passes", _passes())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("N,M,K,RA", [(3, 5, 7, 2), (2, 17, 4099, 5), (1, 9, 70001, 7), (4, 1, 1, 9), (5, 0, 3, 2),
-                                      (0, 4, 3, 1), (2, 3, 4, 0)])
+                                      (0, 4, 3, 1), (2, 3, 4, 0), (1, 33, 70001, 3)])
 def test_kron_expand_matches_its_definition(N, M, K, RA, dtype, passes):
-    """dX[b] = L^T @ G[b]: ranks around the tile, long K, short last tiles, empty sizes, a strided G."""
+    """dX[b] = L^T @ G[b]: ranks around the tile, long K, short last tiles, empty sizes, a strided G,
+    one batch split over threads by columns."""
     G = torch.randn(N, RA, 2 * K, dtype=dtype)[..., ::2]
     L = torch.randn(RA, M, dtype=dtype)
     dx = _x_ops(passes).expand(G, L)
@@ -380,7 +383,8 @@ def test_cpu_library_is_right_at_each_isa_level(march, tmp_path, monkeypatch):
 
 @pytest.mark.skipif(bool(dispatch.why_not("cpu", "kron_apply", "cpu")), reason="no CPU library here")
 def test_cpu_kernels_take_big_x_with_thin_factors(monkeypatch):
-    """The kernels run where they pay: a big x and factor rows that fit one K block; else torch's GEMMs."""
+    """The kernels run where they pay: a big x and thin factors whose rows fit L2 or are few next to
+    x's rows; else torch's GEMMs."""
     from tinyrecon import cpu_lib, cpu_ops
     monkeypatch.setattr(cpu_ops, "_MIN_ELEMENTS", 1 << 20)
     calls = []
@@ -390,7 +394,9 @@ def test_cpu_kernels_take_big_x_with_thin_factors(monkeypatch):
     cases = [(tr.dual_lphm_reconciliation(p=2, q=64, r=2), 2, 1 << 16, 32, both),   # x 2M elements, thin
              (tr.dual_lphm_reconciliation(p=2, q=64, r=2), 2, 1 << 16, 8, []),      # x 512K elements
              # B (32 x 32768) too wide for the pass; dx only needs A's 2 rows, which fit
-             (tr.hm_reconciliation(p=2, q=2), 64, 1 << 16, 32, ["tinyrecon_cpu_kron_expand"])]
+             (tr.hm_reconciliation(p=2, q=2), 64, 1 << 16, 32, ["tinyrecon_cpu_kron_expand"]),
+             # lorr folds x into one matrix: its forward, dx and dB are the kernels too
+             (tr.lorr_reconciliation(r=3), 8, 1 << 16, 32, [both[0], both[1], both[0]])]
     for rec, n, D, N, expected in cases:
         calls.clear()
         w = torch.randn(rec.calculate_l(n, D), requires_grad=True)

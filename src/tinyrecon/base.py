@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -57,21 +58,50 @@ def reference(fn):
     return wrapper
 
 
+def torch_passes(x, Ar, Br, want_u: bool, want_v: bool):
+    """``(U, V)`` with ``U[b] = Ar @ X[b]`` (N, rA, t) and ``V = Br @ x.reshape(N*q, t)^T`` (rB, N*q),
+    each only when wanted (else None): every read of x a structured apply makes.
+
+    Two GEMMs with x on the right as one folded matrix, which MKL runs near the memory bound on
+    some CPUs; the CPU backend computes both in one read of x instead (``csrc/kron_cpu.cpp``).
+    """
+    N, q, t = x.shape
+    U = torch.bmm(Ar.expand(N, Ar.shape[0], q), x) if want_u else None
+    V = torch.mm(Br, x.reshape(N * q, t).T) if want_v else None
+    return U, V
+
+
+def torch_expand(G, Ar):
+    """``dX[b] = Ar^T @ G[b]`` for G (N, rA, t): (N, q, t), the one write of dx."""
+    return torch.bmm(Ar.T.expand(G.shape[0], Ar.shape[1], Ar.shape[0]), G)
+
+
+class XOps(NamedTuple):
+    """The two parts of a structured apply that touch x (a backend may replace both)."""
+    passes: Callable   # (x, Ar, Br, want_u, want_v) -> (U or None, V or None), as torch_passes
+    expand: Callable   # (G, Ar) -> dx, as torch_expand
+
+
+TORCH_X_OPS = XOps(torch_passes, torch_expand)
+
+
 class _FactorPass(torch.autograd.Function):
     """``Z[b] = f @ X[b]^T`` for a big ``x`` (B, M, K) and a factor ``f`` (R, K).
 
     The one pass over x that the low-rank and block-diagonal applies make. x is folded into one
-    (B*M, K) GEMM with x on the right, which MKL runs near the memory bound for small R (R = 5
-    and K = 615,440 at the MNIST layer: 2x faster than ``x @ f.T``), and reads a large f
-    (block-diagonal padding: 32 x 307,720) once. The backward makes one more pass over x for
-    ``df`` and writes ``dx`` once.
+    (B*M, K) matrix with x on the right (R = 5 and K = 615,440 at the MNIST layer: 2x faster than
+    ``x @ f.T`` with MKL), and a large f (block-diagonal padding: 32 x 307,720) is read once. The
+    backward makes one more pass over x for ``df`` and writes ``dx`` once. All three are
+    ``x_ops`` (the V and U halves of its ``passes``, and its ``expand``) on the folded x.
     """
 
     @staticmethod
-    def forward(ctx, x, f):
-        ctx.save_for_backward(x, f)
+    def forward(ctx, x, f, x_ops):
         B, M, K = x.shape
-        return torch.mm(f, x.reshape(B * M, K).T).view(f.shape[0], B, M).transpose(0, 1)
+        ctx.save_for_backward(x, f)
+        ctx.x_ops = x_ops
+        _, Z = x_ops.passes(x.reshape(1, B * M, K), f.new_empty(0, B * M), f, False, True)   # (R, B*M)
+        return Z.view(f.shape[0], B, M).transpose(0, 1)
 
     @staticmethod
     @once_differentiable
@@ -81,15 +111,15 @@ class _FactorPass(torch.autograd.Function):
         dz2 = dz.transpose(0, 1).reshape(f.shape[0], B * M)    # (R, B*M), small
         dx = df = None
         if ctx.needs_input_grad[0]:
-            dx = torch.mm(dz2.T, f).view(B, M, K)
+            dx = ctx.x_ops.expand(f[None], dz2).view(B, M, K)
         if ctx.needs_input_grad[1]:
-            df = torch.mm(dz2, x.reshape(B * M, K))
-        return dx, df
+            df = ctx.x_ops.passes(x.reshape(1, B * M, K), dz2, f.new_empty(0, K), True, False)[0][0]
+        return dx, df, None
 
 
-def factor_pass(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+def factor_pass(x: torch.Tensor, f: torch.Tensor, x_ops: XOps = TORCH_X_OPS) -> torch.Tensor:
     """``f @ X[b]^T`` for each ``X[b]`` of ``x`` (B, M, K), with f (R, K): ``(B, R, M)``."""
-    return _FactorPass.apply(x, f)
+    return _FactorPass.apply(x, f, x_ops)
 
 
 def channel_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import shutil
 
 LIB_NAME = "libtinyrecon_cpu.so"
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-# Every entry point the Python glue calls, with its argument types; each returns 0 or 1 (bad arguments).
+# Every entry point the Python glue calls, with its argument types; each returns 0 or an error code.
 ENTRY_POINTS = {
     "tinyrecon_cpu_kron_pass": [_INT, _INT] + [_P] * 5 + [_I64] * 5,
     "tinyrecon_cpu_kron_expand": [_INT, _INT] + [_P] * 3 + [_I64] * 4,
@@ -71,9 +71,13 @@ def load_error() -> str:
 
 
 def call(name: str, *args) -> None:
-    """Call entry point ``name``; a non-zero code raises ValueError (the glue checks arguments first)."""
+    """Call entry point ``name``: code 1 (bad arguments; the glue checks them first) raises
+    ValueError, code 2 (no memory for per-thread buffers) MemoryError."""
     lib, reason = _load()
     if lib is None:
         raise RuntimeError(reason)
-    if getattr(lib, name)(*args) != 0:
+    code = getattr(lib, name)(*args)
+    if code == 2:
+        raise MemoryError(f"{name}: out of memory")
+    if code != 0:
         raise ValueError(f"{name} refused its arguments {args}")

@@ -1,23 +1,26 @@
-"""The CPU backend: the Kronecker apply with what reads and writes x in C++ (``csrc/kron_cpu.cpp``).
+"""The CPU backend: structured applies with what reads and writes x in C++ (``csrc/kron_cpu.cpp``).
 
-Everything else is the torch reference's own code (``functions/kron.py``): the kernels replace its
-``TORCH_X_OPS``. ``kron_pass`` reads x once for both ``U`` and ``V`` (torch makes one GEMM, so
+Everything else is the torch reference's own code (``functions/``): the kernels replace its
+``base.TORCH_X_OPS``. ``kron_pass`` reads x once for both ``U`` and ``V`` (torch makes one GEMM, so
 one read, for each); ``kron_expand`` writes dx once. Both are ``torch.library`` custom ops, so
 ``torch.compile`` traces them as ops, not graph breaks. float32 and float64 run in the kernels;
 float16 and bfloat16 in float32, rounded once at the end (as the reference does). Building W
-reads no x, so ``kron_build`` is the reference's. duplicated_padding (a Kronecker product with a
-rank-1 left factor in the reference) runs through the same kernels.
+reads no x, so the builds are the reference's. The Kronecker family and duplicated_padding (a
+Kronecker product with a rank-1 left factor) use both halves of the pass per batch; lorr,
+random_matrix_adaption and duplicated_diagonal_padding fold x into one matrix (``factor_pass``),
+which the kernels split over threads by columns.
 """
 import torch
 from torch import Tensor
 
 from . import cpu_lib
-from .base import reference
+from .base import XOps, reference, torch_expand, torch_passes
 from .functions import kron as _kron_ref
+from .functions import lowrank as _lowrank_ref
 from .functions import padding as _padding_ref
 
 _DTYPES = {torch.float32: 0, torch.float64: 1}
-_MAX_EXPAND_RANK = 64   # the kernel keeps the rank's coefficients of a tile on the stack
+_MAX_EXPAND_RANK = 64   # the kernel keeps the rank's coefficients of a tile on the stack (> _MAX_RANK)
 
 
 def _check(name: str, *tensors: Tensor) -> None:
@@ -81,35 +84,48 @@ def _(G, L):
 
 
 # When the kernels pay (measured on the MNIST, tall and square shapes of the benchmark): x is big
-# enough that reading it dominates (below, torch's GEMMs run from cache with less overhead), and
-# the factor rows of a K block fit the kernel's L2 budget in one block (duplicated_padding's
-# 32 x 307,720 B does not: BLAS blocks a wide factor better than a per-batch stream of it).
+# enough that reading it dominates (below, torch's GEMMs run from cache with less overhead); the
+# factors are thin (from about 16 rows on, BLAS runs a real GEMM as fast); and their rows, which
+# the kernels stream once per batch, either stay in L2 or are few next to x's M rows per batch
+# (duplicated_padding's B, 32 x 307,720 against M = 2, is neither).
 _MIN_ELEMENTS = 1 << 20
+_MAX_RANK = 16
 _FACTOR_BYTES = 256 * 1024
 
 
-def _worth_it(numel: int, itemsize: int, rank: int, K: int) -> bool:
-    return numel >= _MIN_ELEMENTS and rank * K * itemsize <= _FACTOR_BYTES
+def _worth_it(numel: int, itemsize: int, rank: int, M: int, K: int) -> bool:
+    return (numel >= _MIN_ELEMENTS and rank <= _MAX_RANK
+            and (rank * K * itemsize <= _FACTOR_BYTES or 4 * rank <= M))
 
 
-def _passes(x, Ar, Br, want_u: bool, want_v: bool):
-    if not _worth_it(x.numel(), x.element_size(), Ar.shape[0] * want_u + Br.shape[0] * want_v, x.shape[2]):
-        return _kron_ref.torch_passes(x, Ar, Br, want_u, want_v)
+def _kernel_passes(x, Ar, Br, want_u: bool, want_v: bool):
     U, V = kron_pass(x, Ar, Br, want_u, want_v)
     return (U if want_u else None), (V if want_v else None)
 
 
+def _passes(x, Ar, Br, want_u: bool, want_v: bool):
+    N, M, K = x.shape
+    if not _worth_it(x.numel(), x.element_size(), Ar.shape[0] * want_u + Br.shape[0] * want_v, M, K):
+        return torch_passes(x, Ar, Br, want_u, want_v)
+    return _kernel_passes(x, Ar, Br, want_u, want_v)
+
+
 def _expand(G, Ar):
-    N, rA, t = G.shape
-    if rA > _MAX_EXPAND_RANK or not _worth_it(N * Ar.shape[1] * t, G.element_size(), rA, t):
-        return _kron_ref.torch_expand(G, Ar)
+    N, rA, K = G.shape
+    M = Ar.shape[1]
+    if not _worth_it(N * M * K, G.element_size(), rA, M, K):
+        return torch_expand(G, Ar)
     return kron_expand(G, Ar)
 
 
-X_OPS = _kron_ref.XOps(_passes, _expand)
+KERNEL_X_OPS = XOps(_kernel_passes, kron_expand)   # always the kernels (tests)
+X_OPS = XOps(_passes, _expand)                     # the kernels where they pay, else torch's GEMMs
 
 kron_build = _kron_ref.kron_build
 dup_pad_build = _padding_ref.dup_pad_build
+block_diag_build = _padding_ref.block_diag_build
+lowrank_build = _lowrank_ref.lowrank_build
+rma_build = _lowrank_ref.rma_build
 
 
 @reference
@@ -120,3 +136,18 @@ def kron_apply(x, A1, A2, B1, B2, bias, layout: str):
 @reference
 def dup_pad_apply(x, B, p: int, q: int, bias, layout: str):
     return _padding_ref.dup_pad_apply(x, B, p, q, bias, layout, x_ops=X_OPS)
+
+
+@reference
+def block_diag_apply(x, B, p: int, q: int, bias):
+    return _padding_ref.block_diag_apply(x, B, p, q, bias, x_ops=X_OPS)
+
+
+@reference
+def lowrank_apply(x, A, B, bias):
+    return _lowrank_ref.lowrank_apply(x, A, B, bias, x_ops=X_OPS)
+
+
+@reference
+def rma_apply(x, l1, l2, seed_a: int, seed_b: int, bias):
+    return _lowrank_ref.rma_apply(x, l1, l2, seed_a, seed_b, bias, x_ops=X_OPS)

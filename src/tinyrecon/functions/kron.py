@@ -8,19 +8,18 @@ hm reads A and B from w; lphm builds ``B = S @ T`` (rank r); dual_lphm also ``A 
 Ops (dispatch names): ``kron_build(A1, A2, B1, B2, layout) -> (C, n, D)`` and
 ``kron_apply(x, A1, A2, B1, B2, bias, layout) -> (C, N, n)``, where ``A = A1 @ A2`` when
 ``A2`` is given, else ``A = A1`` (likewise B). Triton: ``kernels/kron.py``; CUDA: ``csrc/kron.cu``;
-CPU: ``csrc/kron_cpu.cpp`` (what reads and writes x, see ``XOps``), glued in ``cpu_ops.py``.
+CPU: ``csrc/kron_cpu.cpp`` (what reads and writes x, see ``base.XOps``), glued in ``cpu_ops.py``.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from .. import dispatch
-from ..base import (LAYOUTS, Reconciliation, add_bias, channel_matmul, check_divides, check_rank, close_factor,
-                    reference)
+from ..base import (LAYOUTS, TORCH_X_OPS, Reconciliation, add_bias, channel_matmul, check_divides, check_rank,
+                    close_factor, reference)
 
 
 def _factor(F1, F2):
@@ -45,33 +44,6 @@ def _thin(F1, F2):
     if F2 is not None and F2.shape[1] < F1.shape[1]:
         return F1, F2
     return None, _factor(F1, F2)
-
-
-def torch_passes(x, Ar, Br, want_u: bool, want_v: bool):
-    """``(U, V)`` with ``U[b] = Ar @ X[b]`` (N, rA, t) and ``V = Br @ x.reshape(N*q, t)^T`` (rB, N*q),
-    each only when wanted (else None): every read of x a Kronecker apply makes.
-
-    Two GEMMs with x on the right as one folded matrix, which MKL runs near the memory bound on
-    some CPUs; the CPU backend computes both in one read of x instead (``csrc/kron_cpu.cpp``).
-    """
-    N, q, t = x.shape
-    U = torch.bmm(Ar.expand(N, Ar.shape[0], q), x) if want_u else None
-    V = torch.mm(Br, x.reshape(N * q, t).T) if want_v else None
-    return U, V
-
-
-def torch_expand(G, Ar):
-    """``dX[b] = Ar^T @ G[b]`` for G (N, rA, t): (N, q, t), the one write of dx."""
-    return torch.bmm(Ar.T.expand(G.shape[0], Ar.shape[1], Ar.shape[0]), G)
-
-
-class XOps(NamedTuple):
-    """The two parts of a Kronecker apply that touch x (a backend may replace both)."""
-    passes: Callable   # (x, Ar, Br, want_u, want_v) -> (U or None, V or None), as torch_passes
-    expand: Callable   # (G, Ar) -> dx, as torch_expand
-
-
-TORCH_X_OPS = XOps(torch_passes, torch_expand)
 
 
 class _KronCore(torch.autograd.Function):

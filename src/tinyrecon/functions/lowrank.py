@@ -6,14 +6,15 @@ random_matrix_adaption:  ``W = diag(l1) @ A @ diag(l2) @ B^T``; w = [l1 (n), l2 
 
 Ops: ``lowrank_build(A, B)``, ``lowrank_apply(x, A, B, bias)`` (A: (C, n, r), B: (C, r, D));
 ``rma_build(l1, l2, seed_a, seed_b, D)``, ``rma_apply(x, l1, l2, seed_a, seed_b, bias)``
-(l1: (C, n), l2: (C, r)). Triton: ``kernels/lowrank.py``; CUDA: ``csrc/lowrank.cu``.
+(l1: (C, n), l2: (C, r)). Triton: ``kernels/lowrank.py``; CUDA: ``csrc/lowrank.cu``; CPU: the pass
+over x of ``csrc/kron_cpu.cpp`` (``cpu_ops.py``).
 """
 from __future__ import annotations
 
 import torch
 
 from .. import _random, dispatch
-from ..base import Reconciliation, Seeded, add_bias, channel_matmul, check_rank, factor_pass, reference
+from ..base import TORCH_X_OPS, Reconciliation, Seeded, add_bias, channel_matmul, check_rank, factor_pass, reference
 
 
 @reference
@@ -22,9 +23,9 @@ def lowrank_build(A, B):
 
 
 @reference
-def lowrank_apply(x, A, B, bias):
+def lowrank_apply(x, A, B, bias, x_ops=TORCH_X_OPS):
     C, n, r = A.shape
-    U = factor_pass(x[None], B.reshape(C * r, -1)).reshape(C, r, x.shape[0]).mT   # (C, N, r)
+    U = factor_pass(x[None], B.reshape(C * r, -1), x_ops).reshape(C, r, x.shape[0]).mT   # (C, N, r)
     return add_bias(torch.matmul(U, A.transpose(1, 2)), bias)
 
 
@@ -42,9 +43,9 @@ def rma_build(l1, l2, seed_a: int, seed_b: int, D: int):
 
 
 @reference
-def rma_apply(x, l1, l2, seed_a: int, seed_b: int, bias):
+def rma_apply(x, l1, l2, seed_a: int, seed_b: int, bias, x_ops=TORCH_X_OPS):
     A, B = rma_matrices(seed_a, seed_b, l1.shape[1], x.shape[1], l2.shape[1], x)
-    U = factor_pass(x[None], B.T)[0].T * l2[:, None, :]   # (C, N, r): the rank-r bottleneck
+    U = factor_pass(x[None], B.T, x_ops)[0].T * l2[:, None, :]   # (C, N, r): the rank-r bottleneck
     return add_bias(torch.matmul(U, A.T) * l1[:, None, :], bias)
 
 

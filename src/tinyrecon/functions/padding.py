@@ -5,16 +5,16 @@ duplicated_diagonal_padding: ``W = eye(p, q) kron B`` (block diagonal when p = q
 
 Ops: ``dup_pad_build(B, p, q, layout)``, ``dup_pad_apply(x, B, p, q, bias, layout)``,
 ``block_diag_build(B, p, q)``, ``block_diag_apply(x, B, p, q, bias)``; ``B`` is (C, s, t).
-Triton: ``kernels/padding.py``; CUDA: ``csrc/padding.cu``; CPU: duplicated_padding through the
-Kronecker kernels of ``csrc/kron_cpu.cpp`` (``cpu_ops.py``).
+Triton: ``kernels/padding.py``; CUDA: ``csrc/padding.cu``; CPU: the pass over x of
+``csrc/kron_cpu.cpp`` (``cpu_ops.py``).
 """
 from __future__ import annotations
 
 import torch
 
 from .. import dispatch
-from ..base import LAYOUTS, Reconciliation, add_bias, check_divides, factor_pass, reference
-from .kron import TORCH_X_OPS, kron_apply, tinybig_outer_apply
+from ..base import LAYOUTS, TORCH_X_OPS, Reconciliation, add_bias, check_divides, factor_pass, reference
+from .kron import kron_apply, tinybig_outer_apply
 
 
 @reference
@@ -45,11 +45,11 @@ def block_diag_build(B, p: int, q: int):
 
 
 @reference
-def block_diag_apply(x, B, p: int, q: int, bias):
+def block_diag_apply(x, B, p: int, q: int, bias, x_ops=TORCH_X_OPS):
     C, s, t = B.shape
     N = x.shape[0]
     k = min(p, q)   # blocks on the diagonal; rows past them are zero
-    Y = factor_pass(x.reshape(N, q, t)[:, :k], B.reshape(C * s, t)).reshape(N, C, s, k).permute(1, 0, 3, 2)
+    Y = factor_pass(x.reshape(N, q, t)[:, :k], B.reshape(C * s, t), x_ops).reshape(N, C, s, k).permute(1, 0, 3, 2)
     if k < p:
         Y = torch.cat([Y, Y.new_zeros(C, N, p - k, s)], dim=2)
     return add_bias(Y.reshape(C, N, p * s), bias)
