@@ -26,10 +26,10 @@ def _load_by_path(name):
     return module
 
 
-# extension name -> (switch variable, what it needs, module that finds the compiler and spells its command)
+# extension name -> (switch variable, what it needs, module, its compiler finder, its command builder)
 LIBRARIES = {
-    "tinyrecon.libtinyrecon_cuda": ("TINYRECON_BUILD_CUDA", "nvcc", "cuda_lib"),
-    "tinyrecon.libtinyrecon_cpu": ("TINYRECON_BUILD_CPU", "a C++ compiler", "cpu_lib"),
+    "tinyrecon.libtinyrecon_cuda": ("TINYRECON_BUILD_CUDA", "nvcc", "cuda_lib", "find_nvcc", "nvcc_command"),
+    "tinyrecon.libtinyrecon_cpu": ("TINYRECON_BUILD_CPU", "a C++ compiler", "cpu_lib", "find_cxx", "cxx_command"),
 }
 
 
@@ -39,12 +39,12 @@ class BuildLibraries(build_ext):
     def run(self):
         self.compilers, kept = {}, []
         for ext in self.extensions:
-            switch, needs, module = LIBRARIES[ext.name]
+            switch, needs, module, find, _ = LIBRARIES[ext.name]
             mode = os.environ.get(switch, "auto")
             if mode not in ("0", "1", "auto"):
                 raise SystemExit(f"{switch} must be 0, 1 or auto, got {mode!r}")
             lib = _load_by_path(module)
-            compiler = (lib.find_nvcc() if module == "cuda_lib" else lib.find_cxx()) if mode != "0" else None
+            compiler = getattr(lib, find)() if mode != "0" else None
             if mode == "1" and not compiler:
                 raise SystemExit(f"{switch}=1 but {needs} was not found ({switch}=0 installs without it)")
             if compiler:
@@ -63,7 +63,7 @@ class BuildLibraries(build_ext):
         os.makedirs(os.path.dirname(output), exist_ok=True)
         lib, compiler = self.compilers[ext.name]
         sources = [os.path.join(ROOT, s) for s in ext.sources]
-        command = (lib.nvcc_command if ext.name.endswith("cuda") else lib.cxx_command)(compiler, sources, output)
+        command = getattr(lib, LIBRARIES[ext.name][4])(compiler, sources, output)
         print("tinyrecon: " + " ".join(command))
         if subprocess.run(command).returncode:
             raise SystemExit(f"tinyrecon: building {lib.LIB_NAME} failed (see above); "

@@ -90,7 +90,8 @@ class _FactorPass(torch.autograd.Function):
 
     The one pass over x that the low-rank and block-diagonal applies make. x is folded into one
     (B*M, K) matrix with x on the right (R = 5 and K = 615,440 at the MNIST layer: 2x faster than
-    ``x @ f.T`` with MKL), and a large f (block-diagonal padding: 32 x 307,720) is read once. The
+    ``x @ f.T`` with MKL on the Xeon VM; slower on the AMD one, where the CPU backend's kernel
+    takes it), and a large f (block-diagonal padding: 32 x 307,720) is read once. The
     backward makes one more pass over x for ``df`` and writes ``dx`` once. All three are
     ``x_ops`` (the V and U halves of its ``passes``, and its ``expand``) on the folded x.
     """

@@ -10,11 +10,13 @@ Kronecker product with a rank-1 left factor) use both halves of the pass per bat
 random_matrix_adaption and duplicated_diagonal_padding fold x into one matrix (``factor_pass``),
 which the kernels split over threads by columns.
 """
+import functools
+
 import torch
 from torch import Tensor
 
 from . import cpu_lib
-from .base import XOps, reference, torch_expand, torch_passes
+from .base import XOps, torch_expand, torch_passes
 from .functions import kron as _kron_ref
 from .functions import lowrank as _lowrank_ref
 from .functions import padding as _padding_ref
@@ -121,33 +123,15 @@ def _expand(G, Ar):
 KERNEL_X_OPS = XOps(_kernel_passes, kron_expand)   # always the kernels (tests)
 X_OPS = XOps(_passes, _expand)                     # the kernels where they pay, else torch's GEMMs
 
+# The applies are the references with the kernels' XOps; builds read no x and are the references.
+# (The references already compute fp16/bf16 in fp32, so the kernels only ever see fp32 and fp64.)
 kron_build = _kron_ref.kron_build
 dup_pad_build = _padding_ref.dup_pad_build
 block_diag_build = _padding_ref.block_diag_build
 lowrank_build = _lowrank_ref.lowrank_build
 rma_build = _lowrank_ref.rma_build
-
-
-@reference
-def kron_apply(x, A1, A2, B1, B2, bias, layout: str):
-    return _kron_ref.kron_apply(x, A1, A2, B1, B2, bias, layout, x_ops=X_OPS)
-
-
-@reference
-def dup_pad_apply(x, B, p: int, q: int, bias, layout: str):
-    return _padding_ref.dup_pad_apply(x, B, p, q, bias, layout, x_ops=X_OPS)
-
-
-@reference
-def block_diag_apply(x, B, p: int, q: int, bias):
-    return _padding_ref.block_diag_apply(x, B, p, q, bias, x_ops=X_OPS)
-
-
-@reference
-def lowrank_apply(x, A, B, bias):
-    return _lowrank_ref.lowrank_apply(x, A, B, bias, x_ops=X_OPS)
-
-
-@reference
-def rma_apply(x, l1, l2, seed_a: int, seed_b: int, bias):
-    return _lowrank_ref.rma_apply(x, l1, l2, seed_a, seed_b, bias, x_ops=X_OPS)
+kron_apply = functools.partial(_kron_ref.kron_apply, x_ops=X_OPS)
+dup_pad_apply = functools.partial(_padding_ref.dup_pad_apply, x_ops=X_OPS)
+block_diag_apply = functools.partial(_padding_ref.block_diag_apply, x_ops=X_OPS)
+lowrank_apply = functools.partial(_lowrank_ref.lowrank_apply, x_ops=X_OPS)
+rma_apply = functools.partial(_lowrank_ref.rma_apply, x_ops=X_OPS)
