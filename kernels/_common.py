@@ -33,7 +33,7 @@ def rank_block(r: int) -> int:
 
 def dot_dtype(dtype: torch.dtype):
     """Dtype of tl.dot operands: the input's, but fp32 for bf16 under the interpreter, whose bf16 dot
-    is wrong (Triton 3.8); bf16 products are exact in fp32, so the result is what a GPU computes."""
+    is wrong (Triton 3.7, 3.8); bf16 products are exact in fp32, so the result is what a GPU computes."""
     return tl.float32 if INTERPRET and dtype == torch.bfloat16 else _TL[dtype]
 
 

@@ -158,7 +158,7 @@ def _apply_grad_kernel(X, V, DY, DX, Part, N, D, n, k, seed_m, seed_c, sxm, sxd,
                       mask=(rows[:, None] < N) & (i[None, :] < n), other=0.0).to(ACC)
         xt = tl.load(X + rows[:, None] * sxm + d[None, :] * sxd,
                      mask=(rows[:, None] < N) & (d[None, :] < D), other=0.0).to(ACC)
-        g = tl.dot(tl.trans(dyt), xt, g, input_precision="ieee")
+        g = tl.dot(tl.trans(dyt), xt, g, input_precision="ieee", out_dtype=g.dtype)
         if NEED_X:
             tl.atomic_add(DX + rows[:, None] * D + d[None, :], tl.dot(dyt, w, input_precision="ieee", out_dtype=ACC),
                           mask=(rows[:, None] < N) & (d[None, :] < D), sem="relaxed")

@@ -123,7 +123,7 @@ def _kron_mm(X, sxc, sxm, sxd, A1, sa1c, sa1i, sa1k, A2, sa2c, sa2k, sa2j,
                 else:
                     bt = tl.load(B1 + c * sb1c + i2[None, :] * sb1i + j2[:, None] * sb1k,
                                  mask=i2_ok[None, :] & (j2 < T)[:, None], other=0.0)
-                z = tl.dot(xt.to(DOT), bt.to(DOT), z, input_precision=PREC)
+                z = tl.dot(xt.to(DOT), bt.to(DOT), z, input_precision=PREC, out_dtype=z.dtype)
             if B_LR:
                 z = tl.dot(z, st, input_precision="ieee", out_dtype=ACC)
             if A_LR:
@@ -171,7 +171,8 @@ def _kron_grad(DY, sdc, sdm, sd1, sd2, X, sxm, sx1, sx2, F, sfc, sf1, sf2, G, M,
             xt = tl.load(xj, mask=m_ok[:, None] & j2_ok[None, :], other=0.0)
             fj += sf2
             xj += sx1
-            acc = tl.dot(tl.trans(g.to(X.dtype.element_ty).to(DOT)), xt.to(DOT), acc, input_precision=PREC)
+            acc = tl.dot(tl.trans(g.to(X.dtype.element_ty).to(DOT)), xt.to(DOT), acc, input_precision=PREC,
+                         out_dtype=acc.dtype)
     tl.store(G + ((split * C + c) * S + i2[:, None]) * T + j2[None, :], acc, mask=i2_ok[:, None] & j2_ok[None, :])
 
 

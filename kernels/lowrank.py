@@ -47,7 +47,7 @@ def _bmm_kernel(A, Bm, O, M, N, K, sab, sam, sak, sbb, sbk, sbn, sob, som, son,
                     mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
         c = tl.load(Bm + b * sbb + ks[:, None] * sbk + cols[None, :] * sbn,
                     mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0)
-        acc = tl.dot(a.to(ACC), c.to(ACC), acc, input_precision="ieee")
+        acc = tl.dot(a.to(ACC), c.to(ACC), acc, input_precision="ieee", out_dtype=ACC)
     tl.store(O + b * sob + rows[:, None] * som + cols[None, :] * son, acc.to(O.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
@@ -107,7 +107,7 @@ def _lowrank_apply_kernel(X, A, Bm, Bias, Y, N, D, n, r, sxm, sxd, sac, sai, sak
                      mask=(rows[:, None] < N) & (ds[None, :] < D), other=0.0)
         bt = tl.load(Bm + c * sbc + ks[None, :] * sbk + ds[:, None] * sbd,
                      mask=(ks[None, :] < r) & (ds[:, None] < D), other=0.0)
-        u = tl.dot(xt.to(ACC), bt.to(ACC), u, input_precision="ieee")
+        u = tl.dot(xt.to(ACC), bt.to(ACC), u, input_precision="ieee", out_dtype=ACC)
     for i0 in range(0, n, BN):
         cols = i0 + tl.arange(0, BN).to(tl.int64)
         at = tl.load(A + c * sac + cols[None, :] * sai + ks[:, None] * sak,
@@ -260,7 +260,7 @@ def _rma_apply_kernel(X, L1, L2, Bias, Y, C, N, D, n, r, seed_a, seed_b, sxm, sx
         ds = d0 + tl.arange(0, BK).to(tl.int64)
         xt = tl.load(X + rows[:, None] * sxm + ds[None, :] * sxd,
                      mask=(rows[:, None] < N) & (ds[None, :] < D), other=0.0)
-        u = tl.dot(xt.to(ACC), _randn_tile(seed_b, ds, ks, D, r).to(ACC), u, input_precision="ieee")
+        u = tl.dot(xt.to(ACC), _randn_tile(seed_b, ds, ks, D, r).to(ACC), u, input_precision="ieee", out_dtype=ACC)
     for i0 in range(0, n, BN):
         cols = i0 + tl.arange(0, BN).to(tl.int64)
         at = tl.trans(_randn_tile(seed_a, cols, ks, n, r)).to(ACC)      # A^T tile (RP, BN)

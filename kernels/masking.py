@@ -77,7 +77,7 @@ def _masked_mm(A, s_ac, s_am, s_ak, Wp, s_wc, s_wk, s_wr, BIAS, OUT, s_oc, s_om,
                 kept = _kept(seed, p, k[:, None], r[None, :], D)
             wt = tl.load(Wp + c * s_wc + k[:, None] * s_wk + r[None, :] * s_wr,
                          mask=(k < K)[:, None] & r_ok[None, :] & kept, other=0.0)
-            acc = tl.dot(a.to(DOT), wt.to(DOT), acc, input_precision=PREC)
+            acc = tl.dot(a.to(DOT), wt.to(DOT), acc, input_precision=PREC, out_dtype=ACC)
     ok = row_ok[:, None] & r_ok[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + r, mask=r_ok, other=0.0).to(ACC)[None, :]
@@ -99,7 +99,7 @@ def _grad_w(DY, s_dc, s_dm, s_dn, X, s_xm, s_xd, GW, N, n, D, seed, p,
         dy = tl.load(DY + c * s_dc + m[None, :] * s_dm + i[:, None] * s_dn,
                      mask=(m < N)[None, :] & (i < n)[:, None], other=0.0)
         x = tl.load(X + m[:, None] * s_xm + j[None, :] * s_xd, mask=(m < N)[:, None] & (j < D)[None, :], other=0.0)
-        acc = tl.dot(dy.to(DOT), x.to(DOT), acc, input_precision=PREC)
+        acc = tl.dot(dy.to(DOT), x.to(DOT), acc, input_precision=PREC, out_dtype=ACC)
     ok = (i < n)[:, None] & (j < D)[None, :]
     acc = tl.where(_kept(seed, p, i[:, None], j[None, :], D), acc, 0.0)
     tl.store(GW + c * n * D + i[:, None] * D + j[None, :], acc.to(GW.dtype.element_ty), mask=ok)

@@ -76,7 +76,7 @@ def _blocked_mm(IN, s_ic, s_im, s_ik, M, s_mc, s_mk, s_mr, BIAS, OUT, s_oc, s_om
             a = _block_sum(IN + c * s_ic, s_im, s_ik, b, g, row_ok, k, K, IN_BLOCKS, IN_VALID, ACC)
             mt = tl.load(M + c * s_mc + k[:, None] * s_mk + r[None, :] * s_mr,
                          mask=(k < K)[:, None] & r_ok[None, :], other=0.0)
-            acc = tl.dot(a.to(mt.dtype).to(DOT), mt.to(DOT), acc, input_precision=PREC)
+            acc = tl.dot(a.to(mt.dtype).to(DOT), mt.to(DOT), acc, input_precision=PREC, out_dtype=acc.dtype)
     base = OUT + pid_c.to(tl.int64) * s_oc + b[:, None] * s_om
     ok = row_ok[:, None] & r_ok[None, :]
     for i in range(0, OUT_BLOCKS):
@@ -103,7 +103,7 @@ def _blocked_mm_grad(DY, s_dc, s_dm, s_dk, X, s_xm, s_xk, GB, ROWS, G, S, T, DY_
         dy = _block_sum(DY + c * s_dc, s_dm, s_dk, b, g, row_ok, i, S, DY_BLOCKS, G, ACC)
         x = _block_sum(X, s_xm, s_xk, b, g, row_ok, j, T, X_BLOCKS, G, ACC)
         acc = tl.dot(tl.trans(dy.to(DY.dtype.element_ty).to(DOT)), x.to(DY.dtype.element_ty).to(DOT), acc,
-                     input_precision=PREC)
+                     input_precision=PREC, out_dtype=ACC)
     tl.store(GB + c * S * T + i[:, None] * T + j[None, :], acc.to(GB.dtype.element_ty),
              mask=(i < S)[:, None] & (j < T)[None, :])
 
