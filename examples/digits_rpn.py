@@ -1,6 +1,6 @@
 """Accuracy against compression for every reconciliation function, on scikit-learn's 8x8 digits.
 
-    python examples/digits_rpn.py            # full: 64 pixels, hidden width 64, 3 seeds (a few minutes)
+    python examples/digits_rpn.py            # full: 64 pixels, hidden width 64, 3 seeds (10-15 min on 2 busy cores)
     python examples/digits_rpn.py --smoke    # seconds: 4x4 pooled pixels, 1 seed (tests/test_example.py)
 
 Needs scikit-learn (`pip install tinyrecon[examples]`) for `load_digits` (1,797 images bundled with
@@ -12,7 +12,8 @@ range, kappa(x) = layer_norm([x, vec(x x^T)]), and maps it with one ReconciledLi
     logits = L2(kappa(h))          D = 4160             -> n = 10
 
 The same model is trained with each of the 15 functions in both layers (tinyBIG's default
-arguments, valid at both shapes) and with dense nn.Linear layers: same split, optimizer, epochs and
+arguments, valid at both shapes; hypernet with a smaller hidden_dim, see ARGS) and with dense
+nn.Linear layers: same split, optimizer, epochs and
 seeds. Writes results.md, results.json and accuracy.png (test accuracy against trainable
 parameters) to --out. Exits with status 1 when the dense baseline does not learn the task.
 """
