@@ -13,9 +13,9 @@ range, kappa(x) = layer_norm([x, vec(x x^T)]), and maps it with one ReconciledLi
 
 The same model is trained with each of the 15 functions in both layers (tinyBIG's default
 arguments, valid at both shapes; hypernet with a smaller hidden_dim, see ARGS) and with dense
-nn.Linear layers: same split, optimizer, epochs and
-seeds. Writes results.md, results.json and accuracy.png (test accuracy against trainable
-parameters) to --out. Exits with status 1 when the dense baseline does not learn the task.
+nn.Linear layers: same split, optimizer, epochs and seeds. Writes results.md, results.json and
+accuracy.png (test accuracy against trainable parameters) to --out. Exits with status 1 when the
+dense baseline does not learn the task.
 """
 from __future__ import annotations
 
