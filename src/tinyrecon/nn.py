@@ -85,7 +85,8 @@ class ReconciledLinear(nn.Module):
                                              backend=self.backend, D=self.in_features)
         y = self._fuse(self.reconciliation.apply(x, self.w, n=self.out_features, backend=self.backend,
                                                  D=self.in_features))
-        return y if self.bias is None else y + self.bias
+        # y is in the autocast dtype under torch.autocast (apply casts as F.linear does): so is the bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @property
     def weight(self) -> torch.Tensor:
