@@ -93,3 +93,5 @@ def test_available_lists_only_backends_that_run_that_device_type():
     assert set(dispatch.available("cpu")) == {"torch", "triton", "cpu"}
     assert set(dispatch.available("cuda")) == {"torch", "triton", "cuda"}
     assert set(dispatch.available("mps")) == {"torch"}
+    with pytest.raises(ValueError, match="takes a device type .* not 'triton'; available\\('cuda'\\)\\['triton'\\]"):
+        dispatch.available("triton")

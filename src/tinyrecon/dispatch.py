@@ -210,4 +210,12 @@ def get(op: str, device_type: str, backend: str | None = None):
 def available(device_type: str = "cuda") -> dict:
     """backend -> '' (can run ``device_type`` tensors here) or the reason it cannot, for the
     backends that ever run such tensors (the CUDA library is not listed for CPU tensors)."""
+    import torch
+    try:
+        torch.device(device_type)
+    except (RuntimeError, TypeError):
+        hint = (f"; available('cuda')[{device_type!r}] says whether the {device_type} backend runs on CUDA tensors"
+                if device_type in BACKENDS else "")
+        raise ValueError(f"available() takes a device type such as 'cuda', 'cpu' or 'mps', "
+                         f"not {device_type!r}{hint}") from None
     return {b: why_not(b, None, device_type) for b in BACKENDS if accepts(b, device_type)}
