@@ -4,7 +4,8 @@ Two optional libraries with a plain C ABI, placed in the package (next to the so
 editable installs), each with an ``auto`` (default: build when the compiler is found), ``1``
 (require it) or ``0`` (skip) switch:
 - ``csrc/*.cu`` compiled with nvcc into ``libtinyrecon_cuda.so`` (``TINYRECON_BUILD_CUDA``;
-  archs from ``TORCH_CUDA_ARCH_LIST``, default "8.0;9.0");
+  archs from ``TORCH_CUDA_ARCH_LIST``, default "8.0;9.0"); ``auto`` also skips it on a machine
+  with no NVIDIA driver or GPU, where it could not run;
 - ``csrc/*.cpp`` compiled with the C++ compiler into ``libtinyrecon_cpu.so`` (``TINYRECON_BUILD_CPU``).
 """
 import glob
@@ -26,10 +27,13 @@ def _load_by_path(name):
     return module
 
 
-# extension name -> (switch variable, what it needs, module, its compiler finder, its command builder)
+# extension name -> (switch variable, what it needs, module, its compiler finder, its command builder,
+#                    what says why it could not run here (None: it always can))
 LIBRARIES = {
-    "tinyrecon.libtinyrecon_cuda": ("TINYRECON_BUILD_CUDA", "nvcc", "cuda_lib", "find_nvcc", "nvcc_command"),
-    "tinyrecon.libtinyrecon_cpu": ("TINYRECON_BUILD_CPU", "a C++ compiler", "cpu_lib", "find_cxx", "cxx_command"),
+    "tinyrecon.libtinyrecon_cuda": ("TINYRECON_BUILD_CUDA", "nvcc", "cuda_lib", "find_nvcc", "nvcc_command",
+                                    "no_driver_reason"),
+    "tinyrecon.libtinyrecon_cpu": ("TINYRECON_BUILD_CPU", "a C++ compiler", "cpu_lib", "find_cxx", "cxx_command",
+                                   None),
 }
 
 
@@ -39,7 +43,7 @@ class BuildLibraries(build_ext):
     def run(self):
         self.compilers, kept = {}, []
         for ext in self.extensions:
-            switch, needs, module, find, _ = LIBRARIES[ext.name]
+            switch, needs, module, find, _, runs_here = LIBRARIES[ext.name]
             mode = os.environ.get(switch, "auto")
             if mode not in ("0", "1", "auto"):
                 raise SystemExit(f"{switch} must be 0, 1 or auto, got {mode!r}")
@@ -47,9 +51,13 @@ class BuildLibraries(build_ext):
             compiler = getattr(lib, find)() if mode != "0" else None
             if mode == "1" and not compiler:
                 raise SystemExit(f"{switch}=1 but {needs} was not found ({switch}=0 installs without it)")
-            if compiler:
+            cannot_run = getattr(lib, runs_here)() if compiler and runs_here and mode == "auto" else ""
+            if compiler and not cannot_run:
                 self.compilers[ext.name] = (lib, compiler)
                 kept.append(ext)
+                print(f"tinyrecon: building {lib.LIB_NAME} with {compiler} ({switch}={mode})")
+            elif cannot_run:
+                print(f"tinyrecon: not building {lib.LIB_NAME}: {cannot_run} ({switch}=1 builds it anyway)")
             else:
                 print(f"tinyrecon: not building {lib.LIB_NAME} " + (f"({switch}=0)" if mode == "0" else f"({needs} not found)"))
         self.extensions = kept

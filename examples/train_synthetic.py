@@ -11,9 +11,10 @@ can fit it exactly and a compressed one as far as its structure allows. Every st
 fresh batch (no downloads, no overfitting); Adam with a cosine learning-rate decay. Losses are
 mean squared errors relative to var(y) on a held-out batch: 1.0 is "predict zero", 0 is
 perfect. The script exits with status 1 when a layer's loss does not go down, or when the
-unstructured ones (dense, identity) do not fit the target. The two frozen-random hypernets
-(tinyBIG's definitions) start and stay far above 1: their W is a fixed N(0, 1) random matrix
-times a vector that w only partly controls, and the table shows that rather than hiding it.
+unstructured ones (dense, identity) do not fit the target. Every layer starts at nn.Linear's
+output scale (ReconciledLinear's default init="linear"), so every loss@0 is near the dense
+layer's; the two frozen-random hypernets (tinyBIG's definitions) then learn little: their W is
+a fixed random matrix times a vector that w only partly controls.
 """
 from __future__ import annotations
 

@@ -247,9 +247,14 @@ def test_info(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert f"torch {torch.__version__}" in out and "cpu:" in out
-    for device_type in ("cpu", "cuda"):
+    device_types = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    for device_type in device_types:
         for backend, reason in dispatch.available(device_type).items():
             assert (reason or "available") in out
+    cpu_section = out.split("backends for cpu tensors:")[1].split("backends for")[0]
+    assert "  cuda " not in cpu_section                    # never runs CPU tensors: not listed
+    if not torch.cuda.is_available():
+        assert "backends for cuda tensors" not in out and "cuda: no CUDA device: " in out
 
 
 def test_python_dash_m(capsys, monkeypatch):

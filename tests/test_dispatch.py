@@ -57,7 +57,7 @@ def test_refusals_say_why(monkeypatch):
     assert "set TRITON_INTERPRET=1" in dispatch.why_not("triton", None, "cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert dispatch.why_not("triton", None, "cpu") == ""
-    assert "got a mps tensor" in dispatch.why_not("triton", None, "mps")
+    assert "not mps tensors" in dispatch.why_not("triton", None, "mps")
     with pytest.raises(ValueError, match="unknown backend"):
         with tr.use_backend("numpy"):
             pass
@@ -71,3 +71,27 @@ def test_instance_backend_is_the_default_for_its_calls():
     with pytest.raises(tr.BackendUnavailable):
         rec.apply(torch.randn(2, 12), torch.randn(18), n=6)
     assert rec.apply(torch.randn(2, 12), torch.randn(18), n=6, backend="torch").shape == (2, 6)
+
+
+def test_the_most_basic_missing_thing_comes_first(monkeypatch):
+    monkeypatch.setitem(dispatch._STATUS, "triton?", "no")      # as if Triton were not installed
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for device_type in ("cpu", "cuda", "mps"):
+        assert dispatch.why_not("triton", None, device_type).startswith("Triton is not installed")
+    monkeypatch.setitem(dispatch._STATUS, "cuda device", "no CUDA device: test")
+    assert dispatch.why_not("cuda", None, "cuda") == "no CUDA device: test"
+    assert dispatch.why_not("cpu", "kron_apply", "cuda") == "no CUDA device: test"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")
+def test_without_a_cuda_device_that_is_the_reason():
+    for backend in dispatch.BACKENDS:
+        assert dispatch.why_not(backend, None, "cuda").startswith("no CUDA device: ")
+
+
+def test_available_lists_only_backends_that_run_that_device_type():
+    assert set(dispatch.available("cpu")) == {"torch", "triton", "cpu"}
+    assert set(dispatch.available("cuda")) == {"torch", "triton", "cuda"}
+    assert set(dispatch.available("mps")) == {"torch"}
+    with pytest.raises(ValueError, match="takes a device type .* not 'triton'; available\\('cuda'\\)\\['triton'\\]"):
+        dispatch.available("triton")

@@ -1,4 +1,5 @@
-"""The examples' smoke runs: each trains every function and checks its own result (its exit status)."""
+"""The examples' smoke runs: each trains every function and checks its own result (its exit status);
+in the synthetic one every layer starts within 10x of the dense layer's loss (ReconciledLinear's init="linear")."""
 import json
 import os
 import subprocess
@@ -21,6 +22,9 @@ def test_train_synthetic_smoke():
     assert {"dense", "identity", "lorr(r=2)", "hm", "lphm(r=2)", "dual_lphm(r=2)", "duplicated_padding(p=2)",
             "masking(p=0.5)", "random_matrix_adaption(r=4)", "hypernet(l=64)",
             "random_matrix_hypernet(l=64)"} <= rows
+    loss0 = {line.split()[0]: float(line.split()[-3]) for line in run.stdout.splitlines()[2:] if line.strip()}
+    for name, loss in loss0.items():
+        assert loss < 10 * loss0["dense"], (name, loss, run.stdout)
 
 
 def test_digits_rpn_smoke(tmp_path):

@@ -1,4 +1,4 @@
-"""Hypernet family (hypernet, random_matrix_hypernet): W from SPEC.md, apply, gradients, seeds, slices."""
+"""Hypernet family (hypernet, random_matrix_hypernet): W from docs/functions.md, apply, gradients, seeds, slices."""
 import io
 
 import pytest
@@ -25,7 +25,7 @@ def make(cls, seed=3, **kw):
 
 
 def direct_W(rec, w, n, D):
-    """W of SPEC.md built the obvious way (w: (C, l)), as (C, n, D)."""
+    """W of docs/functions.md built the obvious way (w: (C, l)), as (C, n, D)."""
     h = rec.hidden_dim
     if isinstance(rec, HN):
         W1, b1 = rec.first_layer(w)

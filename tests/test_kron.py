@@ -1,4 +1,4 @@
-"""Kronecker family (hm, lphm, dual_lphm): W from SPEC.md, apply per backend/dtype/layout, gradients, errors."""
+"""Kronecker family (hm, lphm, dual_lphm): W from docs/functions.md, apply per backend/dtype/layout, gradients, errors."""
 import pytest
 import torch
 
@@ -20,7 +20,7 @@ def make(kind, p, q, r=2, layout="kron"):
 
 
 def factors(kind, w, n, D, p, q, r):
-    """(A, B) of SPEC.md from one channel's w (1-D): consecutive slices, in the table's order."""
+    """(A, B) of docs/functions.md from one channel's w (1-D): consecutive slices, in the table's order."""
     s, t = n // p, D // q
     shapes = {"hm": [(p, q), (s, t)],
               "lphm": [(p, q), (s, r), (r, t)],
@@ -81,7 +81,7 @@ def test_layouts_agree_iff_s_or_q_is_one(kind, n, D, p, q):
 
 
 def test_calculate_l():
-    n, D = 6, 12   # SPEC.md's examples: p=None, q=None give p=2, q=3
+    n, D = 6, 12   # docs/functions.md's examples: p=None, q=None give p=2, q=3
     assert tr.hm_reconciliation().calculate_l(n, D) == 18
     assert tr.lphm_reconciliation(r=1).calculate_l(n, D) == 13
     assert tr.dual_lphm_reconciliation(r=1).calculate_l(n, D) == 12

@@ -1,4 +1,4 @@
-"""Low-rank family (lorr, random_matrix_adaption): W from SPEC.md, apply, gradients, seeds, every backend."""
+"""Low-rank family (lorr, random_matrix_adaption): W from docs/functions.md, apply, gradients, seeds, every backend."""
 import io
 
 import pytest
@@ -19,7 +19,7 @@ CLS_BACKENDS = [pytest.param(cls, p.values[0], marks=p.marks, id=f"{short}-{p.id
 
 
 def direct_W(rec, w, n, D):
-    """W of SPEC.md built the obvious way (w: (C, l)), as (C, n, D)."""
+    """W of docs/functions.md built the obvious way (w: (C, l)), as (C, n, D)."""
     C, r = w.shape[0], rec.r
     if isinstance(rec, LORR):
         A, B = w[:, :n * r].reshape(C, n, r), w[:, n * r:].reshape(C, r, D)
@@ -37,7 +37,7 @@ def tol_dtype(dtype, backend, rec):
 
 
 def test_calculate_l():
-    assert LORR(r=1).calculate_l(6, 12) == 18              # SPEC.md's example
+    assert LORR(r=1).calculate_l(6, 12) == 18              # docs/functions.md's example
     assert LORR(r=3).calculate_l(5, 7) == 36
     assert RMA(r=2).calculate_l(6, 12) == 8                # n + r
     assert RMA(r=5).calculate_l(64, 615440) == 69

@@ -26,6 +26,11 @@ def layer_for(cls, channels=1, n=N, d=D, rec_kw=(), **kw):
     return ReconciledLinear(d, n, make(cls, **dict(rec_kw)), channels=channels, dtype=F64, **kw)
 
 
+def scale(layer):
+    """The layer's fixed output scale (init="linear" sets one for the hypernets only)."""
+    return 1.0 if layer.output_scale is None else layer.output_scale
+
+
 @ALL
 @pytest.mark.parametrize("bias", [True, False])
 def test_module_matches_functional(cls, bias):
@@ -34,7 +39,8 @@ def test_module_matches_functional(cls, bias):
     x = torch.randn(3, 4, 2 * D, dtype=F64)[..., ::2]      # non-contiguous
     y = layer(x)
     assert y.shape == (3, 4, N)
-    assert_close(y, layer.reconciliation.apply(x, layer.w[0], n=N, bias=layer.bias))
+    functional = layer.reconciliation.apply(x, layer.w[0], n=N) * scale(layer)
+    assert_close(y, functional if layer.bias is None else functional + layer.bias)
     expected = x @ layer.weight.T
     assert_close(y, expected if layer.bias is None else expected + layer.bias)
     assert layer(x[:0]).shape == (0, 4, N)
@@ -52,8 +58,8 @@ def test_channel_fusion(cls, fusion):
     per_channel = torch.stack([rec.apply(x, layer.w[c], n=N) for c in range(3)])
     weights = torch.stack([rec(n=N, D=D, w=layer.w[c]) for c in range(3)])
     fuse = (lambda t: t.mean(0)) if fusion == "mean" else (lambda t: t.sum(0))
-    assert_close(layer(x), fuse(per_channel) + layer.bias)        # the bias is added once
-    assert_close(layer.weight, fuse(weights))
+    assert_close(layer(x), fuse(per_channel) * scale(layer) + layer.bias)        # the bias is added once
+    assert_close(layer.weight, fuse(weights) * scale(layer))
 
 
 def _graph_leaves(y):
@@ -75,7 +81,8 @@ def test_gradient_reaches_w_and_bias_only(cls):
     torch.manual_seed(0)
     layer = layer_for(cls, channels=2)
     assert [name for name, _ in layer.named_parameters()] == ["w", "bias"]
-    assert not list(layer.buffers())          # frozen matrices are regenerated, never stored
+    # frozen matrices are regenerated, never stored (a hypernet layer keeps one scalar output_scale)
+    assert all(b.numel() == 1 for b in layer.buffers())
     y = layer(torch.randn(5, D, dtype=F64))
     assert {id(t) for t in _graph_leaves(y)} <= {id(layer.w), id(layer.bias)}
     y.square().sum().backward()
@@ -178,14 +185,60 @@ def test_layer_runs_on_every_backend(name, op, backend):
     assert_close(layer(x), reference(x))
 
 
-def test_xavier_init_like_tinybig():
+def test_init_tinybig_is_xavier_like_tinybig():
     torch.manual_seed(0)
-    layer = ReconciledLinear(D, N, "lorr", channels=3)
+    layer = ReconciledLinear(D, N, "lorr", channels=3, init="tinybig")
     torch.manual_seed(0)
     w, b = torch.empty(3, layer.l), torch.empty(N)
     torch.nn.init.xavier_uniform_(w)
     torch.nn.init.xavier_uniform_(b.view(1, -1))
-    assert torch.equal(layer.w, w) and torch.equal(layer.bias, b)
+    assert torch.equal(layer.w, w) and torch.equal(layer.bias, b) and layer.output_scale is None
+    with pytest.raises(ValueError, match="init must be one of"):
+        ReconciledLinear(D, N, "lorr", init="xavier")
+
+
+TRAINABLE = [c for c in tr.ALL if make(c).calculate_l(N, D)]
+
+
+@pytest.mark.parametrize("cls", TRAINABLE, ids=[c.__name__ for c in TRAINABLE])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_init_linear_starts_at_nn_linear_scale(cls, channels):
+    """The initial output on N(0, 1) inputs is about as large as nn.Linear's (RMS 1/sqrt(3) + bias)."""
+    for n, d in ((8, 72), (64, 1056)):
+        torch.manual_seed(1)
+        layer = ReconciledLinear(d, n, make(cls, **({"p": 2} if "padding" in cls.__name__ else {})),
+                                 channels=channels, bias=False)
+        x = torch.randn(256, d)
+        with torch.no_grad():
+            ratio = layer(x).std().item() / torch.nn.Linear(d, n, bias=False)(x).std().item()
+        assert 0.6 < ratio < 1.6, (n, d, ratio)
+
+
+@pytest.mark.parametrize("cls", TRAINABLE, ids=[c.__name__ for c in TRAINABLE])
+def test_init_linear_degree_table(cls):
+    """DEGREE[k] is psi's degree in w (psi(c w) = c^k psi(w)); None where there is none."""
+    from tinyrecon.nn import DEGREE
+    rec = make(cls, **({"seed": 3} if cls in SEEDED else {}))
+    w = torch.rand(rec.calculate_l(N, D), dtype=F64) + 0.5
+    k = DEGREE[cls.__name__]
+    if k is None:
+        assert not any(torch.allclose(rec(n=N, D=D, w=3 * w), 3 ** j * rec(n=N, D=D, w=w)) for j in range(6))
+    else:
+        assert_close(rec(n=N, D=D, w=3 * w), 3 ** k * rec(n=N, D=D, w=w))
+
+
+def test_init_linear_leaves_the_function_and_from_tinybig_alone():
+    torch.manual_seed(0)
+    layer = ReconciledLinear(D, N, tr.hypernet_reconciliation(l=5, hidden_dim=6, seed=2))
+    assert layer.output_scale is not None and "output_scale" in layer.state_dict()
+    copy_ = ReconciledLinear(D, N, tr.hypernet_reconciliation(l=5, hidden_dim=6, seed=9))
+    copy_.load_state_dict(layer.state_dict())                 # the scale travels with the state
+    x = torch.randn(4, D)
+    assert torch.equal(copy_(x), layer(x))
+    w = torch.randn(1, 2 * (N + D))
+    old = ReconciledLinear.from_tinybig({"function_class": "tinybig.reconciliation.lorr_reconciliation",
+                                         "function_parameters": {"r": 2}}, w, in_features=D, out_features=N)
+    assert old.output_scale is None and old.init == "tinybig" and torch.equal(old.w, w)
 
 
 def test_reconciliation_argument_forms():

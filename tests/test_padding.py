@@ -16,7 +16,7 @@ SHAPES = [(15, 14, 3, 2), (6, 20, 2, 4), (20, 6, 4, 2), (5, 5, 5, 5), (9, 9, 3, 
 
 
 def dense(kind, B, p, q):
-    """W built directly from its definition (SPEC.md), B of shape (s, t)."""
+    """W built directly from its definition (docs/functions.md), B of shape (s, t)."""
     if kind == "kron":
         return torch.kron(torch.ones(p, q, dtype=B.dtype), B)
     if kind == "diag":
@@ -57,7 +57,7 @@ def test_layouts_agree_iff_s_or_q_is_one(n, D, p, q):
 
 
 def test_calculate_l():
-    assert tr.duplicated_padding_reconciliation(p=2, q=2).calculate_l(6, 12) == 18   # SPEC.md
+    assert tr.duplicated_padding_reconciliation(p=2, q=2).calculate_l(6, 12) == 18   # docs/functions.md
     assert tr.duplicated_padding_reconciliation(p=2).calculate_l(6, 12) == 18        # q=None means q=p
     assert tr.duplicated_padding_reconciliation(p=3).calculate_l(6, 12) == 2 * 4
     assert tr.duplicated_padding_reconciliation(p=2, q=3).calculate_l(6, 12) == 3 * 4

@@ -180,8 +180,18 @@ class Reconciliation(nn.Module):
     # ---- public API --------------------------------------------------------------
     def forward(self, n: int, D: int, w: torch.Tensor | None = None, device=None, backend=None,
                 *args, **kwargs) -> torch.Tensor:
-        """Build ``W = psi(w)``: ``(n, D)``, or ``(C, n, D)`` for ``C > 1`` channels."""
+        """Build ``W = psi(w)``: ``(n, D)``, or ``(C, n, D)`` for ``C > 1`` channels.
+
+        Under ``torch.autocast`` W is built in the autocast dtype (w is cast to it, as F.linear
+        casts its weight)."""
         n, D = check_dims(n, D)
+        device_type = w.device.type if isinstance(w, torch.Tensor) else torch.device(device or "cpu").type
+        dtype = _autocast_dtype(device_type)
+        if dtype is not None:   # as F.linear does: cast, then run with autocast off
+            if w is None and not self.calculate_l(n, D):
+                w = torch.empty(0, dtype=dtype, device=device)
+            with torch.autocast(device_type, enabled=False):
+                return self.forward(n, D, _cast(w, dtype), device, backend)
         w2, keep = self._channels(w, n, D, like=None)
         W = self._build(n, D, w2, self._backend(backend))
         W = W if keep else W[0]
@@ -193,6 +203,8 @@ class Reconciliation(nn.Module):
 
         ``x``: ``(*batch, D)``; ``D`` is read from x, or checked against x when given.
         Returns ``(*batch, n)``, or ``(C, *batch, n)`` for ``C > 1`` channels.
+        Under ``torch.autocast`` it follows F.linear: floating-point x, w and bias are cast to the
+        autocast dtype of x's device type and the op runs in that dtype with autocast off.
         """
         if callable(x) and not isinstance(x, torch.Tensor) and w is None and n is None:
             # nn.Module.apply(fn) (e.g. ``model.apply(init_weights)``) recurses into children,
@@ -204,6 +216,10 @@ class Reconciliation(nn.Module):
             raise ValueError("x must have at least one dimension (its last is D)")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        dtype = _autocast_dtype(x.device.type)
+        if dtype is not None:   # as F.linear does: cast, then run with autocast off
+            with torch.autocast(x.device.type, enabled=False):
+                return self.apply(_cast(x, dtype), _cast(w, dtype), n, _cast(bias, dtype), backend, D)
         if D is not None and x.shape[-1] != D:
             raise ValueError(f"x's last dimension is {x.shape[-1]} but D={D}")
         D = x.shape[-1]
@@ -248,6 +264,18 @@ class Reconciliation(nn.Module):
             _same(w, like, "w", "x")
         w2 = w.reshape(1, l) if w.dim() == 1 else w
         return w2, w.dim() == 2 and w.shape[0] > 1
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` casts F.linear's inputs to on this device type, or None when off."""
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _cast(t, dtype: torch.dtype):
+    """``t`` in ``dtype`` when it is a floating-point tensor; anything else is left for the checks to name."""
+    return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
 
 def _same(a: torch.Tensor, b: torch.Tensor, an: str, bn: str) -> None:

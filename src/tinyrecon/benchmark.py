@@ -59,7 +59,7 @@ QUICK_SHAPES = ("small", "tall")
 # --quick also runs the headline cases: forward+backward of dual_lphm (p=8, q=784, r=5) on the MNIST layer.
 QUICK_EXTRA = (("dual_lphm", "mnist", "fwdbwd"), ("dual_lphm", "mnist", "train"))
 
-FUNCTIONS = tuple(registry.CLASSES)   # short names, in SPEC.md order
+FUNCTIONS = tuple(registry.CLASSES)   # short names, in docs/functions.md order
 FAMILY = {f: cls.__module__.rsplit(".", 1)[-1] for f, cls in registry.CLASSES.items()}
 FAMILIES = tuple(dict.fromkeys(FAMILY.values()))
 # Constructor arguments (the rest are tinyBIG's defaults). p and q default to the divisors

@@ -78,11 +78,11 @@ def _info() -> int:
     v = tb.versions()
     print(f"tinyrecon {v['tinyrecon']}  torch {v['torch']}  triton {v['triton']}  python {v['python']}")
     print(f"cpu: {tb.device_name(torch.device('cpu'))}")
-    if torch.cuda.is_available():
-        print(f"cuda: {tb.device_name(torch.device('cuda'))} (CUDA {torch.version.cuda})")
-    else:
-        print("cuda: no CUDA device visible to torch")
-    for device_type in ("cpu", "cuda"):
+    no_cuda = dispatch.why_not("torch", None, "cuda")
+    print(f"cuda: {tb.device_name(torch.device('cuda'))} (CUDA {torch.version.cuda})" if not no_cuda
+          else f"cuda: {no_cuda}")
+    # Only device types this machine has, and only backends that ever run them.
+    for device_type in ("cpu",) + (() if no_cuda else ("cuda",)):
         print(f"backends for {device_type} tensors:")
         for backend, reason in dispatch.available(device_type).items():
             print(f"  {backend:7s} {'available' if not reason else 'no: ' + reason}")

@@ -12,6 +12,7 @@ This module imports nothing from tinyrecon: ``setup.py`` loads it by path to bui
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import functools
 import os
 import shutil
@@ -53,6 +54,17 @@ def find_nvcc() -> str | None:
     return candidate if candidate and os.access(candidate, os.X_OK) else shutil.which("nvcc")
 
 
+def no_driver_reason() -> str:
+    """'' when this machine has an NVIDIA driver (libcuda) or an NVIDIA device node, else what is missing.
+
+    ``setup.py`` skips the build in ``auto`` mode when this is not empty: a library built there
+    could only fail with cudaErrorInsufficientDriver.
+    """
+    if ctypes.util.find_library("cuda") or os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi"):
+        return ""
+    return "no NVIDIA driver or GPU on this machine (no libcuda, /dev/nvidiactl or nvidia-smi)"
+
+
 def gencode_flags(arch_list: str | None = None) -> list[str]:
     """nvcc -gencode flags for ``TORCH_CUDA_ARCH_LIST`` syntax ("8.0;9.0", "9.0+PTX", "8.6 9.0")."""
     spec = arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
@@ -85,7 +97,7 @@ def _load():
     """(library, '') when it loads and sees a CUDA device, else (None, why not)."""
     path = library_path()
     if not os.path.exists(path):
-        return None, (f"no CUDA library at {path}: pip install builds it when nvcc is found "
+        return None, (f"no CUDA library at {path}: pip install builds it when nvcc and an NVIDIA driver are found "
                       "(TINYRECON_BUILD_CUDA=1 makes a missing nvcc an error)")
     try:
         lib = ctypes.CDLL(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 import threading
 
@@ -58,7 +59,9 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-_STATUS = {"torch": ""}   # backend -> '' or why its library does not load; a plain dict so dynamo reads it
+# backend -> '' or why its library does not load, plus "triton?" (installed) and "cuda device":
+# cached once, in a plain dict so dynamo reads it
+_STATUS = {"torch": ""}
 
 
 def _library_status(backend: str) -> str:
@@ -85,20 +88,55 @@ def _load_library(backend: str) -> str:
 
 
 def why_not(backend: str, op: str | None, device_type: str) -> str:
-    """'' if ``backend`` can run ``op`` (any op when None) on ``device_type`` tensors, else the reason."""
+    """'' if ``backend`` can run ``op`` (any op when None) on ``device_type`` tensors, else the reason.
+
+    The most basic missing thing comes first: the backend's software, then a device of that type,
+    then whether the backend takes that device, then whether its library loads.
+    """
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; expected one of {BACKENDS} or 'auto'"
     if op is not None and OPS[op][BACKENDS.index(backend)] is None:
         return f"the {backend} backend has no kernel for {op}"
-    # The device first: it needs no import (CPU-only users never load Triton or the CUDA library).
+    if backend == "triton" and not _triton_installed():
+        return "Triton is not installed (pip install triton; torch's CUDA wheels bring it)"
+    if device_type == "cuda" and _no_cuda_device():
+        return _no_cuda_device()
+    # Then the device, which needs no import (CPU-only users never load Triton or the CUDA library).
     if backend == "triton" and device_type != "cuda" and not (device_type == "cpu" and _triton_interpret()):
-        return (f"Triton runs on CUDA/ROCm tensors (got a {device_type} tensor); "
-                "for CPU tensors set TRITON_INTERPRET=1 before importing triton")
+        return (f"Triton runs on CUDA/ROCm tensors, not {device_type} tensors"
+                + ("; for CPU tensors set TRITON_INTERPRET=1 (the test interpreter) before importing triton"
+                   if device_type == "cpu" else ""))
     if backend == "cuda" and device_type != "cuda":
-        return f"the CUDA library runs on CUDA tensors (got a {device_type} tensor)"
+        return f"the CUDA library runs on CUDA tensors, not {device_type} tensors"
     if backend == "cpu" and device_type != "cpu":
-        return f"the CPU library runs on CPU tensors (got a {device_type} tensor)"
+        return f"the CPU library runs on CPU tensors, not {device_type} tensors"
     return _library_status(backend)
+
+
+def _triton_installed() -> bool:
+    if "triton?" not in _STATUS:   # find_spec looks for the package without importing it
+        _STATUS["triton?"] = "" if importlib.util.find_spec("triton") is not None else "no"
+    return not _STATUS["triton?"]
+
+
+def _no_cuda_device() -> str:
+    """'' when torch sees a CUDA (or ROCm) device, else the most basic reason it does not."""
+    if "cuda device" not in _STATUS:
+        import torch
+        if torch.cuda.is_available():
+            reason = ""
+        elif torch.version.cuda is None and torch.version.hip is None:
+            reason = f"no CUDA device: this torch ({torch.__version__}) is a CPU-only build"
+        else:
+            from . import cuda_lib
+            reason = "no CUDA device: " + (cuda_lib.no_driver_reason() or "torch sees no usable GPU")
+        _STATUS["cuda device"] = reason
+    return _STATUS["cuda device"]
+
+
+def accepts(backend: str, device_type: str) -> bool:
+    """Whether ``backend`` ever runs ``device_type`` tensors (the Triton interpreter counts for CPU)."""
+    return backend == "torch" or (backend == "triton" and device_type in ("cuda", "cpu")) or backend == device_type
 
 
 _local = threading.local()
@@ -170,5 +208,14 @@ def get(op: str, device_type: str, backend: str | None = None):
 
 
 def available(device_type: str = "cuda") -> dict:
-    """backend -> '' (usable on ``device_type`` tensors) or the reason it is not."""
-    return {b: why_not(b, None, device_type) for b in BACKENDS}
+    """backend -> '' (can run ``device_type`` tensors here) or the reason it cannot, for the
+    backends that ever run such tensors (the CUDA library is not listed for CPU tensors)."""
+    import torch
+    try:
+        torch.device(device_type)
+    except (RuntimeError, TypeError):
+        hint = (f"; available('cuda')[{device_type!r}] says whether the {device_type} backend runs on CUDA tensors"
+                if device_type in BACKENDS else "")
+        raise ValueError(f"available() takes a device type such as 'cuda', 'cpu' or 'mps', "
+                         f"not {device_type!r}{hint}") from None
+    return {b: why_not(b, None, device_type) for b in BACKENDS if accepts(b, device_type)}

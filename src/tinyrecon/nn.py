@@ -1,6 +1,8 @@
 """``ReconciledLinear``: an ``nn.Linear`` whose weight is ``psi(w)``, applied without building it."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -8,6 +10,17 @@ from .base import Reconciliation, check_dims
 from .config import from_config, resolve
 
 FUSIONS = ("mean", "sum")
+INITS = ("linear", "tinybig")
+
+# psi(c * w) = c**k * psi(w): the degree k of each function in w (every factor is a slice of w).
+# init="linear" scales w by c to give W nn.Linear's scale; None: no such k (w goes through a
+# sigmoid), so the layer scales its output instead. Functions with l = 0 have nothing to scale.
+DEGREE = {
+    "identity_reconciliation": 1, "masking_reconciliation": 1, "duplicated_padding_reconciliation": 1,
+    "duplicated_diagonal_padding_reconciliation": 1, "lorr_reconciliation": 2, "hm_reconciliation": 2,
+    "random_matrix_adaption_reconciliation": 2, "lphm_reconciliation": 3, "dual_lphm_reconciliation": 4,
+    "hypernet_reconciliation": None, "random_matrix_hypernet_reconciliation": None,
+}
 
 
 class ReconciledLinear(nn.Module):
@@ -17,19 +30,29 @@ class ReconciledLinear(nn.Module):
     dict / YAML path. It owns ``w`` of shape ``(channels, l)``; channels are fused by ``"mean"``
     (tinyBIG's default) or ``"sum"``, and the bias is added once, after fusion. Training calls the
     function's structured ``apply``, so the ``out_features x in_features`` matrix is never built;
-    ``weight`` builds it on demand. Initialised like a tinyBIG head: xavier-uniform over
-    ``(channels, l)``, and over ``(1, out_features)`` for the bias.
+    ``weight`` builds it on demand.
+
+    ``init="linear"`` (the default) starts at nn.Linear's scale: the bias as nn.Linear's, and ``w``
+    drawn xavier-uniform then multiplied by the one factor that makes the layer's output on N(0, 1)
+    inputs as large as an nn.Linear's (RMS ``1/sqrt(3)``), measured on one small probe batch. For the
+    hypernets, whose W's scale w does not set, the layer multiplies its output by a fixed
+    ``output_scale`` (a buffer) instead. ``init="tinybig"`` is a tinyBIG head's init: xavier-uniform
+    over ``(channels, l)``, and over ``(1, out_features)`` for the bias. Either way the function
+    itself is unchanged: ``reconciliation.apply(x, w, ...)`` computes the same for the same ``w``.
     """
 
     def __init__(self, in_features: int, out_features: int, reconciliation, bias: bool = True,
                  channels: int = 1, channel_fusion: str = "mean", backend: str | None = None,
-                 device=None, dtype=None):
+                 device=None, dtype=None, init: str = "linear"):
         super().__init__()
         out_features, in_features = check_dims(out_features, in_features)
         if isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:
             raise ValueError(f"channels must be a positive int, got {channels!r}")
         if channel_fusion not in FUSIONS:
             raise ValueError(f"channel_fusion must be one of {FUSIONS}, got {channel_fusion!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.init = init
         self.in_features, self.out_features = in_features, out_features
         self.channel_fusion, self.backend = channel_fusion, backend
         # A submodule: seeds of frozen matrices and a trainable hypernet go into state_dict.
@@ -42,6 +65,8 @@ class ReconciledLinear(nn.Module):
         factory = dict(device=device, dtype=dtype)
         self.w = nn.Parameter(torch.empty(channels, self.l, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        # Set by init="linear" for the hypernets only; a None buffer is not in state_dict.
+        self.register_buffer("output_scale", None)
         self.reset_parameters()
 
     @classmethod
@@ -60,7 +85,7 @@ class ReconciledLinear(nn.Module):
         if w.dim() != 2:
             raise ValueError(f"tinyBIG's w has shape (channel_num, l), got {tuple(w.shape)}")
         layer = cls(in_features, out_features, rec, bias=bias is not None, channels=w.shape[0],
-                    backend=backend, device=w.device, dtype=w.dtype)
+                    backend=backend, device=w.device, dtype=w.dtype, init="tinybig")
         if w.shape[1] != layer.l:
             raise ValueError(f"{type(rec).__name__} with n={out_features}, D={in_features} has "
                              f"l = {rec.l_formula(out_features, in_features)}; tinyBIG's w has shape {tuple(w.shape)}")
@@ -74,24 +99,55 @@ class ReconciledLinear(nn.Module):
         if self.l:
             nn.init.xavier_uniform_(self.w)
         if self.bias is not None:
-            nn.init.xavier_uniform_(self.bias.view(1, -1))
+            if self.init == "tinybig":
+                nn.init.xavier_uniform_(self.bias.view(1, -1))
+            else:
+                bound = 1 / math.sqrt(self.in_features)
+                nn.init.uniform_(self.bias, -bound, bound)
+        if self.init == "linear" and self.l:
+            self._match_linear_scale()
+
+    @torch.no_grad()
+    def _match_linear_scale(self) -> None:
+        """Scale w (or the output) so that the output's RMS on N(0, 1) inputs is nn.Linear's, 1/sqrt(3)."""
+        self.output_scale = None
+        probe = torch.randn(16, self.in_features, device=self.w.device, dtype=self.w.dtype)
+        rms = self._fused(probe).float().square().mean().sqrt().item()
+        if not rms > 0 or not math.isfinite(rms):
+            return
+        gain = 1 / math.sqrt(3) / rms
+        degree = DEGREE.get(type(self.reconciliation).__name__)
+        if degree:
+            self.w.mul_(gain ** (1 / degree))
+        else:
+            self.output_scale = torch.tensor(gain, dtype=self.w.dtype, device=self.w.device)
 
     def _fuse(self, y: torch.Tensor) -> torch.Tensor:
         return y.mean(0) if self.channel_fusion == "mean" else y.sum(0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _fused(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ fuse_c(psi(w_c))^T + bias``, without the output scale."""
         if self.w.shape[0] == 1:   # one channel: the op adds the bias itself (fused in the kernels)
-            return self.reconciliation.apply(x, self.w, n=self.out_features, bias=self.bias,
+            return self.reconciliation.apply(x, self.w, n=self.out_features, bias=bias,
                                              backend=self.backend, D=self.in_features)
         y = self._fuse(self.reconciliation.apply(x, self.w, n=self.out_features, backend=self.backend,
                                                  D=self.in_features))
-        return y if self.bias is None else y + self.bias
+        # y is in the autocast dtype under torch.autocast (apply casts as F.linear does): so is the bias
+        return y if bias is None else y + bias.to(y.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.output_scale is None:
+            return self._fused(x, self.bias)
+        y = self._fused(x) * self.output_scale
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The fused ``(out_features, in_features)`` matrix ``fuse_c(psi(w_c))``, built now (differentiable)."""
+        """The fused ``(out_features, in_features)`` matrix ``fuse_c(psi(w_c))`` (times ``output_scale``
+        when set), built now (differentiable)."""
         W = self.reconciliation(n=self.out_features, D=self.in_features, w=self.w, backend=self.backend)
-        return self._fuse(W) if self.w.shape[0] > 1 else W
+        W = self._fuse(W) if self.w.shape[0] > 1 else W
+        return W if self.output_scale is None else W * self.output_scale
 
     def extra_repr(self) -> str:
         n, D, C = self.out_features, self.in_features, self.w.shape[0]

@@ -1,4 +1,4 @@
-"""The 15 reconciliation functions of SPEC.md, one module per family."""
+"""The 15 reconciliation functions of docs/functions.md, one module per family."""
 from .basic import (constant_eye_reconciliation, constant_reconciliation, identity_reconciliation,
                     one_reconciliation, zero_reconciliation)
 from .hypernet import hypernet_reconciliation, random_matrix_hypernet_reconciliation

@@ -1,4 +1,4 @@
-"""Hypernet family: hypernet and random_matrix_hypernet (SPEC.md rows 14 and 16).
+"""Hypernet family: hypernet and random_matrix_hypernet (docs/functions.md, 13 and 15).
 
 hypernet:                ``W = reshape(W2 @ sigmoid(W1 @ w + b1) + b2, n, D)``; W1 (h x l), b1 (h),
                          W2 (n*D x h), b2 (n*D) N(0, 1): frozen and regenerated from the seed when

@@ -1,4 +1,4 @@
-"""Kronecker family: hm, lphm, dual_lphm (SPEC.md rows 11-13).
+"""Kronecker family: hm, lphm, dual_lphm (docs/functions.md, 10-12).
 
 ``W = A kron B`` with ``A`` (p x q) and ``B`` (s x t), ``s = n/p``, ``t = D/q``:
 hm reads A and B from w; lphm builds ``B = S @ T`` (rank r); dual_lphm also ``A = P @ Q``.
@@ -144,7 +144,7 @@ class _KronBase(Reconciliation):
         self.p, self.q, self.layout = p, q, layout
 
     def pq(self, n: int, D: int) -> tuple[int, int]:
-        """(p, q) for this layer; ``None`` picks the largest divisor at most isqrt (SPEC.md)."""
+        """(p, q) for this layer; ``None`` picks the largest divisor at most isqrt (docs/functions.md)."""
         p = close_factor(n) if self.p is None else self.p
         q = close_factor(D) if self.q is None else self.q
         check_divides("p", p, "n", n)

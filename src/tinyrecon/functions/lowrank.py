@@ -1,4 +1,4 @@
-"""Low-rank family: lorr and random_matrix_adaption (SPEC.md rows 10 and 15).
+"""Low-rank family: lorr and random_matrix_adaption (docs/functions.md, 9 and 14).
 
 lorr:                    ``W = A @ B``; w = [vec(A) (n*r), vec(B) (r*D)].
 random_matrix_adaption:  ``W = diag(l1) @ A @ diag(l2) @ B^T``; w = [l1 (n), l2 (r)];

@@ -1,4 +1,4 @@
-"""masking_reconciliation (SPEC.md row 6): ``W = M * reshape(w, n, D)``.
+"""masking_reconciliation (docs/functions.md, 6): ``W = M * reshape(w, n, D)``.
 
 ``M[i, j] = 1`` where ``u[i, j] < p``, ``u = tl.rand(seed, i*D + j)``: the mask is regenerated
 from the seed wherever it is used and never stored. ``fixed_mask=False`` draws a new mask on

@@ -1,4 +1,4 @@
-"""Padding family: duplicated_padding and duplicated_diagonal_padding (SPEC.md rows 7-8).
+"""Padding family: duplicated_padding and duplicated_diagonal_padding (docs/functions.md, 7-8).
 
 duplicated_padding:          ``W = ones(p, q) kron B``, ``B = reshape(w, s, t)``.
 duplicated_diagonal_padding: ``W = eye(p, q) kron B`` (block diagonal when p = q).
