@@ -332,3 +332,16 @@ def test_from_tinybig_checks():
     with pytest.raises(ValueError, match="never saved"):
         ReconciledLinear.from_tinybig({"function_class": "masking_reconciliation"}, torch.randn(1, 72),
                                       in_features=D, out_features=N)
+
+
+@pytest.mark.parametrize("name", ["hm", "hypernet"])
+def test_meta_layer_gets_linear_scale_when_materialized(name):
+    """Deferred init (FSDP's meta device, then to_empty + reset_parameters) ends at nn.Linear's scale."""
+    layer = ReconciledLinear(72, 8, tr.reconciliation(name, seed=0) if name == "hypernet" else name, device="meta")
+    assert layer.w.device.type == "meta"
+    layer.to_empty(device="cpu")
+    torch.manual_seed(0)
+    layer.reset_parameters()
+    x = torch.randn(256, 72)
+    ratio = layer(x).detach().std() / torch.nn.Linear(72, 8)(x).detach().std()
+    assert 0.5 < ratio < 2, ratio

@@ -104,7 +104,8 @@ class ReconciledLinear(nn.Module):
             else:
                 bound = 1 / math.sqrt(self.in_features)
                 nn.init.uniform_(self.bias, -bound, bound)
-        if self.init == "linear" and self.l:
+        # A meta layer (deferred init, as FSDP does) gets its scale when reset_parameters runs on a real device.
+        if self.init == "linear" and self.l and self.w.device.type != "meta":
             self._match_linear_scale()
 
     @torch.no_grad()
