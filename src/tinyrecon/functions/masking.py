@@ -9,10 +9,16 @@ Triton: ``kernels/masking.py``.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .. import _random, dispatch
 from ..base import Reconciliation, Seeded, add_bias, reference
+
+# Guards every instance's call counter: two threads calling one function must get two masks.
+# (Module level, not per instance: a lock cannot be deep-copied or pickled with the module.)
+_calls_lock = threading.Lock()
 
 
 def mask(seed: int, n: int, D: int, p: float, like: torch.Tensor) -> torch.Tensor:
@@ -52,8 +58,10 @@ class masking_reconciliation(Seeded, Reconciliation):
         """Seed of this call's mask: fixed, or a fresh one per call when ``fixed_mask=False``."""
         if self.fixed_mask:
             return self.stream_seed(0)
-        self._calls += 1
-        return _random.derive_seed(self.stream_seed(0), self._calls)
+        with _calls_lock:
+            self._calls += 1
+            call = self._calls
+        return _random.derive_seed(self.stream_seed(0), call)
 
     def _build(self, n, D, w, backend):
         op = dispatch.get("masking_build", w.device.type, backend)
