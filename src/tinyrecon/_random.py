@@ -141,9 +141,33 @@ def clear_cache() -> None:
         _stats.update(bytes=0, hits=0, misses=0)
 
 
+# Generating costs about 100 ns per number and CPU core: 2**32 numbers take about 7 core-minutes,
+# and their float32 values alone 16 GiB. Asking for more (hypernets at n = D = 2**16 would draw
+# 2**39) is refused before any work starts, unless TINYRECON_MAX_RANDOM raises the limit.
+_DEFAULT_MAX_NUMBERS = 1 << 32
+
+
+def check_cost(count: int, what: str) -> None:
+    """Refuse to draw ``count`` random numbers for ``what`` when that is above the limit."""
+    raw = os.environ.get("TINYRECON_MAX_RANDOM")
+    try:
+        limit = _DEFAULT_MAX_NUMBERS if raw is None or raw.strip() == "" else int(raw)
+    except ValueError:
+        raise ValueError(f"TINYRECON_MAX_RANDOM must be an int (random numbers per call), got {raw!r}") from None
+    if count > limit:
+        raise ValueError(
+            f"{what} would draw {count:,} random numbers in torch (about {count * 1e-7 / 60:,.0f} core-minutes, "
+            f"{count * 4 / 2**30:,.0f} GiB as float32), above the limit of {limit:,}; check n, D and the "
+            f"function's sizes, use the triton backend on a GPU (it draws in registers), or set "
+            f"TINYRECON_MAX_RANDOM={count} to run it anyway")
+
+
 # One opaque op, so torch.compile neither traces the 10 Philox rounds nor breaks the graph.
 @torch.library.custom_op("tinyrecon::philox_values", mutates_args=())
 def _values(seed: int, start: int, numel: int, device: torch.device, kind: str) -> torch.Tensor:
+    if device.type == "meta":   # shapes only: nothing to draw
+        return torch.empty(numel, dtype=torch.float32, device=device)
+    check_cost(numel, "this random matrix")
     key = (seed, start, numel, device, kind)
     with _lock:
         hit = _cache.get(key)

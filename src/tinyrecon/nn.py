@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Reconciliation, check_dims
+from .base import Reconciliation, check_dims, positive_int
 from .config import from_config, resolve
 
 FUSIONS = ("mean", "sum")
@@ -26,8 +26,7 @@ class ReconciledLinear(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         out_features, in_features = check_dims(out_features, in_features)
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:
-            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        channels = positive_int("channels", channels)
         if channel_fusion not in FUSIONS:
             raise ValueError(f"channel_fusion must be one of {FUSIONS}, got {channel_fusion!r}")
         self.in_features, self.out_features = in_features, out_features
