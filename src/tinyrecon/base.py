@@ -188,13 +188,12 @@ class Reconciliation(nn.Module):
         # included (as ints); hypernets' n and D may be omitted (their l does not depend on them).
         super().__init_subclass__(**kwargs)
         own = cls.__dict__.get("calculate_l")
-        if own is not None and not getattr(own, "_checks_dims", False):
+        if own is not None:
             @functools.wraps(own)
             def calculate_l(self, n=None, D=None):
                 if n is not None or D is not None:
                     n, D = check_dims(n, D)
                 return int(own(self, n, D))
-            calculate_l._checks_dims = True
             cls.calculate_l = calculate_l
 
     # ---- what subclasses provide -------------------------------------------------

@@ -75,10 +75,10 @@ class masking_reconciliation(Seeded, Reconciliation):
         return {"seed": self.seed, "calls": self._calls}
 
     def set_extra_state(self, state):
-        calls = state.get("calls", 0) if isinstance(state, dict) else None
+        seed, calls = check_seed(_saved(state, "seed"), "the state_dict's seed"), state.get("calls", 0)
         if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
             raise ValueError(f"the state_dict's mask call count must be a non-negative int, got {calls!r}")
-        self.seed, self._calls = check_seed(_saved(state, "seed"), "the state_dict's seed"), calls
+        self.seed, self._calls = seed, calls
 
     def extra_repr(self):
         return f"name={self.name!r}, p={self.p}, fixed_mask={self.fixed_mask}, seed={self.seed}"
