@@ -13,6 +13,9 @@ halves), so this runs on any torch device.
 """
 from __future__ import annotations
 
+import numbers
+import os
+import threading
 from collections import OrderedDict
 
 import torch
@@ -72,25 +75,119 @@ def _fill(seed: int, start: int, numel: int, device, kind: str) -> torch.Tensor:
 
 
 # Generating in torch costs ~100 ns per number on a CPU core, more than the GEMM that uses it
-# (random_matrix_adaption's B at D=65536: 18 ms vs a 6 ms dense layer), so recently used small
-# matrices are kept per process. They are not module state: nothing is saved or moved with a model.
-_CACHE: OrderedDict = OrderedDict()
-_CACHE_ELEMENTS = 1 << 22
-_CACHE_ENTRIES = 16
+# (random_matrix_adaption's B at D=65536: 18 ms vs a 6 ms dense layer), so recently used
+# matrices are kept per process, least recently used first out, within a byte budget
+# (TINYRECON_CACHE_BYTES, set_cache_budget). They are not module state: nothing is saved or moved
+# with a model. One lock guards the table: models are called from several threads (inference
+# servers, data-parallel CPU workers); numbers are generated outside it, so threads still draw in
+# parallel (two threads missing on one key both generate it, and the values are equal).
+_DEFAULT_BUDGET = 4 * (1 << 22)   # bytes: 4M float32 numbers, e.g. B of random_matrix_adaption at D=2^20, r=4
+_lock = threading.Lock()
+_cache: OrderedDict = OrderedDict()   # key -> float32 tensor
+_stats = {"bytes": 0, "hits": 0, "misses": 0}
+
+
+def _budget_from_env() -> int:
+    raw = os.environ.get("TINYRECON_CACHE_BYTES")
+    if raw is None or raw.strip() == "":
+        return _DEFAULT_BUDGET
+    try:
+        return _check_budget(int(raw.strip()))
+    except ValueError:
+        raise ValueError(f"TINYRECON_CACHE_BYTES must be a non-negative int (bytes; 0 turns the cache off), "
+                         f"got {raw!r}") from None
+
+
+def _check_budget(nbytes) -> int:
+    if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral) or nbytes < 0:
+        raise ValueError(f"the cache budget must be a non-negative int (bytes; 0 turns the cache off), got {nbytes!r}")
+    return int(nbytes)
+
+
+_budget = _budget_from_env()
+
+
+def _evict_to(limit: int) -> None:
+    """Drop least recently used entries until the cache holds at most ``limit`` bytes (lock held)."""
+    while _stats["bytes"] > limit:
+        _, old = _cache.popitem(last=False)
+        _stats["bytes"] -= old.numel() * old.element_size()
+
+
+def set_cache_budget(nbytes: int) -> None:
+    """Keep at most ``nbytes`` bytes of frozen random matrices per process (0: keep none).
+
+    The default is 16 MiB, or ``TINYRECON_CACHE_BYTES`` when set. Matrices bigger than the budget
+    are generated on every use.
+    """
+    global _budget
+    nbytes = _check_budget(nbytes)
+    with _lock:
+        _budget = nbytes
+        _evict_to(nbytes)
+
+
+def cache_info() -> dict:
+    """``{'budget', 'bytes', 'entries', 'hits', 'misses'}`` of the random-matrix cache."""
+    with _lock:
+        return {"budget": _budget, "bytes": _stats["bytes"], "entries": len(_cache),
+                "hits": _stats["hits"], "misses": _stats["misses"]}
+
+
+def clear_cache() -> None:
+    """Drop every cached random matrix and zero the hit/miss counts (the budget stays)."""
+    with _lock:
+        _cache.clear()
+        _stats.update(bytes=0, hits=0, misses=0)
+
+
+# Generating costs about 100 ns per number and CPU core: 2**32 numbers take about 7 core-minutes,
+# and their float32 values alone 16 GiB. Asking for more (hypernets at n = D = 2**16 would draw
+# 2**39) is refused before any work starts, unless TINYRECON_MAX_RANDOM raises the limit.
+_DEFAULT_MAX_NUMBERS = 1 << 32
+
+
+def check_cost(count: int, what: str) -> None:
+    """Refuse to draw ``count`` random numbers for ``what`` when that is above the limit."""
+    raw = os.environ.get("TINYRECON_MAX_RANDOM")
+    try:
+        limit = _DEFAULT_MAX_NUMBERS if raw is None or raw.strip() == "" else int(raw)
+    except ValueError:
+        raise ValueError(f"TINYRECON_MAX_RANDOM must be an int (random numbers per call), got {raw!r}") from None
+    if count > limit:
+        raise ValueError(
+            f"{what} would draw {count:,} random numbers in torch (about {count * 1e-7 / 60:,.0f} core-minutes, "
+            f"{count * 4 / 2**30:,.0f} GiB as float32), above the limit of {limit:,}; check n, D and the "
+            f"function's sizes, use the triton backend on a GPU (it draws in registers), or set "
+            f"TINYRECON_MAX_RANDOM={count} to run it anyway")
 
 
 # One opaque op, so torch.compile neither traces the 10 Philox rounds nor breaks the graph.
 @torch.library.custom_op("tinyrecon::philox_values", mutates_args=())
 def _values(seed: int, start: int, numel: int, device: torch.device, kind: str) -> torch.Tensor:
-    if numel > _CACHE_ELEMENTS:
-        return _fill(seed, start, numel, device, kind)
+    if device.type == "meta":   # shapes only: nothing to draw
+        return torch.empty(numel, dtype=torch.float32, device=device)
+    check_cost(numel, "this random matrix")
     key = (seed, start, numel, device, kind)
-    if key not in _CACHE:
-        _CACHE[key] = _fill(seed, start, numel, device, kind)
-        if len(_CACHE) > _CACHE_ENTRIES:
-            _CACHE.popitem(last=False)
-    _CACHE.move_to_end(key)
-    return _CACHE[key].clone()   # callers own their copy
+    with _lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            _stats["hits"] += 1
+        else:
+            _stats["misses"] += 1
+        fits = numel * 4 <= _budget
+    if hit is not None:
+        return hit.clone()   # callers own their copy; cached tensors are never written
+    values = _fill(seed, start, numel, device, kind)
+    if fits:
+        with _lock:
+            if key not in _cache:
+                _cache[key] = values
+                _stats["bytes"] += numel * 4
+                _evict_to(_budget)
+        return values.clone()
+    return values
 
 
 @_values.register_fake

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from . import _random, dispatch
 
@@ -24,11 +25,24 @@ def close_factor(k: int) -> int:
     return max(d for d in range(1, math.isqrt(k) + 1) if k % d == 0)
 
 
+def positive_int(name: str, v, none_ok: bool = False):
+    """``v`` as an int (numpy integers included) after checking it is positive; ``None`` when allowed."""
+    if v is None and none_ok:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
+        raise ValueError(f"{name} must be a positive int{' or None' if none_ok else ''}, got {v!r}")
+    return int(v)
+
+
+def check_bool(name: str, v) -> bool:
+    """A flag must be a bool: a YAML string such as 'no' or 'false' would otherwise read as True."""
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {v!r} ({type(v).__name__})")
+    return bool(v)
+
+
 def check_dims(n, D) -> tuple[int, int]:
-    for name, v in (("n", n), ("D", D)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return n, D
+    return positive_int("n", n), positive_int("D", D)
 
 
 def check_divides(what: str, factor: int, size_name: str, size: int) -> None:
@@ -37,10 +51,8 @@ def check_divides(what: str, factor: int, size_name: str, size: int) -> None:
                          f"divisors of {size}: {divisors(size)}")
 
 
-def check_rank(r) -> int:
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"r must be a positive int, got {r!r}")
-    return r
+def check_rank(r, name: str = "r") -> int:
+    return positive_int(name, r)
 
 
 def reference(fn):
@@ -85,6 +97,12 @@ class XOps(NamedTuple):
 TORCH_X_OPS = XOps(torch_passes, torch_expand)
 
 
+def traceable(x_ops: XOps) -> XOps:
+    """``x_ops``, or torch's own under torch.func transforms (a backend's kernels read raw memory,
+    which a vmapped or grad-tracked tensor does not have)."""
+    return TORCH_X_OPS if torch._C._are_functorch_transforms_active() else x_ops
+
+
 class _FactorPass(torch.autograd.Function):
     """``Z[b] = f @ X[b]^T`` for a big ``x`` (B, M, K) and a factor ``f`` (R, K).
 
@@ -94,27 +112,34 @@ class _FactorPass(torch.autograd.Function):
     takes it), and a large f (block-diagonal padding: 32 x 307,720) is read once. The
     backward makes one more pass over x for ``df`` and writes ``dx`` once. All three are
     ``x_ops`` (the V and U halves of its ``passes``, and its ``expand``) on the folded x.
+    A double backward (``create_graph=True``) and torch.func run the backward in torch's ops,
+    which autograd records.
     """
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, f, x_ops):
+    def forward(x, f, x_ops):
         B, M, K = x.shape
-        ctx.save_for_backward(x, f)
-        ctx.x_ops = x_ops
-        _, Z = x_ops.passes(x.reshape(1, B * M, K), f.new_empty(0, B * M), f, False, True)   # (R, B*M)
+        _, Z = traceable(x_ops).passes(x.reshape(1, B * M, K), f.new_empty(0, B * M), f, False, True)   # (R, B*M)
         return Z.view(f.shape[0], B, M).transpose(0, 1)
 
     @staticmethod
-    @once_differentiable
+    def setup_context(ctx, inputs, output):
+        x, f, x_ops = inputs
+        ctx.save_for_backward(x, f)
+        ctx.x_ops = x_ops
+
+    @staticmethod
     def backward(ctx, dz):
         x, f = ctx.saved_tensors
         B, M, K = x.shape
+        x_ops = TORCH_X_OPS if torch.is_grad_enabled() else traceable(ctx.x_ops)
         dz2 = dz.transpose(0, 1).reshape(f.shape[0], B * M)    # (R, B*M), small
         dx = df = None
         if ctx.needs_input_grad[0]:
-            dx = ctx.x_ops.expand(f[None], dz2).view(B, M, K)
+            dx = x_ops.expand(f[None], dz2).view(B, M, K)
         if ctx.needs_input_grad[1]:
-            df = ctx.x_ops.passes(x.reshape(1, B * M, K), dz2, f.new_empty(0, K), True, False)[0][0]
+            df = x_ops.passes(x.reshape(1, B * M, K), dz2, f.new_empty(0, K), True, False)[0][0]
         return dx, df, None
 
 
@@ -151,12 +176,25 @@ class Reconciliation(nn.Module):
         super().__init__()
         self.name = name
         # Accepted for tinyBIG config compatibility; the layer owning w and bias uses them.
-        self.require_parameters = require_parameters
-        self.enable_bias = enable_bias
+        self.require_parameters = check_bool("require_parameters", require_parameters)
+        self.enable_bias = check_bool("enable_bias", enable_bias)
         self.device = device
-        if backend is not None and backend != "auto" and backend not in dispatch.BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {dispatch.BACKENDS} or 'auto'")
+        if backend is not None:
+            dispatch.check_name(backend)
         self.backend = backend
+
+    def __init_subclass__(cls, **kwargs):
+        # Every calculate_l takes what forward and apply take: positive ints, numpy integers
+        # included (as ints); hypernets' n and D may be omitted (their l does not depend on them).
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("calculate_l")
+        if own is not None:
+            @functools.wraps(own)
+            def calculate_l(self, n=None, D=None):
+                if n is not None or D is not None:
+                    n, D = check_dims(n, D)
+                return int(own(self, n, D))
+            cls.calculate_l = calculate_l
 
     # ---- what subclasses provide -------------------------------------------------
     def calculate_l(self, n: int, D: int) -> int:
@@ -228,6 +266,8 @@ class Reconciliation(nn.Module):
         n, D = check_dims(n, D)
         w2, keep = self._channels(w, n, D, like=x)
         if bias is not None:
+            if not isinstance(bias, torch.Tensor):
+                raise TypeError(f"bias must be a tensor of shape ({n},) or None, got {type(bias).__name__}")
             _same(bias, x, "bias", "x")
             if tuple(bias.shape) != (n,):
                 raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
@@ -242,7 +282,11 @@ class Reconciliation(nn.Module):
 
     # ---- helpers -----------------------------------------------------------------
     def _backend(self, backend):
-        return backend or self.backend
+        # Checked here, not only in dispatch: functions without ops (identity, constant, eye)
+        # would otherwise ignore a misspelt name.
+        backend = backend or self.backend
+        dispatch.check_name(dispatch.requested(backend))
+        return backend
 
     def _channels(self, w, n, D, like):
         """Check ``w`` against ``l`` and return it as ``(C, l)`` plus whether to keep C."""
@@ -262,6 +306,8 @@ class Reconciliation(nn.Module):
                              f"or (C, l) with l = {self.l_formula(n, D)}; got {tuple(w.shape)}")
         if like is not None:
             _same(w, like, "w", "x")
+        if w.dim() == 2 and w.shape[0] == 0:
+            raise ValueError(f"w has 0 channels (shape {tuple(w.shape)}); give at least one row of l = {l}")
         w2 = w.reshape(1, l) if w.dim() == 1 else w
         return w2, w.dim() == 2 and w.shape[0] > 1
 
@@ -293,11 +339,7 @@ class Seeded:
     """
 
     def _init_seed(self, seed):
-        if seed is None:
-            seed = _random.new_seed()
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** _random.SEED_BITS:
-            raise ValueError(f"seed must be an int in [0, 2**{_random.SEED_BITS}), got {seed!r}")
-        self.seed = seed
+        self.seed = _random.new_seed() if seed is None else check_seed(seed)
 
     def stream_seed(self, stream: int) -> int:
         return _random.derive_seed(self.seed, stream)
@@ -306,4 +348,18 @@ class Seeded:
         return {"seed": self.seed}
 
     def set_extra_state(self, state):
-        self.seed = int(state["seed"])
+        self.seed = check_seed(_saved(state, "seed"), "the state_dict's seed")
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** _random.SEED_BITS:
+        raise ValueError(f"{name} must be an int in [0, 2**{_random.SEED_BITS}), got {seed!r}")
+    return int(seed)
+
+
+def _saved(state, key: str):
+    """``state[key]`` of a loaded extra state, or an error saying what the checkpoint lacks."""
+    if not isinstance(state, dict) or key not in state:
+        raise ValueError(f"the state_dict's extra state of this function must be a dict with {key!r}, got {state!r}; "
+                         "was it saved from the same function?")
+    return state[key]

@@ -47,7 +47,10 @@ def from_config(config, **overrides) -> Reconciliation:
         raise TypeError(f"a config must be a dict or a file path, got {type(config).__name__}")
     for prefix in PREFIXES:
         if f"{prefix}_class" in config:
-            params = dict(config.get(f"{prefix}_parameters") or {})
+            params = config.get(f"{prefix}_parameters") or {}
+            if not isinstance(params, dict):
+                raise TypeError(f"{prefix}_parameters must be a mapping, got {type(params).__name__}")
+            params = dict(params)
             if "layout" in config:
                 params.setdefault("layout", config["layout"])
             return _construct(config[f"{prefix}_class"], {**params, **overrides})
@@ -72,6 +75,8 @@ def _construct(class_name: str, params: dict) -> Reconciliation:
     try:
         return cls(**params)
     except TypeError as e:
+        if "keyword argument" not in str(e):   # a parameter of the wrong type: its own message says which
+            raise
         names = [k for k, p in accepted.items() if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD]
         raise TypeError(f"{cls.__name__}: {e}; its parameters: {names} and "
                         "require_parameters, enable_bias, device, backend") from e

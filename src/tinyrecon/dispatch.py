@@ -142,11 +142,17 @@ def accepts(backend: str, device_type: str) -> bool:
 _local = threading.local()
 
 
+def check_name(backend, source: str = "backend") -> str:
+    """``backend`` if it names a backend or 'auto'; else a ValueError naming where it came from."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown {source} {backend!r}; expected one of {BACKENDS} or 'auto'")
+    return backend
+
+
 @contextlib.contextmanager
 def use_backend(backend: str):
     """Run ops in this block on ``backend`` ('torch', 'triton', 'cuda', 'cpu' or 'auto')."""
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or 'auto'")
+    check_name(backend)
     previous = getattr(_local, "backend", None)
     _local.backend = backend
     try:
@@ -157,7 +163,11 @@ def use_backend(backend: str):
 
 def requested(backend: str | None = None) -> str:
     """The backend asked for: per call, else per block, else TINYRECON_BACKEND, else 'auto'."""
-    return backend or getattr(_local, "backend", None) or os.environ.get("TINYRECON_BACKEND") or "auto"
+    choice = backend or getattr(_local, "backend", None)
+    if choice:
+        return choice
+    env = os.environ.get("TINYRECON_BACKEND")
+    return check_name(env, "TINYRECON_BACKEND") if env else "auto"
 
 
 def resolve(op: str, device_type: str, backend: str | None = None) -> str:

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from .base import Reconciliation, check_dims
+from .base import Reconciliation, check_dims, positive_int
 from .config import from_config, resolve
 
 FUSIONS = ("mean", "sum")
@@ -46,8 +46,7 @@ class ReconciledLinear(nn.Module):
                  device=None, dtype=None, init: str = "linear"):
         super().__init__()
         out_features, in_features = check_dims(out_features, in_features)
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:
-            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        channels = positive_int("channels", channels)
         if channel_fusion not in FUSIONS:
             raise ValueError(f"channel_fusion must be one of {FUSIONS}, got {channel_fusion!r}")
         if init not in INITS:

@@ -29,7 +29,7 @@ class constant_reconciliation(Reconciliation):
     def _apply_flat(self, x, w, n, bias, backend):
         # Every output is c * sum(x): one reduction, no matmul.
         y = (self.c * x.sum(-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))).to(x.dtype)
-        return add_bias(y.expand(-1, n).expand(w.shape[0], -1, -1), bias)
+        return add_bias(y.expand(w.shape[0], -1, n).contiguous(), bias)   # a fresh tensor, not a stride-0 view
 
     def extra_repr(self):
         return f"name={self.name!r}, c={self.c}"
@@ -60,13 +60,13 @@ class constant_eye_reconciliation(Reconciliation):
         return 0
 
     def _build(self, n, D, w, backend):
-        return torch.eye(n, D, dtype=w.dtype, device=w.device).expand(w.shape[0], -1, -1)
+        return torch.eye(n, D, dtype=w.dtype, device=w.device).repeat(w.shape[0], 1, 1)
 
     def _apply_flat(self, x, w, n, bias, backend):
         # y[:, i] = x[:, i] for i < min(n, D), zero after: a copy, no matmul.
         k = min(n, x.shape[1])
         y = torch.cat([x[:, :k], x.new_zeros(x.shape[0], n - k)], dim=1)
-        return add_bias(y.expand(w.shape[0], -1, -1), bias)
+        return add_bias(y.expand(w.shape[0], -1, -1).contiguous(), bias)
 
 
 class identity_reconciliation(Reconciliation):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import _random, dispatch
-from ..base import _HALF, Reconciliation, Seeded, add_bias, check_rank, reference
+from ..base import _HALF, Reconciliation, Seeded, add_bias, check_bool, check_rank, reference
 
 _SLICE = 1 << 22   # random numbers generated per slice of W, to bound memory
 
@@ -30,6 +30,8 @@ def _rows_per_slice(D: int, width: int) -> int:
 def _random_linear_build(v, seed_m: int, seed_c, n: int, D: int):
     """``reshape(M @ v^T (+ c), C, n, D)`` for M (n*D x k) = randn(seed_m) and c = randn(seed_c)."""
     C, k = v.shape
+    if v.device.type != "meta":
+        _random.check_cost(n * D * (k + (seed_c is not None)), f"the hypernet's (n*D x {k}) random matrix at n={n}, D={D}")
     rows = []
     step = _rows_per_slice(D, k)
     for i0 in range(0, n, step):
@@ -76,7 +78,8 @@ class hypernet_reconciliation(Seeded, Reconciliation):
     def __init__(self, name="hypernet_reconciliation", l=64, hidden_dim=128, static=True, net=None,
                  seed=None, **kwargs):
         super().__init__(name, **kwargs)
-        self.l, self.hidden_dim, self.static = check_rank(l), check_rank(hidden_dim), static
+        self.l, self.hidden_dim = check_rank(l, "l"), check_rank(hidden_dim, "hidden_dim")
+        self.static = check_bool("static", static)
         self._init_seed(seed)
         self.net = net
         self._setup_for = None
@@ -97,6 +100,8 @@ class hypernet_reconciliation(Seeded, Reconciliation):
         """Create the trainable hypernet (``static=False``), initialised to the seed's matrices."""
         if self.static or self.net is not None or self._setup_for == (n, D):
             return
+        _random.check_cost(n * D * (self.hidden_dim + 1), f"hypernet_reconciliation.setup(n={n}, D={D}) "
+                           f"with hidden_dim={self.hidden_dim}")
         like = torch.empty(0)
         W1, b1 = self.first_layer(like)
         net = nn.Sequential(nn.Linear(self.l, self.hidden_dim), nn.Sigmoid(), nn.Linear(self.hidden_dim, n * D))
@@ -107,10 +112,17 @@ class hypernet_reconciliation(Seeded, Reconciliation):
             net[2].bias.copy_(_random.randn(self.stream_seed(3), (n * D,)))
         self.net, self._setup_for = net, (n, D)
 
-    def _trainable(self, n, D):
+    def _trainable(self, n, D, w):
         if self.net is None and not self.static:
             raise RuntimeError("hypernet_reconciliation(static=False) trains its hypernet: call "
                                f"setup(n={n}, D={D}) before building the optimizer")
+        if self._setup_for is not None and self._setup_for != (n, D):
+            raise ValueError(f"this hypernet was set up for (n, D) = {self._setup_for}, not ({n}, {D}): its "
+                             "trainable last layer has n*D outputs; use one function per layer shape")
+        param = next(self.net.parameters(), None) if self.net is not None else None
+        if param is not None and (param.dtype != w.dtype or param.device != w.device):
+            raise TypeError(f"w is {w.dtype} on {w.device} but the hypernet's parameters are {param.dtype} on "
+                            f"{param.device}; move the function with .to(...) (ReconciledLinear does it for you)")
         return self.net
 
     def _hvec(self, w):
@@ -119,14 +131,17 @@ class hypernet_reconciliation(Seeded, Reconciliation):
         return torch.sigmoid(torch.matmul(wf, W1.T) + b1).to(w.dtype)
 
     def _build(self, n, D, w, backend):
-        net = self._trainable(n, D)
+        net = self._trainable(n, D, w)
         if net is not None:
-            return net(w).reshape(-1, n, D)
+            out = net(w)
+            if out.shape[-1] != n * D:
+                raise ValueError(f"the hypernet maps w to {out.shape[-1]} values per channel, not n*D = {n}*{D}")
+            return out.reshape(-1, n, D)
         op = dispatch.get("hypernet_build", w.device.type, backend)
         return op(self._hvec(w), self.stream_seed(2), self.stream_seed(3), n, D)
 
     def _apply_flat(self, x, w, n, bias, backend):
-        if self._trainable(n, x.shape[-1]) is not None:
+        if self._trainable(n, x.shape[-1], w) is not None:
             return super()._apply_flat(x, w, n, bias, backend)
         op = dispatch.get("hypernet_apply", x.device.type, backend)
         return op(x, self._hvec(w), self.stream_seed(2), self.stream_seed(3), n, bias)
@@ -141,7 +156,7 @@ class random_matrix_hypernet_reconciliation(Seeded, Reconciliation):
     def __init__(self, name="random_matrix_hypernet_reconciliation", r=2, l=64, hidden_dim=128, seed=None,
                  **kwargs):
         super().__init__(name, **kwargs)
-        self.r, self.l, self.hidden_dim = check_rank(r), check_rank(l), check_rank(hidden_dim)
+        self.r, self.l, self.hidden_dim = check_rank(r), check_rank(l, "l"), check_rank(hidden_dim, "hidden_dim")
         self._init_seed(seed)
 
     def calculate_l(self, n=None, D=None):

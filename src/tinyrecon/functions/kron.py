@@ -15,11 +15,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import dispatch
 from ..base import (LAYOUTS, TORCH_X_OPS, Reconciliation, add_bias, channel_matmul, check_divides, check_rank,
-                    close_factor, reference)
+                    close_factor, positive_int, reference, traceable)
 
 
 def _factor(F1, F2):
@@ -55,36 +54,54 @@ class _KronCore(torch.autograd.Function):
     written once. Otherwise only one of U and V is formed: U unless V is less than half its size
     (duplicated_padding's rank-1 left factor makes U (N, 1, t) huge next to V (s, N*q)).
     ``x_ops`` reads and writes x (``TORCH_X_OPS``, or a backend's kernels with the same contract).
+    U and V leave the forward as extra outputs (empty when not kept), as torch.func requires of
+    what a backward reuses. A double backward (``create_graph=True``), torch.func, or a gradient
+    not planned for in the forward take the gradients from x itself (kept by reference, not
+    copied) in torch's ops, which autograd records.
     """
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, Ar, Br, keep_u, keep_v, x_ops):
+    def forward(x, Ar, Br, keep_u, keep_v, x_ops):
         N, q, t = x.shape
         rA, rB = Ar.shape[0], Br.shape[0]
         use_u = keep_u or (not keep_v and rA * t <= 2 * rB * q)
-        U, V = x_ops.passes(x, Ar, Br, use_u, keep_v or not use_u)
+        U, V = traceable(x_ops).passes(x, Ar, Br, use_u, keep_v or not use_u)
         if use_u:
             core = torch.matmul(U, Br.T)
         else:
             core = torch.mm(Ar, V.view(rB * N, q).T).view(rA, rB, N).permute(2, 0, 1)
-        ctx.save_for_backward(U if keep_u else None, V if keep_v else None, Ar, Br)
-        ctx.x_shape, ctx.expand = x.shape, x_ops.expand
-        return core
+        return core, U if keep_u else x.new_empty(0), V if keep_v else x.new_empty(0)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, dcore):
-        U, V, Ar, Br = ctx.saved_tensors
-        N, q, t = ctx.x_shape
+    def setup_context(ctx, inputs, output):
+        x, Ar, Br, keep_u, keep_v, x_ops = inputs
+        _, U, V = output
+        ctx.mark_non_differentiable(U, V)
+        ctx.save_for_backward(x, U if keep_u else None, V if keep_v else None, Ar, Br)
+        ctx.expand = x_ops.expand
+
+    @staticmethod
+    def backward(ctx, dcore, _dU, _dV):
+        x, U, V, Ar, Br = ctx.saved_tensors
+        N, q, t = x.shape
         rA, rB = Ar.shape[0], Br.shape[0]
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        plain = torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
         dx = dAr = dBr = None
         if need_a:   # sum over n and b of dcore[n, a, b] V[b, n, :]
-            dAr = torch.mm(dcore.permute(1, 2, 0).reshape(rA, rB * N), V.view(rB * N, q))
+            if plain or V is None:
+                dAr = torch.matmul(torch.matmul(dcore, Br), x.transpose(1, 2)).sum(0)
+            else:
+                dAr = torch.mm(dcore.permute(1, 2, 0).reshape(rA, rB * N), V.view(rB * N, q))
         if need_b:   # sum over n and a of dcore[n, a, b] U[n, a, :]
-            dBr = torch.mm(dcore.reshape(N * rA, rB).T, U.view(N * rA, t))
-        if need_x:
-            dx = ctx.expand(torch.matmul(dcore, Br), Ar)                 # via G (N, rA, t), small
+            if plain or U is None:
+                dBr = torch.matmul(dcore.transpose(1, 2), torch.matmul(Ar, x)).sum(0)
+            else:
+                dBr = torch.mm(dcore.reshape(N * rA, rB).T, U.view(N * rA, t))
+        if need_x:   # via G (N, rA, t), small
+            G = torch.matmul(dcore, Br)
+            dx = torch.matmul(Ar.T, G) if plain else ctx.expand(G, Ar)
         return dx, dAr, dBr, None, None, None
 
 
@@ -102,7 +119,7 @@ def kron_apply(x, A1, A2, B1, B2, bias, layout: str, x_ops=TORCH_X_OPS):
     Ar2, Br2 = Ar.reshape(C * rA, q), Br.reshape(C * rB, t)
     grad = torch.is_grad_enabled()
     core = _KronCore.apply(x.reshape(N, q, t), Ar2, Br2, grad and Br2.requires_grad, grad and Ar2.requires_grad,
-                          x_ops)
+                          x_ops)[0]
     core = core.view(N, C, rA, C, rB).diagonal(dim1=1, dim2=3).permute(3, 0, 1, 2)   # (C, N, rA, rB)
     # matmul, not einsum: its output layout is fixed, so torch.compile's traced reshape stays valid
     # (a broadcast product's strides can differ between fake and real tensors).
@@ -141,7 +158,7 @@ class _KronBase(Reconciliation):
         super().__init__(name, **kwargs)
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        self.p, self.q, self.layout = p, q, layout
+        self.p, self.q, self.layout = positive_int("p", p, none_ok=True), positive_int("q", q, none_ok=True), layout
 
     def pq(self, n: int, D: int) -> tuple[int, int]:
         """(p, q) for this layer; ``None`` picks the largest divisor at most isqrt (docs/functions.md)."""

@@ -9,10 +9,16 @@ Triton: ``kernels/masking.py``.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .. import _random, dispatch
-from ..base import Reconciliation, Seeded, add_bias, reference
+from ..base import Reconciliation, Seeded, _saved, add_bias, check_bool, check_seed, reference
+
+# Guards every instance's call counter: two threads calling one function must get two masks.
+# (Module level, not per instance: a lock cannot be deep-copied or pickled with the module.)
+_calls_lock = threading.Lock()
 
 
 def mask(seed: int, n: int, D: int, p: float, like: torch.Tensor) -> torch.Tensor:
@@ -38,7 +44,7 @@ class masking_reconciliation(Seeded, Reconciliation):
         super().__init__(name, **kwargs)
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
             raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
-        self.p, self.fixed_mask = float(p), fixed_mask
+        self.p, self.fixed_mask = float(p), check_bool("fixed_mask", fixed_mask)
         self._init_seed(seed)
         self._calls = 0
 
@@ -52,8 +58,10 @@ class masking_reconciliation(Seeded, Reconciliation):
         """Seed of this call's mask: fixed, or a fresh one per call when ``fixed_mask=False``."""
         if self.fixed_mask:
             return self.stream_seed(0)
-        self._calls += 1
-        return _random.derive_seed(self.stream_seed(0), self._calls)
+        with _calls_lock:
+            self._calls += 1
+            call = self._calls
+        return _random.derive_seed(self.stream_seed(0), call)
 
     def _build(self, n, D, w, backend):
         op = dispatch.get("masking_build", w.device.type, backend)
@@ -67,7 +75,10 @@ class masking_reconciliation(Seeded, Reconciliation):
         return {"seed": self.seed, "calls": self._calls}
 
     def set_extra_state(self, state):
-        self.seed, self._calls = int(state["seed"]), int(state.get("calls", 0))
+        seed, calls = check_seed(_saved(state, "seed"), "the state_dict's seed"), state.get("calls", 0)
+        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+            raise ValueError(f"the state_dict's mask call count must be a non-negative int, got {calls!r}")
+        self.seed, self._calls = seed, calls
 
     def extra_repr(self):
         return f"name={self.name!r}, p={self.p}, fixed_mask={self.fixed_mask}, seed={self.seed}"

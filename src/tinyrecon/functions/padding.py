@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import dispatch
-from ..base import LAYOUTS, TORCH_X_OPS, Reconciliation, add_bias, check_divides, factor_pass, reference
+from ..base import LAYOUTS, TORCH_X_OPS, Reconciliation, add_bias, check_divides, factor_pass, positive_int, reference
 from .kron import kron_apply, tinybig_outer_apply
 
 
@@ -62,7 +62,8 @@ class duplicated_padding_reconciliation(Reconciliation):
         super().__init__(name, **kwargs)
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        self.p, self.q, self.layout = p, (p if q is None else q), layout
+        p = positive_int("p", p)
+        self.p, self.q, self.layout = p, (p if q is None else positive_int("q", q, none_ok=True)), layout
 
     def pq(self, n, D):
         check_divides("p", self.p, "n", n)
