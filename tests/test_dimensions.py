@@ -106,7 +106,7 @@ def _kron_factors(C, p, q, rA, s, t, rB):
 @pytest.mark.parametrize("layout", ["kron", "tinybig"])
 @pytest.mark.parametrize("dims", KRON)
 def test_kron_reference_gradcheck(dims, layout):
-    """Full (not fast-mode) gradcheck and gradgradcheck-free: every gradient of the reference's
+    """Full (not fast-mode) gradcheck of every gradient of the reference's
     apply (its own autograd.Function) and build, for each shape and layout."""
     C, p, q, rA, s, t, rB = dims
     factors = _kron_factors(*dims)
