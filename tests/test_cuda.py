@@ -133,7 +133,7 @@ def simt_library(directory, kernels_source=None):
     sources = [f for f in sorted(glob.glob(os.path.join(csrc, "*.cu"))) if not f.endswith("kernels.cu")]
     out = os.path.join(directory, "libtinyrecon_simt.so")
     command = [NVCC, "-x", "c++", "-std=c++20", "-O2", "-shared", "-cudart", "none",
-               "-Xcompiler", "-fPIC,-Wall,-Wextra,-Werror,-Wno-unknown-pragmas",
+               "-Xcompiler", "-fPIC,-Wall,-Wextra,-Werror,-Wno-unknown-pragmas,-U_FORTIFY_SOURCE",
                "--pre-include", os.path.join(ROOT, "tests", "simt", "cuda_host.h"), "-I", csrc,
                "-o", out, kernels, *sources, os.path.join(ROOT, "tests", "simt", "simt.cpp")]
     result = subprocess.run(command, capture_output=True, text=True)

@@ -1,5 +1,10 @@
 // The runtime of the SIMT emulation (cuda_host.h): fibers, barriers, and the few CUDA runtime
 // calls the library makes, as on a machine with one device.
+//
+// A fiber per thread of a block lives through the whole launch, running the kernel once per block.
+// It starts with makecontext; every later switch is _setjmp/_longjmp, which, unlike swapcontext,
+// makes no system call (built without _FORTIFY_SOURCE, whose longjmp check forbids other stacks).
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <cstdio>
@@ -20,13 +25,15 @@ namespace {
 enum class State { kReady, kAtBlockBarrier, kAtWarpBarrier, kDone };
 
 struct Fiber {
-  ucontext_t context;
+  ucontext_t start;
+  jmp_buf resume;
+  bool started = false;
   Thread thread;
   State state;
 };
 
 struct Block {
-  ucontext_t scheduler;
+  jmp_buf scheduler;
   std::vector<Fiber> fibers;
   Fiber* running = nullptr;
   const std::function<void()>* body = nullptr;
@@ -43,11 +50,27 @@ thread_local std::string failure;  // why the current launch failed ("" while it
 std::mutex log_mutex;
 std::map<std::string, long> launches;  // label -> launch count, for tests of coverage
 
+// Back to the scheduler; returns when the scheduler resumes this fiber.
+void yield(Fiber* self) {
+  if (_setjmp(self->resume) == 0) _longjmp(block->scheduler, 1);
+}
+
 void entry() {
   Fiber* self = block->running;
-  (*block->body)();
-  self->state = State::kDone;
-  swapcontext(&self->context, &block->scheduler);  // never resumed
+  for (;;) {  // once per block of the launch
+    (*block->body)();
+    self->state = State::kDone;
+    yield(self);
+  }
+}
+
+void resume(Block& b, Fiber& f) {
+  b.running = &f;
+  current = &f.thread;
+  if (_setjmp(b.scheduler) != 0) return;  // the fiber yielded
+  if (f.started) _longjmp(f.resume, 1);
+  f.started = true;
+  setcontext(&f.start);
 }
 
 void wait(State at) {
@@ -55,9 +78,8 @@ void wait(State at) {
     std::fprintf(stderr, "simt: barrier outside a kernel\n");
     std::abort();
   }
-  Fiber* self = block->running;
-  self->state = at;
-  swapcontext(&self->context, &block->scheduler);
+  block->running->state = at;
+  yield(block->running);
 }
 
 // Releases the barriers every member of whose group has reached; false when none could be.
@@ -82,22 +104,12 @@ bool release(std::vector<Fiber>& fibers) {
 }
 
 // Runs one block to completion; false (with `failure` set) when a barrier cannot complete.
-bool run_block(Block& b, char* stacks) {
-  for (size_t i = 0; i < b.fibers.size(); ++i) {
-    Fiber& f = b.fibers[i];
-    getcontext(&f.context);
-    f.context.uc_stack.ss_sp = stacks + i * kStackBytes;
-    f.context.uc_stack.ss_size = kStackBytes;
-    f.context.uc_link = nullptr;
-    makecontext(&f.context, entry, 0);
-  }
+bool run_block(Block& b) {
   for (;;) {
     bool all_done = true;
     for (Fiber& f : b.fibers) {
       if (f.state == State::kReady) {
-        b.running = &f;
-        current = &f.thread;
-        swapcontext(&b.scheduler, &f.context);
+        resume(b, f);
         if (!failure.empty()) return false;
       }
       all_done = all_done && f.state == State::kDone;
@@ -118,7 +130,7 @@ unsigned char* lane_slot(int lane) { return block->slots[block->running->thread.
 
 void fail(const char* what) {
   failure = what;
-  if (block != nullptr) swapcontext(&block->running->context, &block->scheduler);  // never resumed
+  if (block != nullptr) yield(block->running);  // never resumed: the launch stops
 }
 
 void run(const Config& config, const char* label, const std::function<void()>& body) {
@@ -137,6 +149,14 @@ void run(const Config& config, const char* label, const std::function<void()>& b
   auto b = std::make_unique<Block>();
   b->body = &body;
   b->fibers.resize(threads);
+  for (unsigned long r = 0; r < threads; ++r) {
+    ucontext_t& start = b->fibers[r].start;
+    getcontext(&start);
+    start.uc_stack.ss_sp = stacks.get() + r * kStackBytes;
+    start.uc_stack.ss_size = kStackBytes;
+    start.uc_link = nullptr;
+    makecontext(&start, entry, 0);
+  }
   block = b.get();
   failure.clear();
   for (unsigned bz = 0; bz < g.z; ++bz)
@@ -148,7 +168,7 @@ void run(const Config& config, const char* label, const std::function<void()>& b
           f.thread = Thread{uint3{unsigned(r % t.x), unsigned(r / t.x % t.y), unsigned(r / (t.x * t.y))},
                             uint3{bx, by, bz}, t, g, static_cast<int>(r)};
         }
-        if (!run_block(*b, stacks.get())) {
+        if (!run_block(*b)) {
           std::fprintf(stderr, "simt: %s failed in block (%u, %u, %u): %s\n", label, bx, by, bz, failure.c_str());
           last_error = cudaErrorLaunchFailure;
           block = nullptr;
