@@ -1,9 +1,12 @@
 """Test dimensions across every family and backend: half-precision gradients, fp64 at fp64
 tolerance, strided x and bias, empty-batch backward, full gradcheck of the Kronecker reference,
-opcheck and inductor on the CPU library's custom ops, and 1 vs N threads in its kernels.
+opcheck of every Triton and CPU custom op, inductor with dynamic shapes over the CPU library's ops,
+and 1 vs N threads in its kernels.
 """
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from tinyrecon import cpu_ops, dispatch
 from tinyrecon.functions import kron as kron_ref
@@ -149,14 +152,41 @@ def test_cpu_kernels_one_thread_equals_many(N, threads):
         assert_close(many, one, torch.float32)
 
 
-@pytest.mark.parametrize("op", ["kron_pass", "kron_expand"])
-def test_cpu_custom_ops_opcheck(op):
-    """Schema, fake kernels and dispatch of the CPU library's custom ops (torch.library.opcheck)."""
-    if dispatch.why_not("cpu", "kron_apply", "cpu"):
-        pytest.skip(dispatch.why_not("cpu", "kron_apply", "cpu"))
-    x, L, R = _pass_inputs(3, 4, 6, 2, 3)
-    args = (x, L, R, True, True) if op == "kron_pass" else (torch.randn(3, 2, 6), L)
-    torch.library.opcheck(getattr(cpu_ops, op), args)
+class _FirstCalls(TorchDispatchMode):
+    """Records the first call of each tinyrecon custom op (its OpOverload and detached arguments)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name.startswith("tinyrecon::") and name not in self.calls:
+            copy = lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else a  # noqa: E731
+            self.calls[name] = (func, tree_map(copy, args), tree_map(copy, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_opcheck_every_custom_op(backend):
+    """torch.library.opcheck (schema, fake kernel, dispatch, AOT) of every tinyrecon custom op the
+    backend's apply, build and backward of every function call, with the arguments they call it with."""
+    recorder, n, D = _FirstCalls(), 3, 4   # divisible by FUNCTIONS' p and q, and cheap
+    for function in FUNCTIONS:
+        rec = function()
+        w = torch.randn(2, rec.calculate_l(n, D), device=DEVICE, requires_grad=True)
+        x = torch.randn(3, D, device=DEVICE, requires_grad=True)
+        b = torch.randn(n, device=DEVICE, requires_grad=True)
+        with recorder:
+            try:
+                y = rec.apply(x, w, n=n, bias=b, backend=backend).sum() + rec(n, D, w, backend=backend).sum()
+            except dispatch.BackendUnavailable:
+                continue
+            y.backward()
+    ops = {name: call for name, call in recorder.calls.items() if f"::{backend}_" in name}
+    assert ops, recorder.calls.keys()
+    for name, (op, args, kwargs) in ops.items():
+        torch.library.opcheck(op, args, kwargs)
 
 
 def test_inductor_with_dynamic_shapes():
