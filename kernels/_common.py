@@ -1,5 +1,6 @@
 """What every Triton module shares: autotuning, and the dtypes kernels compute in."""
 import os
+import threading
 
 import torch
 import triton
@@ -11,9 +12,35 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _TL = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
+# Tests (TINYRECON_ALL_CONFIGS=1, interpreter only): launches take every autotune config in turn,
+# so configs a GPU may pick are run and checked too, not only the first.
+ALL_CONFIGS = os.environ.get("TINYRECON_ALL_CONFIGS", "0") not in ("", "0")
+
+
 def autotune(configs, key):
-    """``triton.autotune`` over ``configs`` on a GPU; the first config alone under the interpreter."""
-    return triton.autotune(configs=configs[:1] if INTERPRET else configs, key=key)
+    """``triton.autotune`` over ``configs`` on a GPU. Under the interpreter autotuning only costs
+    time: launches take the first config, or with ``ALL_CONFIGS`` each config in turn."""
+    if not INTERPRET:
+        return triton.autotune(configs=configs, key=key)
+    return lambda fn: _InTurn(fn, configs)
+
+
+class _InTurn:
+    """``fn[grid](...)`` launched with one of ``configs``: the first, or with ``ALL_CONFIGS`` launch
+    i takes ``configs[i % len(configs)]``. ``launches`` counts them; ``used``: the configs' indices."""
+
+    def __init__(self, fn, configs):
+        self.fn, self.configs, self.used, self.launches = fn, configs, set(), 0
+        self._lock = threading.Lock()
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            with self._lock:
+                i = self.launches % len(self.configs) if ALL_CONFIGS else 0
+                self.launches += 1
+                self.used.add(i)
+            return self.fn[grid](*args, **kwargs, **self.configs[i].all_kwargs())
+        return launch
 
 
 def acc_type(dtype: torch.dtype):

@@ -6,11 +6,15 @@ into a library whose exported functions are exactly the plain-C entry points the
 Ops against their torch reference (values per dtype, odd shapes, empty batch, non-contiguous
 x, gradients, fp64 gradcheck, torch.library.opcheck) run twice: on a GPU with the real library
 ("cuda", skipped without one), and on host tensors through a host build of the library
-("host": csrc/ entry points linked with tests/host_kernels.cpp, plain-loop versions of the
-kernels), which checks every composition (strides, workspaces, chain rules, glue) without a GPU.
+("host": every csrc/ source, the device kernels of csrc/kernels.cu included, compiled as C++ on
+the SIMT emulation of tests/simt/, which runs each CUDA thread of a block as its own fiber), so
+the kernels themselves (tile edges, split-K, shared memory, barriers, warp shuffles) and every
+composition over them (strides, workspaces, chain rules, glue) are checked without a GPU.
 """
+import ctypes
 import glob
 import os
+import re
 import subprocess
 
 import pytest
@@ -90,7 +94,7 @@ def test_arch_list():
 # ---- ops against the torch reference -------------------------------------------------------------------
 @pytest.fixture(scope="module", params=["host", "cuda"])
 def device(request, tmp_path_factory):
-    """'cuda' (the real library on a GPU) or 'cpu' (its host build, see the module docstring)."""
+    """'cuda' (the real library on a GPU) or 'cpu' (its SIMT emulation build, see the module docstring)."""
     if request.param == "cuda":
         if GPU_REASON:
             pytest.skip(f"CUDA backend unavailable: {GPU_REASON}")
@@ -98,15 +102,43 @@ def device(request, tmp_path_factory):
         return
     if NVCC is None:
         pytest.skip("nvcc not found")
-    sources = [f for f in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu"))) if not f.endswith("kernels.cu")]
-    out = _nvcc(sources + [os.path.join(ROOT, "tests", "host_kernels.cpp")],
-                str(tmp_path_factory.mktemp("host") / "libtinyrecon_host.so"), "-x", "c++", "-cudart", "none")
+    out = simt_library(tmp_path_factory.mktemp("simt"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TINYRECON_CUDA_LIB", out)
         cuda_lib._load.cache_clear()
         assert cuda_lib.load_error() == ""
         yield "cpu"
     cuda_lib._load.cache_clear()
+
+
+# kernel<...><<<config>>>(args);  ->  ::simt::launch(::simt::Config(config), label, kernel<...>, args);
+_LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^;<>]*>)?)<<<(.*?)>>>\((.*?)\);", re.S)
+
+
+def simt_library(directory, kernels_source=None):
+    """The library built from csrc/ for host memory, its kernels (csrc/kernels.cu, or the text
+    ``kernels_source``) compiled as C++ on the SIMT emulation of tests/simt/. Launches are the one
+    thing C++ cannot parse: each ``<<<...>>>`` is rewritten into a call of ``simt::launch``,
+    labelled with the launching function (its template arguments name the tile)."""
+    csrc = os.path.join(ROOT, "csrc")
+    if kernels_source is None:
+        with open(os.path.join(csrc, "kernels.cu")) as f:
+            kernels_source = f.read()
+    rewritten, count = _LAUNCH.subn(r"::simt::launch(::simt::Config(\2), __PRETTY_FUNCTION__, \1, \3);",
+                                    kernels_source)
+    assert count == kernels_source.count("<<<") > 0
+    kernels = os.path.join(directory, "kernels.cu")
+    with open(kernels, "w") as f:
+        f.write(rewritten)
+    sources = [f for f in sorted(glob.glob(os.path.join(csrc, "*.cu"))) if not f.endswith("kernels.cu")]
+    out = os.path.join(directory, "libtinyrecon_simt.so")
+    command = [NVCC, "-x", "c++", "-std=c++20", "-O2", "-shared", "-cudart", "none",
+               "-Xcompiler", "-fPIC,-Wall,-Wextra,-Werror,-Wno-unknown-pragmas,-U_FORTIFY_SOURCE",
+               "--pre-include", os.path.join(ROOT, "tests", "simt", "cuda_host.h"), "-I", csrc,
+               "-o", out, kernels, *sources, os.path.join(ROOT, "tests", "simt", "simt.cpp")]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
+    return out
 
 
 def _compare(op, ref, args, dtype, transpose_x=False):
@@ -279,6 +311,33 @@ def test_torch_compile_fullgraph(device, op):
     grads = torch.autograd.grad(out.sum(), [a for a in args if isinstance(a, torch.Tensor)])
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(grads, expected_grads)
+
+
+def test_emulation_ran_every_kernel_and_tile(device):
+    """The host build ran each kernel of csrc/kernels.cu, each GEMM tile and split-K (whose partial
+    sums are rounded by the cast kernel): shapes here cross each tile's edges."""
+    from tinyrecon import cuda_ops
+    if device != "cpu":
+        pytest.skip("counts launches of the SIMT emulation")
+    count = cuda_lib._load()[0].simt_launch_count
+    count.argtypes, count.restype = [ctypes.c_char_p], ctypes.c_long
+    before = {part: count(part.encode()) for part in _KERNELS}
+    randn = _randn_on(device)
+    for N in (5, 600):
+        for n in (7, 21, 70):   # lowrank's forward GEMM has N = n: the 16-, 32- and 64-wide tiles
+            _compare(cuda_ops.lowrank_apply, lowrank_ref.lowrank_apply,
+                     (randn(N, 9), randn(2, n, 3), randn(2, 3, 9), None), torch.float32)
+    _compare(cuda_ops.kron_build, kron_ref.kron_build, (*_factors(randn, 2, 2, 3, 0, 3, 2, 0), "kron"),
+             torch.float32)
+    _compare(cuda_ops.block_diag_apply, padding_ref.block_diag_apply,
+             (randn(5, 6), randn(2, 2, 3), 3, 2, randn(6)), torch.float32)
+    ran = {part: count(part.encode()) - before[part] for part in _KERNELS}
+    assert all(ran.values()), ran
+
+
+# Parts of the emulation's launch labels (the launching function, with its template arguments).
+_KERNELS = ["int BM = 256; int BN = 16", "int BM = 128; int BN = 32", "int BM = 64; int BN = 64",
+            "tr::kron_build(", "tr::kron_build_grad(", "tr::fill(", "tr::cast("]
 
 
 def test_errors_carry_the_library_message(device):

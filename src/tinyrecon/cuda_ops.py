@@ -36,7 +36,7 @@ def _launch(name: str, like: Tensor, args: list, dims: list, workspace: bool = F
         raise TypeError(f"the CUDA backend supports {list(_DTYPES)}, got {like.dtype}")
     if like.is_cuda:
         head = [like.device.index, torch.cuda.current_stream(like.device).cuda_stream, _DTYPES[like.dtype]]
-    else:   # host memory: only the host build of the library takes it (tests/host_kernels.cpp)
+    else:   # host memory: only the test build of the library takes it (tests/simt/)
         head = [0, None, _DTYPES[like.dtype]]
     if not workspace:
         cuda_lib.call(name, *head, *args, *dims)
