@@ -172,7 +172,9 @@ def _apply_grad_kernel(X, V, DY, DX, Part, N, D, n, k, seed_m, seed_c, sxm, sxd,
 def _grid(N, n, D, C, x):
     BN, BK = _tile(n, x.dtype), _tile(D, x.dtype)
     tiles = triton.cdiv(n, BN) * triton.cdiv(D, BK)
-    return (tiles, _row_chunks(N, tiles * C, x.device), C), dict(BM=_BM, BN=BN, BK=BK, PREC=mixed_precision(x.dtype))
+    # 8 warps: with 4, the fp32 64 x 64 tile of W and its gradient spill registers (ptxas -v)
+    return (tiles, _row_chunks(N, tiles * C, x.device), C), dict(BM=_BM, BN=BN, BK=BK, PREC=mixed_precision(x.dtype),
+                                                                 num_warps=8)
 
 
 @torch.library.custom_op("tinyrecon::triton_random_linear_apply", mutates_args=())
