@@ -85,6 +85,10 @@ TR_INSTANTIATE(double)
 
 // The CUDA runtime calls of the library, as on a machine with one device and nothing failing.
 cudaError_t CUDARTAPI cudaSetDevice(int) { return cudaSuccess; }
+cudaError_t CUDARTAPI cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
 cudaError_t CUDARTAPI cudaGetLastError() { return cudaSuccess; }
 cudaError_t CUDARTAPI cudaGetDeviceCount(int* count) {
   *count = 1;
