@@ -60,6 +60,13 @@ def autotune(configs, key, bucket=(), prune=None):
                                  reset_to_zero=None, restore_value=None)
 
 
+def fewest_values(configs, values, limit: int):
+    """The configs whose tiles hold at most ``limit`` fp32 values per thread (``values(config)``
+    counts a program's), else the one holding fewest: more than ptxas fits in registers spills."""
+    per_thread = {id(c): values(c) / (32 * c.num_warps) for c in configs}
+    return [c for c in configs if per_thread[id(c)] <= limit] or [min(configs, key=lambda c: per_thread[id(c)])]
+
+
 def acc_type(dtype: torch.dtype):
     """Accumulate in float64 for float64 data, float32 otherwise."""
     return tl.float64 if dtype == torch.float64 else tl.float32

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, acc_type, autotune, dot_dtype, inner_dtype, mixed_precision, precision, rank_block,
-                      sm_count)
+from ._common import (INTERPRET, acc_type, autotune, dot_dtype, fewest_values, inner_dtype, mixed_precision, precision,
+                      rank_block, sm_count)
 
 
 def _cfg(bp, bm, bs, bt, warps, stages):
@@ -84,9 +84,16 @@ def _kron_build(A1, sa1c, sa1i, sa1k, A2, sa2c, sa2k, sa2j, B1, sb1c, sb1i, sb1k
     tl.store(W + c * n * D + i * D + j, (a * b).to(W.dtype.element_ty), mask=ok)
 
 
+def _mm_values(c, rpa, rpb):
+    """fp32 values a ``_kron_mm`` program holds: the accumulator, Z, S^T and the P tile, x's and B's tiles."""
+    bp, bm, bs, bt = (c.kwargs[k] for k in ("BP", "BM", "BS", "BT"))
+    return bp * bm * bs + bm * max(rpb, bs) + rpb * bs + bp * rpa + bm * bt + bt * max(rpb, bs)
+
+
+# At most 100 values per thread: (BP, BM, BS) = (2, 64, 64) with rank tiles of 128 holds 121 and spills 2 KB.
 @autotune(_MM_CONFIGS, key=["M", "P", "Q", "S", "T", "CH", "A_LR", "B_LR", "HAS_BIAS", "ACC", "DOT", "PREC",
                              "MPREC", "RPA", "RPB"],
-          bucket=["M"])
+          bucket=["M"], prune=lambda cfgs, a: fewest_values(cfgs, lambda c: _mm_values(c, a["RPA"], a["RPB"]), 100))
 @triton.jit
 def _kron_mm(X, sxc, sxm, sxd, A1, sa1c, sa1i, sa1k, A2, sa2c, sa2k, sa2j,
              B1, sb1c, sb1i, sb1k, B2, sb2c, sb2k, sb2j, BIAS, sbias, Y, syc, sym, syi,

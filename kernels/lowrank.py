@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_type, autotune, dot_dtype, inner_dtype, mixed_precision, precision, rank_block
+from ._common import acc_type, autotune, dot_dtype, fewest_values, inner_dtype, mixed_precision, precision, rank_block
 
 
 def _cfg(bm, bn, bk, warps, stages=3):
@@ -35,21 +35,20 @@ _SMEM = 160 * 1024   # a little under sm_80's 163 KB of shared memory per block 
 
 
 def _fits(configs, rp, itemsize):
-    """The configs that fit a rank tile of RP, and the first config (the smallest) always.
+    """The configs that fit a rank tile of RP.
 
     Shared memory: the pipelined tiles of x (BM x BK) and of the rank factor (BK x RP), plus the
     fp32 (fp64) U (BM x RP) staged for the second dot, within _SMEM. Registers: the tiles a program
-    holds (U, the factor tiles BK x RP and RP x BN, x's BM x BK, the output BM x BN) at most 128
-    values per thread; more spills (ptxas -v: up to 6 KB per thread at RP = 128)."""
+    holds (U, the factor tiles BK x RP and RP x BN, x's BM x BK, the output BM x BN), at most 128
+    values per thread (ptxas -v: up to 6 KB of spills per thread at RP = 128 with more)."""
     acc = max(4, itemsize)
-    ok = []
-    for c in configs:
-        bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]
-        smem = (bm + rp) * bk * max(itemsize, 4) * c.num_stages + bm * rp * acc
-        values = bm * rp + rp * bk + rp * bn + bm * bn + bm * bk
-        if smem <= _SMEM and values <= 128 * 32 * c.num_warps:
-            ok.append(c)
-    return ok or configs[:1]
+    ok = [c for c in configs if (c.kwargs["BM"] + rp) * c.kwargs["BK"] * max(itemsize, 4) * c.num_stages
+          + c.kwargs["BM"] * rp * acc <= _SMEM]
+    return fewest_values(ok or configs[:1], lambda c: _values(c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], rp), 128)
+
+
+def _values(bm, bn, bk, rp):
+    return bm * rp + rp * bk + rp * bn + bm * bn + bm * bk
 
 
 # ---- batched GEMM: out[b] = a[b] @ c[b], any strides (0 broadcasts) ------------------------------
