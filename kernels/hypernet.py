@@ -21,7 +21,7 @@ import triton.language as tl
 from ._common import INTERPRET, acc_type, inner_dtype, mixed_precision, sm_count
 
 _BLOCK = 32 if INTERPRET else 1024       # build: elements of W per program
-_BM = 16 if INTERPRET else 64            # apply: rows of x per step
+_BM = 16 if INTERPRET else 32            # apply: rows of x per step (64 spills next to a 64 x 64 W tile)
 
 
 def _tile(size: int, dtype: torch.dtype) -> int:
