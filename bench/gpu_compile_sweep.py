@@ -18,8 +18,8 @@ choices (grids, constexprs, autotune keys). Each autotuner contributes every con
 
 ``--ci`` captures fewer dtypes at the large shapes and compiles a representative subset (see
 ``select``); grids and keys are checked for every captured launch either way. The default is the
-full sweep. Writes a JSON/markdown report
-with ``--out``; exits 1 on any failure. Needs no GPU (run with TRITON_INTERPRET unset).
+full sweep. Writes a JSON/markdown report with ``--out``; exits 1 on any failure. Needs no GPU
+(TRITON_INTERPRET is switched off for this process).
 """
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ class Case:
     @property
     def id(self):
         kw = ",".join(f"{k}={v}" for k, v in self.kwargs)
-        return f"{self.function}({kw}{',layout=' + self.layout if self.layout else ''}) n={self.n} D={self.D} N={self.N} C={self.C}"
+        layout = f",layout={self.layout}" if self.layout else ""
+        return f"{self.function}({kw}{layout}) n={self.n} D={self.D} N={self.N} C={self.C}"
 
 
 # Functions whose build has a backward in torch alone (no launch to capture; slow on CPU at MNIST size).
@@ -114,7 +115,6 @@ class Launch:
     grid: tuple
     tuner: Autotuner | None = None
     config: triton.Config | None = None
-    first: bool = False      # the interpreter's config (the first)
     biggest: bool = False    # the config with the largest tile volume
     tags: set = field(default_factory=set)
 
@@ -158,7 +158,7 @@ def _record_tuner(self, *args, grid, warmup, **kwargs):
     for cfg in configs:
         full = {**kwargs, **cfg.all_kwargs()}
         _LAUNCHES.append(Launch(self.fn, args, full, _grid(grid, {**named, **cfg.all_kwargs()}), self, cfg,
-                                first=cfg is self.configs[0], biggest=cfg is big))
+                                biggest=cfg is big))
     self.nargs = None
 
 
@@ -203,7 +203,6 @@ def _run_case(case, dtype):
 
 
 # ---- compile -----------------------------------------------------------------------------------
-_SPILL_RE = re.compile(r"Function properties for (\S+)\n.*?(\d+) bytes spill stores", re.S)
 _REG_RE = re.compile(r"Used (\d+) registers")
 
 
@@ -415,8 +414,10 @@ def _sweep(a):
     t2 = time.time()
     cuda_rows, cuda_problems = cuda_report() if a.cuda else ([], [])
     problems += cuda_problems
+    cpu = os.times()   # this process and its finished children (ptxas, nvcc): the machine-independent cost
     summary = dict(launches=len(launches), compiled=len(results), failures=sum(not r.ok for r in results),
                    capture_s=round(t1 - t0, 1), compile_s=round(t2 - t1, 1), cuda_s=round(time.time() - t2, 1),
+                   cpu_s=round(cpu.user + cpu.system + cpu.children_user + cpu.children_system),
                    problems=problems, triton=triton.__version__, mode="ci" if a.ci else "full")
     print(json.dumps({k: v for k, v in summary.items() if k != "problems"}))
     for p in problems:
@@ -433,7 +434,8 @@ def _sweep(a):
 def _markdown(summary, results, cuda_rows):
     lines = [f"# Triton AOT compile sweep ({summary['mode']}, triton {summary['triton']})", "",
              f"{summary['compiled']} compiles of {summary['launches']} captured launches, "
-             f"{summary['failures']} failures; capture {summary['capture_s']} s, compile {summary['compile_s']} s.", "",
+             f"{summary['failures']} failures; wall time: capture {summary['capture_s']} s, compile "
+             f"{summary['compile_s']} s, CUDA library {summary['cuda_s']} s; CPU time {summary.get('cpu_s')} s.", "",
              "Problems:" if summary["problems"] else "No problems.", ""]
     lines += [f"- {p}" for p in summary["problems"]]
     lines += ["", "| kernel | target | variant | shared B | regs | spill B | mma |", "|---|---|---|---|---|---|---|"]

@@ -40,3 +40,29 @@ def test_every_triton_kernel_compiles_for_sm80_and_sm90(tmp_path):
         if r["kernel"] in ("_kron_mm", "_masked_mm", "_blocked_mm", "_lowrank_apply_kernel", "_bmm_kernel") \
                 and "float16" in r["spec"]:
             assert r["mma"], r
+
+
+def test_autotune_reuses_a_config_within_a_batch_bucket():
+    """The package's autotuner keys the batch size by its next power of two: 33 and 60 share one tuning,
+    65 tunes again; other key arguments stay exact."""
+    import triton
+
+    from tinyrecon.kernels._common import _Autotuner
+
+    launched = []
+
+    class Kernel:   # what the autotuner needs of a JITFunction
+        arg_names = ["X", "N", "D"]
+        fn = staticmethod(lambda X, N, D: None)
+
+        def run(self, *args, **kwargs):
+            launched.append(kwargs["B"])
+
+    tuner = _Autotuner(Kernel(), ["N"], configs=[triton.Config({"B": 1}), triton.Config({"B": 2})],
+                       key=["N", "D"], reset_to_zero=None, restore_value=None)
+    timed = []
+    tuner._bench = lambda *args, config, **kw: timed.append(config) or [3.0 - config.kwargs["B"]]
+    for N, D in [(33, 7), (60, 7), (64, 7), (65, 7), (60, 8)]:
+        tuner.run(None, N, D, grid=(1,), warmup=False)
+    assert len(timed) == 2 * 3          # tuned for (64, 7), (128, 7), (64, 8): both configs each time
+    assert launched == [2] * 5          # the faster config, every call
