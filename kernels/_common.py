@@ -67,6 +67,21 @@ def fewest_values(configs, values, limit: int):
     return [c for c in configs if per_thread[id(c)] <= limit] or [min(configs, key=lambda c: per_thread[id(c)])]
 
 
+# Reductions split until about two programs run per SM, each split into its own partial (at most
+# _MAX_SPLIT partials, each at least _MIN_ROWS rows deep); small under the interpreter, so tests split.
+_MAX_SPLIT, _MIN_ROWS = (8, 4) if INTERPRET else (64, 64)
+
+
+def split_sum(rows: int, blocks: int, programs: int, device) -> tuple[int, int, int]:
+    """(row splits, blocks per split, splits) for a sum over ``rows`` and ``blocks`` run by
+    ``programs`` output tiles: rows first, then ranges of blocks, so a small batch still fills the GPU."""
+    target = 8 if INTERPRET else 2 * sm_count(device)
+    want = max(1, min(_MAX_SPLIT, triton.cdiv(target, programs)))
+    split_m = max(1, min(want, rows // _MIN_ROWS))
+    per = triton.cdiv(blocks, max(1, min(blocks, want // split_m)))
+    return split_m, per, split_m * triton.cdiv(blocks, per)
+
+
 def acc_type(dtype: torch.dtype):
     """Accumulate in float64 for float64 data, float32 otherwise."""
     return tl.float64 if dtype == torch.float64 else tl.float32

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, acc_type, autotune, dot_dtype, fewest_values, inner_dtype, mixed_precision, precision,
-                      rank_block, sm_count)
+from ._common import (acc_type, autotune, dot_dtype, fewest_values, inner_dtype, mixed_precision, precision,
+                      rank_block, split_sum)
 
 
 def _cfg(bp, bm, bs, bt, warps, stages):
@@ -43,9 +43,6 @@ _GRAD_CONFIGS = [triton.Config({"BPG": 16, "BM": 16, "BS": 16, "BT": 16}, num_wa
 _BUILD_CONFIGS = [triton.Config({"BI": 16, "BJ": 32}, num_warps=1)] + [   # 4096 elements per program spill
     triton.Config({"BI": bi, "BJ": bj}, num_warps=w) for bi, bj, w in [(16, 128, 4), (8, 256, 4), (32, 128, 8),
                                                                         (64, 64, 8)]]
-# The factor gradients split their sum (over row blocks and j1) until about this many programs run,
-# each into its own partial (at most _MAX_SPLIT partials, each at least _MIN_ROWS rows deep).
-_MAX_SPLIT, _MIN_ROWS = (8, 16) if INTERPRET else (64, 64)
 
 
 @triton.jit
@@ -244,22 +241,12 @@ def _launch_grad(dy4, x3, F):
     """(C, S, T), accumulated in fp32 (fp64): sum_{m, j1} (sum_i1 F[c,i1,j1] dy4[c,m,i1,:])^T x3[m,j1,:]."""
     C, M, P, S = dy4.shape
     Q, T = x3.shape[1:]
-    split_m, qc, split = _grad_split(M, Q, triton.cdiv(S * T, 32 * 64) * C, x3.device)
+    split_m, qc, split = split_sum(M, Q, triton.cdiv(S * T, 32 * 64) * C, x3.device)
     part = torch.empty(split, C, S, T, dtype=inner_dtype(x3.dtype), device=x3.device)
     grid = lambda a: (triton.cdiv(S, a["BS"]) * triton.cdiv(T, a["BT"]), split, C)  # noqa: E731
     _kron_grad[grid](dy4, *dy4.stride(), x3, *x3.stride(), F, *F.stride(), part, M, P, Q, S, T, C, split_m, qc,
                      ACC=acc_type(x3.dtype), PREC=mixed_precision(x3.dtype))
     return part.sum(0)
-
-
-def _grad_split(M, Q, programs, device):
-    """(row splits, j1 per split, splits) so that ``programs`` output tiles times the splits give
-    about two programs per SM: rows first (each split at least _MIN_ROWS deep), then j1."""
-    target = 8 if INTERPRET else 2 * sm_count(device)
-    want = max(1, min(_MAX_SPLIT, triton.cdiv(target, programs)))
-    split_m = max(1, min(want, M // _MIN_ROWS))
-    qc = triton.cdiv(Q, max(1, min(Q, want // split_m)))
-    return split_m, qc, split_m * triton.cdiv(Q, qc)
 
 
 def _t(F):

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, acc_type, autotune, inner_dtype, mixed_precision, sm_count
+from ._common import acc_type, autotune, inner_dtype, mixed_precision, split_sum
 
 # Under the interpreter only the first config runs: small tiles, so tests cross tile edges.
 _MM_CONFIGS = [triton.Config({"BM": 16, "BR": 16, "BK": 16}, num_warps=1)] + [
@@ -40,7 +40,6 @@ _GRAD_CONFIGS = [triton.Config({"BS": 16, "BT": 16, "BM": 16}, num_warps=1)] + [
 _BUILD_CONFIGS = [triton.Config({"BI": 16, "BJ": 32}, num_warps=1)] + [
     triton.Config({"BI": bi, "BJ": bj}, num_warps=4) for bi, bj in [(32, 128), (64, 64), (16, 256)]]
 _KRON, _TINYBIG, _DIAG = 0, 1, 2
-_MAX_SPLIT, _MIN_ROWS = (4, 4) if INTERPRET else (64, 64)   # weight gradient: batch splits
 
 
 @triton.jit
@@ -94,26 +93,30 @@ def _blocked_mm(IN, s_ic, s_im, s_ik, M, s_mc, s_mk, s_mr, BIAS, OUT, s_oc, s_om
 
 @autotune(_GRAD_CONFIGS, key=["ROWS", "S", "T", "DY_BLOCKS", "X_BLOCKS", "ACC", "PREC"], bucket=["ROWS"])
 @triton.jit
-def _blocked_mm_grad(DY, s_dc, s_dm, s_dk, X, s_xm, s_xk, GB, ROWS, G, S, T, DY_BLOCKS, X_BLOCKS,
+def _blocked_mm_grad(DY, s_dc, s_dm, s_dk, X, s_xm, s_xk, GB, ROWS, G, S, T, DY_BLOCKS, X_BLOCKS, SPLIT_M, QC,
                      ACC: tl.constexpr, PREC: tl.constexpr,
                      BS: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr):
     """GB[split, c] (S x T, contiguous) = sum over the rows m of this split of
-    (row-block sum of DY[c])^T (row-block sum of X), in fp32 (the sums too, TF32 dots for half types).
+    (row-block sum of DY[c])^T (sum of this split's X blocks), in fp32 (the sums too, TF32 dots for
+    half types).
 
-    Grid (tiles of S * tiles of T, splits, C); split z takes row blocks z, z + splits, ...: a small
-    S x T still gives enough programs to fill the GPU.
+    Grid (tiles of S * tiles of T, splits, C); split z takes row blocks z % SPLIT_M, + SPLIT_M, ...
+    and the X blocks [z // SPLIT_M * QC, + QC) (the sum is linear in them): a small S x T and
+    batch still give enough programs to fill the GPU.
     """
     tiles_s = tl.cdiv(S, BS)
     pid_s, pid_t = tl.program_id(0) % tiles_s, tl.program_id(0) // tiles_s
-    split, splits, c = tl.program_id(1), tl.num_programs(1), tl.program_id(2).to(tl.int64)
+    split, c = tl.program_id(1), tl.program_id(2).to(tl.int64)
+    x_lo = (split // SPLIT_M) * QC
+    x_blocks = tl.minimum(QC, X_BLOCKS - x_lo)
     i = pid_s.to(tl.int64) * BS + tl.arange(0, BS)
     j = pid_t.to(tl.int64) * BT + tl.arange(0, BT)
     acc = tl.zeros((BS, BT), dtype=ACC)
-    for m0 in range(split * BM, ROWS, splits * BM):
+    for m0 in range((split % SPLIT_M) * BM, ROWS, SPLIT_M * BM):
         m = m0 + tl.arange(0, BM).to(tl.int64)
         b, g, row_ok = m // G, m % G, m < ROWS
         dy = _block_sum(DY + c * s_dc, s_dm, s_dk, b, g, row_ok, i, S, DY_BLOCKS, G, ACC)
-        x = _block_sum(X, s_xm, s_xk, b, g, row_ok, j, T, X_BLOCKS, G, ACC)
+        x = _block_sum(X + x_lo.to(tl.int64) * T * s_xk, s_xm, s_xk, b, g, row_ok, j, T, x_blocks, G, ACC)
         acc = tl.dot(tl.trans(dy), x, acc, input_precision=PREC, out_dtype=ACC)
     tl.store(GB + (split * tl.num_programs(2) + c) * S * T + i[:, None] * T + j[None, :], acc,
              mask=(i < S)[:, None] & (j < T)[None, :])
@@ -195,13 +198,12 @@ def _grad_B(dy, x, p, q, diag):
         rows, G, dy_blocks, x_blocks = N * k, k, 1, 1
     else:
         rows, G, dy_blocks, x_blocks = N, 1, p, q
-    # about two programs per SM (tiles counted at 64 x 64), each split at least _MIN_ROWS rows deep
-    target = 8 if INTERPRET else 2 * sm_count(x.device)
-    split = max(1, min(_MAX_SPLIT, triton.cdiv(target, triton.cdiv(s * t, 64 * 64) * C), rows // _MIN_ROWS))
+    split_m, qc, split = split_sum(rows, x_blocks, triton.cdiv(s * t, 64 * 64) * C, x.device)
     part = torch.empty(split, C, s, t, dtype=inner_dtype(x.dtype), device=x.device)
     grid = lambda a: (triton.cdiv(s, a["BS"]) * triton.cdiv(t, a["BT"]), split, C)  # noqa: E731
     _blocked_mm_grad[grid](dy, dy.stride(0), dy.stride(1), dy.stride(2), x, x.stride(0), x.stride(1), part,
-                           rows, G, s, t, dy_blocks, x_blocks, ACC=acc_type(x.dtype), PREC=mixed_precision(x.dtype))
+                           rows, G, s, t, dy_blocks, x_blocks, split_m, qc, ACC=acc_type(x.dtype),
+                           PREC=mixed_precision(x.dtype))
     return part.sum(0).to(x.dtype)
 
 
