@@ -158,17 +158,23 @@ int fail_msg(const char* msg);
 template <typename T> struct Tag { using type = T; };
 
 // Runs f(Tag<T>{}) (returning cudaError_t) for the dtype code on `device`; also reports launch errors.
+// The calling thread's current device is restored afterwards (the caller's CUDA state is its own).
 template <typename F> int run(int device, int dtype, F f) {
-  cudaError_t err = cudaSetDevice(device);
+  if (dtype < kFloat32 || dtype > kFloat64)
+    return fail_msg("unsupported dtype code (expected 0 float32, 1 float16, 2 bfloat16, 3 float64)");
+  int previous = device;
+  cudaError_t err = cudaGetDevice(&previous);
+  if (err == cudaSuccess && previous != device) err = cudaSetDevice(device);
   if (err != cudaSuccess) return fail(err);
   switch (dtype) {
     case kFloat32: err = f(Tag<float>{}); break;
     case kFloat16: err = f(Tag<__half>{}); break;
     case kBFloat16: err = f(Tag<__nv_bfloat16>{}); break;
-    case kFloat64: err = f(Tag<double>{}); break;
-    default: return fail_msg("unsupported dtype code (expected 0 float32, 1 float16, 2 bfloat16, 3 float64)");
+    default: err = f(Tag<double>{}); break;
   }
   if (err == cudaSuccess) err = cudaGetLastError();
+  const cudaError_t restored = previous != device ? cudaSetDevice(previous) : cudaSuccess;
+  if (err == cudaSuccess) err = restored;
   return err == cudaSuccess ? 0 : fail(err);
 }
 

@@ -8,6 +8,9 @@ import triton.language as tl
 
 # The interpreter (TRITON_INTERPRET=1) runs kernels on CPU tensors; autotuning there only costs time.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# GPU test runs may skip tuning (TINYRECON_AUTOTUNE=first, set by bench/gpu_check.sh): tests use
+# many small shapes, each of which would compile and time every config.
+_FIRST_ONLY = os.environ.get("TINYRECON_AUTOTUNE", "") == "first"
 
 _TL = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -17,12 +20,52 @@ _TL = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.f
 ALL_CONFIGS = os.environ.get("TINYRECON_ALL_CONFIGS", "0") not in ("", "0")
 
 
-def autotune(configs, key):
-    """``triton.autotune`` over ``configs`` on a GPU. Under the interpreter autotuning only costs
-    time: launches take the first config, or with ``ALL_CONFIGS`` each config in turn."""
-    if not INTERPRET:
-        return triton.autotune(configs=configs, key=key)
-    return lambda fn: _InTurn(fn, configs)
+class _Autotuner(triton.runtime.Autotuner):
+    """Triton's autotuner, with the arguments named in ``bucket`` rounded up to a power of two in the
+    key: a new batch size within a bucket reuses the tuned config instead of benchmarking them all."""
+
+    def __init__(self, fn, bucket, **kwargs):
+        super().__init__(fn, fn.arg_names, **kwargs)
+        self.bucket = tuple(bucket)
+        self._chosen = {}
+        self._lock = threading.Lock()
+
+    def run(self, *args, **kwargs):
+        if len(self.configs) == 1:
+            return super().run(*args, **kwargs)
+        named = {**dict(zip(self.arg_names, args)), **kwargs}
+        key = tuple(_bucket(named[k]) if k in self.bucket else named[k] for k in self.keys if k in named)
+        key += tuple(str(a.dtype) for a in named.values() if hasattr(a, "dtype"))
+        with self._lock:
+            config = self._chosen.get(key)
+        if config is None:   # tune (Triton caches by the exact key), then remember for the bucket
+            ret = super().run(*args, **kwargs)
+            with self._lock:
+                self._chosen[key] = self.best_config
+            return ret
+        self.best_config = config
+        return self.fn.run(*args, **kwargs, **config.all_kwargs())
+
+
+def _bucket(v: int) -> int:
+    return triton.next_power_of_2(v) if v > 0 else v
+
+
+def autotune(configs, key, bucket=(), prune=None):
+    """``triton.autotune`` over ``configs`` on a GPU (the first config alone with
+    TINYRECON_AUTOTUNE=first). Under the interpreter autotuning only costs time: launches take the
+    first config, or with ``ALL_CONFIGS`` each config in turn.
+
+    Every constexpr a launcher passes must be in ``key`` (a config tuned for one value would be
+    reused for another with other resource needs); arguments in ``bucket`` (the batch size) enter
+    the key as the next power of two. ``prune(configs, named_args)`` drops configs that cannot
+    run on a GPU (e.g. too much shared memory for a rank tile); it must keep at least one."""
+    if INTERPRET:
+        return lambda fn: _InTurn(fn, configs)
+    configs = configs[:1] if _FIRST_ONLY else configs
+    prune_by = {"early_config_prune": lambda cfgs, named, **kw: prune(cfgs, {**named, **kw})} if prune else None
+    return lambda fn: _Autotuner(fn, bucket, configs=configs, key=key, prune_configs_by=prune_by,
+                                 reset_to_zero=None, restore_value=None)
 
 
 class _InTurn:
@@ -41,6 +84,28 @@ class _InTurn:
                 self.used.add(i)
             return self.fn[grid](*args, **kwargs, **self.configs[i].all_kwargs())
         return launch
+
+
+def fewest_values(configs, values, limit: int):
+    """The configs whose tiles hold at most ``limit`` fp32 values per thread (``values(config)``
+    counts a program's), else the one holding fewest: more than ptxas fits in registers spills."""
+    per_thread = {id(c): values(c) / (32 * c.num_warps) for c in configs}
+    return [c for c in configs if per_thread[id(c)] <= limit] or [min(configs, key=lambda c: per_thread[id(c)])]
+
+
+# Reductions split until about two programs run per SM, each split into its own partial (at most
+# _MAX_SPLIT partials, each at least _MIN_ROWS rows deep); small under the interpreter, so tests split.
+_MAX_SPLIT, _MIN_ROWS = (8, 4) if INTERPRET else (64, 64)
+
+
+def split_sum(rows: int, blocks: int, programs: int, device) -> tuple[int, int, int]:
+    """(row splits, blocks per split, splits) for a sum over ``rows`` and ``blocks`` run by
+    ``programs`` output tiles: rows first, then ranges of blocks, so a small batch still fills the GPU."""
+    target = 8 if INTERPRET else 2 * sm_count(device)
+    want = max(1, min(_MAX_SPLIT, triton.cdiv(target, programs)))
+    split_m = max(1, min(want, rows // _MIN_ROWS))
+    per = triton.cdiv(blocks, max(1, min(blocks, want // split_m)))
+    return split_m, per, split_m * triton.cdiv(blocks, per)
 
 
 def acc_type(dtype: torch.dtype):
@@ -64,6 +129,32 @@ def dot_dtype(dtype: torch.dtype):
     return tl.float32 if INTERPRET and dtype == torch.bfloat16 else _TL[dtype]
 
 
+def _tf32_allowed() -> bool:
+    """Whether torch's own fp32 matmuls may use TF32 (``torch.backends.cuda.matmul.fp32_precision``,
+    or the legacy ``allow_tf32`` / ``torch.set_float32_matmul_precision``)."""
+    mm = torch.backends.cuda.matmul
+    new = getattr(mm, "fp32_precision", "none")
+    if new != "none":
+        return new == "tf32"
+    try:
+        return bool(mm.allow_tf32)
+    except RuntimeError:   # torch refuses to read it after a mix of the legacy and new settings
+        return torch.get_float32_matmul_precision() != "highest"
+
+
 def precision(dtype: torch.dtype) -> str:
     """fp32 inputs: IEEE products (the tolerance is fp32's) unless the user allowed TF32 in torch."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32" if dtype == torch.float32 and _tf32_allowed() else "ieee"
+
+
+def mixed_precision(dtype: torch.dtype) -> str:
+    """Precision of a dot whose operands are fp32 (``ACC``) in a kernel on ``dtype`` data, because one
+    operand is an fp32 intermediate (a sum, a product, random numbers) that would overflow or round
+    in the input's dtype: TF32 tensor cores for fp16/bf16 (TF32 keeps fp16's 10 mantissa bits and
+    fp32's range, and holds an fp16 or bf16 operand exactly), fp32 as ``precision``."""
+    return "tf32" if dtype in (torch.float16, torch.bfloat16) else precision(dtype)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``: grids that should fill the GPU are sized with it."""
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -18,10 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, acc_type, inner_dtype
+from ._common import INTERPRET, acc_type, inner_dtype, mixed_precision, sm_count
 
 _BLOCK = 32 if INTERPRET else 1024       # build: elements of W per program
-_BM = 16 if INTERPRET else 64            # apply: rows of x per step
+_BM = 16 if INTERPRET else 32            # apply: rows of x per step (64 spills next to a 64 x 64 W tile)
 
 
 def _tile(size: int, dtype: torch.dtype) -> int:
@@ -33,7 +33,7 @@ def _tile(size: int, dtype: torch.dtype) -> int:
 
 def _row_chunks(N: int, tiles: int, device: torch.device) -> int:
     """Row chunks per W tile: enough programs to fill the GPU; each chunk regenerates its tile."""
-    target = 8 if INTERPRET else 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = 8 if INTERPRET else 4 * sm_count(device)
     return max(1, min(triton.cdiv(N, _BM), target // tiles))
 
 
@@ -118,8 +118,10 @@ random_linear_build.register_autograd(_build_backward, setup_context=_build_setu
 # ---- apply ---------------------------------------------------------------------------------------
 @triton.jit
 def _apply_kernel(X, V, Y, N, D, n, k, seed_m, seed_c, sxm, sxd, svc, svk,
-                  HAS_M0: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Y[c] += x @ W_c^T, one (BN x BK) tile of W_c per program, for the rows of its chunk."""
+                  HAS_M0: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Y[c] += x @ W_c^T, one (BN x BK) tile of W_c per program, for the rows of its chunk.
+    The W tile is an fp32 sum: dots in fp32 (TF32 for half types, see ``mixed_precision``)."""
     pid, chunk, c = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     tiles_d = tl.cdiv(D, BK)
     i = (pid // tiles_d).to(tl.int64) * BN + tl.arange(0, BN)
@@ -132,14 +134,14 @@ def _apply_kernel(X, V, Y, N, D, n, k, seed_m, seed_c, sxm, sxd, svc, svk,
         rows = m0 + tl.arange(0, BM).to(tl.int64)
         xt = tl.load(X + rows[:, None] * sxm + d[None, :] * sxd,
                      mask=(rows[:, None] < N) & (d[None, :] < D), other=0.0)
-        y = tl.dot(xt.to(ACC), wt, input_precision="ieee", out_dtype=ACC)
+        y = tl.dot(xt.to(ACC), wt, input_precision=PREC, out_dtype=ACC)
         tl.atomic_add(Y + (c * N + rows[:, None]) * n + i[None, :], y,
                       mask=(rows[:, None] < N) & (i[None, :] < n), sem="relaxed")
 
 
 @triton.jit
 def _apply_grad_kernel(X, V, DY, DX, Part, N, D, n, k, seed_m, seed_c, sxm, sxd, svc, svk, sdc, sdm, sdi,
-                       NEED_X: tl.constexpr, HAS_M0: tl.constexpr, ACC: tl.constexpr,
+                       NEED_X: tl.constexpr, HAS_M0: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """DX += dy_c @ W_c (this tile); Part[c, chunk, pid, j] = sum over the tile of M[e, j] (dy_c^T x)[e]."""
     pid, chunk, c = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
@@ -158,9 +160,9 @@ def _apply_grad_kernel(X, V, DY, DX, Part, N, D, n, k, seed_m, seed_c, sxm, sxd,
                       mask=(rows[:, None] < N) & (i[None, :] < n), other=0.0).to(ACC)
         xt = tl.load(X + rows[:, None] * sxm + d[None, :] * sxd,
                      mask=(rows[:, None] < N) & (d[None, :] < D), other=0.0).to(ACC)
-        g = tl.dot(tl.trans(dyt), xt, g, input_precision="ieee", out_dtype=g.dtype)
+        g = tl.dot(tl.trans(dyt), xt, g, input_precision=PREC, out_dtype=g.dtype)
         if NEED_X:
-            tl.atomic_add(DX + rows[:, None] * D + d[None, :], tl.dot(dyt, w, input_precision="ieee", out_dtype=ACC),
+            tl.atomic_add(DX + rows[:, None] * D + d[None, :], tl.dot(dyt, w, input_precision=PREC, out_dtype=ACC),
                           mask=(rows[:, None] < N) & (d[None, :] < D), sem="relaxed")
     out = Part + ((c * tl.num_programs(1) + chunk) * tl.num_programs(0) + pid) * k
     for j in range(k):
@@ -170,7 +172,9 @@ def _apply_grad_kernel(X, V, DY, DX, Part, N, D, n, k, seed_m, seed_c, sxm, sxd,
 def _grid(N, n, D, C, x):
     BN, BK = _tile(n, x.dtype), _tile(D, x.dtype)
     tiles = triton.cdiv(n, BN) * triton.cdiv(D, BK)
-    return (tiles, _row_chunks(N, tiles * C, x.device), C), dict(BM=_BM, BN=BN, BK=BK)
+    # 8 warps: with 4, the fp32 64 x 64 tile of W and its gradient spill registers (ptxas -v)
+    return (tiles, _row_chunks(N, tiles * C, x.device), C), dict(BM=_BM, BN=BN, BK=BK, PREC=mixed_precision(x.dtype),
+                                                                 num_warps=8)
 
 
 @torch.library.custom_op("tinyrecon::triton_random_linear_apply", mutates_args=())

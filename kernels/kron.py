@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, acc_type, autotune, dot_dtype, inner_dtype, precision, rank_block
+from ._common import (acc_type, autotune, dot_dtype, fewest_values, inner_dtype, mixed_precision, precision,
+                      rank_block, split_sum)
 
 
 def _cfg(bp, bm, bs, bt, warps, stages):
@@ -37,12 +38,11 @@ _MM_CONFIGS = [_cfg(2, 16, 16, 16, 1, 1)] + [
                                                          (8, 64, 16, 32, 4), (16, 32, 16, 32, 4)]]   # BS=16: s <= 16
 _GRAD_CONFIGS = [triton.Config({"BPG": 16, "BM": 16, "BS": 16, "BT": 16}, num_warps=1)] + [
     triton.Config({"BPG": bp, "BM": bm, "BS": bs, "BT": bt}, num_warps=4, num_stages=3)
-    for bp, bm, bs, bt in [(4, 32, 32, 32), (2, 64, 32, 64), (4, 32, 64, 64), (8, 32, 32, 32)]]
+    # BPG=4 with a 64 x 64 tile spills (ptxas -v)
+    for bp, bm, bs, bt in [(4, 32, 32, 32), (2, 64, 32, 64), (2, 32, 64, 64), (8, 32, 32, 32)]]
 _BUILD_CONFIGS = [triton.Config({"BI": 16, "BJ": 32}, num_warps=1)] + [   # 4096 elements per program spill
     triton.Config({"BI": bi, "BJ": bj}, num_warps=w) for bi, bj, w in [(16, 128, 4), (8, 256, 4), (32, 128, 8),
                                                                         (64, 64, 8)]]
-# Row chunks of the factor gradients: each program sums its chunks into its own partial.
-_ROWS_PER_SPLIT, _MAX_SPLIT = (16, 4) if INTERPRET else (512, 64)
 
 
 @triton.jit
@@ -57,13 +57,16 @@ def _entry(F1, s1c, s1i, s1k, F2, s2c, s2k, s2j, c, i, j, ok, R, LOWRANK: tl.con
     return tl.load(F1 + c * s1c + i * s1i + j * s1k, mask=ok, other=0.0).to(ACC)
 
 
-@autotune(_BUILD_CONFIGS, key=["n", "D", "TINYBIG", "A_LR", "B_LR"])
+@autotune(_BUILD_CONFIGS, key=["n", "D", "TINYBIG", "A_LR", "B_LR", "ACC"])
 @triton.jit
 def _kron_build(A1, sa1c, sa1i, sa1k, A2, sa2c, sa2k, sa2j, B1, sb1c, sb1i, sb1k, B2, sb2c, sb2k, sb2j,
                 W, n, D, Q, S, T, RA, RB, TINYBIG: tl.constexpr, A_LR: tl.constexpr, B_LR: tl.constexpr,
                 ACC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
-    """W[c] (n x D, contiguous) = A kron B, or tinyBIG's reshape(outer(vec A, vec B)), in one pass."""
-    pid_i, pid_j, c = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    """W[c] (n x D, contiguous) = A kron B, or tinyBIG's reshape(outer(vec A, vec B)), in one pass.
+
+    Grid (tiles of n * tiles of D, C): the tiles in x, whose limit (2^31) no width reaches."""
+    tiles_i = tl.cdiv(n, BI)
+    pid_i, pid_j, c = tl.program_id(0) % tiles_i, tl.program_id(0) // tiles_i, tl.program_id(1).to(tl.int64)
     i = (pid_i.to(tl.int64) * BI + tl.arange(0, BI))[:, None]
     j = (pid_j.to(tl.int64) * BJ + tl.arange(0, BJ))[None, :]
     ok = (i < n) & (j < D)
@@ -78,19 +81,30 @@ def _kron_build(A1, sa1c, sa1i, sa1k, A2, sa2c, sa2k, sa2j, B1, sb1c, sb1i, sb1k
     tl.store(W + c * n * D + i * D + j, (a * b).to(W.dtype.element_ty), mask=ok)
 
 
-@autotune(_MM_CONFIGS, key=["M", "P", "Q", "S", "T", "CH", "A_LR", "B_LR"])
+def _mm_values(c, rpa, rpb):
+    """fp32 values a ``_kron_mm`` program holds: the accumulator, Z, S^T and the P tile, x's and B's tiles."""
+    bp, bm, bs, bt = (c.kwargs[k] for k in ("BP", "BM", "BS", "BT"))
+    return bp * bm * bs + bm * max(rpb, bs) + rpb * bs + bp * rpa + bm * bt + bt * max(rpb, bs)
+
+
+# At most 100 values per thread: (BP, BM, BS) = (2, 64, 64) with rank tiles of 128 holds 121 and spills 2 KB.
+@autotune(_MM_CONFIGS, key=["M", "P", "Q", "S", "T", "CH", "A_LR", "B_LR", "HAS_BIAS", "ACC", "DOT", "PREC",
+                             "MPREC", "RPA", "RPB"],
+          bucket=["M"], prune=lambda cfgs, a: fewest_values(cfgs, lambda c: _mm_values(c, a["RPA"], a["RPB"]), 100))
 @triton.jit
 def _kron_mm(X, sxc, sxm, sxd, A1, sa1c, sa1i, sa1k, A2, sa2c, sa2k, sa2j,
              B1, sb1c, sb1i, sb1k, B2, sb2c, sb2k, sb2j, BIAS, sbias, Y, syc, sym, syi,
              M, P, Q, S, T, RA, RB, CH, A_LR: tl.constexpr, B_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
-             ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, RPA: tl.constexpr, RPB: tl.constexpr,
-             BP: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr):
+             ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, MPREC: tl.constexpr, RPA: tl.constexpr,
+             RPB: tl.constexpr, BP: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr):
     """Y[pid_c, m, i1*S + i2] = sum over CH channels c of sum_{j1, j2} A[c,i1,j1] X[c,m,j1*T+j2] B[c,i2,j2] (+ bias).
 
     The forward runs CH = 1 with c = pid_c and X's channel stride 0; the input gradient runs one
     output with CH = C. A = A1 @ A2 when A_LR (A1: P x RA), else A1 (P x Q); likewise B.
+    Grid (tiles of M * tiles of (P, S), channels): the tiles in x, whose limit (2^31) no width reaches.
     """
-    pid_m, pid_ps, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tiles_m = tl.cdiv(M, BM)
+    pid_m, pid_ps, pid_c = tl.program_id(0) % tiles_m, tl.program_id(0) // tiles_m, tl.program_id(1)
     tiles_s = tl.cdiv(S, BS)
     i1 = (pid_ps // tiles_s).to(tl.int64) * BP + tl.arange(0, BP)
     i2 = (pid_ps % tiles_s).to(tl.int64) * BS + tl.arange(0, BS)
@@ -124,8 +138,8 @@ def _kron_mm(X, sxc, sxm, sxd, A1, sa1c, sa1i, sa1k, A2, sa2c, sa2k, sa2j,
                     bt = tl.load(B1 + c * sb1c + i2[None, :] * sb1i + j2[:, None] * sb1k,
                                  mask=i2_ok[None, :] & (j2 < T)[:, None], other=0.0)
                 z = tl.dot(xt.to(DOT), bt.to(DOT), z, input_precision=PREC, out_dtype=z.dtype)
-            if B_LR:
-                z = tl.dot(z, st, input_precision="ieee", out_dtype=ACC)
+            if B_LR:   # z is an fp32 sum: TF32 for half types (see mixed_precision)
+                z = tl.dot(z, st, input_precision=MPREC, out_dtype=ACC)
             if A_LR:
                 qa = tl.load(A2 + c * sa2c + ka * sa2k + j1 * sa2j, mask=ka < RA, other=0.0).to(ACC)
                 a = tl.sum(pa * qa[None, :], axis=1)
@@ -139,28 +153,34 @@ def _kron_mm(X, sxc, sxm, sxd, A1, sa1c, sa1i, sa1k, A2, sa2c, sa2k, sa2j,
     tl.store(Y + pid_c.to(tl.int64) * syc + m[None, :, None] * sym + cols * syi, acc.to(Y.dtype.element_ty), mask=ok)
 
 
-@autotune(_GRAD_CONFIGS, key=["M", "P", "Q", "S", "T"])
+@autotune(_GRAD_CONFIGS, key=["M", "P", "Q", "S", "T", "ACC", "PREC"], bucket=["M"])
 @triton.jit
-def _kron_grad(DY, sdc, sdm, sd1, sd2, X, sxm, sx1, sx2, F, sfc, sf1, sf2, G, M, P, Q, S, T, C, SPLIT,
-               ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+def _kron_grad(DY, sdc, sdm, sd1, sd2, X, sxm, sx1, sx2, F, sfc, sf1, sf2, G, M, P, Q, S, T, C, SPLIT_M, QC,
+               ACC: tl.constexpr, PREC: tl.constexpr,
                BPG: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr):
-    """G[split, c] (S x T) = sum over rows m of this split and j1 of (sum_i1 F[c,i1,j1] DY[c,m,i1,:])^T X[m,j1,:].
+    """G[split, c] (S x T) = sum over the rows m and the j1 of this split of
+    (sum_i1 F[c,i1,j1] DY[c,m,i1,:])^T X[m,j1,:].
 
-    DY is (C, M, P, S), X (M, Q, T), F (C, P, Q), all by strides; split z takes row blocks z, z + SPLIT, ...
+    DY is (C, M, P, S), X (M, Q, T), F (C, P, Q), all by strides. Split z takes row blocks
+    z % SPLIT_M, + SPLIT_M, ... and j1 in [z // SPLIT_M * QC, + QC): a small batch still gives
+    enough programs to fill the GPU. The inner sum over i1 is fp32, and so is the dot (TF32 for
+    half types): rounding it to fp16 could overflow.
     """
     pid_st, split, c = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     tiles_t = tl.cdiv(T, BT)
     i2 = (pid_st // tiles_t).to(tl.int64) * BS + tl.arange(0, BS)
     j2 = (pid_st % tiles_t).to(tl.int64) * BT + tl.arange(0, BT)
     i2_ok, j2_ok = i2 < S, j2 < T
+    q_lo = (split // SPLIT_M) * QC
+    q_hi = tl.minimum(Q, q_lo + QC)
     acc = tl.zeros((BS, BT), ACC)
-    for m0 in range(split * BM, M, SPLIT * BM):
+    for m0 in range((split % SPLIT_M) * BM, M, SPLIT_M * BM):
         m = m0 + tl.arange(0, BM).to(tl.int64)
         m_ok = m < M
         dyc = DY + c * sdc + m[None, :, None] * sdm + i2[None, None, :] * sd2
-        fj = F + c * sfc                                   # column j1 of F_c,
-        xj = X + m[:, None] * sxm + j2[None, :] * sx2      # and of X: pointers advance (64-bit) with j1
-        for j1 in range(0, Q):
+        fj = F + c * sfc + q_lo * sf2                      # column j1 of F_c,
+        xj = X + m[:, None] * sxm + j2[None, :] * sx2 + q_lo.to(tl.int64) * sx1   # and of X: advance with j1
+        for j1 in range(q_lo, q_hi):
             g = tl.zeros((BM, BS), ACC)   # dy_c contracted with column j1 of F, for these rows
             for p0 in range(0, P, BPG):
                 i1 = p0 + tl.arange(0, BPG).to(tl.int64)
@@ -171,8 +191,7 @@ def _kron_grad(DY, sdc, sdm, sd1, sd2, X, sxm, sx1, sx2, F, sfc, sf1, sf2, G, M,
             xt = tl.load(xj, mask=m_ok[:, None] & j2_ok[None, :], other=0.0)
             fj += sf2
             xj += sx1
-            acc = tl.dot(tl.trans(g.to(X.dtype.element_ty).to(DOT)), xt.to(DOT), acc, input_precision=PREC,
-                         out_dtype=acc.dtype)
+            acc = tl.dot(tl.trans(g), xt.to(ACC), acc, input_precision=PREC, out_dtype=acc.dtype)
     tl.store(G + ((split * C + c) * S + i2[:, None]) * T + j2[None, :], acc, mask=i2_ok[:, None] & j2_ok[None, :])
 
 
@@ -190,7 +209,7 @@ def _launch_build(A1, A2, B1, B2, tinybig):
     W = torch.empty(C, P * S, Q * T, dtype=A1.dtype, device=A1.device)
     if not W.numel():
         return W
-    grid = lambda a: (triton.cdiv(P * S, a["BI"]), triton.cdiv(Q * T, a["BJ"]), C)  # noqa: E731
+    grid = lambda a: (triton.cdiv(P * S, a["BI"]) * triton.cdiv(Q * T, a["BJ"]), C)  # noqa: E731
     _kron_build[grid](A1, *A1.stride(), A2, *_strides(A2), B1, *B1.stride(), B2, *_strides(B2),
                       W, P * S, Q * T, Q, S, T, RA, RB, TINYBIG=tinybig, A_LR=A2 is not None,
                       B_LR=B2 is not None, ACC=acc_type(A1.dtype))
@@ -207,13 +226,14 @@ def _launch_mm(inp, A1, A2, B1, B2, bias, C_out, CH):
     out = torch.empty(C_out, M, P * S, dtype=inp.dtype, device=inp.device)
     if out.numel():
         def grid(a):
-            return triton.cdiv(M, a["BM"]), triton.cdiv(P, a["BP"]) * triton.cdiv(S, a["BS"]), C_out
+            return triton.cdiv(M, a["BM"]) * triton.cdiv(P, a["BP"]) * triton.cdiv(S, a["BS"]), C_out
         _kron_mm[grid](inp, *inp.stride(), A1, *A1.stride(), A2, *_strides(A2), B1, *B1.stride(),
                        B2, *_strides(B2), bias, 0 if bias is None else bias.stride(0), out, *out.stride(),
                        M, P, Q, S, T, RA, RB, CH,
                        A_LR=A2 is not None, B_LR=B2 is not None, HAS_BIAS=bias is not None,
                        ACC=acc_type(inp.dtype), DOT=dot_dtype(inp.dtype), PREC=precision(inp.dtype),
-                       RPA=rank_block(RA), RPB=rank_block(RB))
+                       MPREC=mixed_precision(inp.dtype),   # rank tiles only for factored A, B (unused else)
+                       RPA=rank_block(RA) if A2 is not None else 16, RPB=rank_block(RB) if B2 is not None else 16)
     return out
 
 
@@ -221,11 +241,11 @@ def _launch_grad(dy4, x3, F):
     """(C, S, T), accumulated in fp32 (fp64): sum_{m, j1} (sum_i1 F[c,i1,j1] dy4[c,m,i1,:])^T x3[m,j1,:]."""
     C, M, P, S = dy4.shape
     Q, T = x3.shape[1:]
-    split = max(1, min(_MAX_SPLIT, triton.cdiv(M, _ROWS_PER_SPLIT)))
+    split_m, qc, split = split_sum(M, Q, triton.cdiv(S * T, 32 * 64) * C, x3.device)
     part = torch.empty(split, C, S, T, dtype=inner_dtype(x3.dtype), device=x3.device)
     grid = lambda a: (triton.cdiv(S, a["BS"]) * triton.cdiv(T, a["BT"]), split, C)  # noqa: E731
-    _kron_grad[grid](dy4, *dy4.stride(), x3, *x3.stride(), F, *F.stride(), part, M, P, Q, S, T, C, split,
-                     ACC=acc_type(x3.dtype), DOT=dot_dtype(x3.dtype), PREC=precision(x3.dtype))
+    _kron_grad[grid](dy4, *dy4.stride(), x3, *x3.stride(), F, *F.stride(), part, M, P, Q, S, T, C, split_m, qc,
+                     ACC=acc_type(x3.dtype), PREC=mixed_precision(x3.dtype))
     return part.sum(0)
 
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_type, autotune, inner_dtype, rank_block
+from ._common import acc_type, autotune, dot_dtype, fewest_values, inner_dtype, mixed_precision, precision, rank_block
 
 
 def _cfg(bm, bn, bk, warps, stages=3):
@@ -31,11 +31,32 @@ _FUSED_CONFIGS = [_cfg(16, 16, 32, 4), _cfg(64, 64, 64, 4), _cfg(128, 64, 64, 4)
                   _cfg(128, 128, 64, 8), _cfg(32, 64, 64, 4)]
 
 
+_SMEM = 160 * 1024   # a little under sm_80's 163 KB of shared memory per block (sm_90: 227 KB)
+
+
+def _fits(configs, rp, itemsize):
+    """The configs that fit a rank tile of RP.
+
+    Shared memory: the pipelined tiles of x (BM x BK) and of the rank factor (BK x RP), plus the
+    fp32 (fp64) U (BM x RP) staged for the second dot, within _SMEM. Registers: the tiles a program
+    holds (U, the factor tiles BK x RP and RP x BN, x's BM x BK, the output BM x BN), at most 128
+    values per thread (ptxas -v: up to 6 KB of spills per thread at RP = 128 with more)."""
+    acc = max(4, itemsize)
+    ok = [c for c in configs if (c.kwargs["BM"] + rp) * c.kwargs["BK"] * max(itemsize, 4) * c.num_stages
+          + c.kwargs["BM"] * rp * acc <= _SMEM]
+    return fewest_values(ok or configs[:1], lambda c: _values(c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], rp), 128)
+
+
+def _values(bm, bn, bk, rp):
+    return bm * rp + rp * bk + rp * bn + bm * bn + bm * bk
+
+
 # ---- batched GEMM: out[b] = a[b] @ c[b], any strides (0 broadcasts) ------------------------------
-@autotune(_GEMM_CONFIGS, key=["M", "N", "K"])
+@autotune(_GEMM_CONFIGS, key=["M", "N", "K", "ACC", "DOT", "PREC"], bucket=["M", "N", "K"])   # any may be the batch
 @triton.jit
 def _bmm_kernel(A, Bm, O, M, N, K, sab, sam, sak, sbb, sbk, sbn, sob, som, son,
-                ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     tiles_n = tl.cdiv(N, BN)
     rows = (pid // tiles_n).to(tl.int64) * BM + tl.arange(0, BM)
@@ -47,7 +68,7 @@ def _bmm_kernel(A, Bm, O, M, N, K, sab, sam, sak, sbb, sbk, sbn, sob, som, son,
                     mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
         c = tl.load(Bm + b * sbb + ks[:, None] * sbk + cols[None, :] * sbn,
                     mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0)
-        acc = tl.dot(a.to(ACC), c.to(ACC), acc, input_precision="ieee", out_dtype=ACC)
+        acc = tl.dot(a.to(DOT), c.to(DOT), acc, input_precision=PREC, out_dtype=ACC)
     tl.store(O + b * sob + rows[:, None] * som + cols[None, :] * son, acc.to(O.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
@@ -60,7 +81,11 @@ def bmm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(Bt, M, N, dtype=dtype, device=a.device)
     if out.numel():
         grid = lambda META: (triton.cdiv(M, META["BM"]) * triton.cdiv(N, META["BN"]), Bt)  # noqa: E731
-        _bmm_kernel[grid](a, b, out, M, N, K, *a.stride(), *b.stride(), *out.stride(), ACC=acc_type(a.dtype))
+        # operands of one half type: its tensor cores; an fp32 operand (an intermediate): fp32 dots
+        same = a.dtype == b.dtype
+        _bmm_kernel[grid](a, b, out, M, N, K, *a.stride(), *b.stride(), *out.stride(), ACC=acc_type(a.dtype),
+                          DOT=dot_dtype(a.dtype) if same else acc_type(a.dtype),
+                          PREC=mixed_precision(a.dtype if a.dtype.itemsize <= b.dtype.itemsize else b.dtype))
     return out
 
 
@@ -92,10 +117,12 @@ def _lowrank_build_backward(ctx, dW):
 lowrank_build.register_autograd(_lowrank_build_backward, setup_context=_lowrank_build_setup)
 
 
-@autotune(_FUSED_CONFIGS, key=["N", "D", "n"])
+@autotune(_FUSED_CONFIGS, key=["N", "D", "n", "RP", "HAS_BIAS", "ACC", "DOT", "PREC", "MPREC"], bucket=["N"],
+          prune=lambda cfgs, a: _fits(cfgs, a["RP"], a["X"].element_size()))
 @triton.jit
 def _lowrank_apply_kernel(X, A, Bm, Bias, Y, N, D, n, r, sxm, sxd, sac, sai, sak, sbc, sbk, sbd,
-                          HAS_BIAS: tl.constexpr, ACC: tl.constexpr, RP: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                          MPREC: tl.constexpr, RP: tl.constexpr,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid, c = tl.program_id(0), tl.program_id(1).to(tl.int64)
     rows = pid.to(tl.int64) * BM + tl.arange(0, BM)
@@ -107,12 +134,12 @@ def _lowrank_apply_kernel(X, A, Bm, Bias, Y, N, D, n, r, sxm, sxd, sac, sai, sak
                      mask=(rows[:, None] < N) & (ds[None, :] < D), other=0.0)
         bt = tl.load(Bm + c * sbc + ks[None, :] * sbk + ds[:, None] * sbd,
                      mask=(ks[None, :] < r) & (ds[:, None] < D), other=0.0)
-        u = tl.dot(xt.to(ACC), bt.to(ACC), u, input_precision="ieee", out_dtype=ACC)
+        u = tl.dot(xt.to(DOT), bt.to(DOT), u, input_precision=PREC, out_dtype=ACC)
     for i0 in range(0, n, BN):
         cols = i0 + tl.arange(0, BN).to(tl.int64)
         at = tl.load(A + c * sac + cols[None, :] * sai + ks[:, None] * sak,
                      mask=(cols[None, :] < n) & (ks[:, None] < r), other=0.0)
-        y = tl.dot(u, at.to(ACC), input_precision="ieee", out_dtype=ACC)
+        y = tl.dot(u, at.to(ACC), input_precision=MPREC, out_dtype=ACC)   # u: an fp32 sum over D
         if HAS_BIAS:
             y += tl.load(Bias + cols, mask=cols < n, other=0.0).to(ACC)[None, :]
         tl.store(Y + (c * N + rows[:, None]) * n + cols[None, :], y.to(Y.dtype.element_ty),
@@ -127,7 +154,9 @@ def lowrank_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: Optio
     if y.numel():
         grid = lambda META: (triton.cdiv(N, META["BM"]), C)  # noqa: E731
         _lowrank_apply_kernel[grid](x, A, B, bias, y, N, D, n, r, *x.stride(), *A.stride(), *B.stride(),
-                                    HAS_BIAS=bias is not None, ACC=acc_type(x.dtype), RP=rank_block(r))
+                                    HAS_BIAS=bias is not None, ACC=acc_type(x.dtype), DOT=dot_dtype(x.dtype),
+                                    PREC=precision(x.dtype),
+                                    MPREC=mixed_precision(x.dtype), RP=rank_block(r))
     return y
 
 
@@ -189,10 +218,12 @@ def _randn_tile(seed, rows, cols, n_rows, r):
     return tl.where(inside, tl.randn(seed, rows[:, None] * r + cols[None, :]), 0.0)
 
 
-@autotune(_GEMM_CONFIGS, key=["n", "D"])
+@autotune(_GEMM_CONFIGS, key=["n", "D", "ACC", "PREC", "RP"],
+          prune=lambda cfgs, a: _fits(cfgs, a["RP"], a["W"].element_size()))
 @triton.jit
 def _rma_build_kernel(L1, L2, W, C, n, D, r, seed_a, seed_b, sl1c, sl1i, sl2c, sl2k,
-                      ACC: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                      ACC: tl.constexpr, PREC: tl.constexpr, RP: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(D, BN)
     rows = (pid // tiles_n).to(tl.int64) * BM + tl.arange(0, BM)
@@ -203,7 +234,7 @@ def _rma_build_kernel(L1, L2, W, C, n, D, r, seed_a, seed_b, sl1c, sl1i, sl2c, s
     for c in range(C):    # A and B are shared by the channels: generate once, use C times
         l2 = tl.load(L2 + c * sl2c + ks * sl2k, mask=ks < r, other=0.0).to(ACC)
         l1 = tl.load(L1 + c * sl1c + rows * sl1i, mask=rows < n, other=0.0).to(ACC)
-        w = tl.dot(a * l2[None, :], bt, input_precision="ieee", out_dtype=ACC) * l1[:, None]
+        w = tl.dot(a * l2[None, :], bt, input_precision=PREC, out_dtype=ACC) * l1[:, None]
         tl.store(W + (tl.cast(c, tl.int64) * n + rows[:, None]) * D + cols[None, :], w.to(W.dtype.element_ty),
                  mask=(rows[:, None] < n) & (cols[None, :] < D))
 
@@ -215,7 +246,7 @@ def rma_build(l1: torch.Tensor, l2: torch.Tensor, seed_a: int, seed_b: int, D: i
     if W.numel():
         grid = lambda META: (triton.cdiv(n, META["BM"]) * triton.cdiv(D, META["BN"]),)  # noqa: E731
         _rma_build_kernel[grid](l1, l2, W, C, n, D, r, seed_a, seed_b, *l1.stride(), *l2.stride(),
-                                ACC=acc_type(l1.dtype), RP=rank_block(r))
+                                ACC=acc_type(l1.dtype), PREC=mixed_precision(l1.dtype), RP=rank_block(r))
     return W
 
 
@@ -248,10 +279,11 @@ def _rma_build_backward(ctx, dW):
 rma_build.register_autograd(_rma_build_backward, setup_context=_rma_build_setup)
 
 
-@autotune(_FUSED_CONFIGS, key=["N", "D", "n"])
+@autotune(_FUSED_CONFIGS, key=["N", "D", "n", "RP", "HAS_BIAS", "ACC", "PREC"], bucket=["N"],
+          prune=lambda cfgs, a: _fits(cfgs, a["RP"], a["X"].element_size()))
 @triton.jit
 def _rma_apply_kernel(X, L1, L2, Bias, Y, C, N, D, n, r, seed_a, seed_b, sxm, sxd, sl1c, sl1i, sl2c, sl2k,
-                      HAS_BIAS: tl.constexpr, ACC: tl.constexpr, RP: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, RP: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     ks = tl.arange(0, RP).to(tl.int64)
@@ -260,7 +292,7 @@ def _rma_apply_kernel(X, L1, L2, Bias, Y, C, N, D, n, r, seed_a, seed_b, sxm, sx
         ds = d0 + tl.arange(0, BK).to(tl.int64)
         xt = tl.load(X + rows[:, None] * sxm + ds[None, :] * sxd,
                      mask=(rows[:, None] < N) & (ds[None, :] < D), other=0.0)
-        u = tl.dot(xt.to(ACC), _randn_tile(seed_b, ds, ks, D, r).to(ACC), u, input_precision="ieee", out_dtype=ACC)
+        u = tl.dot(xt.to(ACC), _randn_tile(seed_b, ds, ks, D, r).to(ACC), u, input_precision=PREC, out_dtype=ACC)
     for i0 in range(0, n, BN):
         cols = i0 + tl.arange(0, BN).to(tl.int64)
         at = tl.trans(_randn_tile(seed_a, cols, ks, n, r)).to(ACC)      # A^T tile (RP, BN)
@@ -269,7 +301,7 @@ def _rma_apply_kernel(X, L1, L2, Bias, Y, C, N, D, n, r, seed_a, seed_b, sxm, sx
         for c in range(C):
             l2 = tl.load(L2 + c * sl2c + ks * sl2k, mask=ks < r, other=0.0).to(ACC)
             l1 = tl.load(L1 + c * sl1c + cols * sl1i, mask=cols < n, other=0.0).to(ACC)
-            y = tl.dot(u * l2[None, :], at, input_precision="ieee", out_dtype=ACC) * l1[None, :]
+            y = tl.dot(u * l2[None, :], at, input_precision=PREC, out_dtype=ACC) * l1[None, :]
             if HAS_BIAS:
                 y += b[None, :]
             tl.store(Y + (tl.cast(c, tl.int64) * N + rows[:, None]) * n + cols[None, :], y.to(Y.dtype.element_ty),
@@ -286,7 +318,7 @@ def rma_apply(x: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor, seed_a: int, 
         grid = lambda META: (triton.cdiv(N, META["BM"]),)  # noqa: E731
         _rma_apply_kernel[grid](x, l1, l2, bias, y, C, N, D, n, r, seed_a, seed_b, *x.stride(),
                                 *l1.stride(), *l2.stride(), HAS_BIAS=bias is not None,
-                                ACC=acc_type(x.dtype), RP=rank_block(r))
+                                ACC=acc_type(x.dtype), PREC=mixed_precision(x.dtype), RP=rank_block(r))
     return y
 
 

@@ -39,8 +39,9 @@ def _kept(seed, p, i, j, D):
 @autotune(_BUILD_CONFIGS, key=["n", "D"])
 @triton.jit
 def _build(Wp, s_c, s_n, s_d, OUT, n, D, seed, p, BI: tl.constexpr, BJ: tl.constexpr):
-    """OUT[c] (n x D, contiguous) = M * W[c]."""
-    pid_i, pid_j, c = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    """OUT[c] (n x D, contiguous) = M * W[c]. Grid (tiles of n * tiles of D, C): no width reaches x's 2^31."""
+    tiles_i = tl.cdiv(n, BI)
+    pid_i, pid_j, c = tl.program_id(0) % tiles_i, tl.program_id(0) // tiles_i, tl.program_id(1).to(tl.int64)
     i = (pid_i.to(tl.int64) * BI + tl.arange(0, BI))[:, None]
     j = (pid_j.to(tl.int64) * BJ + tl.arange(0, BJ))[None, :]
     ok = (i < n) & (j < D)
@@ -48,18 +49,20 @@ def _build(Wp, s_c, s_n, s_d, OUT, n, D, seed, p, BI: tl.constexpr, BJ: tl.const
     tl.store(OUT + c * n * D + i * D + j, v, mask=ok)
 
 
-@autotune(_MM_CONFIGS, key=["ROWS", "K", "R", "CHANNELS"])
+@autotune(_MM_CONFIGS, key=["ROWS", "K", "R", "TRANS", "CHANNELS", "HAS_BIAS", "ACC", "DOT", "PREC"], bucket=["ROWS"])
 @triton.jit
 def _masked_mm(A, s_ac, s_am, s_ak, Wp, s_wc, s_wk, s_wr, BIAS, OUT, s_oc, s_om,
-               ROWS, K, R, TRANS: tl.constexpr, CHANNELS, seed, p,
-               HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+               ROWS, K, R, CHANNELS, seed, p,
+               TRANS: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
     """OUT[c, m, r] = sum_{c'} sum_k A[c', m, k] * (M*w)[c'] at (k, r) (+ bias[r]).
 
     TRANS: w's element (k, r) is w[r, k] (the apply: k runs over D) rather than w[k, r] (grad x).
-    Program (pid_m, pid_r, pid_c) sums channels pid_c .. pid_c + CHANNELS - 1.
+    Program (pid_m, pid_r, pid_c) sums channels pid_c .. pid_c + CHANNELS - 1; grid (tiles of ROWS *
+    tiles of R, channels): R may be D, so its tiles go in x (limit 2^31), not y (65,535).
     """
-    pid_m, pid_r, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tiles_m = tl.cdiv(ROWS, BM)
+    pid_m, pid_r, pid_c = tl.program_id(0) % tiles_m, tl.program_id(0) // tiles_m, tl.program_id(1)
     m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
     r = pid_r.to(tl.int64) * BR + tl.arange(0, BR)
     row_ok, r_ok = m < ROWS, r < R
@@ -84,13 +87,15 @@ def _masked_mm(A, s_ac, s_am, s_ak, Wp, s_wc, s_wk, s_wr, BIAS, OUT, s_oc, s_om,
     tl.store(OUT + pid_c.to(tl.int64) * s_oc + m[:, None] * s_om + r[None, :], acc.to(OUT.dtype.element_ty), mask=ok)
 
 
-@autotune(_MM_CONFIGS, key=["N", "n", "D"])
+@autotune(_MM_CONFIGS, key=["N", "n", "D", "ACC", "DOT", "PREC"], bucket=["N"])
 @triton.jit
 def _grad_w(DY, s_dc, s_dm, s_dn, X, s_xm, s_xd, GW, N, n, D, seed, p,
             ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
             BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
-    """GW[c] (n x D, contiguous) = M * (DY[c]^T @ X); BM tiles n, BR tiles D, BK tiles the batch."""
-    pid_i, pid_j, c = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    """GW[c] (n x D, contiguous) = M * (DY[c]^T @ X); BM tiles n, BR tiles D, BK tiles the batch.
+    Grid (tiles of n * tiles of D, C)."""
+    tiles_i = tl.cdiv(n, BM)
+    pid_i, pid_j, c = tl.program_id(0) % tiles_i, tl.program_id(0) // tiles_i, tl.program_id(1).to(tl.int64)
     i = pid_i.to(tl.int64) * BM + tl.arange(0, BM)
     j = pid_j.to(tl.int64) * BR + tl.arange(0, BR)
     acc = tl.zeros((BM, BR), dtype=ACC)
@@ -115,7 +120,7 @@ def masking_build(w: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     C, n, D = w.shape
     out = torch.empty(C, n, D, dtype=w.dtype, device=w.device)
     if out.numel():
-        grid = lambda a: (triton.cdiv(n, a["BI"]), triton.cdiv(D, a["BJ"]), C)  # noqa: E731
+        grid = lambda a: (triton.cdiv(n, a["BI"]) * triton.cdiv(D, a["BJ"]), C)  # noqa: E731
         _build[grid](w, *w.stride(), out, n, D, seed, p)
     return out
 
@@ -124,9 +129,9 @@ def _mm(a, a_channel_stride, w, w_kr, bias, C_out, channels, K, R, trans, seed, 
     N = a.shape[-2]
     out = torch.empty(C_out, N, R, dtype=a.dtype, device=a.device)
     if out.numel():
-        grid = lambda m: (triton.cdiv(N, m["BM"]), triton.cdiv(R, m["BR"]), C_out)  # noqa: E731
+        grid = lambda m: (triton.cdiv(N, m["BM"]) * triton.cdiv(R, m["BR"]), C_out)  # noqa: E731
         _masked_mm[grid](a, a_channel_stride, a.stride(-2), a.stride(-1), w, w.stride(0), *w_kr, bias, out,
-                         out.stride(0), out.stride(1), N, K, R, trans, channels, seed, p,
+                         out.stride(0), out.stride(1), N, K, R, channels, seed, p, TRANS=trans,
                          HAS_BIAS=bias is not None, **_flags(a.dtype))
     return out
 
@@ -150,7 +155,7 @@ def _grad_w_op(dy: torch.Tensor, x: torch.Tensor, seed: int, p: float) -> torch.
     D = x.shape[1]
     gw = torch.empty(C, n, D, dtype=x.dtype, device=x.device)
     if gw.numel():
-        grid = lambda a: (triton.cdiv(n, a["BM"]), triton.cdiv(D, a["BR"]), C)  # noqa: E731
+        grid = lambda a: (triton.cdiv(n, a["BM"]) * triton.cdiv(D, a["BR"]), C)  # noqa: E731
         _grad_w[grid](dy, *dy.stride(), x, *x.stride(), gw, N, n, D, seed, p, **_flags(x.dtype))
     return gw
 

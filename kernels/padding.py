@@ -25,13 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_type, autotune, dot_dtype, precision
+from ._common import acc_type, autotune, inner_dtype, mixed_precision, split_sum
 
 # Under the interpreter only the first config runs: small tiles, so tests cross tile edges.
 _MM_CONFIGS = [triton.Config({"BM": 16, "BR": 16, "BK": 16}, num_warps=1)] + [
     triton.Config({"BM": bm, "BR": br, "BK": bk}, num_warps=w, num_stages=st)
-    for bm, br, bk, w, st in [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
-                              (128, 128, 32, 8, 3), (32, 32, 64, 4, 4), (128, 32, 64, 4, 4)]]
+    # the operands are fp32 (block sums): 128-row tiles take 8 warps, 128 x 128 spills even so (ptxas -v)
+    for bm, br, bk, w, st in [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3),
+                              (32, 32, 64, 4, 4), (128, 32, 64, 8, 4)]]
 _GRAD_CONFIGS = [triton.Config({"BS": 16, "BT": 16, "BM": 16}, num_warps=1)] + [
     triton.Config({"BS": bs, "BT": bt, "BM": bm}, num_warps=w, num_stages=st)
     for bs, bt, bm, w, st in [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
@@ -52,18 +53,21 @@ def _block_sum(ptr, stride_m, stride_k, b, g, row_ok, k, K, BLOCKS, VALID, ACC: 
     return total
 
 
-@autotune(_MM_CONFIGS, key=["ROWS", "K", "R", "IN_BLOCKS", "OUT_BLOCKS"])
+@autotune(_MM_CONFIGS, key=["ROWS", "K", "R", "IN_BLOCKS", "OUT_BLOCKS", "HAS_BIAS", "ACC", "PREC"], bucket=["ROWS"])
 @triton.jit
 def _blocked_mm(IN, s_ic, s_im, s_ik, M, s_mc, s_mk, s_mr, BIAS, OUT, s_oc, s_om,
                 ROWS, G, K, R, IN_BLOCKS, IN_VALID, OUT_BLOCKS, CHANNELS,
-                HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                HAS_BIAS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                 BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
     """OUT[c, m//G, (m%G + i)*R + r] = sum_c' (row-block sum of IN[c']) @ M[c'] (+ bias), i < OUT_BLOCKS.
 
     Program (pid_m, pid_r, pid_c) sums channels c' = pid_c .. pid_c + CHANNELS - 1 (CHANNELS is 1
-    for the forward, where IN has channel stride 0, and C for the input gradient).
+    for the forward, where IN has channel stride 0, and C for the input gradient); grid (tiles of
+    ROWS * tiles of R, channels): R may be D, so its tiles go in x (limit 2^31). The block sum stays
+    fp32 into the dot (TF32 for half types): in fp16 a sum of many blocks could overflow.
     """
-    pid_m, pid_r, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tiles_m = tl.cdiv(ROWS, BM)
+    pid_m, pid_r, pid_c = tl.program_id(0) % tiles_m, tl.program_id(0) // tiles_m, tl.program_id(1)
     m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
     r = pid_r.to(tl.int64) * BR + tl.arange(0, BR)
     b, g = m // G, m % G
@@ -76,7 +80,7 @@ def _blocked_mm(IN, s_ic, s_im, s_ik, M, s_mc, s_mk, s_mr, BIAS, OUT, s_oc, s_om
             a = _block_sum(IN + c * s_ic, s_im, s_ik, b, g, row_ok, k, K, IN_BLOCKS, IN_VALID, ACC)
             mt = tl.load(M + c * s_mc + k[:, None] * s_mk + r[None, :] * s_mr,
                          mask=(k < K)[:, None] & r_ok[None, :], other=0.0)
-            acc = tl.dot(a.to(mt.dtype).to(DOT), mt.to(DOT), acc, input_precision=PREC, out_dtype=acc.dtype)
+            acc = tl.dot(a, mt.to(ACC), acc, input_precision=PREC, out_dtype=acc.dtype)
     base = OUT + pid_c.to(tl.int64) * s_oc + b[:, None] * s_om
     ok = row_ok[:, None] & r_ok[None, :]
     for i in range(0, OUT_BLOCKS):
@@ -87,32 +91,44 @@ def _blocked_mm(IN, s_ic, s_im, s_ik, M, s_mc, s_mk, s_mr, BIAS, OUT, s_oc, s_om
         tl.store(base + cols, out.to(OUT.dtype.element_ty), mask=ok)
 
 
-@autotune(_GRAD_CONFIGS, key=["ROWS", "S", "T", "DY_BLOCKS", "X_BLOCKS"])
+@autotune(_GRAD_CONFIGS, key=["ROWS", "S", "T", "DY_BLOCKS", "X_BLOCKS", "ACC", "PREC"], bucket=["ROWS"])
 @triton.jit
-def _blocked_mm_grad(DY, s_dc, s_dm, s_dk, X, s_xm, s_xk, GB, ROWS, G, S, T, DY_BLOCKS, X_BLOCKS,
-                     ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+def _blocked_mm_grad(DY, s_dc, s_dm, s_dk, X, s_xm, s_xk, GB, ROWS, G, S, T, DY_BLOCKS, X_BLOCKS, SPLIT_M, QC,
+                     ACC: tl.constexpr, PREC: tl.constexpr,
                      BS: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr):
-    """GB[c] (S x T, contiguous) = sum over rows m of (row-block sum of DY[c])^T (row-block sum of X)."""
-    pid_s, pid_t, c = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    """GB[split, c] (S x T, contiguous) = sum over the rows m of this split of
+    (row-block sum of DY[c])^T (sum of this split's X blocks), in fp32 (the sums too, TF32 dots for
+    half types).
+
+    Grid (tiles of S * tiles of T, splits, C); split z takes row blocks z % SPLIT_M, + SPLIT_M, ...
+    and the X blocks [z // SPLIT_M * QC, + QC) (the sum is linear in them): a small S x T and
+    batch still give enough programs to fill the GPU.
+    """
+    tiles_s = tl.cdiv(S, BS)
+    pid_s, pid_t = tl.program_id(0) % tiles_s, tl.program_id(0) // tiles_s
+    split, c = tl.program_id(1), tl.program_id(2).to(tl.int64)
+    x_lo = (split // SPLIT_M) * QC
+    x_blocks = tl.minimum(QC, X_BLOCKS - x_lo)
     i = pid_s.to(tl.int64) * BS + tl.arange(0, BS)
     j = pid_t.to(tl.int64) * BT + tl.arange(0, BT)
     acc = tl.zeros((BS, BT), dtype=ACC)
-    for m0 in range(0, ROWS, BM):
+    for m0 in range((split % SPLIT_M) * BM, ROWS, SPLIT_M * BM):
         m = m0 + tl.arange(0, BM).to(tl.int64)
         b, g, row_ok = m // G, m % G, m < ROWS
         dy = _block_sum(DY + c * s_dc, s_dm, s_dk, b, g, row_ok, i, S, DY_BLOCKS, G, ACC)
-        x = _block_sum(X, s_xm, s_xk, b, g, row_ok, j, T, X_BLOCKS, G, ACC)
-        acc = tl.dot(tl.trans(dy.to(DY.dtype.element_ty).to(DOT)), x.to(DY.dtype.element_ty).to(DOT), acc,
-                     input_precision=PREC, out_dtype=ACC)
-    tl.store(GB + c * S * T + i[:, None] * T + j[None, :], acc.to(GB.dtype.element_ty),
+        x = _block_sum(X + x_lo.to(tl.int64) * T * s_xk, s_xm, s_xk, b, g, row_ok, j, T, x_blocks, G, ACC)
+        acc = tl.dot(tl.trans(dy), x, acc, input_precision=PREC, out_dtype=ACC)
+    tl.store(GB + (split * tl.num_programs(2) + c) * S * T + i[:, None] * T + j[None, :], acc,
              mask=(i < S)[:, None] & (j < T)[None, :])
 
 
 @autotune(_BUILD_CONFIGS, key=["n", "D", "MODE"])
 @triton.jit
 def _build(B, s_bc, s_bs, s_bt, W, n, D, s, t, MODE: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
-    """W[c] (n x D, contiguous) of one padding function, zeros included, in one pass."""
-    pid_i, pid_j, c = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    """W[c] (n x D, contiguous) of one padding function, zeros included, in one pass.
+    Grid (tiles of n * tiles of D, C): no width reaches x's limit (2^31)."""
+    tiles_i = tl.cdiv(n, BI)
+    pid_i, pid_j, c = tl.program_id(0) % tiles_i, tl.program_id(0) // tiles_i, tl.program_id(1).to(tl.int64)
     i = (pid_i.to(tl.int64) * BI + tl.arange(0, BI))[:, None]
     j = (pid_j.to(tl.int64) * BJ + tl.arange(0, BJ))[None, :]
     ok = (i < n) & (j < D)
@@ -131,7 +147,7 @@ def _launch_build(B, p, q, mode):
     C, s, t = B.shape
     W = torch.empty(C, p * s, q * t, dtype=B.dtype, device=B.device)
     if W.numel():
-        grid = lambda a: (triton.cdiv(p * s, a["BI"]), triton.cdiv(q * t, a["BJ"]), C)  # noqa: E731
+        grid = lambda a: (triton.cdiv(p * s, a["BI"]) * triton.cdiv(q * t, a["BJ"]), C)  # noqa: E731
         _build[grid](B, *B.stride(), W, p * s, q * t, s, t, MODE=mode)
     return W
 
@@ -142,11 +158,11 @@ def _launch_mm(inp, in_channel_stride, M, mk_mr, bias, C_out, channels, rows, G,
     N = inp.shape[-2]
     out = torch.empty(C_out, N, width, dtype=inp.dtype, device=inp.device)
     if out.numel():
-        grid = lambda a: (triton.cdiv(rows, a["BM"]), triton.cdiv(R, a["BR"]), C_out)  # noqa: E731
+        grid = lambda a: (triton.cdiv(rows, a["BM"]) * triton.cdiv(R, a["BR"]), C_out)  # noqa: E731
         _blocked_mm[grid](inp, in_channel_stride, inp.stride(-2), inp.stride(-1), M, M.stride(0), *mk_mr,
                           bias, out, out.stride(0), out.stride(1), rows, G, K, R, in_blocks, in_valid,
                           out_blocks, channels, HAS_BIAS=bias is not None, ACC=acc_type(inp.dtype),
-                          DOT=dot_dtype(inp.dtype), PREC=precision(inp.dtype))
+                          PREC=mixed_precision(inp.dtype))
     return out
 
 
@@ -177,17 +193,18 @@ def _grad_x(dy, B, p, q, diag):
 def _grad_B(dy, x, p, q, diag):
     C, N, n = dy.shape
     s, t = n // p, x.shape[1] // q
-    gB = torch.empty(C, s, t, dtype=x.dtype, device=x.device)
     if diag:   # rows (batch row, diagonal block) for the min(p, q) blocks that exist
         k = min(p, q)
         rows, G, dy_blocks, x_blocks = N * k, k, 1, 1
     else:
         rows, G, dy_blocks, x_blocks = N, 1, p, q
-    grid = lambda a: (triton.cdiv(s, a["BS"]), triton.cdiv(t, a["BT"]), C)  # noqa: E731
-    _blocked_mm_grad[grid](dy, dy.stride(0), dy.stride(1), dy.stride(2), x, x.stride(0), x.stride(1), gB,
-                           rows, G, s, t, dy_blocks, x_blocks, ACC=acc_type(x.dtype), DOT=dot_dtype(x.dtype),
-                           PREC=precision(x.dtype))
-    return gB
+    split_m, qc, split = split_sum(rows, x_blocks, triton.cdiv(s * t, 64 * 64) * C, x.device)
+    part = torch.empty(split, C, s, t, dtype=inner_dtype(x.dtype), device=x.device)
+    grid = lambda a: (triton.cdiv(s, a["BS"]) * triton.cdiv(t, a["BT"]), split, C)  # noqa: E731
+    _blocked_mm_grad[grid](dy, dy.stride(0), dy.stride(1), dy.stride(2), x, x.stride(0), x.stride(1), part,
+                           rows, G, s, t, dy_blocks, x_blocks, split_m, qc, ACC=acc_type(x.dtype),
+                           PREC=mixed_precision(x.dtype))
+    return part.sum(0).to(x.dtype)
 
 
 # ---- custom ops --------------------------------------------------------------------------------

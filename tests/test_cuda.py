@@ -70,6 +70,8 @@ def test_library_loads_and_says_why_it_cannot_run(built_library, monkeypatch):
         assert reason == ""
     else:
         assert "CUDA" in reason
+    if "cudaErrorInsufficientDriver" in reason:   # no driver, or an old one: say which one it needs
+        assert "R580" in reason
 
 
 def test_missing_library_is_a_reason_not_an_error(tmp_path, monkeypatch):
@@ -86,7 +88,10 @@ def test_missing_library_is_a_reason_not_an_error(tmp_path, monkeypatch):
 def test_arch_list():
     assert cuda_lib.gencode_flags("8.0;9.0+PTX") == [
         "-gencode", "arch=compute_80,code=[sm_80]", "-gencode", "arch=compute_90,code=[sm_90,compute_90]"]
-    assert cuda_lib.gencode_flags("sm_86") == ["-gencode", "arch=compute_86,code=[sm_86]"]
+    assert cuda_lib.gencode_flags("sm_86") == ["-gencode", "arch=compute_86,code=[sm_86,compute_86]"]
+    # the newest arch always carries PTX (forward compatibility), the others only when asked
+    assert cuda_lib.gencode_flags("9.0;8.0") == [
+        "-gencode", "arch=compute_90,code=[sm_90,compute_90]", "-gencode", "arch=compute_80,code=[sm_80]"]
     with pytest.raises(ValueError, match="cannot read CUDA arch"):
         cuda_lib.gencode_flags("ampere")
 

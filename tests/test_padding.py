@@ -151,3 +151,20 @@ def test_torch_compile_sees_one_op(kind, backend):
     if (kind, backend) == ("tinybig", "cpu"):
         pytest.skip("the CPU library has no kernel for layout='tinybig': the torch reference runs it")
     check_compiles_to_one_op(make(kind, 3, 2), 15, 14, backend)
+
+
+@pytest.mark.parametrize("backend", backends_for("dup_pad_apply"))
+def test_fp16_block_sums_do_not_overflow(backend):
+    """duplicated_padding sums x's q column blocks before the GEMM: 300 blocks of 250 sum to 75,000,
+    over fp16's 65,504, while y (and dB) stay small; the sum must stay fp32 until the dot."""
+    rec = tr.duplicated_padding_reconciliation(p=1, q=300)
+    x = torch.full((3, 600), 250.0, device=DEVICE, dtype=torch.float16)
+    w = torch.full((1, rec.calculate_l(2, 600)), 1e-3, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    y = rec.apply(x, w, n=2, backend=backend)
+    y_ref = rec.apply(x.double(), w.double(), n=2, backend="torch")
+    assert torch.isfinite(y).all()
+    assert_close(y, y_ref, torch.float16)
+    (gw,) = torch.autograd.grad(y.sum() * 1e-3, w)   # dB: x's block sums against dy's
+    (gw_ref,) = torch.autograd.grad(y_ref.sum() * 1e-3, w)
+    assert torch.isfinite(gw).all()
+    assert_close(gw, gw_ref, torch.float16)

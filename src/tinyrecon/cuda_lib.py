@@ -3,7 +3,8 @@
 ``setup.py`` compiles every ``csrc/*.cu`` with nvcc into ONE shared library with a plain C ABI
 (no torch headers or C++ ABI), placed inside the package as ``libtinyrecon_cuda.so``
 (``TINYRECON_BUILD_CUDA=0|1|auto``; target archs from ``TORCH_CUDA_ARCH_LIST``, default
-sm_80 and sm_90). It is loaded lazily with ctypes on first use; ``TINYRECON_CUDA_LIB=path``
+sm_80 and sm_90, plus PTX of the newest listed arch, which the driver compiles for newer GPUs).
+It is loaded lazily with ctypes on first use; ``TINYRECON_CUDA_LIB=path``
 loads another build instead. Every entry point returns 0 or an error code, turned into
 :class:`CudaError` carrying the library's message (``tinyrecon_last_error``).
 
@@ -66,15 +67,21 @@ def no_driver_reason() -> str:
 
 
 def gencode_flags(arch_list: str | None = None) -> list[str]:
-    """nvcc -gencode flags for ``TORCH_CUDA_ARCH_LIST`` syntax ("8.0;9.0", "9.0+PTX", "8.6 9.0")."""
+    """nvcc -gencode flags for ``TORCH_CUDA_ARCH_LIST`` syntax ("8.0;9.0", "9.0+PTX", "8.6 9.0").
+
+    The newest arch always carries its PTX too (as if written "+PTX"): without it the library
+    has no code for GPUs newer than the list, whose driver can compile that PTX."""
     spec = arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
-    flags = []
+    archs = []
     for item in spec.replace(";", " ").split():
-        ptx = item.endswith("+PTX")
         digits = item.removesuffix("+PTX").removeprefix("sm_").replace(".", "")
         if not digits.isdigit():
             raise ValueError(f"cannot read CUDA arch {item!r} in {spec!r} (expected e.g. '8.0;9.0+PTX')")
-        codes = f"sm_{digits},compute_{digits}" if ptx else f"sm_{digits}"
+        archs.append((digits, item.endswith("+PTX")))
+    newest = max((int(d) for d, _ in archs), default=None)
+    flags = []
+    for digits, ptx in archs:
+        codes = f"sm_{digits},compute_{digits}" if ptx or int(digits) == newest else f"sm_{digits}"
         flags += ["-gencode", f"arch=compute_{digits},code=[{codes}]"]
     return flags
 
@@ -109,7 +116,14 @@ def _load():
         return None, f"the CUDA library {path} does not load: {e}"
     count = _INT(0)
     if lib.tinyrecon_device_count(ctypes.byref(count)) != 0:
-        return None, f"the CUDA library finds no usable CUDA driver/device ({_message(lib)})"
+        message = _message(lib)
+        if "cudaErrorInsufficientDriver" in message:   # what the runtime reports for no driver as well
+            # nvcc links its CUDA runtime statically; NVIDIA's minimum drivers: CUDA 13 R580, CUDA 12 R525
+            return None, (f"the CUDA library finds no NVIDIA driver, or one older than its CUDA runtime needs "
+                          f"({message}): a library built with CUDA 13 needs driver R580 or newer, CUDA 12 "
+                          "R525; nvidia-smi shows the driver, nvcc --version the CUDA it was built with: "
+                          "update the driver, or build with an older CUDA toolkit")
+        return None, f"the CUDA library finds no usable CUDA driver/device ({message})"
     if count.value == 0:
         return None, "the CUDA library finds no CUDA device"
     return lib, ""
