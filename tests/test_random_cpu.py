@@ -1,0 +1,98 @@
+"""The CPU library's Philox (csrc/random_cpu.cpp) equals _random.py's torch ops: uniforms bit for
+bit, normals to float32 rounding (both evaluate Box-Muller in float64 and round once)."""
+import platform
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from tinyrecon import _random, cpu_lib
+
+pytestmark = pytest.mark.skipif(bool(cpu_lib.load_error()), reason="no CPU library here")
+
+SEEDS = [0, 1, 2**32, 2**32 + 1, 2**62 + 5, 2**63 - 1, _random.derive_seed(123, 4)]   # incl. high bits only
+STARTS = [0, 13, 2**31 - 5, 2**32 - 7, 2**33 + 3, 2**40 + 1]   # counters past int32, carries into the high word
+
+
+def _library(seed, start, numel, kind, threads=2):
+    out = torch.empty(numel)
+    cpu_lib.call("tinyrecon_cpu_philox_fill", kind, threads, seed, start, numel, out.data_ptr() if numel else None)
+    return out
+
+
+def _definition(seed, start, numel, kind):
+    return _random._torch_fill(torch.empty(numel), seed, start, numel, ("rand", "randn")[kind])
+
+
+def _ulps(a, b):
+    """Distance in float32 ulps (the ordered integer images of the bits)."""
+    ia, ib = (t.view(torch.int32).long() for t in (a, b))
+    ia, ib = (torch.where(i < 0, -(i & 0x7FFFFFFF), i) for i in (ia, ib))
+    return (ia - ib).abs().max().item() if a.numel() else 0
+
+
+def _check(seed, start, numel, threads=2):
+    u = _library(seed, start, numel, 0, threads)
+    assert torch.equal(u.view(torch.int32), _definition(seed, start, numel, 0).view(torch.int32))
+    assert _ulps(_library(seed, start, numel, 1, threads), _definition(seed, start, numel, 1)) <= 1
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("start", STARTS)
+def test_library_equals_the_definition(seed, start):
+    _check(seed, start, 4099)   # a short last block
+
+
+def test_every_length_and_thread_split():
+    for numel in (0, 1, 15, 16, 17, 33):
+        _check(7, 2**32 - 9, numel)
+    _check(11, 5, (1 << 17) + 3, threads=3)   # big enough to be split over threads
+
+
+def test_many_normals_round_alike():
+    """4M normals: the polynomials' log and cos round as torch's float64 ones (the tails included)."""
+    a, b = _library(3, 2**31, 1 << 22, 1), _definition(3, 2**31, 1 << 22, 1)
+    assert _ulps(a, b) <= 1 and (a != b).sum().item() <= 4
+
+
+def test_rand_and_randn_use_the_library():
+    calls = []
+    real = cpu_lib.call
+    try:
+        cpu_lib.call = lambda name, *a: calls.append(name) or real(name, *a)
+        z = _random._fill(5, 2**33, 100, "cpu", "randn")
+    finally:
+        cpu_lib.call = real
+    assert calls == ["tinyrecon_cpu_philox_fill"]
+    assert torch.equal(z, _definition(5, 2**33, 100, 1))
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError):
+        cpu_lib.call("tinyrecon_cpu_philox_fill", 2, 1, 0, 0, 4, torch.empty(4).data_ptr())
+    with pytest.raises(ValueError):
+        cpu_lib.call("tinyrecon_cpu_philox_fill", 0, 1, 0, -1, 4, torch.empty(4).data_ptr())
+
+
+def _isa_levels():
+    if platform.machine() != "x86_64" or not shutil.which("g++"):
+        return []
+    flags = open("/proc/cpuinfo").read()
+    return ["x86-64"] + ["x86-64-v3"] * ("avx2" in flags) + ["x86-64-v4"] * ("avx512f" in flags)
+
+
+@pytest.mark.parametrize("march", _isa_levels())
+def test_each_isa_level_builds_clean_and_agrees(march, tmp_path, monkeypatch):
+    out = str(tmp_path / f"lib-{march}.so")
+    command = cpu_lib.cxx_command("g++", ["csrc/random_cpu.cpp"], out, werror=True) + ["-DTR_NO_CLONES", f"-march={march}"]
+    root = __file__.rsplit("/tests/", 1)[0]
+    assert subprocess.run(command, cwd=root).returncode == 0
+    lib = __import__("ctypes").CDLL(out)
+    fn = lib.tinyrecon_cpu_philox_fill
+    fn.argtypes = cpu_lib.ENTRY_POINTS["tinyrecon_cpu_philox_fill"]
+    for kind in (0, 1):
+        for seed, start in ((2**32 + 1, 2**32 - 7), (_random.derive_seed(1, 2), 0)):
+            got = torch.empty(1001)
+            assert fn(kind, 2, seed, start, got.numel(), got.data_ptr()) == 0
+            assert _ulps(got, _definition(seed, start, got.numel(), kind)) <= kind
