@@ -165,19 +165,25 @@ TR_INLINE f32v block(uint64_t seed, uint64_t base, bool normal) {
 struct Fill {
   uint64_t seed, start;
   float* out;
-  i64 begin, end;
+  i64 cols, stride, begin, end;   // out[e] for e in [begin, end): row e / cols, column e % cols
   bool normal;
 };
 
 TR_CLONES void fill(const Fill& f) {
-  i64 i = f.begin;
-  for (; i + LANES <= f.end; i += LANES) {
-    const f32v v = block(f.seed, f.start + uint64_t(i), f.normal);
-    std::memcpy(f.out + i, &v, sizeof v);
-  }
-  if (i < f.end) {
-    const f32v v = block(f.seed, f.start + uint64_t(i), f.normal);
-    for (i64 l = 0; i + l < f.end; ++l) f.out[i + l] = v[l];
+  for (i64 e = f.begin; e < f.end;) {
+    const i64 row = e / f.cols, col = e % f.cols, len = std::min(f.cols - col, f.end - e);
+    const uint64_t counter = f.start + uint64_t(row) * uint64_t(f.stride) + uint64_t(col);
+    float* out = f.out + e;
+    i64 i = 0;
+    for (; i + LANES <= len; i += LANES) {
+      const f32v v = block(f.seed, counter + uint64_t(i), f.normal);
+      std::memcpy(out + i, &v, sizeof v);
+    }
+    if (i < len) {
+      const f32v v = block(f.seed, counter + uint64_t(i), f.normal);
+      for (i64 l = 0; i + l < len; ++l) out[i + l] = v[l];
+    }
+    e += len;
   }
 }
 
@@ -191,17 +197,20 @@ constexpr i64 MIN_PER_THREAD = 1 << 15;   // below, starting a thread costs more
 
 }  // namespace
 
-// out[i] = number (start + i) of the stream of seed, i < numel: kind 0 uniform, 1 normal.
-// threads: how many to use at most (the caller passes torch's setting).
-TR_EXPORT int tinyrecon_cpu_philox_fill(int kind, int threads, i64 seed, i64 start, i64 numel, void* out) {
-  if ((kind != 0 && kind != 1) || numel < 0 || start < 0 || (numel > 0 && !out)) return 1;
+// out[i * cols + j] = number (start + i * stride + j) of the stream of seed, for i < rows, j < cols
+// (a block of a larger row-major matrix): kind 0 uniform, 1 normal. threads: how many to use at
+// most (the caller passes torch's setting).
+TR_EXPORT int tinyrecon_cpu_philox_fill(int kind, int threads, i64 seed, i64 start, i64 rows, i64 cols, i64 stride,
+                                        void* out) {
+  if ((kind != 0 && kind != 1) || start < 0 || rows < 0 || cols < 0 || stride < 0 || (rows && cols && !out)) return 1;
+  const i64 numel = rows * cols;
   const int n = int(std::max<i64>(1, std::min<i64>({threads, MAX_THREADS, numel / MIN_PER_THREAD})));
   Fill jobs[MAX_THREADS];
   pthread_t ids[MAX_THREADS];
   bool started[MAX_THREADS] = {};
   const i64 per = (numel / n + LANES - 1) / LANES * LANES;   // whole blocks per thread
   for (int t = 0; t < n; ++t)
-    jobs[t] = {uint64_t(seed), uint64_t(start), static_cast<float*>(out), std::min(numel, t * per),
+    jobs[t] = {uint64_t(seed), uint64_t(start), static_cast<float*>(out), cols, stride, std::min(numel, t * per),
                t == n - 1 ? numel : std::min(numel, (t + 1) * per), kind == 1};
   for (int t = 1; t < n; ++t) started[t] = pthread_create(&ids[t], nullptr, run, &jobs[t]) == 0;
   fill(jobs[0]);

@@ -17,7 +17,7 @@ STARTS = [0, 13, 2**31 - 5, 2**32 - 7, 2**33 + 3, 2**40 + 1]   # counters past i
 
 def _library(seed, start, numel, kind, threads=2):
     out = torch.empty(numel)
-    cpu_lib.call("tinyrecon_cpu_philox_fill", kind, threads, seed, start, numel, out.data_ptr() if numel else None)
+    cpu_lib.call("tinyrecon_cpu_philox_fill", kind, threads, seed, start, 1, numel, numel, out.data_ptr() if numel else None)
     return out
 
 
@@ -70,9 +70,9 @@ def test_rand_and_randn_use_the_library():
 
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError):
-        cpu_lib.call("tinyrecon_cpu_philox_fill", 2, 1, 0, 0, 4, torch.empty(4).data_ptr())
+        cpu_lib.call("tinyrecon_cpu_philox_fill", 2, 1, 0, 0, 1, 4, 4, torch.empty(4).data_ptr())
     with pytest.raises(ValueError):
-        cpu_lib.call("tinyrecon_cpu_philox_fill", 0, 1, 0, -1, 4, torch.empty(4).data_ptr())
+        cpu_lib.call("tinyrecon_cpu_philox_fill", 0, 1, 0, -1, 1, 4, 4, torch.empty(4).data_ptr())
 
 
 def _isa_levels():
@@ -94,5 +94,37 @@ def test_each_isa_level_builds_clean_and_agrees(march, tmp_path, monkeypatch):
     for kind in (0, 1):
         for seed, start in ((2**32 + 1, 2**32 - 7), (_random.derive_seed(1, 2), 0)):
             got = torch.empty(1001)
-            assert fn(kind, 2, seed, start, got.numel(), got.data_ptr()) == 0
+            assert fn(kind, 2, seed, start, 1, got.numel(), got.numel(), got.data_ptr()) == 0
             assert _ulps(got, _definition(seed, start, got.numel(), kind)) <= kind
+
+
+@pytest.mark.parametrize("kind", ["rand", "randn"])
+def test_block_is_a_column_block_of_the_matrix(kind):
+    """block(): rows of a wider matrix, each a run of counters (the tiles the applies generate)."""
+    seed, start, rows, D = 2**40 + 3, 2**32 - 50, 5, 37
+    whole = _definition(seed, start, rows * D, ("rand", "randn").index(kind)).view(rows, D)
+    for j0, j1 in ((0, 37), (3, 20), (36, 37), (5, 5)):
+        got = _random.block(seed, start + j0, rows, j1 - j0, D, kind)
+        assert _ulps(got, whole[:, j0:j1].contiguous()) <= (kind == "randn")
+
+
+@pytest.mark.parametrize("family", ["masking", "rmh", "hypernet"])
+def test_applies_over_many_column_blocks(family, monkeypatch):
+    """The cpu applies generate W by column blocks: with blocks of a few columns (odd D, so the last
+    block is short) values and gradients equal the reference's, which builds W whole."""
+    import tinyrecon as tr
+    from tinyrecon import cpu_ops
+    monkeypatch.setattr(cpu_ops, "_BLOCK_NUMBERS", 100)
+    rec = {"masking": lambda: tr.masking_reconciliation(p=0.4, seed=3),
+           "rmh": lambda: tr.random_matrix_hypernet_reconciliation(r=3, l=6, hidden_dim=5, seed=2**40 + 1),
+           "hypernet": lambda: tr.hypernet_reconciliation(l=6, hidden_dim=4, seed=9)}[family]()
+    n, D = 5, 203
+    x = torch.randn(7, 2 * D, dtype=torch.float64)[:, ::2]   # non-contiguous
+    w, b = torch.randn(2, rec.calculate_l(n, D), dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    outs = {}
+    for backend in ("cpu", "torch"):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = rec.apply(xs, ws, n=n, bias=b, backend=backend)
+        outs[backend] = (y, *torch.autograd.grad(y, (xs, ws), torch.ones_like(y)))
+    for got, expected in zip(outs["cpu"], outs["torch"]):
+        torch.testing.assert_close(got, expected)

@@ -64,7 +64,7 @@ def _fill(seed: int, start: int, numel: int, device, kind: str) -> torch.Tensor:
     out = torch.empty(numel, dtype=torch.float32, device=device)
     if out.device.type == "cpu" and not cpu_lib.load_error():   # the same numbers, ~100x faster
         cpu_lib.call("tinyrecon_cpu_philox_fill", int(kind == "randn"), torch.get_num_threads(), seed, start,
-                     numel, out.data_ptr())
+                     1, numel, numel, out.data_ptr())
         return out
     return _torch_fill(out, seed, start, numel, kind)
 
@@ -110,6 +110,26 @@ def _values(seed: int, start: int, numel: int, device: torch.device, kind: str) 
 @_values.register_fake
 def _(seed, start, numel, device, kind):
     return torch.empty(numel, dtype=torch.float32, device=device)
+
+
+@torch.library.custom_op("tinyrecon::philox_block", mutates_args=())
+def block(seed: int, start: int, rows: int, cols: int, stride: int, kind: str) -> torch.Tensor:
+    """Rows ``[0, rows)`` and columns ``[0, cols)`` of the row-major CPU matrix with row length ``stride``
+    whose element ``(i, j)`` is number ``start + i*stride + j`` ("rand" or "randn"): a column
+    block, generated where a kernel consumes it (not cached)."""
+    out = torch.empty(rows, cols)
+    if cpu_lib.load_error():
+        for i in range(rows):
+            _torch_fill(out[i], seed, start + i * stride, cols, kind)
+    elif out.numel():
+        cpu_lib.call("tinyrecon_cpu_philox_fill", int(kind == "randn"), torch.get_num_threads(), seed, start,
+                     rows, cols, stride, out.data_ptr())
+    return out
+
+
+@block.register_fake
+def _(seed, start, rows, cols, stride, kind):
+    return torch.empty(rows, cols)
 
 
 def rand(seed: int, shape, device=None, dtype=torch.float32, start: int = 0) -> torch.Tensor:
