@@ -165,24 +165,32 @@ TR_INLINE f32v block(uint64_t seed, uint64_t base, bool normal) {
 struct Fill {
   uint64_t seed, start;
   float* out;
-  i64 cols, stride, begin, end;   // out[e] for e in [begin, end): row e / cols, column e % cols
+  i64 cols, stride, begin, end;   // elements e in [begin, end): row e / cols, column e % cols
   bool normal;
+  const float* src;               // masking: out = src * (uniform < p), else out = the numbers
+  i64 src_stride, out_stride;     // row strides of src and out (out: cols when not masking)
+  float p;
 };
+
+TR_INLINE void store(const Fill& f, float* out, const float* src, f32v v, i64 len) {
+  if (src) {   // src * 1 or src * 0, as the reference's w * mask (so inf and nan propagate alike)
+    f32v s;
+    std::memcpy(&s, src, sizeof(float) * size_t(len));
+    for (i64 l = 0; l < len; ++l) v[l] = s[l] * (v[l] < f.p ? 1.0f : 0.0f);
+  }
+  std::memcpy(out, &v, sizeof(float) * size_t(len));
+}
 
 TR_CLONES void fill(const Fill& f) {
   for (i64 e = f.begin; e < f.end;) {
     const i64 row = e / f.cols, col = e % f.cols, len = std::min(f.cols - col, f.end - e);
     const uint64_t counter = f.start + uint64_t(row) * uint64_t(f.stride) + uint64_t(col);
-    float* out = f.out + e;
+    float* out = f.out + row * f.out_stride + col;
+    const float* src = f.src ? f.src + row * f.src_stride + col : nullptr;
     i64 i = 0;
-    for (; i + LANES <= len; i += LANES) {
-      const f32v v = block(f.seed, counter + uint64_t(i), f.normal);
-      std::memcpy(out + i, &v, sizeof v);
-    }
-    if (i < len) {
-      const f32v v = block(f.seed, counter + uint64_t(i), f.normal);
-      for (i64 l = 0; i + l < len; ++l) out[i + l] = v[l];
-    }
+    for (; i + LANES <= len; i += LANES)
+      store(f, out + i, src ? src + i : nullptr, block(f.seed, counter + uint64_t(i), f.normal), LANES);
+    if (i < len) store(f, out + i, src ? src + i : nullptr, block(f.seed, counter + uint64_t(i), f.normal), len - i);
     e += len;
   }
 }
@@ -195,23 +203,18 @@ void* run(void* arg) {
 constexpr int MAX_THREADS = 64;
 constexpr i64 MIN_PER_THREAD = 1 << 15;   // below, starting a thread costs more than it saves
 
-}  // namespace
-
-// out[i * cols + j] = number (start + i * stride + j) of the stream of seed, for i < rows, j < cols
-// (a block of a larger row-major matrix): kind 0 uniform, 1 normal. threads: how many to use at
-// most (the caller passes torch's setting).
-TR_EXPORT int tinyrecon_cpu_philox_fill(int kind, int threads, i64 seed, i64 start, i64 rows, i64 cols, i64 stride,
-                                        void* out) {
-  if ((kind != 0 && kind != 1) || start < 0 || rows < 0 || cols < 0 || stride < 0 || (rows && cols && !out)) return 1;
-  const i64 numel = rows * cols;
+// Splits the elements of whole over at most threads pthreads.
+int launch(int threads, Fill whole, i64 rows) {
+  const i64 numel = rows * whole.cols;
   const int n = int(std::max<i64>(1, std::min<i64>({threads, MAX_THREADS, numel / MIN_PER_THREAD})));
   Fill jobs[MAX_THREADS];
   pthread_t ids[MAX_THREADS];
   bool started[MAX_THREADS] = {};
   const i64 per = (numel / n + LANES - 1) / LANES * LANES;   // whole blocks per thread
-  for (int t = 0; t < n; ++t)
-    jobs[t] = {uint64_t(seed), uint64_t(start), static_cast<float*>(out), cols, stride, std::min(numel, t * per),
-               t == n - 1 ? numel : std::min(numel, (t + 1) * per), kind == 1};
+  for (int t = 0; t < n; ++t) {
+    jobs[t] = whole;
+    jobs[t].begin = std::min(numel, t * per), jobs[t].end = t == n - 1 ? numel : std::min(numel, (t + 1) * per);
+  }
   for (int t = 1; t < n; ++t) started[t] = pthread_create(&ids[t], nullptr, run, &jobs[t]) == 0;
   fill(jobs[0]);
   for (int t = 1; t < n; ++t) {
@@ -221,4 +224,27 @@ TR_EXPORT int tinyrecon_cpu_philox_fill(int kind, int threads, i64 seed, i64 sta
       fill(jobs[t]);
   }
   return 0;
+}
+
+}  // namespace
+
+// out[i * cols + j] = number (start + i * stride + j) of the stream of seed, for i < rows, j < cols
+// (a block of a larger row-major matrix): kind 0 uniform, 1 normal. threads: how many to use at
+// most (the caller passes torch's setting).
+TR_EXPORT int tinyrecon_cpu_philox_fill(int kind, int threads, i64 seed, i64 start, i64 rows, i64 cols, i64 stride,
+                                        void* out) {
+  if ((kind != 0 && kind != 1) || start < 0 || rows < 0 || cols < 0 || stride < 0 || (rows && cols && !out)) return 1;
+  return launch(threads, {uint64_t(seed), uint64_t(start), static_cast<float*>(out), cols, stride, 0, 0, kind == 1,
+                          nullptr, 0, cols, 0.0f}, rows);
+}
+
+// Masking (float32): out[i * out_stride + j] = src[i * src_stride + j] * (u < p), u the uniform
+// number (start + i * stride + j), for i < rows, j < cols: a column block of w * mask in one pass.
+TR_EXPORT int tinyrecon_cpu_philox_mask(int threads, i64 seed, i64 start, i64 rows, i64 cols, i64 stride, float p,
+                                        const void* src, i64 src_stride, void* out, i64 out_stride) {
+  if (start < 0 || rows < 0 || cols < 0 || stride < 0 || src_stride < 0 || out_stride < 0 ||
+      (rows && cols && (!out || !src)))
+    return 1;
+  return launch(threads, {uint64_t(seed), uint64_t(start), static_cast<float*>(out), cols, stride, 0, 0, false,
+                          static_cast<const float*>(src), src_stride, out_stride, p}, rows);
 }

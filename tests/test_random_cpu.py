@@ -9,6 +9,8 @@ import torch
 
 from tinyrecon import _random, cpu_lib
 
+from conftest import assert_close
+
 pytestmark = pytest.mark.skipif(bool(cpu_lib.load_error()), reason="no CPU library here")
 
 SEEDS = [0, 1, 2**32, 2**32 + 1, 2**62 + 5, 2**63 - 1, _random.derive_seed(123, 4)]   # incl. high bits only
@@ -108,8 +110,9 @@ def test_block_is_a_column_block_of_the_matrix(kind):
         assert _ulps(got, whole[:, j0:j1].contiguous()) <= (kind == "randn")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])   # masking: the library's pass, torch's
 @pytest.mark.parametrize("family", ["masking", "rmh", "hypernet"])
-def test_applies_over_many_column_blocks(family, monkeypatch):
+def test_applies_over_many_column_blocks(family, dtype, monkeypatch):
     """The cpu applies generate W by column blocks: with blocks of a few columns (odd D, so the last
     block is short) values and gradients equal the reference's, which builds W whole."""
     import tinyrecon as tr
@@ -119,12 +122,12 @@ def test_applies_over_many_column_blocks(family, monkeypatch):
            "rmh": lambda: tr.random_matrix_hypernet_reconciliation(r=3, l=6, hidden_dim=5, seed=2**40 + 1),
            "hypernet": lambda: tr.hypernet_reconciliation(l=6, hidden_dim=4, seed=9)}[family]()
     n, D = 5, 203
-    x = torch.randn(7, 2 * D, dtype=torch.float64)[:, ::2]   # non-contiguous
-    w, b = torch.randn(2, rec.calculate_l(n, D), dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    x = torch.randn(7, 2 * D, dtype=dtype)[:, ::2]   # non-contiguous
+    w, b = torch.randn(2, rec.calculate_l(n, D), dtype=dtype), torch.randn(n, dtype=dtype)
     outs = {}
     for backend in ("cpu", "torch"):
         xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
         y = rec.apply(xs, ws, n=n, bias=b, backend=backend)
         outs[backend] = (y, *torch.autograd.grad(y, (xs, ws), torch.ones_like(y)))
     for got, expected in zip(outs["cpu"], outs["torch"]):
-        torch.testing.assert_close(got, expected)
+        assert_close(got, expected)

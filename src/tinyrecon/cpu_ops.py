@@ -160,14 +160,29 @@ def _mask_block(seed: int, p: float, n: int, D: int, j0: int, j1: int, dtype) ->
     return (u < torch.tensor(p, dtype=torch.float32)).to(dtype)
 
 
+def _masked(src: Tensor, seed: int, p: float, D: int, j0: int, out: Tensor | None = None) -> Tensor:
+    """``src * mask[:, j0:j0 + cols]`` for src (C, n, cols): float32 in one pass of the library
+    (the mask is drawn as it is applied), float64 in torch. Written into ``out`` when given."""
+    C, n, cols = src.shape
+    if src.dtype != torch.float32:
+        return torch.mul(src, _mask_block(seed, p, n, D, j0, j0 + cols, src.dtype), out=out)
+    out = torch.empty_like(src, memory_format=torch.contiguous_format) if out is None else out
+    if src.stride(2) != 1:
+        src = src.contiguous()
+    if src.numel():
+        for c in range(C):
+            cpu_lib.call("tinyrecon_cpu_philox_mask", torch.get_num_threads(), seed, j0, n, cols, D, p,
+                         src[c].data_ptr(), src.stride(1), out[c].data_ptr(), out.stride(1))
+    return out
+
+
 @torch.library.custom_op("tinyrecon::cpu_masking_forward", mutates_args=())
 def masking_forward(x: Tensor, w: Tensor, seed: int, p: float) -> Tensor:
     """``x @ (w * M)^T`` for x (N, D), w (C, n, D): each column block's mask drawn, applied and used."""
     C, n, D = w.shape
     y = x.new_zeros(C, x.shape[0], n)
     for j0, j1 in _column_blocks(n, D, 1):
-        W = w[:, :, j0:j1] * _mask_block(seed, p, n, D, j0, j1, w.dtype)
-        y += torch.matmul(x[:, j0:j1], W.transpose(1, 2))
+        y += torch.matmul(x[:, j0:j1], _masked(w[:, :, j0:j1], seed, p, D, j0).transpose(1, 2))
     return y
 
 
@@ -184,11 +199,10 @@ def masking_backward(g: Tensor, x: Tensor, w: Tensor, seed: int, p: float, want_
     dx = x.new_empty(x.shape if want_dx else (0,))
     dw = w.new_empty(w.shape if want_dw else (0,))
     for j0, j1 in _column_blocks(n, D, 1):
-        M = _mask_block(seed, p, n, D, j0, j1, w.dtype)
         if want_dx:
-            dx[:, j0:j1] = torch.matmul(g, w[:, :, j0:j1] * M).sum(0)
+            dx[:, j0:j1] = torch.matmul(g, _masked(w[:, :, j0:j1], seed, p, D, j0)).sum(0)
         if want_dw:
-            torch.mul(torch.matmul(g.transpose(1, 2), x[:, j0:j1]), M, out=dw[:, :, j0:j1])
+            _masked(torch.matmul(g.transpose(1, 2), x[:, j0:j1]), seed, p, D, j0, out=dw[:, :, j0:j1])
     return dx, dw
 
 
