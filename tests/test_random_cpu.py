@@ -98,6 +98,12 @@ def test_each_isa_level_builds_clean_and_agrees(march, tmp_path, monkeypatch):
             got = torch.empty(1001)
             assert fn(kind, 2, seed, start, 1, got.numel(), got.numel(), got.data_ptr()) == 0
             assert _ulps(got, _definition(seed, start, got.numel(), kind)) <= kind
+    mask = lib.tinyrecon_cpu_philox_mask   # masking's pass: a column block of src * (u < p)
+    mask.argtypes = cpu_lib.ENTRY_POINTS["tinyrecon_cpu_philox_mask"]
+    src, got = torch.randn(3, 50), torch.empty(3, 21)
+    assert mask(2, 7, 4, 3, 21, 50, 0.3, src[:, 4:].data_ptr(), 50, got.data_ptr(), 21) == 0
+    u = _definition(7, 0, 150, 0).view(3, 50)
+    assert torch.equal(got, src[:, 4:25] * (u[:, 4:25] < 0.3).float())
 
 
 @pytest.mark.parametrize("kind", ["rand", "randn"])
