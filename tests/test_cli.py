@@ -13,7 +13,7 @@ from tinyrecon import cli, dispatch
 from tinyrecon.functions import kron
 
 CPU = torch.device("cpu")
-FAST = tb.Mode(budget_s=0.0, min_reps=2, max_reps=2, max_call_s=5.0, max_random=1 << 20)
+FAST = tb.Mode(budget_s=0.0, min_reps=2, max_reps=2, max_call_s=5.0)
 TINY = ["--shapes", "small", "--backends", "torch"]
 
 
@@ -82,7 +82,7 @@ def test_headline_config_is_the_mnist_rpn_layer():
 # ---- a run: output files and JSON schema -------------------------------------------------------
 RESULT_KEYS = {"function", "family", "shape", "op", "backend", "n", "D", "batch", "dtype", "status", "reason",
                "ms", "ms_tinybig", "ms_dense", "x_tinybig", "x_dense", "reps", "tol_used", "tol_tinybig", "gbps",
-               "tflops", "pct_copy"}
+               "tflops", "pct_copy", "cold_ms", "cold_ms_tinybig"}
 
 
 def test_bench_writes_table_json_markdown_and_plot(tmp_path, capsys, monkeypatch):
@@ -123,12 +123,24 @@ def test_skip_reasons():
     f32 = torch.float32
     case = tb.Case("hm", "small", "fwd", "cuda")
     assert tb.skip_reason(case, CPU, f32) == dispatch.why_not("cuda", "kron_apply", "cpu") != ""
-    assert "frozen random numbers" in tb.skip_reason(tb.Case("hypernet", "tall", "fwd", "torch"), CPU, f32)
     assert tb.skip_reason(tb.Case("hypernet", "small", "fwd", "torch"), CPU, f32) == ""
 
 
+def test_random_families_are_timed_cold_too():
+    """Their first call in a fresh process is timed next to the warm ones; other functions are not."""
+    r = tb.run_case(tb.Case("masking", "small", "fwd", "torch"), torch.float32, CPU, FAST)
+    assert r["status"] == "ok" and r["cold_ms"] > 0 and r["cold_ms_tinybig"] > 0
+    r = tb.run_case(tb.Case("lorr", "small", "fwd", "torch"), torch.float32, CPU, FAST)
+    assert r["status"] == "ok" and r["cold_ms"] is None
+
+
+def test_generator_throughput_is_measured():
+    rates = tb.generator_throughput(1 << 16)
+    assert not rates or (set(rates) == {"rand", "randn", "memcpy"} and min(rates.values()) > 0)
+
+
 def test_too_slow_calls_are_skipped_not_timed(monkeypatch):
-    slow = tb.Mode(budget_s=0.0, min_reps=2, max_reps=2, max_call_s=0.0, max_random=1 << 20)
+    slow = tb.Mode(budget_s=0.0, min_reps=2, max_reps=2, max_call_s=0.0)
     r = tb.run_case(tb.Case("lorr", "small", "fwd", "torch"), torch.float32, CPU, slow)
     assert r["status"] == "skipped" and "warm call" in r["reason"] and r["ms"] is None
 
@@ -191,7 +203,7 @@ def test_tolerance_used():
 def test_timing_interleaves_candidate_and_baselines():
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in ("candidate", "tinybig", "dense")}
-    t = tb.time_interleaved(fns, CPU, tb.Mode(budget_s=0.0, min_reps=3, max_reps=3, max_call_s=1.0, max_random=0))
+    t = tb.time_interleaved(fns, CPU, tb.Mode(budget_s=0.0, min_reps=3, max_reps=3, max_call_s=1.0))
     assert t["reps"] == 3 and all(t[k] > 0 for k in fns)
     timed = [c for i, c in enumerate(calls) if i >= 3]          # after one warmup call each
     assert [timed[i] for i in range(0, len(timed)) if i == 0 or timed[i] != timed[i - 1]] == \

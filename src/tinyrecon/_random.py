@@ -6,7 +6,9 @@ stored: element ``k`` (row-major) of a matrix is a pure function of
 Triton's ``tl.randint(seed, k)``, ``tl.rand(seed, k)`` and ``tl.randn(seed, k)``
 compute: Philox-4x32-10 keyed by the 64-bit seed, counter ``(k_lo, k_hi, 0, 0)``,
 then Triton's int->uniform map and its Box-Muller transform. The uniform stage
-is bit-exact; the normal stage differs from a GPU only by libm rounding.
+is bit-exact; the normal stage is evaluated in float64 and rounded once, so every
+float64-accurate implementation (the CPU library's) gives the same float32, and
+float32 ones (``tl.randn``) differ by their libm's few ulp.
 
 Every value fits in int64 without overflow (32-bit products are split in 16-bit
 halves), so this runs on any torch device.
@@ -19,6 +21,8 @@ import threading
 from collections import OrderedDict
 
 import torch
+
+from . import cpu_lib
 
 _M32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -61,6 +65,16 @@ def _to_uniform(u: torch.Tensor) -> torch.Tensor:
 
 def _fill(seed: int, start: int, numel: int, device, kind: str) -> torch.Tensor:
     out = torch.empty(numel, dtype=torch.float32, device=device)
+    if out.device.type == "cpu" and not cpu_lib.load_error():   # the same numbers, ~100x faster
+        cpu_lib.call("tinyrecon_cpu_philox_fill", int(kind == "randn"), torch.get_num_threads(), seed, start,
+                     1, numel, numel, out.data_ptr())
+        return out
+    return _torch_fill(out, seed, start, numel, kind)
+
+
+def _torch_fill(out: torch.Tensor, seed: int, start: int, numel: int, kind: str) -> torch.Tensor:
+    """The definition, in torch ops on any device."""
+    device = out.device
     for lo in range(0, numel, _CHUNK):
         offs = torch.arange(start + lo, start + min(lo + _CHUNK, numel), device=device, dtype=torch.int64)
         r0, r1 = _philox(seed, offs)
@@ -68,20 +82,22 @@ def _fill(seed: int, start: int, numel: int, device, kind: str) -> torch.Tensor:
         if kind == "rand":
             out[lo:lo + offs.numel()] = u1
         else:  # Box-Muller on the first two words, first output, as tl.randn
-            u2 = _to_uniform(r1)
-            r = torch.sqrt(-2.0 * torch.log(torch.clamp(u1, min=1.0e-7)))
+            u2 = _to_uniform(r1).double()
+            r = torch.sqrt(-2.0 * torch.log(torch.clamp(u1, min=1.0e-7).double()))
             out[lo:lo + offs.numel()] = r * torch.cos(6.283185307179586 * u2)
     return out
 
 
-# Generating in torch costs ~100 ns per number on a CPU core, more than the GEMM that uses it
-# (random_matrix_adaption's B at D=65536: 18 ms vs a 6 ms dense layer), so recently used
+# Regenerating costs more than the GEMM that uses it (~100 ns per number and core in torch ops;
+# ~35 ns for a normal in the CPU library, still ~3x a copy from the cache), so recently used
 # matrices are kept per process, least recently used first out, within a byte budget
 # (TINYRECON_CACHE_BYTES, set_cache_budget). They are not module state: nothing is saved or moved
 # with a model. One lock guards the table: models are called from several threads (inference
 # servers, data-parallel CPU workers); numbers are generated outside it, so threads still draw in
 # parallel (two threads missing on one key both generate it, and the values are equal).
-_DEFAULT_BUDGET = 4 * (1 << 22)   # bytes: 4M float32 numbers, e.g. B of random_matrix_adaption at D=2^20, r=4
+# 256 MiB (64M float32): every small frozen matrix and random_matrix_adaption's B (D x r; 12 MiB at
+# the MNIST layer) many times over; n x D masks and hypernet matrices are regenerated in blocks instead.
+_DEFAULT_BUDGET = 1 << 28
 _lock = threading.Lock()
 _cache: OrderedDict = OrderedDict()   # key -> float32 tensor
 _stats = {"bytes": 0, "hits": 0, "misses": 0}
@@ -117,7 +133,7 @@ def _evict_to(limit: int) -> None:
 def set_cache_budget(nbytes: int) -> None:
     """Keep at most ``nbytes`` bytes of frozen random matrices per process (0: keep none).
 
-    The default is 16 MiB, or ``TINYRECON_CACHE_BYTES`` when set. Matrices bigger than the budget
+    The default is 256 MiB, or ``TINYRECON_CACHE_BYTES`` when set. Matrices bigger than the budget
     are generated on every use.
     """
     global _budget
@@ -193,6 +209,26 @@ def _values(seed: int, start: int, numel: int, device: torch.device, kind: str) 
 @_values.register_fake
 def _(seed, start, numel, device, kind):
     return torch.empty(numel, dtype=torch.float32, device=device)
+
+
+@torch.library.custom_op("tinyrecon::philox_block", mutates_args=())
+def block(seed: int, start: int, rows: int, cols: int, stride: int, kind: str) -> torch.Tensor:
+    """Rows ``[0, rows)`` and columns ``[0, cols)`` of the row-major CPU matrix with row length ``stride``
+    whose element ``(i, j)`` is number ``start + i*stride + j`` ("rand" or "randn"): a column
+    block, generated where a kernel consumes it (not cached)."""
+    out = torch.empty(rows, cols)
+    if cpu_lib.load_error():
+        for i in range(rows):
+            _torch_fill(out[i], seed, start + i * stride, cols, kind)
+    elif out.numel():
+        cpu_lib.call("tinyrecon_cpu_philox_fill", int(kind == "randn"), torch.get_num_threads(), seed, start,
+                     rows, cols, stride, out.data_ptr())
+    return out
+
+
+@block.register_fake
+def _(seed, start, rows, cols, stride, kind):
+    return torch.empty(rows, cols)
 
 
 def rand(seed: int, shape, device=None, dtype=torch.float32, start: int = 0) -> torch.Tensor:

@@ -16,6 +16,8 @@ import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -80,11 +82,10 @@ class Mode:
     min_reps: int
     max_reps: int
     max_call_s: float     # a call slower than this (after warmup) is not timed
-    max_random: int       # frozen random numbers one call may generate with the torch reference (CPU)
 
 
-QUICK = Mode(budget_s=0.1, min_reps=3, max_reps=10, max_call_s=5.0, max_random=1 << 20)
-FULL = Mode(budget_s=1.5, min_reps=9, max_reps=50, max_call_s=10.0, max_random=1 << 23)
+QUICK = Mode(budget_s=0.1, min_reps=3, max_reps=10, max_call_s=5.0)
+FULL = Mode(budget_s=1.5, min_reps=9, max_reps=50, max_call_s=10.0)
 
 
 @dataclass(frozen=True)
@@ -155,15 +156,6 @@ def dispatch_op(case: Case) -> str | None:
     return prefix and f"{prefix}_{'build' if case.op == 'build' else 'apply'}"
 
 
-def random_numbers(function: str, shape: Shape) -> int:
-    """Frozen random numbers one call generates with the torch reference (the cost that dominates on CPU)."""
-    rec = make_function(function)
-    n, D = shape.n, shape.D
-    per_entry = {"masking": 1, "hypernet": getattr(rec, "hidden_dim", 0) + 1,
-                 "random_matrix_hypernet": getattr(rec, "r", 0)}
-    return n * D * per_entry.get(function, 0)
-
-
 def _available_bytes() -> int | None:
     try:
         with open("/proc/meminfo") as f:
@@ -175,7 +167,7 @@ def _available_bytes() -> int | None:
     return None
 
 
-def skip_reason(case: Case, device: torch.device, dtype: torch.dtype, mode: Mode = QUICK) -> str:
+def skip_reason(case: Case, device: torch.device, dtype: torch.dtype) -> str:
     """'' if the case can run here, else why not (shown in the results, never silently dropped)."""
     op = dispatch_op(case)
     if op is None:
@@ -197,11 +189,6 @@ def skip_reason(case: Case, device: torch.device, dtype: torch.dtype, mode: Mode
     avail = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_bytes()
     if avail is not None and need > avail // 2:
         return f"needs about {need / 2**30:.1f} GiB, more than half of the {avail / 2**30:.1f} GiB available"
-    if device.type == "cpu":
-        count = random_numbers(case.function, shape)
-        if count > mode.max_random:
-            return (f"generates {count:.2e} frozen random numbers per call with the torch reference: "
-                    f"too slow on CPU (limit {mode.max_random:.1e} in this mode)")
     return ""
 
 
@@ -354,6 +341,49 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28, reps: int = 10) 
     return 2 * nbytes / t / 1e9
 
 
+# ---- cold calls ---------------------------------------------------------------------------------
+# Functions whose frozen matrices are regenerated from the seed: their first call in a process pays
+# for what a cache keeps later, so they are also timed cold.
+COLD_FUNCTIONS = ("masking", "random_matrix_adaption", "random_matrix_hypernet", "hypernet")
+
+
+def time_cold(case: Case, dtype: torch.dtype, device: torch.device, which: str, timeout_s: float = 600) -> float:
+    """Seconds of the first call of ``which`` ('candidate' or 'tinybig') in a fresh Python process
+    (inputs made before the clock starts)."""
+    code = ("import sys, time, torch; from tinyrecon import benchmark as tb; "
+            "case = tb.Case(*sys.argv[1:5]); dt = getattr(torch, sys.argv[5]); dev = torch.device(sys.argv[6]); "
+            "fn = tb.prepare(case, dt, dev)[0][sys.argv[7]]; tb.synchronize(dev); t = time.perf_counter(); fn(); "
+            "tb.synchronize(dev); print(time.perf_counter() - t)")
+    args = [case.function, case.shape, case.op, case.backend, str(dtype).replace("torch.", ""), str(device), which]
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout_s)
+    if out.returncode:
+        raise RuntimeError(f"cold {which} call failed: {out.stderr.strip().splitlines()[-1:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def generator_throughput(numel: int = 1 << 23) -> dict:
+    """Numbers per second per core of the CPU library's Philox (one thread; uniform and normal),
+    and of a memcpy of the same float32 bytes, for scale; {} without the library."""
+    from . import cpu_lib
+    if cpu_lib.load_error():
+        return {}
+    out, src = torch.empty(numel), torch.zeros(numel)
+    result = {}
+    for kind in (0, 1):
+        def fill(kind=kind):
+            cpu_lib.call("tinyrecon_cpu_philox_fill", kind, 1, 1, 0, 1, numel, numel, out.data_ptr())
+        fill()
+        result[("rand", "randn")[kind]] = numel / min(_once(fill, torch.device("cpu")) for _ in range(3))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out.copy_(src)
+        result["memcpy"] = numel / min(_once(lambda: out.copy_(src), torch.device("cpu")) for _ in range(3))
+    finally:
+        torch.set_num_threads(threads)
+    return result
+
+
 # ---- running -----------------------------------------------------------------------------------
 def run_case(case: Case, dtype: torch.dtype, device: torch.device, mode: Mode = QUICK,
              copy_gbps: float | None = None) -> dict:
@@ -362,8 +392,8 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, mode: Mode = 
     res = dict(asdict(case), family=FAMILY[case.function], n=shape.n, D=shape.D, batch=shape.batch,
                dtype=str(dtype).replace("torch.", ""), status="ok", reason="", ms=None, ms_tinybig=None,
                ms_dense=None, x_tinybig=None, x_dense=None, reps=None, tol_used=None, tol_tinybig=None,
-               gbps=None, tflops=None, pct_copy=None)
-    reason = skip_reason(case, device, dtype, mode)
+               gbps=None, tflops=None, pct_copy=None, cold_ms=None, cold_ms_tinybig=None)
+    reason = skip_reason(case, device, dtype)
     if reason:
         return res | dict(status="skipped", reason=reason)
     try:
@@ -380,6 +410,11 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, mode: Mode = 
                 return res | dict(status="wrong", reason=f"differs from the float64 torch reference by {used:.3g}x "
                                   f"the {res['dtype']} tolerance (tinyBIG's algorithm in {res['dtype']}: "
                                   f"{base:.3g}x); not timed")
+        del fns, reference, expected   # the cold calls' processes need the memory
+        if case.function in COLD_FUNCTIONS and case.op != "build":
+            res["cold_ms"], res["cold_ms_tinybig"] = (1e3 * time_cold(case, dtype, device, w)
+                                                      for w in ("candidate", "tinybig"))
+        fns = prepare(case, dtype, device)[0]
         t = time_interleaved(fns, device, mode)
     except TooSlow as e:
         return res | dict(status="skipped", reason=str(e))
@@ -468,7 +503,7 @@ def _fmt(v, digits=3) -> str:
 def table(data: dict, markdown: bool = False) -> str:
     """The results as a table (plain text, or markdown), skipped cases listed below it by reason."""
     gpu = data["meta"]["device_type"] == "cuda"
-    head = ["function", "shape", "op", "backend", "ms", "x vs tinyBIG", "x vs dense"]
+    head = ["function", "shape", "op", "backend", "ms", "x vs tinyBIG", "x vs dense", "cold ms", "cold x vs tinyBIG"]
     head += ["GB/s", "TFLOP/s", "% copy"] if gpu else []
     rows, skipped = [], {}
     for r in data["results"]:
@@ -476,7 +511,9 @@ def table(data: dict, markdown: bool = False) -> str:
             skipped.setdefault(r["reason"], []).append(r)
             continue
         if r["status"] == "ok":
-            cells = [_fmt(r["ms"]), _fmt(r["x_tinybig"]), _fmt(r["x_dense"])]
+            cold = r.get("cold_ms")
+            cells = [_fmt(r["ms"]), _fmt(r["x_tinybig"]), _fmt(r["x_dense"]), _fmt(cold),
+                     _fmt(cold and r["cold_ms_tinybig"] / cold)]
             cells += [_fmt(r["gbps"]), _fmt(r["tflops"]), _fmt(r["pct_copy"])] if gpu else []
         else:
             cells = [r["status"].upper() + ": " + r["reason"]] + [""] * (len(head) - 5)

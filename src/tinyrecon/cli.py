@@ -86,6 +86,11 @@ def _info() -> int:
         print(f"backends for {device_type} tensors:")
         for backend, reason in dispatch.available(device_type).items():
             print(f"  {backend:7s} {'available' if not reason else 'no: ' + reason}")
+    rates = tb.generator_throughput()
+    if rates:
+        print("CPU library's Philox, one core: " + ", ".join(f"{k} {v / 1e6:.0f} M numbers/s" for k, v in rates.items()
+                                                              if k != "memcpy")
+              + f" (memcpy of the same float32 bytes: {rates['memcpy'] / 1e6:.0f} M/s)")
     return 0
 
 

@@ -5,7 +5,10 @@ Everything else is the torch reference's own code (``functions/``): the kernels 
 one read, for each); ``kron_expand`` writes dx once. Both are ``torch.library`` custom ops, so
 ``torch.compile`` traces them as ops, not graph breaks. float32 and float64 run in the kernels;
 float16 and bfloat16 in float32, rounded once at the end (as the reference does). Building W
-reads no x, so the builds are the reference's. The Kronecker family and duplicated_padding (a
+reads no x, so the builds are the reference's. The random families (masking, the hypernets) generate W by column blocks of all its rows
+in the library (``_random.block``), each consumed by a GEMM at once: no n x D matrix (nor the
+hypernets' n*D x k one) is ever held, in the forward or the backward, which regenerates it once.
+The Kronecker family and duplicated_padding (a
 Kronecker product with a rank-1 left factor) use both halves of the pass per batch; lorr,
 random_matrix_adaption and duplicated_diagonal_padding fold x into one matrix (``factor_pass``),
 which the kernels split over threads by columns.
@@ -14,11 +17,14 @@ import functools
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from . import cpu_lib
-from .base import XOps, torch_expand, torch_passes
+from . import _random, cpu_lib
+from .base import XOps, add_bias, reference, torch_expand, torch_passes
+from .functions import hypernet as _hypernet_ref
 from .functions import kron as _kron_ref
 from .functions import lowrank as _lowrank_ref
+from .functions import masking as _masking_ref
 from .functions import padding as _padding_ref
 
 _DTYPES = {torch.float32: 0, torch.float64: 1}
@@ -135,3 +141,172 @@ dup_pad_apply = functools.partial(_padding_ref.dup_pad_apply, x_ops=X_OPS)
 block_diag_apply = functools.partial(_padding_ref.block_diag_apply, x_ops=X_OPS)
 lowrank_apply = functools.partial(_lowrank_ref.lowrank_apply, x_ops=X_OPS)
 rma_apply = functools.partial(_lowrank_ref.rma_apply, x_ops=X_OPS)
+
+
+# Random families. A column block of W (all n rows, columns [j0, j1)) is ~_BLOCK_NUMBERS random
+# numbers (16 MB): small enough to stay near the cores, big enough for the GEMM x[:, j0:j1] @ W_blk^T
+# to run at speed. x is read once per pass, W generated once per pass and never stored.
+_BLOCK_NUMBERS = 1 << 22
+
+
+def _column_blocks(n: int, D: int, k: int):
+    step = max(16, _BLOCK_NUMBERS // max(1, n * k))
+    return [(j0, min(D, j0 + step)) for j0 in range(0, D, step)]
+
+
+def _mask_block(seed: int, p: float, n: int, D: int, j0: int, j1: int, dtype) -> Tensor:
+    """Columns [j0, j1) of the reference's mask (functions/masking.py)."""
+    u = _random.block(seed, j0, n, j1 - j0, D, "rand")
+    return (u < torch.tensor(p, dtype=torch.float32)).to(dtype)
+
+
+def _masked(src: Tensor, seed: int, p: float, D: int, j0: int, out: Tensor | None = None) -> Tensor:
+    """``src * mask[:, j0:j0 + cols]`` for src (C, n, cols): float32 in one pass of the library
+    (the mask is drawn as it is applied), float64 in torch. Written into ``out`` when given."""
+    C, n, cols = src.shape
+    if src.dtype != torch.float32:
+        return torch.mul(src, _mask_block(seed, p, n, D, j0, j0 + cols, src.dtype), out=out)
+    out = torch.empty_like(src, memory_format=torch.contiguous_format) if out is None else out
+    if src.stride(2) != 1:
+        src = src.contiguous()
+    if src.numel():
+        for c in range(C):
+            cpu_lib.call("tinyrecon_cpu_philox_mask", torch.get_num_threads(), seed, j0, n, cols, D, p,
+                         src[c].data_ptr(), src.stride(1), out[c].data_ptr(), out.stride(1))
+    return out
+
+
+@torch.library.custom_op("tinyrecon::cpu_masking_forward", mutates_args=())
+def masking_forward(x: Tensor, w: Tensor, seed: int, p: float) -> Tensor:
+    """``x @ (w * M)^T`` for x (N, D), w (C, n, D): each column block's mask drawn, applied and used."""
+    C, n, D = w.shape
+    y = x.new_zeros(C, x.shape[0], n)
+    for j0, j1 in _column_blocks(n, D, 1):
+        y += torch.matmul(x[:, j0:j1], _masked(w[:, :, j0:j1], seed, p, D, j0).transpose(1, 2))
+    return y
+
+
+@masking_forward.register_fake
+def _(x, w, seed, p):
+    return x.new_empty(w.shape[0], x.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("tinyrecon::cpu_masking_backward", mutates_args=())
+def masking_backward(g: Tensor, x: Tensor, w: Tensor, seed: int, p: float, want_dx: bool,
+                     want_dw: bool) -> tuple[Tensor, Tensor]:
+    """(dx, dw) for the upstream g (C, N, n), the mask regenerated once; an unwanted one is empty."""
+    C, n, D = w.shape
+    dx = x.new_empty(x.shape if want_dx else (0,))
+    dw = w.new_empty(w.shape if want_dw else (0,))
+    for j0, j1 in _column_blocks(n, D, 1):
+        if want_dx:
+            dx[:, j0:j1] = torch.matmul(g, _masked(w[:, :, j0:j1], seed, p, D, j0)).sum(0)
+        if want_dw:
+            _masked(torch.matmul(g.transpose(1, 2), x[:, j0:j1]), seed, p, D, j0, out=dw[:, :, j0:j1])
+    return dx, dw
+
+
+@masking_backward.register_fake
+def _(g, x, w, seed, p, want_dx, want_dw):
+    return x.new_empty(x.shape if want_dx else (0,)), w.new_empty(w.shape if want_dw else (0,))
+
+
+class _MaskingApply(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, seed, p):
+        ctx.save_for_backward(x, w)
+        ctx.seed, ctx.p = seed, p
+        return masking_forward(x, w, seed, p)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        want_dx, want_dw = ctx.needs_input_grad[:2]
+        dx, dw = masking_backward(g.contiguous(), x, w, ctx.seed, ctx.p, want_dx, want_dw)
+        return (dx if want_dx else None), (dw if want_dw else None), None, None
+
+
+@reference
+def masking_apply(x, w, seed: int, p: float, bias):
+    return add_bias(_MaskingApply.apply(x, w, seed, p), bias)
+
+
+def _linear_block(v, seed_m: int, seed_c, n: int, D: int, j0: int, j1: int):
+    """Columns [j0, j1) of the reference's ``reshape(M @ v^T (+ c), C, n, D)`` (functions/hypernet.py),
+    and that block of M as (n, j1 - j0, k)."""
+    k = v.shape[1]
+    M = _random.block(seed_m, j0 * k, n, (j1 - j0) * k, D * k, "randn").to(v.dtype).view(n, j1 - j0, k)
+    W = torch.matmul(M, v.T).permute(2, 0, 1)   # (C, n, j1 - j0)
+    if seed_c is not None:
+        W = W + _random.block(seed_c, j0, n, j1 - j0, D, "randn").to(v.dtype)
+    return W, M
+
+
+@torch.library.custom_op("tinyrecon::cpu_random_linear_forward", mutates_args=())
+def random_linear_forward(x: Tensor, v: Tensor, seed_m: int, seed_c: int | None, n: int) -> Tensor:
+    """``x @ W^T`` for ``W = reshape(M @ v^T (+ c), C, n, D)``, M (n*D x k) and c frozen N(0, 1)."""
+    D = x.shape[1]
+    y = x.new_zeros(v.shape[0], x.shape[0], n)
+    for j0, j1 in _column_blocks(n, D, v.shape[1]):
+        y += torch.matmul(x[:, j0:j1], _linear_block(v, seed_m, seed_c, n, D, j0, j1)[0].transpose(1, 2))
+    return y
+
+
+@random_linear_forward.register_fake
+def _(x, v, seed_m, seed_c, n):
+    return x.new_empty(v.shape[0], x.shape[0], n)
+
+
+@torch.library.custom_op("tinyrecon::cpu_random_linear_backward", mutates_args=())
+def random_linear_backward(g: Tensor, x: Tensor, v: Tensor, seed_m: int, seed_c: int | None, n: int,
+                           want_dx: bool, want_dv: bool) -> tuple[Tensor, Tensor]:
+    """(dx, dv) for the upstream g (C, N, n), W regenerated once; an unwanted one is empty."""
+    D = x.shape[1]
+    dx = x.new_empty(x.shape if want_dx else (0,))
+    dv = torch.zeros_like(v) if want_dv else v.new_empty(0)
+    for j0, j1 in _column_blocks(n, D, v.shape[1]):
+        W, M = _linear_block(v, seed_m, seed_c, n, D, j0, j1)
+        if want_dx:
+            dx[:, j0:j1] = torch.matmul(g, W).sum(0)
+        if want_dv:   # dv[c] = sum_ij dW[c, i, j] M[i, j, :], dW = g^T @ x
+            dW = torch.matmul(g.transpose(1, 2), x[:, j0:j1])   # (C, n, j1 - j0)
+            dv += dW.reshape(dW.shape[0], -1) @ M.reshape(-1, M.shape[2])
+    return dx, dv
+
+
+@random_linear_backward.register_fake
+def _(g, x, v, seed_m, seed_c, n, want_dx, want_dv):
+    return x.new_empty(x.shape if want_dx else (0,)), v.new_empty(v.shape if want_dv else (0,))
+
+
+class _RandomLinearApply(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, v, seed_m, seed_c, n):
+        ctx.save_for_backward(x, v)
+        ctx.args = (seed_m, seed_c, n)
+        return random_linear_forward(x, v, seed_m, seed_c, n)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, v = ctx.saved_tensors
+        want_dx, want_dv = ctx.needs_input_grad[:2]
+        dx, dv = random_linear_backward(g.contiguous(), x, v, *ctx.args, want_dx, want_dv)
+        return (dx if want_dx else None), (dv if want_dv else None), None, None, None
+
+
+@reference
+def hypernet_apply(x, hvec, seed_w2: int, seed_b2: int, n: int, bias):
+    return add_bias(_RandomLinearApply.apply(x, hvec, seed_w2, seed_b2, n), bias)
+
+
+@reference
+def rmh_apply(x, z, seed_t: int, n: int, bias):
+    return add_bias(_RandomLinearApply.apply(x, z, seed_t, None, n), bias)
+
+
+# Builds write W, which is what they are asked for: the references (their numbers come from the library).
+masking_build = _masking_ref.masking_build
+hypernet_build = _hypernet_ref.hypernet_build
+rmh_build = _hypernet_ref.rmh_build

@@ -18,7 +18,7 @@ import threading
 BACKENDS = ("torch", "triton", "cuda", "cpu")
 
 # device type -> backends tried by "auto", best first ("cpu" is the C++ library of csrc/*.cpp,
-# which has kernels for a few ops only; the others fall through to torch). Per-op exceptions for CUDA
+# which covers every op). Per-op exceptions for CUDA
 # devices (where the committed GPU benchmarks show the CUDA library faster) live
 # in AUTO_CUDA_OPS; everything else on a GPU goes to Triton.
 AUTO = {
@@ -42,12 +42,12 @@ OPS = {
     "lowrank_apply":        ("tinyrecon.functions.lowrank",  "tinyrecon.kernels.lowrank", "tinyrecon.cuda_ops", "tinyrecon.cpu_ops"),
     "rma_build":            ("tinyrecon.functions.lowrank",  "tinyrecon.kernels.lowrank", None, "tinyrecon.cpu_ops"),
     "rma_apply":            ("tinyrecon.functions.lowrank",  "tinyrecon.kernels.lowrank", None, "tinyrecon.cpu_ops"),
-    "masking_build":        ("tinyrecon.functions.masking",  "tinyrecon.kernels.masking", None, None),
-    "masking_apply":        ("tinyrecon.functions.masking",  "tinyrecon.kernels.masking", None, None),
-    "hypernet_build":       ("tinyrecon.functions.hypernet", "tinyrecon.kernels.hypernet", None, None),
-    "hypernet_apply":       ("tinyrecon.functions.hypernet", "tinyrecon.kernels.hypernet", None, None),
-    "rmh_build":            ("tinyrecon.functions.hypernet", "tinyrecon.kernels.hypernet", None, None),
-    "rmh_apply":            ("tinyrecon.functions.hypernet", "tinyrecon.kernels.hypernet", None, None),
+    "masking_build":        ("tinyrecon.functions.masking",  "tinyrecon.kernels.masking", None, "tinyrecon.cpu_ops"),
+    "masking_apply":        ("tinyrecon.functions.masking",  "tinyrecon.kernels.masking", None, "tinyrecon.cpu_ops"),
+    "hypernet_build":       ("tinyrecon.functions.hypernet", "tinyrecon.kernels.hypernet", None, "tinyrecon.cpu_ops"),
+    "hypernet_apply":       ("tinyrecon.functions.hypernet", "tinyrecon.kernels.hypernet", None, "tinyrecon.cpu_ops"),
+    "rmh_build":            ("tinyrecon.functions.hypernet", "tinyrecon.kernels.hypernet", None, "tinyrecon.cpu_ops"),
+    "rmh_apply":            ("tinyrecon.functions.hypernet", "tinyrecon.kernels.hypernet", None, "tinyrecon.cpu_ops"),
 }
 
 

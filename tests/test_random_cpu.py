@@ -1,0 +1,139 @@
+"""The CPU library's Philox (csrc/random_cpu.cpp) equals _random.py's torch ops: uniforms bit for
+bit, normals to float32 rounding (both evaluate Box-Muller in float64 and round once)."""
+import platform
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from tinyrecon import _random, cpu_lib
+
+from conftest import assert_close
+
+pytestmark = pytest.mark.skipif(bool(cpu_lib.load_error()), reason="no CPU library here")
+
+SEEDS = [0, 1, 2**32, 2**32 + 1, 2**62 + 5, 2**63 - 1, _random.derive_seed(123, 4)]   # incl. high bits only
+STARTS = [0, 13, 2**31 - 5, 2**32 - 7, 2**33 + 3, 2**40 + 1]   # counters past int32, carries into the high word
+
+
+def _library(seed, start, numel, kind, threads=2):
+    out = torch.empty(numel)
+    cpu_lib.call("tinyrecon_cpu_philox_fill", kind, threads, seed, start, 1, numel, numel, out.data_ptr() if numel else None)
+    return out
+
+
+def _definition(seed, start, numel, kind):
+    return _random._torch_fill(torch.empty(numel), seed, start, numel, ("rand", "randn")[kind])
+
+
+def _ulps(a, b):
+    """Distance in float32 ulps (the ordered integer images of the bits)."""
+    ia, ib = (t.view(torch.int32).long() for t in (a, b))
+    ia, ib = (torch.where(i < 0, -(i & 0x7FFFFFFF), i) for i in (ia, ib))
+    return (ia - ib).abs().max().item() if a.numel() else 0
+
+
+def _check(seed, start, numel, threads=2):
+    u = _library(seed, start, numel, 0, threads)
+    assert torch.equal(u.view(torch.int32), _definition(seed, start, numel, 0).view(torch.int32))
+    assert _ulps(_library(seed, start, numel, 1, threads), _definition(seed, start, numel, 1)) <= 1
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("start", STARTS)
+def test_library_equals_the_definition(seed, start):
+    _check(seed, start, 4099)   # a short last block
+
+
+def test_every_length_and_thread_split():
+    for numel in (0, 1, 15, 16, 17, 33):
+        _check(7, 2**32 - 9, numel)
+    _check(11, 5, (1 << 17) + 3, threads=3)   # big enough to be split over threads
+
+
+def test_many_normals_round_alike():
+    """4M normals: the polynomials' log and cos round as torch's float64 ones (the tails included)."""
+    a, b = _library(3, 2**31, 1 << 22, 1), _definition(3, 2**31, 1 << 22, 1)
+    assert _ulps(a, b) <= 1 and (a != b).sum().item() <= 4
+
+
+def test_rand_and_randn_use_the_library():
+    calls = []
+    real = cpu_lib.call
+    try:
+        cpu_lib.call = lambda name, *a: calls.append(name) or real(name, *a)
+        z = _random._fill(5, 2**33, 100, "cpu", "randn")
+    finally:
+        cpu_lib.call = real
+    assert calls == ["tinyrecon_cpu_philox_fill"]
+    assert torch.equal(z, _definition(5, 2**33, 100, 1))
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError):
+        cpu_lib.call("tinyrecon_cpu_philox_fill", 2, 1, 0, 0, 1, 4, 4, torch.empty(4).data_ptr())
+    with pytest.raises(ValueError):
+        cpu_lib.call("tinyrecon_cpu_philox_fill", 0, 1, 0, -1, 1, 4, 4, torch.empty(4).data_ptr())
+
+
+def _isa_levels():
+    if platform.machine() != "x86_64" or not shutil.which("g++"):
+        return []
+    flags = open("/proc/cpuinfo").read()
+    return ["x86-64"] + ["x86-64-v3"] * ("avx2" in flags) + ["x86-64-v4"] * ("avx512f" in flags)
+
+
+@pytest.mark.parametrize("march", _isa_levels())
+def test_each_isa_level_builds_clean_and_agrees(march, tmp_path, monkeypatch):
+    out = str(tmp_path / f"lib-{march}.so")
+    command = cpu_lib.cxx_command("g++", ["csrc/random_cpu.cpp"], out, werror=True) + ["-DTR_NO_CLONES", f"-march={march}"]
+    root = __file__.rsplit("/tests/", 1)[0]
+    assert subprocess.run(command, cwd=root).returncode == 0
+    lib = __import__("ctypes").CDLL(out)
+    fn = lib.tinyrecon_cpu_philox_fill
+    fn.argtypes = cpu_lib.ENTRY_POINTS["tinyrecon_cpu_philox_fill"]
+    for kind in (0, 1):
+        for seed, start in ((2**32 + 1, 2**32 - 7), (_random.derive_seed(1, 2), 0)):
+            got = torch.empty(1001)
+            assert fn(kind, 2, seed, start, 1, got.numel(), got.numel(), got.data_ptr()) == 0
+            assert _ulps(got, _definition(seed, start, got.numel(), kind)) <= kind
+    mask = lib.tinyrecon_cpu_philox_mask   # masking's pass: a column block of src * (u < p)
+    mask.argtypes = cpu_lib.ENTRY_POINTS["tinyrecon_cpu_philox_mask"]
+    src, got = torch.randn(3, 50), torch.empty(3, 21)
+    assert mask(2, 7, 4, 3, 21, 50, 0.3, src[:, 4:].data_ptr(), 50, got.data_ptr(), 21) == 0
+    u = _definition(7, 0, 150, 0).view(3, 50)
+    assert torch.equal(got, src[:, 4:25] * (u[:, 4:25] < 0.3).float())
+
+
+@pytest.mark.parametrize("kind", ["rand", "randn"])
+def test_block_is_a_column_block_of_the_matrix(kind):
+    """block(): rows of a wider matrix, each a run of counters (the tiles the applies generate)."""
+    seed, start, rows, D = 2**40 + 3, 2**32 - 50, 5, 37
+    whole = _definition(seed, start, rows * D, ("rand", "randn").index(kind)).view(rows, D)
+    for j0, j1 in ((0, 37), (3, 20), (36, 37), (5, 5)):
+        got = _random.block(seed, start + j0, rows, j1 - j0, D, kind)
+        assert _ulps(got, whole[:, j0:j1].contiguous()) <= (kind == "randn")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])   # masking: the library's pass, torch's
+@pytest.mark.parametrize("family", ["masking", "rmh", "hypernet"])
+def test_applies_over_many_column_blocks(family, dtype, monkeypatch):
+    """The cpu applies generate W by column blocks: with blocks of a few columns (odd D, so the last
+    block is short) values and gradients equal the reference's, which builds W whole."""
+    import tinyrecon as tr
+    from tinyrecon import cpu_ops
+    monkeypatch.setattr(cpu_ops, "_BLOCK_NUMBERS", 100)
+    rec = {"masking": lambda: tr.masking_reconciliation(p=0.4, seed=3),
+           "rmh": lambda: tr.random_matrix_hypernet_reconciliation(r=3, l=6, hidden_dim=5, seed=2**40 + 1),
+           "hypernet": lambda: tr.hypernet_reconciliation(l=6, hidden_dim=4, seed=9)}[family]()
+    n, D = 5, 203
+    x = torch.randn(7, 2 * D, dtype=dtype)[:, ::2]   # non-contiguous
+    w, b = torch.randn(2, rec.calculate_l(n, D), dtype=dtype), torch.randn(n, dtype=dtype)
+    outs = {}
+    for backend in ("cpu", "torch"):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = rec.apply(xs, ws, n=n, bias=b, backend=backend)
+        outs[backend] = (y, *torch.autograd.grad(y, (xs, ws), torch.ones_like(y)))
+    for got, expected in zip(outs["cpu"], outs["torch"]):
+        assert_close(got, expected)
