@@ -17,7 +17,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import tinyrecon as tr
 from tinyrecon import dispatch
 
-from conftest import backends_for
+from conftest import DEVICE, backends_for
 
 N, D = 4, 6
 PQ_FAMILIES = ["hm", "lphm", "dual_lphm", "duplicated_padding", "duplicated_diagonal_padding"]
@@ -125,6 +125,36 @@ row("layer-channels=0", lambda b: tr.ReconciledLinear(D, N, "lorr", channels=0),
     "channels must be a positive int")
 
 
+def double_backward(family, what, backend):
+    """The gradient of w with create_graph=True through ``apply`` or the build, then its own gradient."""
+    rec = make(family)
+    x = torch.randn(3, D, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(rec.calculate_l(N, D), dtype=torch.float64, device=DEVICE, requires_grad=True)
+    y = rec.apply(x, w, n=N, backend=backend) if what == "apply" else rec(N, D, w=w, backend=backend)
+    gw, = torch.autograd.grad(y.square().sum(), w, create_graph=True)
+    gw.square().sum().backward()
+
+
+def on_backend(backend, op):
+    """The skip marks of ``backend`` for ``op`` on this machine."""
+    return next(p.marks for p in backends_for(op) if p.id == backend)
+
+
+# Triton ops whose backward launches first-order kernels refuse create_graph=True by name (the
+# others are differentiated again: test_double_backward_on_triton); CUDA's: test_cuda.py.
+TRITON_FIRST_ORDER = [("hm", "apply", "kron_apply"), ("dual_lphm", "apply", "kron_apply"),
+                      ("duplicated_padding", "apply", "dup_pad_apply"),
+                      ("duplicated_diagonal_padding", "apply", "block_diag_apply"),
+                      ("masking", "apply", "masking_apply"), ("hypernet", "apply", "hypernet_apply"),
+                      ("hypernet", "build", "hypernet_build"), ("random_matrix_hypernet", "apply", "rmh_apply"),
+                      ("random_matrix_hypernet", "build", "rmh_build")]
+for fam, what, op in TRITON_FIRST_ORDER:
+    BAD.append(pytest.param(lambda b, fam=fam, what=what: double_backward(fam, what, b), RuntimeError,
+                            r"tinyrecon::triton_\w+ \(the triton backend\) has a first-order backward only.*"
+                            r"backend='torch'", "triton", id=f"{fam}-{what}-double-backward-triton",
+                            marks=on_backend("triton", op)))
+
+
 @pytest.mark.parametrize("call, exc, phrase, backend", BAD)
 def test_bad_input_is_refused_where_it_is_given(call, exc, phrase, backend):
     with pytest.raises(exc, match=phrase):
@@ -213,13 +243,36 @@ def second_order_params():
 
 @pytest.mark.parametrize("family, backend", second_order_params())
 def test_double_backward(family, backend):
-    """create_graph=True works (e.g. gradient penalties). The Triton and CUDA backward ops are
-    first-order only; torch refuses to differentiate them again with its own message."""
+    """create_graph=True works (e.g. gradient penalties). Most Triton and CUDA backward ops are
+    first-order only and refuse it by name (the table above, test_cuda.py)."""
     rec = make(family)
     x = torch.randn(3, D, dtype=torch.float64, requires_grad=True)
     w = torch.randn(rec.calculate_l(N, D), dtype=torch.float64, requires_grad=True)
     bias = torch.randn(N, dtype=torch.float64, requires_grad=True)
     assert gradgradcheck(lambda x, w, b: rec.apply(x, w, n=N, bias=b, backend=backend), (x, w, bias))
+
+
+# Triton's low-rank backward is made of its bmm, which has a backward of its own; the builds of
+# the Kronecker, padding and masking families have backward passes in torch ops or the build kernel.
+TRITON_SECOND_ORDER = [("lorr", "apply", "lowrank_apply"), ("random_matrix_adaption", "apply", "rma_apply")] + [
+    (fam, "build", op) for fam, op in [("lorr", "lowrank_build"), ("random_matrix_adaption", "rma_build"),
+                                       ("hm", "kron_build"), ("dual_lphm", "kron_build"),
+                                       ("duplicated_padding", "dup_pad_build"),
+                                       ("duplicated_diagonal_padding", "block_diag_build"),
+                                       ("masking", "masking_build")]]
+
+
+@pytest.mark.parametrize("family, what", [pytest.param(f, what, id=f"{f}-{what}", marks=on_backend("triton", op))
+                                          for f, what, op in TRITON_SECOND_ORDER])
+def test_double_backward_on_triton(family, what):
+    rec = make(family)
+    w = torch.randn(rec.calculate_l(N, D), dtype=torch.float64, device=DEVICE, requires_grad=True)
+    if what == "build":
+        assert gradgradcheck(lambda w: rec(N, D, w=w, backend="triton"), (w,))
+        return
+    x = torch.randn(3, D, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    bias = torch.randn(N, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert gradgradcheck(lambda x, w, b: rec.apply(x, w, n=N, bias=b, backend="triton"), (x, w, bias))
 
 
 @pytest.mark.parametrize("family, backend", second_order_params())
