@@ -6,6 +6,7 @@ way (the checks come before dispatch).
 """
 import math
 import warnings
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -59,13 +60,30 @@ def yaml_config(text):
     return tr.from_config(yaml.safe_load(text))
 
 
+def refused_before_any_op(call):
+    """``call(backend)`` with dispatch failing loudly: a huge call must be refused before an op runs
+    (one that got through would run for hours here)."""
+    def guarded(backend):
+        with mock.patch.object(dispatch, "get", side_effect=AssertionError("an op was dispatched")):
+            return call(backend)
+    return guarded
+
+
+@refused_before_any_op
 def huge_hypernet(backend):
     x = torch.randn(1, 2**16)
     return make("hypernet").apply(x, torch.randn(5), n=2**16, backend=backend)
 
 
+@refused_before_any_op
 def huge_rmh(backend):
     return make("random_matrix_hypernet")(n=2**16, D=2**16, w=torch.randn(5), backend=backend)
+
+
+@refused_before_any_op
+def huge_rma(backend):   # A and B at rank 2**16: (n + D) * r = 2**33 numbers
+    return make("random_matrix_adaption", r=2**16).apply(torch.randn(1, 2**16), torch.randn(2**17), n=2**16,
+                                                         backend=backend)
 
 
 BAD = []   # (call(backend), exception, phrase, backend)
@@ -117,8 +135,9 @@ for fam in ("masking", "random_matrix_adaption", "hypernet", "random_matrix_hype
             ValueError, "seed must be an int in")
 row("masking-state-calls=-1", lambda b: load_state("masking", {"seed": 1, "calls": -1}), ValueError,
     "call count must be a non-negative int")
-row("hypernet-n=D=2**16", huge_hypernet, ValueError, "TINYRECON_MAX_RANDOM")   # torch: the GPU kernels draw fast
-row("random_matrix_hypernet-n=D=2**16", huge_rmh, ValueError, "TINYRECON_MAX_RANDOM")
+row("hypernet-n=D=2**16", huge_hypernet, ValueError, "TINYRECON_MAX_RANDOM", True)
+row("random_matrix_hypernet-n=D=2**16", huge_rmh, ValueError, "TINYRECON_MAX_RANDOM", True)
+row("random_matrix_adaption-r=n=D=2**16", huge_rma, ValueError, "TINYRECON_MAX_RANDOM", True)
 row("hypernet-setup-n=D=2**16", lambda b: tr.hypernet_reconciliation(static=False).setup(2**16, 2**16),
     ValueError, "TINYRECON_MAX_RANDOM")
 row("layer-channels=0", lambda b: tr.ReconciledLinear(D, N, "lorr", channels=0), ValueError,
@@ -292,14 +311,48 @@ def test_torch_func_vmap_and_jacrev(family, backend):
 
 
 # ---- size limits -------------------------------------------------------------------------------
-def test_random_number_limit_is_an_explicit_override(monkeypatch):
-    rec = make("hypernet")   # draws n*D*(hidden_dim+1) = 96 numbers for W
-    x = torch.randn(2, D)
-    monkeypatch.setenv("TINYRECON_MAX_RANDOM", "50")
-    with pytest.raises(ValueError, match=r"would draw 96 random numbers.*TINYRECON_MAX_RANDOM=96"):
-        rec.apply(x, torch.randn(5), n=N, backend="torch")
-    monkeypatch.setenv("TINYRECON_MAX_RANDOM", "96")
-    assert rec.apply(x, torch.randn(5), n=N, backend="torch").shape == (2, N)
+# What one call draws at n=4, D=6 with SMALL's sizes, counted by hand.
+DRAWS = {"hypernet": 3 * (5 + 1) + 4 * 6 * (3 + 1),      # (W1, b1), (W2, b2)
+         "random_matrix_hypernet": 2 * (5 + 3 + 3 + 4 * 6),   # P, Q, S, T at r=2
+         "random_matrix_adaption": (4 + 6) * 2,             # A, B at r=2
+         "masking": 4 * 6}                                  # the mask
+DRAW_OPS = {"hypernet": "hypernet", "random_matrix_hypernet": "rmh", "random_matrix_adaption": "rma",
+            "masking": "masking"}
+
+
+def drawing_params():
+    """(family, backend) for every backend with an op for the family (runnable here or skipped)."""
+    return [pytest.param(f, b.values[0], id=f"{f}-{b.id}", marks=b.marks) for f in DRAWS
+            for b in backends_for(f"{DRAW_OPS[f]}_apply")
+            if dispatch.OPS[f"{DRAW_OPS[f]}_apply"][dispatch.BACKENDS.index(b.id)]]
+
+
+@pytest.mark.parametrize("what", ["apply", "build"])
+@pytest.mark.parametrize("family, backend", drawing_params())
+def test_random_number_limit_holds_on_every_backend(family, backend, what, monkeypatch):
+    """Counted before dispatch, for what the call draws; TINYRECON_MAX_RANDOM is the override."""
+    rec, count = make(family), DRAWS[family]
+    x, w = torch.randn(2, D, device=DEVICE), torch.randn(rec.calculate_l(N, D), device=DEVICE)
+
+    def call():
+        return rec.apply(x, w, n=N, backend=backend) if what == "apply" else rec(N, D, w=w, backend=backend)
+
+    monkeypatch.setenv("TINYRECON_MAX_RANDOM", str(count - 1))
+    with mock.patch.object(dispatch, "get", side_effect=AssertionError("an op was dispatched")):
+        with pytest.raises(ValueError, match=rf"{type(rec).__name__} at n=4, D=6 would draw {count} random "
+                                             rf"numbers.*TINYRECON_MAX_RANDOM={count} to run it anyway"):
+            call()
+    monkeypatch.setenv("TINYRECON_MAX_RANDOM", str(count))
+    assert call().shape == ((2, N) if what == "apply" else (N, D))
+
+
+@pytest.mark.parametrize("family", sorted(DRAWS))
+def test_nothing_is_drawn_or_refused_on_the_meta_device(family, monkeypatch):
+    monkeypatch.setenv("TINYRECON_MAX_RANDOM", "0")
+    rec = make(family)
+    w = torch.randn(rec.calculate_l(N, D), device="meta")
+    assert rec(N, D, w=w).shape == (N, D)
+    assert rec.apply(torch.randn(2, D, device="meta"), w, n=N).shape == (2, N)
 
 
 def test_masking_on_the_meta_device_at_2_to_the_32_is_immediate():

@@ -363,6 +363,16 @@ class Seeded:
     def stream_seed(self, stream: int) -> int:
         return _random.derive_seed(self.seed, stream)
 
+    def random_count(self, n: int, D: int) -> int:
+        """How many random numbers one build or apply at (n, D) draws."""
+        raise NotImplementedError
+
+    def check_draws(self, n: int, D: int, like: torch.Tensor) -> None:
+        """Refuse a call drawing more random numbers than allowed (``_random.check_cost``), before
+        dispatch, so the limit holds on every backend; tensors on ``meta`` draw nothing."""
+        if like.device.type != "meta":
+            _random.check_cost(self.random_count(n, D), f"{type(self).__name__} at n={n}, D={D}")
+
     def get_extra_state(self):
         return {"seed": self.seed}
 
