@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..base import register_first_order
 from ._common import INTERPRET, acc_type, inner_dtype, mixed_precision, sm_count
 
 _BLOCK = 32 if INTERPRET else 1024       # build: elements of W per program
@@ -112,7 +113,7 @@ def _build_backward(ctx, dW):
     return random_linear_build_backward(dW, ctx.seed_m, ctx.k).to(ctx.dtype), None, None, None, None
 
 
-random_linear_build.register_autograd(_build_backward, setup_context=_build_setup)
+register_first_order(random_linear_build, _build_backward, _build_setup, "triton")
 
 
 # ---- apply ---------------------------------------------------------------------------------------
@@ -235,7 +236,7 @@ def _apply_backward(ctx, dy):
     return dx if ctx.needs_input_grad[0] else None, dv.to(v.dtype), None, None, None, dbias
 
 
-random_linear_apply.register_autograd(_apply_backward, setup_context=_apply_setup)
+register_first_order(random_linear_apply, _apply_backward, _apply_setup, "triton")
 
 
 # ---- the ops of the dispatch table (signatures of the references) -----------------------------------

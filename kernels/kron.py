@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..base import register_first_order
 from ._common import (acc_type, autotune, dot_dtype, fewest_values, inner_dtype, mixed_precision, precision,
                       rank_block, split_sum)
 
@@ -373,7 +374,7 @@ def _apply_backward(ctx, dy):
     return dx, *gA, *gB, gbias
 
 
-_apply_op.register_autograd(_apply_backward, setup_context=_apply_setup)
+register_first_order(_apply_op, _apply_backward, _apply_setup, "triton")
 
 
 # ---- the dispatch entry points (signatures of the torch reference) -----------------------------

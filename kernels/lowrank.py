@@ -94,6 +94,21 @@ def _(a, b, dtype):
     return a.new_empty(a.shape[0], a.shape[1], b.shape[2], dtype=dtype)
 
 
+def _bmm_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1])
+
+
+def _bmm_backward(ctx, g):
+    # bmm again: the low-rank backward passes, made of bmm, can be differentiated again (create_graph=True)
+    a, b = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    return (bmm(g, b.transpose(1, 2), a.dtype) if need[0] else None,
+            bmm(a.transpose(1, 2), g, b.dtype) if need[1] else None, None)
+
+
+bmm.register_autograd(_bmm_backward, setup_context=_bmm_setup)
+
+
 # ---- lorr ------------------------------------------------------------------------------------------
 @torch.library.custom_op("tinyrecon::triton_lowrank_build", mutates_args=())
 def lowrank_build(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

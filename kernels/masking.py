@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..base import register_first_order
 from ._common import acc_type, autotune, dot_dtype, precision
 
 _MM_CONFIGS = [triton.Config({"BM": 16, "BR": 16, "BK": 16}, num_warps=1)] + [
@@ -202,4 +203,4 @@ def _apply_backward(ctx, dy):
 
 
 masking_build.register_autograd(_build_backward, setup_context=_setup_build)
-masking_apply.register_autograd(_apply_backward, setup_context=_setup_apply)
+register_first_order(masking_apply, _apply_backward, _setup_apply, "triton")

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..base import register_first_order
 from ._common import acc_type, autotune, inner_dtype, mixed_precision, split_sum
 
 # Under the interpreter only the first config runs: small tiles, so tests cross tile edges.
@@ -308,8 +309,8 @@ def _apply_backward(ctx, dy):
     return gx, gB, None, None, gbias
 
 
-_dup_pad_apply_op.register_autograd(_apply_backward, setup_context=_setup_apply(False))
-_block_diag_apply_op.register_autograd(_apply_backward, setup_context=_setup_apply(True))
+register_first_order(_dup_pad_apply_op, _apply_backward, _setup_apply(False), "triton")
+register_first_order(_block_diag_apply_op, _apply_backward, _setup_apply(True), "triton")
 
 
 # ---- the dispatch entry points (signatures of the torch reference) -----------------------------

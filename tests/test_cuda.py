@@ -294,6 +294,17 @@ def test_gradcheck_fp64(device, op):
 
 
 @pytest.mark.parametrize("op", OPS)
+def test_double_backward_is_refused_by_name(device, op):
+    """The backward kernels are first-order: create_graph=True names the op and the way out."""
+    from tinyrecon import cuda_ops
+    args = _requiring_grad(_small_cases(device)[op])
+    y = getattr(cuda_ops, op)(*args)
+    with pytest.raises(RuntimeError, match=r"tinyrecon::cuda_\w+ \(the cuda backend\) has a first-order "
+                                           r"backward only.*backend='torch'"):
+        torch.autograd.grad(y.square().sum(), [a for a in args if isinstance(a, torch.Tensor)], create_graph=True)
+
+
+@pytest.mark.parametrize("op", OPS)
 def test_opcheck(device, op):
     """Schema, fake (meta) kernels and autograd registration agree with the real kernels."""
     from tinyrecon import cuda_ops

@@ -6,6 +6,7 @@ way (the checks come before dispatch).
 """
 import math
 import warnings
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import tinyrecon as tr
 from tinyrecon import dispatch
 
-from conftest import backends_for
+from conftest import DEVICE, backends_for
 
 N, D = 4, 6
 PQ_FAMILIES = ["hm", "lphm", "dual_lphm", "duplicated_padding", "duplicated_diagonal_padding"]
@@ -59,13 +60,30 @@ def yaml_config(text):
     return tr.from_config(yaml.safe_load(text))
 
 
+def refused_before_any_op(call):
+    """``call(backend)`` with dispatch failing loudly: a huge call must be refused before an op runs
+    (one that got through would run for hours here)."""
+    def guarded(backend):
+        with mock.patch.object(dispatch, "get", side_effect=AssertionError("an op was dispatched")):
+            return call(backend)
+    return guarded
+
+
+@refused_before_any_op
 def huge_hypernet(backend):
     x = torch.randn(1, 2**16)
     return make("hypernet").apply(x, torch.randn(5), n=2**16, backend=backend)
 
 
+@refused_before_any_op
 def huge_rmh(backend):
     return make("random_matrix_hypernet")(n=2**16, D=2**16, w=torch.randn(5), backend=backend)
+
+
+@refused_before_any_op
+def huge_rma(backend):   # A and B at rank 2**16: (n + D) * r = 2**33 numbers
+    return make("random_matrix_adaption", r=2**16).apply(torch.randn(1, 2**16), torch.randn(2**17), n=2**16,
+                                                         backend=backend)
 
 
 BAD = []   # (call(backend), exception, phrase, backend)
@@ -117,12 +135,43 @@ for fam in ("masking", "random_matrix_adaption", "hypernet", "random_matrix_hype
             ValueError, "seed must be an int in")
 row("masking-state-calls=-1", lambda b: load_state("masking", {"seed": 1, "calls": -1}), ValueError,
     "call count must be a non-negative int")
-row("hypernet-n=D=2**16", huge_hypernet, ValueError, "TINYRECON_MAX_RANDOM")   # torch: the GPU kernels draw fast
-row("random_matrix_hypernet-n=D=2**16", huge_rmh, ValueError, "TINYRECON_MAX_RANDOM")
+row("hypernet-n=D=2**16", huge_hypernet, ValueError, "TINYRECON_MAX_RANDOM", True)
+row("random_matrix_hypernet-n=D=2**16", huge_rmh, ValueError, "TINYRECON_MAX_RANDOM", True)
+row("random_matrix_adaption-r=n=D=2**16", huge_rma, ValueError, "TINYRECON_MAX_RANDOM", True)
 row("hypernet-setup-n=D=2**16", lambda b: tr.hypernet_reconciliation(static=False).setup(2**16, 2**16),
     ValueError, "TINYRECON_MAX_RANDOM")
 row("layer-channels=0", lambda b: tr.ReconciledLinear(D, N, "lorr", channels=0), ValueError,
     "channels must be a positive int")
+
+
+def double_backward(family, what, backend):
+    """The gradient of w with create_graph=True through ``apply`` or the build, then its own gradient."""
+    rec = make(family)
+    x = torch.randn(3, D, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(rec.calculate_l(N, D), dtype=torch.float64, device=DEVICE, requires_grad=True)
+    y = rec.apply(x, w, n=N, backend=backend) if what == "apply" else rec(N, D, w=w, backend=backend)
+    gw, = torch.autograd.grad(y.square().sum(), w, create_graph=True)
+    gw.square().sum().backward()
+
+
+def on_backend(backend, op):
+    """The skip marks of ``backend`` for ``op`` on this machine."""
+    return next(p.marks for p in backends_for(op) if p.id == backend)
+
+
+# Triton ops whose backward launches first-order kernels refuse create_graph=True by name (the
+# others are differentiated again: test_double_backward_on_triton); CUDA's: test_cuda.py.
+TRITON_FIRST_ORDER = [("hm", "apply", "kron_apply"), ("dual_lphm", "apply", "kron_apply"),
+                      ("duplicated_padding", "apply", "dup_pad_apply"),
+                      ("duplicated_diagonal_padding", "apply", "block_diag_apply"),
+                      ("masking", "apply", "masking_apply"), ("hypernet", "apply", "hypernet_apply"),
+                      ("hypernet", "build", "hypernet_build"), ("random_matrix_hypernet", "apply", "rmh_apply"),
+                      ("random_matrix_hypernet", "build", "rmh_build")]
+for fam, what, op in TRITON_FIRST_ORDER:
+    BAD.append(pytest.param(lambda b, fam=fam, what=what: double_backward(fam, what, b), RuntimeError,
+                            r"tinyrecon::triton_\w+ \(the triton backend\) has a first-order backward only.*"
+                            r"backend='torch'", "triton", id=f"{fam}-{what}-double-backward-triton",
+                            marks=on_backend("triton", op)))
 
 
 @pytest.mark.parametrize("call, exc, phrase, backend", BAD)
@@ -213,13 +262,36 @@ def second_order_params():
 
 @pytest.mark.parametrize("family, backend", second_order_params())
 def test_double_backward(family, backend):
-    """create_graph=True works (e.g. gradient penalties). The Triton and CUDA backward ops are
-    first-order only; torch refuses to differentiate them again with its own message."""
+    """create_graph=True works (e.g. gradient penalties). Most Triton and CUDA backward ops are
+    first-order only and refuse it by name (the table above, test_cuda.py)."""
     rec = make(family)
     x = torch.randn(3, D, dtype=torch.float64, requires_grad=True)
     w = torch.randn(rec.calculate_l(N, D), dtype=torch.float64, requires_grad=True)
     bias = torch.randn(N, dtype=torch.float64, requires_grad=True)
     assert gradgradcheck(lambda x, w, b: rec.apply(x, w, n=N, bias=b, backend=backend), (x, w, bias))
+
+
+# Triton's low-rank backward is made of its bmm, which has a backward of its own; the builds of
+# the Kronecker, padding and masking families have backward passes in torch ops or the build kernel.
+TRITON_SECOND_ORDER = [("lorr", "apply", "lowrank_apply"), ("random_matrix_adaption", "apply", "rma_apply")] + [
+    (fam, "build", op) for fam, op in [("lorr", "lowrank_build"), ("random_matrix_adaption", "rma_build"),
+                                       ("hm", "kron_build"), ("dual_lphm", "kron_build"),
+                                       ("duplicated_padding", "dup_pad_build"),
+                                       ("duplicated_diagonal_padding", "block_diag_build"),
+                                       ("masking", "masking_build")]]
+
+
+@pytest.mark.parametrize("family, what", [pytest.param(f, what, id=f"{f}-{what}", marks=on_backend("triton", op))
+                                          for f, what, op in TRITON_SECOND_ORDER])
+def test_double_backward_on_triton(family, what):
+    rec = make(family)
+    w = torch.randn(rec.calculate_l(N, D), dtype=torch.float64, device=DEVICE, requires_grad=True)
+    if what == "build":
+        assert gradgradcheck(lambda w: rec(N, D, w=w, backend="triton"), (w,))
+        return
+    x = torch.randn(3, D, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    bias = torch.randn(N, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert gradgradcheck(lambda x, w, b: rec.apply(x, w, n=N, bias=b, backend="triton"), (x, w, bias))
 
 
 @pytest.mark.parametrize("family, backend", second_order_params())
@@ -239,14 +311,48 @@ def test_torch_func_vmap_and_jacrev(family, backend):
 
 
 # ---- size limits -------------------------------------------------------------------------------
-def test_random_number_limit_is_an_explicit_override(monkeypatch):
-    rec = make("hypernet")   # draws n*D*(hidden_dim+1) = 96 numbers for W
-    x = torch.randn(2, D)
-    monkeypatch.setenv("TINYRECON_MAX_RANDOM", "50")
-    with pytest.raises(ValueError, match=r"would draw 96 random numbers.*TINYRECON_MAX_RANDOM=96"):
-        rec.apply(x, torch.randn(5), n=N, backend="torch")
-    monkeypatch.setenv("TINYRECON_MAX_RANDOM", "96")
-    assert rec.apply(x, torch.randn(5), n=N, backend="torch").shape == (2, N)
+# What one call draws at n=4, D=6 with SMALL's sizes, counted by hand.
+DRAWS = {"hypernet": 3 * (5 + 1) + 4 * 6 * (3 + 1),      # (W1, b1), (W2, b2)
+         "random_matrix_hypernet": 2 * (5 + 3 + 3 + 4 * 6),   # P, Q, S, T at r=2
+         "random_matrix_adaption": (4 + 6) * 2,             # A, B at r=2
+         "masking": 4 * 6}                                  # the mask
+DRAW_OPS = {"hypernet": "hypernet", "random_matrix_hypernet": "rmh", "random_matrix_adaption": "rma",
+            "masking": "masking"}
+
+
+def drawing_params():
+    """(family, backend) for every backend with an op for the family (runnable here or skipped)."""
+    return [pytest.param(f, b.values[0], id=f"{f}-{b.id}", marks=b.marks) for f in DRAWS
+            for b in backends_for(f"{DRAW_OPS[f]}_apply")
+            if dispatch.OPS[f"{DRAW_OPS[f]}_apply"][dispatch.BACKENDS.index(b.id)]]
+
+
+@pytest.mark.parametrize("what", ["apply", "build"])
+@pytest.mark.parametrize("family, backend", drawing_params())
+def test_random_number_limit_holds_on_every_backend(family, backend, what, monkeypatch):
+    """Counted before dispatch, for what the call draws; TINYRECON_MAX_RANDOM is the override."""
+    rec, count = make(family), DRAWS[family]
+    x, w = torch.randn(2, D, device=DEVICE), torch.randn(rec.calculate_l(N, D), device=DEVICE)
+
+    def call():
+        return rec.apply(x, w, n=N, backend=backend) if what == "apply" else rec(N, D, w=w, backend=backend)
+
+    monkeypatch.setenv("TINYRECON_MAX_RANDOM", str(count - 1))
+    with mock.patch.object(dispatch, "get", side_effect=AssertionError("an op was dispatched")):
+        with pytest.raises(ValueError, match=rf"{type(rec).__name__} at n=4, D=6 would draw {count} random "
+                                             rf"numbers.*TINYRECON_MAX_RANDOM={count} to run it anyway"):
+            call()
+    monkeypatch.setenv("TINYRECON_MAX_RANDOM", str(count))
+    assert call().shape == ((2, N) if what == "apply" else (N, D))
+
+
+@pytest.mark.parametrize("family", sorted(DRAWS))
+def test_nothing_is_drawn_or_refused_on_the_meta_device(family, monkeypatch):
+    monkeypatch.setenv("TINYRECON_MAX_RANDOM", "0")
+    rec = make(family)
+    w = torch.randn(rec.calculate_l(N, D), device="meta")
+    assert rec(N, D, w=w).shape == (N, D)
+    assert rec.apply(torch.randn(2, D, device="meta"), w, n=N).shape == (2, N)
 
 
 def test_masking_on_the_meta_device_at_2_to_the_32_is_immediate():

@@ -157,9 +157,10 @@ def clear_cache() -> None:
         _stats.update(bytes=0, hits=0, misses=0)
 
 
-# Generating costs about 100 ns per number and CPU core: 2**32 numbers take about 7 core-minutes,
-# and their float32 values alone 16 GiB. Asking for more (hypernets at n = D = 2**16 would draw
-# 2**39) is refused before any work starts, unless TINYRECON_MAX_RANDOM raises the limit.
+# Generating in torch costs about 100 ns per number and CPU core: 2**32 numbers take about 7
+# core-minutes, and their float32 values alone 16 GiB. A call asking for more (hypernets at
+# n = D = 2**16 would draw 2**39) is refused before any work starts, on every backend (the
+# functions check what a call draws before dispatch), unless TINYRECON_MAX_RANDOM raises the limit.
 _DEFAULT_MAX_NUMBERS = 1 << 32
 
 
@@ -172,10 +173,9 @@ def check_cost(count: int, what: str) -> None:
         raise ValueError(f"TINYRECON_MAX_RANDOM must be an int (random numbers per call), got {raw!r}") from None
     if count > limit:
         raise ValueError(
-            f"{what} would draw {count:,} random numbers in torch (about {count * 1e-7 / 60:,.0f} core-minutes, "
+            f"{what} would draw {count:,} random numbers (about {count * 1e-7 / 60:,.0f} core-minutes in torch, "
             f"{count * 4 / 2**30:,.0f} GiB as float32), above the limit of {limit:,}; check n, D and the "
-            f"function's sizes, use the triton backend on a GPU (it draws in registers), or set "
-            f"TINYRECON_MAX_RANDOM={count} to run it anyway")
+            f"function's sizes, or set TINYRECON_MAX_RANDOM={count} to run it anyway")
 
 
 # One opaque op, so torch.compile neither traces the 10 Philox rounds nor breaks the graph.

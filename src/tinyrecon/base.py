@@ -148,6 +148,25 @@ def factor_pass(x: torch.Tensor, f: torch.Tensor, x_ops: XOps = TORCH_X_OPS) -> 
     return _FactorPass.apply(x, f, x_ops)
 
 
+def register_first_order(op, backward, setup_context, backend: str) -> None:
+    """``op.register_autograd(backward, setup_context=...)`` for a custom op of ``backend`` whose
+    backward launches kernels that autograd cannot differentiate again.
+
+    Autograd runs a backward with grad mode on only under ``create_graph=True`` (double backward,
+    gradient penalties); that is refused here with a message naming the op and what to do, instead
+    of torch's "no autograd formula" about an inner op at the second backward.
+    """
+    def first_order_backward(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{op._qualname} (the {backend} backend) has a first-order backward only: it cannot be "
+                f"differentiated again (create_graph=True, double backward). Use backend='torch' for "
+                f"higher-order gradients")
+        return backward(ctx, *grads)
+
+    op.register_autograd(first_order_backward, setup_context=setup_context)
+
+
 def channel_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``A @ B`` for ``(C, m, k) @ (C, k, n)`` as one 2-D matmul per channel.
 
@@ -343,6 +362,16 @@ class Seeded:
 
     def stream_seed(self, stream: int) -> int:
         return _random.derive_seed(self.seed, stream)
+
+    def random_count(self, n: int, D: int) -> int:
+        """How many random numbers one build or apply at (n, D) draws."""
+        raise NotImplementedError
+
+    def check_draws(self, n: int, D: int, like: torch.Tensor) -> None:
+        """Refuse a call drawing more random numbers than allowed (``_random.check_cost``), before
+        dispatch, so the limit holds on every backend; tensors on ``meta`` draw nothing."""
+        if like.device.type != "meta":
+            _random.check_cost(self.random_count(n, D), f"{type(self).__name__} at n={n}, D={D}")
 
     def get_extra_state(self):
         return {"seed": self.seed}

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import cuda_lib
+from .base import register_first_order
 from .functions import kron as _kron_ref
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -120,7 +121,7 @@ def _kron_build_setup(ctx, inputs, output):
     ctx.layout = inputs[4]
 
 
-kron_build.register_autograd(_kron_build_backward, setup_context=_kron_build_setup)
+register_first_order(kron_build, _kron_build_backward, _kron_build_setup, "cuda")
 
 
 @torch.library.custom_op("tinyrecon::cuda_kron_apply", mutates_args=())
@@ -162,7 +163,7 @@ def _kron_apply_backward(ctx, gy):
     return gx, gA1, (gA2 if A2 is not None else None), gB1, (gB2 if B2 is not None else None), _bias_grad(gy, bias)
 
 
-_kron_apply.register_autograd(_kron_apply_backward, setup_context=_save_inputs)
+register_first_order(_kron_apply, _kron_apply_backward, _save_inputs, "cuda")
 
 
 def kron_apply(x, A1, A2, B1, B2, bias, layout: str):
@@ -215,7 +216,7 @@ def _block_diag_build_backward(ctx, gW):
     return _block_diag_build_bwd(gW, B, *ctx.pq), None, None
 
 
-block_diag_build.register_autograd(_block_diag_build_backward, setup_context=_block_diag_build_setup)
+register_first_order(block_diag_build, _block_diag_build_backward, _block_diag_build_setup, "cuda")
 
 
 @torch.library.custom_op("tinyrecon::cuda_block_diag_apply", mutates_args=())
@@ -258,7 +259,7 @@ def _block_diag_apply_backward(ctx, gy):
     return gx, gB, None, None, _bias_grad(gy, bias)
 
 
-block_diag_apply.register_autograd(_block_diag_apply_backward, setup_context=_block_diag_apply_setup)
+register_first_order(block_diag_apply, _block_diag_apply_backward, _block_diag_apply_setup, "cuda")
 
 
 # ---- low rank (lorr) --------------------------------------------------------------------------------
@@ -294,7 +295,7 @@ def _lowrank_build_backward(ctx, gW):
     return tuple(_lowrank_build_bwd(gW, A, B))
 
 
-lowrank_build.register_autograd(_lowrank_build_backward, setup_context=_save_inputs)
+register_first_order(lowrank_build, _lowrank_build_backward, _save_inputs, "cuda")
 
 
 @torch.library.custom_op("tinyrecon::cuda_lowrank_apply", mutates_args=())
@@ -333,4 +334,4 @@ def _lowrank_apply_backward(ctx, gy):
     return (*_lowrank_apply_bwd(gy, x, A, B), _bias_grad(gy, bias))
 
 
-lowrank_apply.register_autograd(_lowrank_apply_backward, setup_context=_save_inputs)
+register_first_order(lowrank_apply, _lowrank_apply_backward, _save_inputs, "cuda")

@@ -30,8 +30,6 @@ def _rows_per_slice(D: int, width: int) -> int:
 def _random_linear_build(v, seed_m: int, seed_c, n: int, D: int):
     """``reshape(M @ v^T (+ c), C, n, D)`` for M (n*D x k) = randn(seed_m) and c = randn(seed_c)."""
     C, k = v.shape
-    if v.device.type != "meta":
-        _random.check_cost(n * D * (k + (seed_c is not None)), f"the hypernet's (n*D x {k}) random matrix at n={n}, D={D}")
     rows = []
     step = _rows_per_slice(D, k)
     for i0 in range(0, n, step):
@@ -100,7 +98,7 @@ class hypernet_reconciliation(Seeded, Reconciliation):
         """Create the trainable hypernet (``static=False``), initialised to the seed's matrices."""
         if self.static or self.net is not None or self._setup_for == (n, D):
             return
-        _random.check_cost(n * D * (self.hidden_dim + 1), f"hypernet_reconciliation.setup(n={n}, D={D}) "
+        _random.check_cost(self.random_count(n, D), f"hypernet_reconciliation.setup(n={n}, D={D}) "
                            f"with hidden_dim={self.hidden_dim}")
         like = torch.empty(0)
         W1, b1 = self.first_layer(like)
@@ -130,6 +128,9 @@ class hypernet_reconciliation(Seeded, Reconciliation):
         W1, b1 = self.first_layer(wf)
         return torch.sigmoid(torch.matmul(wf, W1.T) + b1).to(w.dtype)
 
+    def random_count(self, n, D):   # (W1, b1), then (W2, b2) of n*D rows
+        return self.hidden_dim * (self.l + 1) + n * D * (self.hidden_dim + 1)
+
     def _build(self, n, D, w, backend):
         net = self._trainable(n, D, w)
         if net is not None:
@@ -137,12 +138,14 @@ class hypernet_reconciliation(Seeded, Reconciliation):
             if out.shape[-1] != n * D:
                 raise ValueError(f"the hypernet maps w to {out.shape[-1]} values per channel, not n*D = {n}*{D}")
             return out.reshape(-1, n, D)
+        self.check_draws(n, D, w)
         op = dispatch.get("hypernet_build", w.device.type, backend)
         return op(self._hvec(w), self.stream_seed(2), self.stream_seed(3), n, D)
 
     def _apply_flat(self, x, w, n, bias, backend):
         if self._trainable(n, x.shape[-1], w) is not None:
             return super()._apply_flat(x, w, n, bias, backend)
+        self.check_draws(n, x.shape[-1], x)
         op = dispatch.get("hypernet_apply", x.device.type, backend)
         return op(x, self._hvec(w), self.stream_seed(2), self.stream_seed(3), n, bias)
 
@@ -176,10 +179,15 @@ class random_matrix_hypernet_reconciliation(Seeded, Reconciliation):
         P, Q, S = self.small_matrices(wf)
         return torch.matmul(torch.sigmoid(torch.matmul(torch.matmul(wf, P), Q.T)), S).to(w.dtype)
 
+    def random_count(self, n, D):   # P, Q, S, then T of n*D rows
+        return self.r * (self.l + 2 * self.hidden_dim + n * D)
+
     def _build(self, n, D, w, backend):
+        self.check_draws(n, D, w)
         return dispatch.get("rmh_build", w.device.type, backend)(self._z(w), self.stream_seed(3), n, D)
 
     def _apply_flat(self, x, w, n, bias, backend):
+        self.check_draws(n, x.shape[-1], x)
         return dispatch.get("rmh_apply", x.device.type, backend)(x, self._z(w), self.stream_seed(3), n, bias)
 
     def extra_repr(self):

@@ -95,10 +95,15 @@ class random_matrix_adaption_reconciliation(Seeded, Reconciliation):
         l1, l2 = torch.split(w, [n, self.r], dim=1)
         return l1, l2, self.stream_seed(0), self.stream_seed(1)
 
+    def random_count(self, n, D):   # A and B
+        return (n + D) * self.r
+
     def _build(self, n, D, w, backend):
+        self.check_draws(n, D, w)
         return dispatch.get("rma_build", w.device.type, backend)(*self._lambdas(n, w), D)
 
     def _apply_flat(self, x, w, n, bias, backend):
+        self.check_draws(n, x.shape[-1], x)
         return dispatch.get("rma_apply", x.device.type, backend)(x, *self._lambdas(n, w), bias)
 
     def matrices(self, n, D, device=None, dtype=torch.float32):

@@ -63,11 +63,16 @@ class masking_reconciliation(Seeded, Reconciliation):
             call = self._calls
         return _random.derive_seed(self.stream_seed(0), call)
 
+    def random_count(self, n, D):   # the mask
+        return n * D
+
     def _build(self, n, D, w, backend):
+        self.check_draws(n, D, w)   # before mask_seed: a refused call uses no mask
         op = dispatch.get("masking_build", w.device.type, backend)
         return op(w.reshape(-1, n, D), self.mask_seed(), self.p)
 
     def _apply_flat(self, x, w, n, bias, backend):
+        self.check_draws(n, x.shape[-1], x)
         op = dispatch.get("masking_apply", x.device.type, backend)
         return op(x, w.reshape(-1, n, x.shape[-1]), self.mask_seed(), self.p, bias)
 
