@@ -72,17 +72,17 @@ def refused_before_any_op(call):
 @refused_before_any_op
 def huge_hypernet(backend):
     x = torch.randn(1, 2**16)
-    return make("hypernet").apply(x, torch.randn(5), n=2**16, backend=backend)
+    return make("hypernet").apply(x, torch.randn(5), n=2**19, backend=backend)   # 2**35 * (hidden_dim + 1) numbers
 
 
 @refused_before_any_op
 def huge_rmh(backend):
-    return make("random_matrix_hypernet")(n=2**16, D=2**16, w=torch.randn(5), backend=backend)
+    return make("random_matrix_hypernet")(n=2**19, D=2**16, w=torch.randn(5), backend=backend)   # 2**35 * r
 
 
 @refused_before_any_op
-def huge_rma(backend):   # A and B at rank 2**16: (n + D) * r = 2**33 numbers
-    return make("random_matrix_adaption", r=2**16).apply(torch.randn(1, 2**16), torch.randn(2**17), n=2**16,
+def huge_rma(backend):   # A and B at rank 2**19: (n + D) * r = 2**36 numbers
+    return make("random_matrix_adaption", r=2**19).apply(torch.randn(1, 2**16), torch.randn(2**16 + 2**19), n=2**16,
                                                          backend=backend)
 
 
@@ -135,9 +135,9 @@ for fam in ("masking", "random_matrix_adaption", "hypernet", "random_matrix_hype
             ValueError, "seed must be an int in")
 row("masking-state-calls=-1", lambda b: load_state("masking", {"seed": 1, "calls": -1}), ValueError,
     "call count must be a non-negative int")
-row("hypernet-n=D=2**16", huge_hypernet, ValueError, "TINYRECON_MAX_RANDOM", True)
-row("random_matrix_hypernet-n=D=2**16", huge_rmh, ValueError, "TINYRECON_MAX_RANDOM", True)
-row("random_matrix_adaption-r=n=D=2**16", huge_rma, ValueError, "TINYRECON_MAX_RANDOM", True)
+row("hypernet-n=2**19-D=2**16", huge_hypernet, ValueError, "TINYRECON_MAX_RANDOM", True)
+row("random_matrix_hypernet-n=2**19-D=2**16", huge_rmh, ValueError, "TINYRECON_MAX_RANDOM", True)
+row("random_matrix_adaption-r=2**19-n=D=2**16", huge_rma, ValueError, "TINYRECON_MAX_RANDOM", True)
 row("hypernet-setup-n=D=2**16", lambda b: tr.hypernet_reconciliation(static=False).setup(2**16, 2**16),
     ValueError, "TINYRECON_MAX_RANDOM")
 row("layer-channels=0", lambda b: tr.ReconciledLinear(D, N, "lorr", channels=0), ValueError,

@@ -157,11 +157,12 @@ def clear_cache() -> None:
         _stats.update(bytes=0, hits=0, misses=0)
 
 
-# Generating in torch costs about 100 ns per number and CPU core: 2**32 numbers take about 7
-# core-minutes, and their float32 values alone 16 GiB. A call asking for more (hypernets at
-# n = D = 2**16 would draw 2**39) is refused before any work starts, on every backend (the
-# functions check what a call draws before dispatch), unless TINYRECON_MAX_RANDOM raises the limit.
-_DEFAULT_MAX_NUMBERS = 1 << 32
+# Generating costs about 100 ns per number and CPU core in torch ops (about 35 ns for a normal in
+# the CPU library): 2**35 numbers take about an hour of one core in torch. A call asking for more
+# (hypernets at n = D = 2**16 would draw 2**39) is refused before any work starts, on every backend
+# (the functions check what a call draws before dispatch), unless TINYRECON_MAX_RANDOM raises the
+# limit. Below it, e.g. a hypernet at the MNIST layer (5e9 numbers, about 100 s on 2 cores), runs.
+_DEFAULT_MAX_NUMBERS = 1 << 35
 
 
 def check_cost(count: int, what: str) -> None:
