@@ -83,6 +83,7 @@ setup(
     package_dir={"tinyrecon": "src/tinyrecon", "tinyrecon.kernels": "kernels"},
     ext_modules=[Extension("tinyrecon.libtinyrecon_cuda", sources=sorted(glob.glob("csrc/*.cu")),
                            depends=sorted(glob.glob("csrc/*.cuh"))),
-                 Extension("tinyrecon.libtinyrecon_cpu", sources=sorted(glob.glob("csrc/*.cpp")))],
+                 Extension("tinyrecon.libtinyrecon_cpu", sources=sorted(glob.glob("csrc/*.cpp")),
+                           depends=sorted(glob.glob("csrc/*.h")))],
     cmdclass={"build_ext": BuildLibraries},
 )

@@ -15,13 +15,7 @@
 #include <cstdint>
 #include <cstring>
 
-#define TR_EXPORT extern "C" __attribute__((visibility("default")))
-#define TR_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(TR_NO_CLONES)
-#define TR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define TR_CLONES
-#endif
+#include "cpu_common.h"
 
 namespace {
 

@@ -124,3 +124,13 @@ def check_grads_match_reference(rec, n: int, D: int, batch: int, backend: str, d
     for got, expected in zip(grads(dtype, backend), grads(torch.float64, "torch")):
         assert got.dtype == dtype
         assert_close(got, expected, dtype)
+
+
+def isa_levels() -> list:
+    """-march levels this CPU can run (x86-64 with GCC only: elsewhere the CPU library has no clones)."""
+    import platform
+    import shutil
+    if platform.machine() != "x86_64" or not shutil.which("g++"):
+        return []
+    flags = open("/proc/cpuinfo").read()
+    return ["x86-64"] + ["x86-64-v3"] * ("avx2" in flags) + ["x86-64-v4"] * ("avx512f" in flags)

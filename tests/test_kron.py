@@ -5,7 +5,7 @@ import torch
 import tinyrecon as tr
 from tinyrecon import dispatch
 from tinyrecon.functions import kron
-from conftest import DEVICE, DTYPES, assert_close, backends_for, check_compiles_to_one_op
+from conftest import DEVICE, DTYPES, assert_close, backends_for, check_compiles_to_one_op, isa_levels
 
 KINDS = {"hm": tr.hm_reconciliation, "lphm": tr.lphm_reconciliation, "dual_lphm": tr.dual_lphm_reconciliation}
 LAYOUTS = ("kron", "tinybig")
@@ -348,17 +348,7 @@ def test_kron_passes_over_x(passes, monkeypatch):
     assert len(reads) == in_forward
 
 
-def _isa_levels():
-    """-march levels this CPU can run (x86-64 with GCC only: elsewhere the library has no clones)."""
-    import platform
-    import shutil
-    if platform.machine() != "x86_64" or not shutil.which("g++"):
-        return []
-    flags = open("/proc/cpuinfo").read()
-    return ["x86-64"] + ["x86-64-v3"] * ("avx2" in flags) + ["x86-64-v4"] * ("avx512f" in flags)
-
-
-@pytest.mark.parametrize("march", _isa_levels())
+@pytest.mark.parametrize("march", isa_levels())
 def test_cpu_library_is_right_at_each_isa_level(march, tmp_path, monkeypatch):
     """The installed library runs the best clone this CPU has; each other clone (SSE2, AVX2) is
     built here alone, warning-free, and checked on the Kronecker apply and its gradients."""

@@ -1,7 +1,5 @@
 """The CPU library's Philox (csrc/random_cpu.cpp) equals _random.py's torch ops: uniforms bit for
 bit, normals to float32 rounding (both evaluate Box-Muller in float64 and round once)."""
-import platform
-import shutil
 import subprocess
 
 import pytest
@@ -9,7 +7,7 @@ import torch
 
 from tinyrecon import _random, cpu_lib
 
-from conftest import assert_close
+from conftest import assert_close, isa_levels
 
 pytestmark = pytest.mark.skipif(bool(cpu_lib.load_error()), reason="no CPU library here")
 
@@ -77,14 +75,7 @@ def test_bad_arguments_are_refused():
         cpu_lib.call("tinyrecon_cpu_philox_fill", 0, 1, 0, -1, 1, 4, 4, torch.empty(4).data_ptr())
 
 
-def _isa_levels():
-    if platform.machine() != "x86_64" or not shutil.which("g++"):
-        return []
-    flags = open("/proc/cpuinfo").read()
-    return ["x86-64"] + ["x86-64-v3"] * ("avx2" in flags) + ["x86-64-v4"] * ("avx512f" in flags)
-
-
-@pytest.mark.parametrize("march", _isa_levels())
+@pytest.mark.parametrize("march", isa_levels())
 def test_each_isa_level_builds_clean_and_agrees(march, tmp_path, monkeypatch):
     out = str(tmp_path / f"lib-{march}.so")
     command = cpu_lib.cxx_command("g++", ["csrc/random_cpu.cpp"], out, werror=True) + ["-DTR_NO_CLONES", f"-march={march}"]
