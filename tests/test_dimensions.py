@@ -60,18 +60,42 @@ def _values_and_grads(rec, x, w, b, backend):
     return (y, *torch.autograd.grad(y, leaves, dy, allow_unused=True))
 
 
+def _spy_on_ops(monkeypatch):
+    """[(op, its tensor arguments)] of every backend op called from now on (dispatch.get's functions wrapped)."""
+    calls, get = [], dispatch.get
+
+    def spying_get(op, device_type, backend=None):
+        fn = get(op, device_type, backend)
+
+        def spy(*args, **kwargs):
+            calls.append((op, [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]))
+            return fn(*args, **kwargs)
+        return spy
+
+    monkeypatch.setattr(dispatch, "get", spying_get)
+    return calls
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("function", FUNCTIONS, ids=IDS)
-def test_strided_x_and_bias(function, backend):
+def test_strided_x_and_bias(function, backend, monkeypatch):
     """x and bias as views with a stride of 2 (and x transposed): values and gradients as from
-    contiguous copies on the same backend (which other tests compare with the reference)."""
+    contiguous copies on the same backend (which other tests compare with the reference). The
+    backend's apply op is given the strided bias itself (no copy on the way), so its forward reads
+    the view and its backward runs on the call that did."""
     rec = function()
     f64 = dict(dtype=torch.float64, device=DEVICE)
     w = torch.randn(2, rec.calculate_l(N_OUT, D_IN), **f64)
+    calls = _spy_on_ops(monkeypatch)
     for x in (torch.randn(11, 2 * D_IN, **f64)[:, ::2], torch.randn(D_IN, 11, **f64).T):
         b = torch.randn(2 * N_OUT, **f64)[::2]
         assert not x.is_contiguous() and not b.is_contiguous()
+        calls.clear()
         got = _or_skip(lambda: _values_and_grads(rec, x.detach(), w.clone(), b.detach(), backend))
+        storage = b.untyped_storage().data_ptr()
+        given = [(op, [t.stride() for t in tensors if t.untyped_storage().data_ptr() == storage])
+                 for op, tensors in calls if op.endswith("_apply")]
+        assert given and all(strides == [(2,)] for _, strides in given), given
         expected = _values_and_grads(rec, x.contiguous(), w.clone(), b.contiguous(), backend)
         for g, e in zip(got, expected):
             assert (g is None) == (e is None)
