@@ -142,6 +142,11 @@ def _tf32_allowed() -> bool:
         return torch.get_float32_matmul_precision() != "highest"
 
 
+def bias_stride(bias) -> int:
+    """A bias's element stride (bias may be any 1-D view; kernels read it through this), 0 when absent."""
+    return 0 if bias is None else bias.stride(0)
+
+
 def precision(dtype: torch.dtype) -> str:
     """fp32 inputs: IEEE products (the tolerance is fp32's) unless the user allowed TF32 in torch."""
     return "tf32" if dtype == torch.float32 and _tf32_allowed() else "ieee"

@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from ..base import register_first_order
-from ._common import (acc_type, autotune, dot_dtype, fewest_values, inner_dtype, mixed_precision, precision,
-                      rank_block, split_sum)
+from ._common import (acc_type, autotune, bias_stride, dot_dtype, fewest_values, inner_dtype, mixed_precision,
+                      precision, rank_block, split_sum)
 
 
 def _cfg(bp, bm, bs, bt, warps, stages):
@@ -229,7 +229,7 @@ def _launch_mm(inp, A1, A2, B1, B2, bias, C_out, CH):
         def grid(a):
             return triton.cdiv(M, a["BM"]) * triton.cdiv(P, a["BP"]) * triton.cdiv(S, a["BS"]), C_out
         _kron_mm[grid](inp, *inp.stride(), A1, *A1.stride(), A2, *_strides(A2), B1, *B1.stride(),
-                       B2, *_strides(B2), bias, 0 if bias is None else bias.stride(0), out, *out.stride(),
+                       B2, *_strides(B2), bias, bias_stride(bias), out, *out.stride(),
                        M, P, Q, S, T, RA, RB, CH,
                        A_LR=A2 is not None, B_LR=B2 is not None, HAS_BIAS=bias is not None,
                        ACC=acc_type(inp.dtype), DOT=dot_dtype(inp.dtype), PREC=precision(inp.dtype),

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_type, autotune, dot_dtype, fewest_values, inner_dtype, mixed_precision, precision, rank_block
+from ._common import (acc_type, autotune, bias_stride, dot_dtype, fewest_values, inner_dtype, mixed_precision, precision,
+                      rank_block)
 
 
 def _cfg(bm, bn, bk, warps, stages=3):
@@ -135,7 +136,7 @@ lowrank_build.register_autograd(_lowrank_build_backward, setup_context=_lowrank_
 @autotune(_FUSED_CONFIGS, key=["N", "D", "n", "RP", "HAS_BIAS", "ACC", "DOT", "PREC", "MPREC"], bucket=["N"],
           prune=lambda cfgs, a: _fits(cfgs, a["RP"], a["X"].element_size()))
 @triton.jit
-def _lowrank_apply_kernel(X, A, Bm, Bias, Y, N, D, n, r, sxm, sxd, sac, sai, sak, sbc, sbk, sbd,
+def _lowrank_apply_kernel(X, A, Bm, Bias, Y, N, D, n, r, sxm, sxd, sac, sai, sak, sbc, sbk, sbd, s_bias,
                           HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                           MPREC: tl.constexpr, RP: tl.constexpr,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -156,7 +157,7 @@ def _lowrank_apply_kernel(X, A, Bm, Bias, Y, N, D, n, r, sxm, sxd, sac, sai, sak
                      mask=(cols[None, :] < n) & (ks[:, None] < r), other=0.0)
         y = tl.dot(u, at.to(ACC), input_precision=MPREC, out_dtype=ACC)   # u: an fp32 sum over D
         if HAS_BIAS:
-            y += tl.load(Bias + cols, mask=cols < n, other=0.0).to(ACC)[None, :]
+            y += tl.load(Bias + cols * s_bias, mask=cols < n, other=0.0).to(ACC)[None, :]
         tl.store(Y + (c * N + rows[:, None]) * n + cols[None, :], y.to(Y.dtype.element_ty),
                  mask=(rows[:, None] < N) & (cols[None, :] < n))
 
@@ -169,8 +170,8 @@ def lowrank_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: Optio
     if y.numel():
         grid = lambda META: (triton.cdiv(N, META["BM"]), C)  # noqa: E731
         _lowrank_apply_kernel[grid](x, A, B, bias, y, N, D, n, r, *x.stride(), *A.stride(), *B.stride(),
-                                    HAS_BIAS=bias is not None, ACC=acc_type(x.dtype), DOT=dot_dtype(x.dtype),
-                                    PREC=precision(x.dtype),
+                                    bias_stride(bias), HAS_BIAS=bias is not None, ACC=acc_type(x.dtype),
+                                    DOT=dot_dtype(x.dtype), PREC=precision(x.dtype),
                                     MPREC=mixed_precision(x.dtype), RP=rank_block(r))
     return y
 
@@ -297,7 +298,7 @@ rma_build.register_autograd(_rma_build_backward, setup_context=_rma_build_setup)
 @autotune(_FUSED_CONFIGS, key=["N", "D", "n", "RP", "HAS_BIAS", "ACC", "PREC"], bucket=["N"],
           prune=lambda cfgs, a: _fits(cfgs, a["RP"], a["X"].element_size()))
 @triton.jit
-def _rma_apply_kernel(X, L1, L2, Bias, Y, C, N, D, n, r, seed_a, seed_b, sxm, sxd, sl1c, sl1i, sl2c, sl2k,
+def _rma_apply_kernel(X, L1, L2, Bias, Y, C, N, D, n, r, seed_a, seed_b, sxm, sxd, sl1c, sl1i, sl2c, sl2k, s_bias,
                       HAS_BIAS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, RP: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
@@ -312,7 +313,7 @@ def _rma_apply_kernel(X, L1, L2, Bias, Y, C, N, D, n, r, seed_a, seed_b, sxm, sx
         cols = i0 + tl.arange(0, BN).to(tl.int64)
         at = tl.trans(_randn_tile(seed_a, cols, ks, n, r)).to(ACC)      # A^T tile (RP, BN)
         if HAS_BIAS:
-            b = tl.load(Bias + cols, mask=cols < n, other=0.0).to(ACC)
+            b = tl.load(Bias + cols * s_bias, mask=cols < n, other=0.0).to(ACC)
         for c in range(C):
             l2 = tl.load(L2 + c * sl2c + ks * sl2k, mask=ks < r, other=0.0).to(ACC)
             l1 = tl.load(L1 + c * sl1c + cols * sl1i, mask=cols < n, other=0.0).to(ACC)
@@ -332,7 +333,7 @@ def rma_apply(x: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor, seed_a: int, 
     if y.numel():
         grid = lambda META: (triton.cdiv(N, META["BM"]),)  # noqa: E731
         _rma_apply_kernel[grid](x, l1, l2, bias, y, C, N, D, n, r, seed_a, seed_b, *x.stride(),
-                                *l1.stride(), *l2.stride(), HAS_BIAS=bias is not None,
+                                *l1.stride(), *l2.stride(), bias_stride(bias), HAS_BIAS=bias is not None,
                                 ACC=acc_type(x.dtype), PREC=mixed_precision(x.dtype), RP=rank_block(r))
     return y
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..base import register_first_order
-from ._common import acc_type, autotune, dot_dtype, precision
+from ._common import acc_type, autotune, bias_stride, dot_dtype, precision
 
 _MM_CONFIGS = [triton.Config({"BM": 16, "BR": 16, "BK": 16}, num_warps=1)] + [
     triton.Config({"BM": bm, "BR": br, "BK": bk}, num_warps=w, num_stages=st)
@@ -52,7 +52,7 @@ def _build(Wp, s_c, s_n, s_d, OUT, n, D, seed, p, BI: tl.constexpr, BJ: tl.const
 
 @autotune(_MM_CONFIGS, key=["ROWS", "K", "R", "TRANS", "CHANNELS", "HAS_BIAS", "ACC", "DOT", "PREC"], bucket=["ROWS"])
 @triton.jit
-def _masked_mm(A, s_ac, s_am, s_ak, Wp, s_wc, s_wk, s_wr, BIAS, OUT, s_oc, s_om,
+def _masked_mm(A, s_ac, s_am, s_ak, Wp, s_wc, s_wk, s_wr, BIAS, s_bias, OUT, s_oc, s_om,
                ROWS, K, R, CHANNELS, seed, p,
                TRANS: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
@@ -84,7 +84,7 @@ def _masked_mm(A, s_ac, s_am, s_ak, Wp, s_wc, s_wk, s_wr, BIAS, OUT, s_oc, s_om,
             acc = tl.dot(a.to(DOT), wt.to(DOT), acc, input_precision=PREC, out_dtype=ACC)
     ok = row_ok[:, None] & r_ok[None, :]
     if HAS_BIAS:
-        acc += tl.load(BIAS + r, mask=r_ok, other=0.0).to(ACC)[None, :]
+        acc += tl.load(BIAS + r * s_bias, mask=r_ok, other=0.0).to(ACC)[None, :]
     tl.store(OUT + pid_c.to(tl.int64) * s_oc + m[:, None] * s_om + r[None, :], acc.to(OUT.dtype.element_ty), mask=ok)
 
 
@@ -131,8 +131,8 @@ def _mm(a, a_channel_stride, w, w_kr, bias, C_out, channels, K, R, trans, seed, 
     out = torch.empty(C_out, N, R, dtype=a.dtype, device=a.device)
     if out.numel():
         grid = lambda m: (triton.cdiv(N, m["BM"]) * triton.cdiv(R, m["BR"]), C_out)  # noqa: E731
-        _masked_mm[grid](a, a_channel_stride, a.stride(-2), a.stride(-1), w, w.stride(0), *w_kr, bias, out,
-                         out.stride(0), out.stride(1), N, K, R, channels, seed, p, TRANS=trans,
+        _masked_mm[grid](a, a_channel_stride, a.stride(-2), a.stride(-1), w, w.stride(0), *w_kr, bias, bias_stride(bias),
+                         out, out.stride(0), out.stride(1), N, K, R, channels, seed, p, TRANS=trans,
                          HAS_BIAS=bias is not None, **_flags(a.dtype))
     return out
 

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..base import register_first_order
-from ._common import acc_type, autotune, inner_dtype, mixed_precision, split_sum
+from ._common import acc_type, autotune, bias_stride, inner_dtype, mixed_precision, split_sum
 
 # Under the interpreter only the first config runs: small tiles, so tests cross tile edges.
 _MM_CONFIGS = [triton.Config({"BM": 16, "BR": 16, "BK": 16}, num_warps=1)] + [
@@ -56,7 +56,7 @@ def _block_sum(ptr, stride_m, stride_k, b, g, row_ok, k, K, BLOCKS, VALID, ACC: 
 
 @autotune(_MM_CONFIGS, key=["ROWS", "K", "R", "IN_BLOCKS", "OUT_BLOCKS", "HAS_BIAS", "ACC", "PREC"], bucket=["ROWS"])
 @triton.jit
-def _blocked_mm(IN, s_ic, s_im, s_ik, M, s_mc, s_mk, s_mr, BIAS, OUT, s_oc, s_om,
+def _blocked_mm(IN, s_ic, s_im, s_ik, M, s_mc, s_mk, s_mr, BIAS, s_bias, OUT, s_oc, s_om,
                 ROWS, G, K, R, IN_BLOCKS, IN_VALID, OUT_BLOCKS, CHANNELS,
                 HAS_BIAS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                 BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
@@ -88,7 +88,7 @@ def _blocked_mm(IN, s_ic, s_im, s_ik, M, s_mc, s_mk, s_mr, BIAS, OUT, s_oc, s_om
         cols = (g + i)[:, None] * R + r[None, :]
         out = acc
         if HAS_BIAS:
-            out += tl.load(BIAS + cols, mask=ok, other=0.0).to(ACC)
+            out += tl.load(BIAS + cols * s_bias, mask=ok, other=0.0).to(ACC)
         tl.store(base + cols, out.to(OUT.dtype.element_ty), mask=ok)
 
 
@@ -161,8 +161,8 @@ def _launch_mm(inp, in_channel_stride, M, mk_mr, bias, C_out, channels, rows, G,
     if out.numel():
         grid = lambda a: (triton.cdiv(rows, a["BM"]) * triton.cdiv(R, a["BR"]), C_out)  # noqa: E731
         _blocked_mm[grid](inp, in_channel_stride, inp.stride(-2), inp.stride(-1), M, M.stride(0), *mk_mr,
-                          bias, out, out.stride(0), out.stride(1), rows, G, K, R, in_blocks, in_valid,
-                          out_blocks, channels, HAS_BIAS=bias is not None, ACC=acc_type(inp.dtype),
+                          bias, bias_stride(bias), out, out.stride(0), out.stride(1), rows, G, K, R, in_blocks,
+                          in_valid, out_blocks, channels, HAS_BIAS=bias is not None, ACC=acc_type(inp.dtype),
                           PREC=mixed_precision(inp.dtype))
     return out
 

@@ -280,6 +280,23 @@ def _small_cases(device):
     }
 
 
+# apply op -> its reference and where its bias is in _small_cases' arguments
+_APPLIES = {"kron_apply": (kron_ref.kron_apply, 5), "block_diag_apply": (padding_ref.block_diag_apply, 4),
+            "lowrank_apply": (lowrank_ref.lowrank_apply, 3)}
+
+
+@pytest.mark.parametrize("op", _APPLIES)
+def test_strided_bias(device, op):
+    """A bias view with a stride of 2 (apply passes views through; the glue copies it to the dense
+    buffer the library reads): values and gradients as the reference's."""
+    from tinyrecon import cuda_ops
+    ref, at = _APPLIES[op]
+    args = list(_small_cases(device)[op])
+    args[at] = torch.randn(2 * len(args[at]), dtype=torch.float64, device=device)[::2]
+    assert not args[at].is_contiguous()
+    _compare(getattr(cuda_ops, op), ref, args, torch.float64)
+
+
 OPS = ["kron_build", "kron_apply", "block_diag_build", "block_diag_apply", "lowrank_build", "lowrank_apply"]
 
 

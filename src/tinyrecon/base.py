@@ -290,7 +290,6 @@ class Reconciliation(nn.Module):
             _same(bias, x, "bias", "x")
             if tuple(bias.shape) != (n,):
                 raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-            bias = bias.contiguous()   # n values: every backend may then read it with unit stride
         batch = x.shape[:-1]
         y = self._apply_flat(x.reshape(-1, D), w2, n, bias, self._backend(backend))
         y = y.reshape(y.shape[0], *batch, n)

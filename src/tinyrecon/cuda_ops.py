@@ -24,6 +24,9 @@ def _ptr(t: Optional[Tensor]) -> Optional[int]:
 
 
 def _c(t: Optional[Tensor]) -> Optional[Tensor]:
+    # The entry points take dense row-major buffers: no strides in the C ABI. A strided bias (apply
+    # passes views through) is copied here too rather than given a stride argument: its n values
+    # cost nothing next to the GEMM, and the ABI and kernels of csrc/ keep one dense contract.
     return None if t is None else t.contiguous()
 
 
