@@ -96,7 +96,8 @@ def _torch_fill(out: torch.Tensor, seed: int, start: int, numel: int, kind: str)
 # servers, data-parallel CPU workers); numbers are generated outside it, so threads still draw in
 # parallel (two threads missing on one key both generate it, and the values are equal).
 # 256 MiB (64M float32): every small frozen matrix and random_matrix_adaption's B (D x r; 12 MiB at
-# the MNIST layer) many times over; n x D masks and hypernet matrices are regenerated in blocks instead.
+# the MNIST layer) many times over. The cpu backend regenerates n x D masks and hypernet matrices in
+# column blocks (``block``, never cached); on the torch path a mask that fits is cached like any matrix.
 _DEFAULT_BUDGET = 1 << 28
 _lock = threading.Lock()
 _cache: OrderedDict = OrderedDict()   # key -> float32 tensor
