@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tinyrecon import benchmark as tb
-from tinyrecon import cli, dispatch
+from tinyrecon import cli, dispatch, registry
 from tinyrecon.functions import kron
 
 CPU = torch.device("cpu")
@@ -65,7 +65,7 @@ def test_select_defaults_names_and_families():
 def test_every_function_has_a_family_module_and_existing_ops():
     assert set(tb.FAMILIES) == {"basic", "hypernet", "kron", "lowrank", "masking", "padding"}
     for f in tb.FUNCTIONS:
-        prefix = tb.OP_PREFIX.get(f)
+        prefix = registry.CLASSES[f].op
         if prefix is None:
             assert tb.FAMILY[f] == "basic"
         else:

@@ -190,6 +190,9 @@ class Reconciliation(nn.Module):
     returning ``(C, n, D)`` and ``_apply_flat`` returning ``(C, N, n)`` for ``x`` of shape ``(N, D)``.
     """
 
+    # Prefix of this function's dispatch ops, "<op>_build" and "<op>_apply" (None: it has none).
+    op: str | None = None
+
     def __init__(self, name: str, *, require_parameters: bool = True, enable_bias: bool = False,
                  device=None, backend: str | None = None):
         super().__init__()

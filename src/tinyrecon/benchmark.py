@@ -69,10 +69,6 @@ FAMILIES = tuple(dict.fromkeys(FAMILY.values()))
 KWARGS = {"lphm": dict(r=5), "dual_lphm": dict(r=5), "lorr": dict(r=5),
           "random_matrix_adaption": dict(r=5, seed=0), "random_matrix_hypernet": dict(r=5, seed=0),
           "masking": dict(seed=0), "hypernet": dict(seed=0)}
-# Dispatch ops of each function: "<prefix>_build" and "<prefix>_apply" (basic functions have none).
-OP_PREFIX = {"hm": "kron", "lphm": "kron", "dual_lphm": "kron", "duplicated_padding": "dup_pad",
-             "duplicated_diagonal_padding": "block_diag", "lorr": "lowrank", "random_matrix_adaption": "rma",
-             "masking": "masking", "hypernet": "hypernet", "random_matrix_hypernet": "rmh"}
 
 
 @dataclass(frozen=True)
@@ -152,7 +148,7 @@ def make_function(name: str):
 
 
 def dispatch_op(case: Case) -> str | None:
-    prefix = OP_PREFIX.get(case.function)
+    prefix = registry.CLASSES[case.function].op
     return prefix and f"{prefix}_{'build' if case.op == 'build' else 'apply'}"
 
 

@@ -72,6 +72,7 @@ class hypernet_reconciliation(Seeded, Reconciliation):
     0.2.1 created them lazily after the optimizer was built, so they never were. ``net``: your
     own module mapping w (C, l) to (C, n*D), used instead of the random one.
     """
+    op = "hypernet"
 
     def __init__(self, name="hypernet_reconciliation", l=64, hidden_dim=128, static=True, net=None,
                  seed=None, **kwargs):
@@ -155,6 +156,7 @@ class hypernet_reconciliation(Seeded, Reconciliation):
 
 class random_matrix_hypernet_reconciliation(Seeded, Reconciliation):
     """W = reshape(((sigmoid((w @ P) @ Q^T) @ S) @ T^T), n, D); P, Q, S, T frozen N(0, 1)."""
+    op = "rmh"
 
     def __init__(self, name="random_matrix_hypernet_reconciliation", r=2, l=64, hidden_dim=128, seed=None,
                  **kwargs):

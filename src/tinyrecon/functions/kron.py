@@ -153,6 +153,7 @@ def tinybig_outer_apply(x, a, b, n, bias):
 
 class _KronBase(Reconciliation):
     """Shared by hm, lphm and dual_lphm: p, q resolution, layout, and the two ops."""
+    op = "kron"
 
     def __init__(self, name, p=None, q=None, layout="kron", **kwargs):
         super().__init__(name, **kwargs)

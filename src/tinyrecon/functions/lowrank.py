@@ -51,6 +51,7 @@ def rma_apply(x, l1, l2, seed_a: int, seed_b: int, bias, x_ops=TORCH_X_OPS):
 
 class lorr_reconciliation(Reconciliation):
     """W = A @ B with A (n x r), B (r x D) read from w; l = r*(n+D)."""
+    op = "lowrank"
 
     def __init__(self, name="low_rank_reconciliation", r=2, **kwargs):
         super().__init__(name, **kwargs)
@@ -79,6 +80,7 @@ class lorr_reconciliation(Reconciliation):
 
 class random_matrix_adaption_reconciliation(Seeded, Reconciliation):
     """W = diag(l1) @ A @ diag(l2) @ B^T; l = n + r; A, B frozen N(0, 1) from ``seed``."""
+    op = "rma"
 
     def __init__(self, name="random_matrix_adaption_reconciliation", r=2, seed=None, **kwargs):
         super().__init__(name, **kwargs)

@@ -39,6 +39,7 @@ def masking_apply(x, w, seed: int, p: float, bias):
 
 class masking_reconciliation(Seeded, Reconciliation):
     """W = M * reshape(w, n, D), M ~ Bernoulli(p) frozen (or redrawn per call); l = n*D."""
+    op = "masking"
 
     def __init__(self, name="masking_reconciliation", p=0.5, fixed_mask=True, seed=None, **kwargs):
         super().__init__(name, **kwargs)

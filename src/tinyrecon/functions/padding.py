@@ -57,6 +57,7 @@ def block_diag_apply(x, B, p: int, q: int, bias, x_ops=TORCH_X_OPS):
 
 class duplicated_padding_reconciliation(Reconciliation):
     """W = ones(p, q) kron reshape(w, s, t); l = s*t. ``q=None`` means q = p."""
+    op = "dup_pad"
 
     def __init__(self, name="duplicated_padding_reconciliation", p=2, q=None, layout="kron", **kwargs):
         super().__init__(name, **kwargs)
@@ -99,6 +100,7 @@ class duplicated_diagonal_padding_reconciliation(duplicated_padding_reconciliati
     tinyBIG 0.2.1 only runs this with p = q = n (then its W equals this one) and returns it as
     a sparse COO tensor; here W is always dense, and ``layout`` is accepted for symmetry only.
     """
+    op = "block_diag"
 
     def __init__(self, name="duplicated_diagonal_padding_reconciliation", p=2, q=None, layout="kron", **kwargs):
         super().__init__(name, p, q, layout, **kwargs)
