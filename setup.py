@@ -79,7 +79,7 @@ class BuildLibraries(build_ext):
 
 
 setup(
-    packages=["tinyrecon", "tinyrecon.functions", "tinyrecon.kernels"],
+    packages=["tinyrecon", "tinyrecon.benchmark", "tinyrecon.functions", "tinyrecon.kernels"],
     package_dir={"tinyrecon": "src/tinyrecon", "tinyrecon.kernels": "kernels"},
     ext_modules=[Extension("tinyrecon.libtinyrecon_cuda", sources=sorted(glob.glob("csrc/*.cu")),
                            depends=sorted(glob.glob("csrc/*.cuh"))),

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from tinyrecon import dispatch  # noqa: E402
-from tinyrecon.benchmark import TOL  # noqa: E402  (one table: the benchmark checks kernels with it too)
+from tinyrecon.tolerances import TOL  # noqa: E402  (one table: the benchmark checks kernels with it too)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

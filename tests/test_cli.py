@@ -1,5 +1,7 @@
-"""The benchmark core (tinyrecon.benchmark) and the ``tinyrecon`` command: arguments, errors,
-output files, compare, info, and a broken kernel reported as wrong and never timed."""
+"""The benchmark (tinyrecon.benchmark: cases, check, timing, runner, report) and the ``tinyrecon``
+command: arguments, errors, output files, compare, info, and a broken kernel reported as wrong and
+never timed."""
+import dataclasses
 import json
 import math
 import runpy
@@ -8,12 +10,12 @@ import sys
 import pytest
 import torch
 
-from tinyrecon import benchmark as tb
 from tinyrecon import cli, dispatch, registry
+from tinyrecon.benchmark import cases, check, report, runner, timing
 from tinyrecon.functions import kron
 
 CPU = torch.device("cpu")
-FAST = tb.Mode(budget_s=0.0, min_reps=2, max_reps=2, max_call_s=5.0)
+FAST = timing.Mode(budget_s=0.0, min_reps=2, max_reps=2, max_call_s=5.0)
 TINY = ["--shapes", "small", "--backends", "torch"]
 
 
@@ -46,50 +48,53 @@ def test_bad_dtype_and_missing_command(capsys):
 
 
 def test_select_defaults_names_and_families():
-    quick = tb.select()
-    assert {c.shape for c in quick} == {"small", "tall", "mnist"}
+    quick = cases.select()
+    assert {c.shape for c in quick} == {"small", "tiny", "tall", "mnist"}
     assert {(c.function, c.op) for c in quick if c.shape == "mnist"} == {("dual_lphm", "fwdbwd"),
                                                                          ("dual_lphm", "train")}   # the headline
-    assert {c.shape for c in tb.select(quick=False)} == set(tb.SHAPES)
-    assert {c.shape for c in tb.select(shapes=["small"])} == {"small"}        # no headline when shapes are named
-    cases = tb.select(functions=["kron", "tinybig.reconciliation.lorr_reconciliation,hm"], shapes=["small,tall"],
-                      backends=["torch"], ops=["fwd"])
-    assert [c.id for c in cases] == [f"{f}-{s}-fwd-torch" for s in ("small", "tall")
-                                     for f in ("hm", "lphm", "dual_lphm", "lorr")]
-    assert tb.select(functions=["rma"], shapes=["small"], backends=["torch"], ops=["build"]) == \
-        [tb.Case("random_matrix_adaption", "small", "build", "torch")]
-    assert tb.function_names(["hypernet"]) == ["hypernet"]                    # the function, not the family
-    assert tb.family_functions("hypernet") == ["hypernet", "random_matrix_hypernet"]
+    assert {c.shape for c in cases.select(quick=False)} == set(cases.SHAPES)
+    assert {c.shape for c in cases.select(shapes=["small"])} == {"small"}        # no headline when shapes are named
+    picked = cases.select(functions=["kron", "tinybig.reconciliation.lorr_reconciliation,hm"], shapes=["small,tall"],
+                          backends=["torch"], ops=["fwd"])
+    assert [c.id for c in picked] == [f"{f}-{s}-fwd-torch" for s in ("small", "tall")
+                                      for f in ("hm", "lphm", "dual_lphm", "lorr")]
+    assert cases.select(functions=["rma"], shapes=["small"], backends=["torch"], ops=["build"]) == \
+        [cases.Case("random_matrix_adaption", "small", "build", "torch")]
+    assert cases.function_names(["hypernet"]) == ["hypernet"]                    # the function, not the family
+    assert cases.family_functions("hypernet") == ["hypernet", "random_matrix_hypernet"]
+    assert cases.dtypes(["float32,bfloat16"]) == [torch.float32, torch.bfloat16]
 
 
 def test_every_function_has_a_family_module_and_existing_ops():
-    assert set(tb.FAMILIES) == {"basic", "hypernet", "kron", "lowrank", "masking", "padding"}
-    for f in tb.FUNCTIONS:
+    assert set(cases.FAMILIES) == {"basic", "hypernet", "kron", "lowrank", "masking", "padding"}
+    for f in cases.FUNCTIONS:
         prefix = registry.CLASSES[f].op
         if prefix is None:
-            assert tb.FAMILY[f] == "basic"
+            assert cases.FAMILY[f] == "basic"
         else:
             assert {f"{prefix}_build", f"{prefix}_apply"} <= set(dispatch.OPS)
 
 
 def test_headline_config_is_the_mnist_rpn_layer():
-    s = tb.SHAPES["mnist"]
-    rec = tb.make_function("dual_lphm")
+    s = cases.SHAPES["mnist"]
+    rec = cases.make_function("dual_lphm")
     assert (s.n, s.D, s.batch) == (64, 615440, 64)
     assert rec.pq(s.n, s.D) == (8, 784) and rec.r == 5
+    t = cases.SHAPES["tiny"]
+    assert (t.n, t.D, t.batch) == (6, 12, 64)   # where a structured apply is compared with one dense F.linear
 
 
 # ---- a run: output files and JSON schema -------------------------------------------------------
 RESULT_KEYS = {"function", "family", "shape", "op", "backend", "n", "D", "batch", "dtype", "status", "reason",
                "ms", "ms_tinybig", "ms_dense", "x_tinybig", "x_dense", "reps", "tol_used", "tol_tinybig", "gbps",
-               "tflops", "pct_copy", "cold_ms", "cold_ms_tinybig"}
+               "tflops", "pct_copy", "cold_ms", "cold_ms_tinybig", "ms_floor", "over_floor", "wall_s"}
 
 
 def test_bench_writes_table_json_markdown_and_plot(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(tb, "QUICK", FAST)
+    monkeypatch.setattr(timing, "QUICK", FAST)
     assert bench(tmp_path, "--functions", "hm", "constant", "--ops", "fwd", "fwdbwd") == 0
     out = capsys.readouterr().out
-    assert "x vs tinyBIG" in out and "x vs dense" in out and "hm" in out
+    assert "x vs tinyBIG" in out and "x vs dense" in out and "ms / floor" in out and "hm" in out
     data = json.loads((tmp_path / "results.json").read_text())
     meta = data["meta"]
     for key in ("date", "device", "cpu", "torch", "triton", "tinyrecon", "dtype", "mode"):
@@ -102,13 +107,15 @@ def test_bench_writes_table_json_markdown_and_plot(tmp_path, capsys, monkeypatch
         assert r["status"] == "ok" and r["reps"] == 2 and 0 <= r["tol_used"] <= 1
         assert r["ms"] > 0 and math.isclose(r["x_tinybig"], r["ms_tinybig"] / r["ms"])
         assert math.isclose(r["x_dense"], r["ms_dense"] / r["ms"])
+        assert r["ms_floor"] > 0 and math.isclose(r["over_floor"], r["ms"] / r["ms_floor"])
+        assert r["cold_ms"] is None and r["wall_s"] > 0          # quick mode: no cold calls unless asked
     md = (tmp_path / "results.md").read_text()
     assert meta["date"] in md and meta["device"] in md and "| hm | small | fwdbwd | torch |" in md
     assert (tmp_path / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_skips_are_reported_with_their_reason(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(tb, "QUICK", FAST)
+    monkeypatch.setattr(timing, "QUICK", FAST)
     assert cli.main(["bench", "--functions", "identity", "--shapes", "small", "--ops", "build",
                      "--out", str(tmp_path)]) == 0
     rows = {r["backend"]: r for r in json.loads((tmp_path / "results.json").read_text())["results"]}
@@ -121,27 +128,85 @@ def test_skips_are_reported_with_their_reason(tmp_path, capsys, monkeypatch):
 
 def test_skip_reasons():
     f32 = torch.float32
-    case = tb.Case("hm", "small", "fwd", "cuda")
-    assert tb.skip_reason(case, CPU, f32) == dispatch.why_not("cuda", "kron_apply", "cpu") != ""
-    assert tb.skip_reason(tb.Case("hypernet", "small", "fwd", "torch"), CPU, f32) == ""
+    case = cases.Case("hm", "small", "fwd", "cuda")
+    assert cases.skip_reason(case, CPU, f32) == dispatch.why_not("cuda", "kron_apply", "cpu") != ""
+    assert cases.skip_reason(cases.Case("hypernet", "small", "fwd", "torch"), CPU, f32) == ""
 
 
-def test_random_families_are_timed_cold_too():
-    """Their first call in a fresh process is timed next to the warm ones; other functions are not."""
-    r = tb.run_case(tb.Case("masking", "small", "fwd", "torch"), torch.float32, CPU, FAST)
-    assert r["status"] == "ok" and r["cold_ms"] > 0 and r["cold_ms_tinybig"] > 0
-    r = tb.run_case(tb.Case("lorr", "small", "fwd", "torch"), torch.float32, CPU, FAST)
+def test_cold_calls_are_timed_when_asked(tmp_path, monkeypatch):
+    """--cold times the first call in a fresh process: the random families' at every shape, the other
+    functions' only at the MNIST shape, never a build; --quick does not time them unless asked."""
+    assert cases.times_cold(cases.Case("masking", "small", "fwd", "torch"))
+    assert cases.times_cold(cases.Case("lorr", "mnist", "train", "cpu"))
+    assert not cases.times_cold(cases.Case("lorr", "small", "fwd", "torch"))
+    assert not cases.times_cold(cases.Case("masking", "mnist", "build", "torch"))
+    assert not timing.QUICK.cold and timing.FULL.cold
+    monkeypatch.setattr(timing, "QUICK", FAST)
+    assert bench(tmp_path, "--functions", "masking", "lorr", "--ops", "fwd", "--cold") == 0
+    rows = {r["function"]: r for r in json.loads((tmp_path / "results.json").read_text())["results"]}
+    assert rows["masking"]["cold_ms"] > 0 and rows["masking"]["cold_ms_tinybig"] > 0
+    assert rows["lorr"]["status"] == "ok" and rows["lorr"]["cold_ms"] is None
+    r = runner.run_case(cases.Case("masking", "small", "fwd", "torch"), torch.float32, CPU, FAST)
     assert r["status"] == "ok" and r["cold_ms"] is None
 
 
+def test_quick_mode_lists_the_slow_cases_as_skipped():
+    case = cases.Case("hypernet", "tall", "fwd", "torch")
+    assert (case.function, case.shape) in cases.FULL_ONLY and not timing.QUICK.slow and timing.FULL.slow
+    assert "--full" in cases.skip_reason(case, CPU, torch.float32, slow=False)
+    assert cases.skip_reason(case, CPU, torch.float32, slow=True) == ""
+    r = runner.run_case(case, torch.float32, CPU, FAST)
+    assert r["status"] == "skipped" and r["reason"] == cases.FULL_ONLY["hypernet", "tall"]
+
+
+def test_floor_is_one_read_of_the_same_x():
+    """The floor column times x.sum() of the very x the case applies to (seed 0: w is drawn first)."""
+    for op in ("fwd", "train", "fwdbwd"):
+        fns, _ = check.prepare(cases.Case("hm", "tiny", op, "torch"), torch.float32, CPU)
+        gen = torch.Generator().manual_seed(0)
+        torch.randn(cases.make_function("hm").calculate_l(6, 12), generator=gen)
+        x = torch.randn(64, 12, generator=gen)
+        assert torch.equal(fns["floor"](), x.sum()) and not fns["floor"]().requires_grad
+    assert "floor" not in check.prepare(cases.Case("hm", "tiny", "build", "torch"), torch.float32, CPU)[0]
+
+
+def test_several_dtypes_run_each_case_in_each(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(timing, "QUICK", FAST)
+    assert bench(tmp_path, "--functions", "hm", "--ops", "fwd", "--dtype", "float32", "bfloat16") == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["dtype"], r["status"]) for r in data["results"]] == [("float32", "ok"), ("bfloat16", "ok")]
+    assert data["meta"]["dtype"] == "float32,bfloat16"
+    assert "| hm | small | fwd | torch | bfloat16 |" in (tmp_path / "results.md").read_text()
+    with pytest.raises(SystemExit):
+        bench(tmp_path, "--dtype", "float32,int8")
+    assert "unknown dtype 'int8'" in capsys.readouterr().err
+
+
+def test_without_the_bench_extra(tmp_path, capsys, monkeypatch):
+    """No matplotlib: no plot, said so (--plot is an error naming the extra); no tqdm: one line per case."""
+    monkeypatch.setattr(timing, "QUICK", FAST)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)    # what a missing package looks like to find_spec
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    with pytest.raises(SystemExit) as e:
+        bench(tmp_path, "--functions", "lorr", "--ops", "fwd", "--plot")
+    assert e.value.code == 2 and "tinyrecon[bench]" in capsys.readouterr().err
+    assert bench(tmp_path, "--functions", "lorr", "--ops", "fwd") == 0
+    captured = capsys.readouterr()
+    assert "[1/1] lorr-small-fwd-torch float32" in captured.err
+    assert "no speedup.png: matplotlib is not installed (pip install 'tinyrecon[bench]')" in captured.out
+    assert (tmp_path / "results.json").exists() and not (tmp_path / "speedup.png").exists()
+    with pytest.raises(ImportError, match="tinyrecon"):
+        report.plot(report.load(tmp_path / "results.json"), tmp_path / "speedup.png")
+
+
 def test_generator_throughput_is_measured():
-    rates = tb.generator_throughput(1 << 16)
+    rates = timing.generator_throughput(1 << 16)
     assert not rates or (set(rates) == {"rand", "randn", "memcpy"} and min(rates.values()) > 0)
 
 
 def test_too_slow_calls_are_skipped_not_timed(monkeypatch):
-    slow = tb.Mode(budget_s=0.0, min_reps=2, max_reps=2, max_call_s=0.0)
-    r = tb.run_case(tb.Case("lorr", "small", "fwd", "torch"), torch.float32, CPU, slow)
+    slow = dataclasses.replace(FAST, max_call_s=0.0)
+    r = runner.run_case(cases.Case("lorr", "small", "fwd", "torch"), torch.float32, CPU, slow)
     assert r["status"] == "skipped" and "warm call" in r["reason"] and r["ms"] is None
 
 
@@ -159,7 +224,7 @@ def test_broken_kernel_is_reported_wrong_and_not_timed(tmp_path, capsys, monkeyp
 
     def no_timing(*args, **kwargs):
         raise AssertionError("a wrong kernel must not be timed")
-    monkeypatch.setattr(tb, "time_interleaved", no_timing)
+    monkeypatch.setattr(timing, "time_interleaved", no_timing)
     assert bench(tmp_path, "--functions", "dual_lphm", "--ops", "fwd", "fwdbwd") == 1
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     assert [r["status"] for r in results] == ["wrong", "wrong"]
@@ -172,8 +237,8 @@ def test_broken_kernel_is_reported_wrong_and_not_timed(tmp_path, capsys, monkeyp
 @pytest.mark.parametrize("candidate, tinybig, status", [(1.5, 1.0, "ok"), (3.0, 1.0, "wrong"), (1.5, 0.5, "wrong")])
 def test_beyond_tolerance_passes_only_if_tinybigs_algorithm_is_as_far_off(candidate, tinybig, status, monkeypatch):
     errors = iter([candidate, tinybig])
-    monkeypatch.setattr(tb, "tolerance_used", lambda *args: next(errors))
-    r = tb.run_case(tb.Case("lorr", "small", "fwd", "torch"), torch.float32, CPU, FAST)
+    monkeypatch.setattr(check, "tolerance_used", lambda *args: next(errors))
+    r = runner.run_case(cases.Case("lorr", "small", "fwd", "torch"), torch.float32, CPU, FAST)
     assert (r["status"], r["tol_used"], r["tol_tinybig"]) == (status, candidate, tinybig)
     assert (r["ms"] is None) == (status == "wrong")
 
@@ -182,28 +247,28 @@ def test_failing_kernel_is_an_error_result(monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("kernel launch failed")
     _patch_op(monkeypatch, "kron_apply", boom)
-    r = tb.run_case(tb.Case("hm", "small", "fwd", "torch"), torch.float32, CPU, FAST)
+    r = runner.run_case(cases.Case("hm", "small", "fwd", "torch"), torch.float32, CPU, FAST)
     assert r["status"] == "error" and r["reason"] == "RuntimeError: kernel launch failed"
 
 
 def test_tolerance_used():
     e = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
-    assert tb.tolerance_used(e.float(), e, torch.float32) == 0
+    assert check.tolerance_used(e.float(), e, torch.float32) == 0
     bound = 2e-5 * 3 + 2e-5 * 3   # atol scaled by max |e|, plus rtol * |e| at the largest entry
     a = e.clone()
     a[2] += bound / 2
-    assert tb.tolerance_used(a, e, torch.float32) == pytest.approx(0.5)
+    assert check.tolerance_used(a, e, torch.float32) == pytest.approx(0.5)
     a[0] = float("nan")
-    assert tb.tolerance_used(a, e, torch.float32) == math.inf
-    assert tb.tolerance_used(e[:2], e, torch.float32) == math.inf
-    assert tb.tolerance_used((e, e), (e,), torch.float32) == math.inf
+    assert check.tolerance_used(a, e, torch.float32) == math.inf
+    assert check.tolerance_used(e[:2], e, torch.float32) == math.inf
+    assert check.tolerance_used((e, e), (e,), torch.float32) == math.inf
 
 
 # ---- timing and traffic ------------------------------------------------------------------------
 def test_timing_interleaves_candidate_and_baselines():
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in ("candidate", "tinybig", "dense")}
-    t = tb.time_interleaved(fns, CPU, tb.Mode(budget_s=0.0, min_reps=3, max_reps=3, max_call_s=1.0))
+    t = timing.time_interleaved(fns, CPU, timing.Mode(budget_s=0.0, min_reps=3, max_reps=3, max_call_s=1.0))
     assert t["reps"] == 3 and all(t[k] > 0 for k in fns)
     timed = [c for i, c in enumerate(calls) if i >= 3]          # after one warmup call each
     assert [timed[i] for i in range(0, len(timed)) if i == 0 or timed[i] != timed[i - 1]] == \
@@ -211,11 +276,11 @@ def test_timing_interleaves_candidate_and_baselines():
 
 
 def test_traffic_and_copy_bandwidth():
-    nbytes, flops = tb.traffic(tb.Case("hm", "small", "fwd", "torch"), torch.float32)
-    l = tb.make_function("hm").calculate_l(6, 12)
+    nbytes, flops = timing.traffic(cases.Case("hm", "small", "fwd", "torch"), torch.float32)
+    l = cases.make_function("hm").calculate_l(6, 12)
     assert nbytes == 4 * (8 * 12 + l + 6 + 8 * 6) and flops == 2 * 8 * 6 * 12
-    assert tb.traffic(tb.Case("hm", "small", "build", "torch"), torch.float16) == (2 * (l + 6 * 12), None)
-    assert tb.copy_bandwidth(CPU, nbytes=1 << 16, reps=3) > 0
+    assert timing.traffic(cases.Case("hm", "small", "build", "torch"), torch.float16) == (2 * (l + 6 * 12), None)
+    assert timing.copy_bandwidth(CPU, nbytes=1 << 16, reps=3) > 0
 
 
 # ---- compare and info --------------------------------------------------------------------------
@@ -229,7 +294,7 @@ def test_compare_two_runs(tmp_path, capsys):
     b = {"meta": meta, "results": [_result("hm", 1.0), _result("masking", 3.0), _result("lphm", 1.0)]}
     a["results"].append(_result("hypernet", None, "skipped"))
     b["results"].append(_result("hypernet", None, "skipped"))
-    rows = {r["function"]: r for r in tb.compare(a, b)}
+    rows = {r["function"]: r for r in report.compare(a, b)}
     assert rows["hm"]["speedup"] == 2.0
     assert rows["lorr"]["speedup"] is None and rows["lorr"]["status_b"] == "absent"
     assert rows["masking"]["speedup"] is None and rows["masking"]["status_a"] == "wrong"
@@ -248,10 +313,10 @@ def test_compare_two_runs(tmp_path, capsys):
 
 
 def test_bench_json_round_trips_through_compare(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(tb, "QUICK", FAST)
+    monkeypatch.setattr(timing, "QUICK", FAST)
     bench(tmp_path / "a", "--functions", "lorr", "--ops", "fwd")
     bench(tmp_path / "b", "--functions", "lorr", "--ops", "fwd")
-    rows = tb.compare(tb.load(tmp_path / "a" / "results.json"), tb.load(tmp_path / "b" / "results.json"))
+    rows = report.compare(report.load(tmp_path / "a" / "results.json"), report.load(tmp_path / "b" / "results.json"))
     assert len(rows) == 1 and rows[0]["speedup"] > 0
 
 
@@ -277,7 +342,7 @@ def test_python_dash_m(capsys, monkeypatch):
 
 
 def test_train_op_differentiates_w_and_bias_only():
-    fns, reference = tb.prepare(tb.Case("hm", "small", "train", "torch"), torch.float32, torch.device("cpu"))
+    fns, reference = check.prepare(cases.Case("hm", "small", "train", "torch"), torch.float32, torch.device("cpu"))
     y, *grads = fns["candidate"]()
     assert [tuple(g.shape) for g in grads] == [(18,), (6,)]          # dw, dbias; x is data
     _, *ref_grads = reference()

@@ -1,0 +1,14 @@
+"""Per-dtype tolerances of a result against a float64 (or float32) reference, read by the tests
+(``tests/conftest.py``) and by the benchmark's correctness check alike.
+
+One rounding of the output in the dtype plus fp32 accumulation error; atol is scaled by the
+reference's largest magnitude where it is used.
+"""
+import torch
+
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=2e-5, atol=2e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
