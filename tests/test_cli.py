@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tinyrecon import benchmark as tb
-from tinyrecon import cli, dispatch, registry
+from tinyrecon import cli, dispatch, ops, registry
 from tinyrecon.functions import kron
 
 CPU = torch.device("cpu")
@@ -69,7 +69,7 @@ def test_every_function_has_a_family_module_and_existing_ops():
         if prefix is None:
             assert tb.FAMILY[f] == "basic"
         else:
-            assert {f"{prefix}_build", f"{prefix}_apply"} <= set(dispatch.OPS)
+            assert {f"{prefix}_build", f"{prefix}_apply"} <= set(ops.OPS)
 
 
 def test_headline_config_is_the_mnist_rpn_layer():
