@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 
+import build_libs
 import pytest
 import torch
 
@@ -29,7 +30,7 @@ from tinyrecon.functions import padding as padding_ref
 from conftest import DTYPES, assert_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NVCC = cuda_lib.find_nvcc()
+NVCC = build_libs.find_nvcc()
 GPU_REASON = dispatch.why_not("cuda", "kron_apply", "cuda") if torch.cuda.is_available() else "no CUDA device"
 gpu = pytest.mark.skipif(bool(GPU_REASON), reason=f"CUDA backend unavailable: {GPU_REASON}")
 
@@ -45,7 +46,7 @@ def built_library(tmp_path_factory):
 
 
 def _nvcc(sources, out, *extra):
-    command = cuda_lib.nvcc_command(NVCC, sources, out, arch_list="8.0", werror=True)
+    command = build_libs.nvcc_command(NVCC, sources, out, arch_list="8.0", werror=True)
     command[1:1] = list(extra)
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
@@ -86,14 +87,14 @@ def test_missing_library_is_a_reason_not_an_error(tmp_path, monkeypatch):
 
 
 def test_arch_list():
-    assert cuda_lib.gencode_flags("8.0;9.0+PTX") == [
+    assert build_libs.gencode_flags("8.0;9.0+PTX") == [
         "-gencode", "arch=compute_80,code=[sm_80]", "-gencode", "arch=compute_90,code=[sm_90,compute_90]"]
-    assert cuda_lib.gencode_flags("sm_86") == ["-gencode", "arch=compute_86,code=[sm_86,compute_86]"]
+    assert build_libs.gencode_flags("sm_86") == ["-gencode", "arch=compute_86,code=[sm_86,compute_86]"]
     # the newest arch always carries PTX (forward compatibility), the others only when asked
-    assert cuda_lib.gencode_flags("9.0;8.0") == [
+    assert build_libs.gencode_flags("9.0;8.0") == [
         "-gencode", "arch=compute_90,code=[sm_90,compute_90]", "-gencode", "arch=compute_80,code=[sm_80]"]
     with pytest.raises(ValueError, match="cannot read CUDA arch"):
-        cuda_lib.gencode_flags("ampere")
+        build_libs.gencode_flags("ampere")
 
 
 # ---- ops against the torch reference -------------------------------------------------------------------

@@ -21,8 +21,10 @@ def test_cpu_library_is_built_where_a_compiler_is():
     """pip install builds the CPU library whenever a C++ compiler is found (TINYRECON_BUILD_CPU=auto)."""
     import os
 
+    import build_libs
+
     from tinyrecon import cpu_lib
-    if os.environ.get("TINYRECON_BUILD_CPU") == "0" or not cpu_lib.find_cxx():
+    if os.environ.get("TINYRECON_BUILD_CPU") == "0" or not build_libs.find_cxx():
         pytest.skip("no C++ compiler here, or the build was switched off")
     assert cpu_lib.load_error() == ""
 

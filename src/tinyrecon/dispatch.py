@@ -115,9 +115,12 @@ def _no_cuda_device() -> str:
             reason = ""
         elif torch.version.cuda is None and torch.version.hip is None:
             reason = f"no CUDA device: this torch ({torch.__version__}) is a CPU-only build"
-        else:
-            from . import cuda_lib
-            reason = "no CUDA device: " + (cuda_lib.no_driver_reason() or "torch sees no usable GPU")
+        else:   # torch's own reason (no driver, no visible device, ...)
+            try:
+                torch.cuda.init()
+                reason = "no CUDA device: torch sees no usable GPU"
+            except Exception as e:
+                reason = f"no CUDA device: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         _STATUS["cuda device"] = reason
     return _STATUS["cuda device"]
 
