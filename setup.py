@@ -7,33 +7,27 @@ editable installs), each with an ``auto`` (default: build when the compiler is f
   archs from ``TORCH_CUDA_ARCH_LIST``, default "8.0;9.0"); ``auto`` also skips it on a machine
   with no NVIDIA driver or GPU, where it could not run;
 - ``csrc/*.cpp`` compiled with the C++ compiler into ``libtinyrecon_cpu.so`` (``TINYRECON_BUILD_CPU``).
+The compilers and command lines are ``build_libs.py``'s; the package's ``cpu_lib``/``cuda_lib`` load the results.
 """
 import glob
-import importlib.util
 import os
 import subprocess
+import sys
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)
+import build_libs  # noqa: E402  (the build's compilers and command lines, next to this file)
 
-
-def _load_by_path(name):
-    """src/tinyrecon/<name>.py: the package is not importable while it builds."""
-    spec = importlib.util.spec_from_file_location(f"_tinyrecon_{name}", os.path.join(ROOT, "src", "tinyrecon", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-# extension name -> (switch variable, what it needs, module, its compiler finder, its command builder,
+# extension name -> (switch variable, what it needs, its compiler finder, its command builder,
 #                    what says why it could not run here (None: it always can))
 LIBRARIES = {
-    "tinyrecon.libtinyrecon_cuda": ("TINYRECON_BUILD_CUDA", "nvcc", "cuda_lib", "find_nvcc", "nvcc_command",
-                                    "no_driver_reason"),
-    "tinyrecon.libtinyrecon_cpu": ("TINYRECON_BUILD_CPU", "a C++ compiler", "cpu_lib", "find_cxx", "cxx_command",
-                                   None),
+    "tinyrecon.libtinyrecon_cuda": ("TINYRECON_BUILD_CUDA", "nvcc", build_libs.find_nvcc, build_libs.nvcc_command,
+                                    build_libs.no_driver_reason),
+    "tinyrecon.libtinyrecon_cpu": ("TINYRECON_BUILD_CPU", "a C++ compiler", build_libs.find_cxx,
+                                   build_libs.cxx_command, None),
 }
 
 
@@ -43,23 +37,23 @@ class BuildLibraries(build_ext):
     def run(self):
         self.compilers, kept = {}, []
         for ext in self.extensions:
-            switch, needs, module, find, _, runs_here = LIBRARIES[ext.name]
+            switch, needs, find, _, runs_here = LIBRARIES[ext.name]
+            name = ext.name.split(".")[-1] + ".so"
             mode = os.environ.get(switch, "auto")
             if mode not in ("0", "1", "auto"):
                 raise SystemExit(f"{switch} must be 0, 1 or auto, got {mode!r}")
-            lib = _load_by_path(module)
-            compiler = getattr(lib, find)() if mode != "0" else None
+            compiler = find() if mode != "0" else None
             if mode == "1" and not compiler:
                 raise SystemExit(f"{switch}=1 but {needs} was not found ({switch}=0 installs without it)")
-            cannot_run = getattr(lib, runs_here)() if compiler and runs_here and mode == "auto" else ""
+            cannot_run = runs_here() if compiler and runs_here and mode == "auto" else ""
             if compiler and not cannot_run:
-                self.compilers[ext.name] = (lib, compiler)
+                self.compilers[ext.name] = compiler
                 kept.append(ext)
-                print(f"tinyrecon: building {lib.LIB_NAME} with {compiler} ({switch}={mode})")
+                print(f"tinyrecon: building {name} with {compiler} ({switch}={mode})")
             elif cannot_run:
-                print(f"tinyrecon: not building {lib.LIB_NAME}: {cannot_run} ({switch}=1 builds it anyway)")
+                print(f"tinyrecon: not building {name}: {cannot_run} ({switch}=1 builds it anyway)")
             else:
-                print(f"tinyrecon: not building {lib.LIB_NAME} " + (f"({switch}=0)" if mode == "0" else f"({needs} not found)"))
+                print(f"tinyrecon: not building {name} " + (f"({switch}=0)" if mode == "0" else f"({needs} not found)"))
         self.extensions = kept
         super().run()
 
@@ -69,12 +63,11 @@ class BuildLibraries(build_ext):
     def build_extension(self, ext):
         output = self.get_ext_fullpath(ext.name)
         os.makedirs(os.path.dirname(output), exist_ok=True)
-        lib, compiler = self.compilers[ext.name]
         sources = [os.path.join(ROOT, s) for s in ext.sources]
-        command = getattr(lib, LIBRARIES[ext.name][4])(compiler, sources, output)
+        command = LIBRARIES[ext.name][3](self.compilers[ext.name], sources, output)
         print("tinyrecon: " + " ".join(command))
         if subprocess.run(command).returncode:
-            raise SystemExit(f"tinyrecon: building {lib.LIB_NAME} failed (see above); "
+            raise SystemExit(f"tinyrecon: building {os.path.basename(output)} failed (see above); "
                              f"{LIBRARIES[ext.name][0]}=0 installs without it")
 
 

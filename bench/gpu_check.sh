@@ -57,12 +57,13 @@ print(\"backends on cuda tensors:\", dispatch.available(\"cuda\"))'"
 
 step build_cuda_library 120 "$PY" -c '
 import glob, subprocess
+import build_libs
 from tinyrecon import cuda_lib
 reason = cuda_lib.load_error()
 if "no CUDA library at" in reason:
-    nvcc = cuda_lib.find_nvcc()
+    nvcc = build_libs.find_nvcc()
     assert nvcc, "no CUDA library and no nvcc to build it"
-    cmd = cuda_lib.nvcc_command(nvcc, sorted(glob.glob("csrc/*.cu")), cuda_lib.library_path())
+    cmd = build_libs.nvcc_command(nvcc, sorted(glob.glob("csrc/*.cu")), cuda_lib.library_path())
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     cuda_lib._load.cache_clear()

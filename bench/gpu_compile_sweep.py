@@ -349,8 +349,9 @@ CUDA_STATIC_SHARED = 48 * 1024    # static __shared__ per block (more needs dyna
 def cuda_report(archs=(80, 90)):
     """(rows, problems): per kernel and arch, registers, spill stores and static shared memory from
     ``nvcc -Xptxas -v``; a problem is a spill in a non-fp64 kernel or shared memory over 48 KB."""
-    from tinyrecon import cuda_lib
-    nvcc = cuda_lib.find_nvcc()
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import build_libs
+    nvcc = build_libs.find_nvcc()
     if nvcc is None:
         print("nvcc not found: no ptxas report of the CUDA library")
         return [], []

@@ -1,4 +1,4 @@
-// Low-rank family (functions/lowrank.py): lowrank_build and lowrank_apply (lorr), forward and
+// Low-rank family (functions/lowrank.py): lorr_build and lorr_apply (lorr), forward and
 // backward. apply never builds W = A @ B: x meets the rank-r factor B once,
 //   U (N, C, r) = x (N, D) @ B (C*r, D)^T       one GEMM over all of x and all channels
 //   y[c] = U[:, c] @ A[c]^T (+ bias)            one GEMM per channel, K = r
@@ -24,7 +24,7 @@ cudaError_t bottleneck(const void* x, const void* B, acc_t<T>* U, i64 N, i64 C, 
 using tr::i64;
 
 // W (C, n, D) = A (C, n, r) @ B (C, r, D).
-TR_EXPORT int tinyrecon_lowrank_build(int device, void* stream, int dtype, const void* A, const void* B, void* W,
+TR_EXPORT int tinyrecon_lorr_build(int device, void* stream, int dtype, const void* A, const void* B, void* W,
                                       i64 C, i64 n, i64 r, i64 D) {
   return tr::run(device, dtype, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
@@ -33,7 +33,7 @@ TR_EXPORT int tinyrecon_lowrank_build(int device, void* stream, int dtype, const
 }
 
 // gA = gW @ B^T, gB = A^T @ gW.
-TR_EXPORT int tinyrecon_lowrank_build_bwd(int device, void* stream, int dtype, const void* A, const void* B,
+TR_EXPORT int tinyrecon_lorr_build_bwd(int device, void* stream, int dtype, const void* A, const void* B,
                                           const void* gW, void* gA, void* gB, i64 C, i64 n, i64 r, i64 D) {
   return tr::run(device, dtype, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
@@ -43,7 +43,7 @@ TR_EXPORT int tinyrecon_lowrank_build_bwd(int device, void* stream, int dtype, c
 }
 
 // y (C, N, n) = x (N, D) @ (A[c] @ B[c])^T (+ bias (n)).
-TR_EXPORT int tinyrecon_lowrank_apply(int device, void* stream, int dtype, const void* x, const void* A,
+TR_EXPORT int tinyrecon_lorr_apply(int device, void* stream, int dtype, const void* x, const void* A,
                                       const void* B, const void* bias, void* y, void* work, i64* work_bytes, i64 N,
                                       i64 C, i64 n, i64 r, i64 D) {
   return tr::run(device, dtype, [&](auto tag) -> cudaError_t {
@@ -67,8 +67,8 @@ TR_EXPORT int tinyrecon_lowrank_apply(int device, void* stream, int dtype, const
   });
 }
 
-// Gradients of lowrank_apply with respect to x, A and B (the bias's is gy's sum).
-TR_EXPORT int tinyrecon_lowrank_apply_bwd(int device, void* stream, int dtype, const void* x, const void* A,
+// Gradients of lorr_apply with respect to x, A and B (the bias's is gy's sum).
+TR_EXPORT int tinyrecon_lorr_apply_bwd(int device, void* stream, int dtype, const void* x, const void* A,
                                           const void* B, const void* gy, void* gx, void* gA, void* gB, void* work,
                                           i64* work_bytes, i64 N, i64 C, i64 n, i64 r, i64 D) {
   return tr::run(device, dtype, [&](auto tag) -> cudaError_t {

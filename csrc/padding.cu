@@ -1,4 +1,4 @@
-// Block-diagonal padding (functions/padding.py): block_diag_build and block_diag_apply,
+// Block-diagonal padding (functions/padding.py): duplicated_diagonal_padding_build and duplicated_diagonal_padding_apply,
 // forward and backward. W = eye(p, q) kron B: only the k = min(p, q) diagonal blocks are
 // nonzero, so apply is one GEMM over the (sample, block) rows x[n, j1*t:(j1+1)*t], j1 < k,
 // and the output rows past them hold just the bias.
@@ -7,7 +7,7 @@
 using tr::i64;
 
 // W (C, p*s, q*t) = eye(p, q) kron B (C, s, t).
-TR_EXPORT int tinyrecon_block_diag_build(int device, void* stream, int dtype, const void* B, void* W, i64 C, i64 p,
+TR_EXPORT int tinyrecon_duplicated_diagonal_padding_build(int device, void* stream, int dtype, const void* B, void* W, i64 C, i64 p,
                                          i64 q, i64 s, i64 t) {
   return tr::run(device, dtype, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
@@ -17,7 +17,7 @@ TR_EXPORT int tinyrecon_block_diag_build(int device, void* stream, int dtype, co
 }
 
 // gB (C, s, t): the sum of gW's diagonal blocks.
-TR_EXPORT int tinyrecon_block_diag_build_bwd(int device, void* stream, int dtype, const void* gW, void* gB, i64 C,
+TR_EXPORT int tinyrecon_duplicated_diagonal_padding_build_bwd(int device, void* stream, int dtype, const void* gW, void* gB, i64 C,
                                              i64 p, i64 q, i64 s, i64 t) {
   return tr::run(device, dtype, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
@@ -27,7 +27,7 @@ TR_EXPORT int tinyrecon_block_diag_build_bwd(int device, void* stream, int dtype
 }
 
 // y (C, N, p*s) = x (N, q*t) @ (eye(p, q) kron B)^T (+ bias (p*s)).
-TR_EXPORT int tinyrecon_block_diag_apply(int device, void* stream, int dtype, const void* x, const void* B,
+TR_EXPORT int tinyrecon_duplicated_diagonal_padding_apply(int device, void* stream, int dtype, const void* x, const void* B,
                                          const void* bias, void* y, i64 N, i64 C, i64 p, i64 q, i64 s, i64 t) {
   return tr::run(device, dtype, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
@@ -45,8 +45,8 @@ TR_EXPORT int tinyrecon_block_diag_apply(int device, void* stream, int dtype, co
   });
 }
 
-// Gradients of block_diag_apply with respect to x and B (the bias's is gy's sum).
-TR_EXPORT int tinyrecon_block_diag_apply_bwd(int device, void* stream, int dtype, const void* x, const void* B,
+// Gradients of duplicated_diagonal_padding_apply with respect to x and B (the bias's is gy's sum).
+TR_EXPORT int tinyrecon_duplicated_diagonal_padding_apply_bwd(int device, void* stream, int dtype, const void* x, const void* B,
                                              const void* gy, void* gx, void* gB, void* work, i64* work_bytes, i64 N,
                                              i64 C, i64 p, i64 q, i64 s, i64 t) {
   return tr::run(device, dtype, [&](auto tag) -> cudaError_t {

@@ -10,15 +10,13 @@ The apply is W-stationary: a program generates one (BN x BK) tile of W once (k n
 element, which costs far more than the GEMM), multiplies it into all rows of x of its row chunk and
 adds its partial ``y`` tile with atomics (fp32, fp64 for fp64 data). The backward regenerates the
 tile, adds ``dy @ W`` into dx with atomics, and reduces ``dW = dy^T x`` (kept in registers) against
-M again for ``dv``. Each launch is a ``torch.library.custom_op`` so ``torch.compile`` sees one op.
+M again for ``dv``. Registered with ``tinyrecon.ops``, so ``torch.compile`` sees one op.
 """
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
-from ..base import register_first_order
+from .. import ops
 from ._common import INTERPRET, acc_type, inner_dtype, mixed_precision, sm_count
 
 _BLOCK = 32 if INTERPRET else 1024       # build: elements of W per program
@@ -70,8 +68,7 @@ def _build_grad_kernel(G, Part, numel, k, seed_m, ACC: tl.constexpr, BLOCK: tl.c
         tl.store(out + j, tl.sum(tl.randn(seed_m, idx * k + j).to(ACC) * g, axis=0))
 
 
-@torch.library.custom_op("tinyrecon::triton_random_linear_build", mutates_args=())
-def random_linear_build(v: torch.Tensor, seed_m: int, seed_c: Optional[int], n: int, D: int) -> torch.Tensor:
+def _build(v, seed_m, seed_c, n, D):
     """``reshape(M @ v_c (+ m0), C, n, D)`` for v (C, k)."""
     C, k = v.shape
     W = torch.empty(C, n, D, dtype=v.dtype, device=v.device)
@@ -82,13 +79,7 @@ def random_linear_build(v: torch.Tensor, seed_m: int, seed_c: Optional[int], n: 
     return W
 
 
-@random_linear_build.register_fake
-def _(v, seed_m, seed_c, n, D):
-    return v.new_empty(v.shape[0], n, D)
-
-
-@torch.library.custom_op("tinyrecon::triton_random_linear_build_backward", mutates_args=())
-def random_linear_build_backward(dW: torch.Tensor, seed_m: int, k: int) -> torch.Tensor:
+def _build_backward(dW, seed_m, k):
     """``dv_c = M^T vec(dW_c)``: (C, k), in fp32 (fp64 for fp64)."""
     C, numel = dW.shape[0], dW[0].numel()
     f = inner_dtype(dW.dtype)
@@ -97,23 +88,6 @@ def random_linear_build_backward(dW: torch.Tensor, seed_m: int, k: int) -> torch
     if part.numel():
         _build_grad_kernel[(blocks, C)](dW.contiguous(), part, numel, k, seed_m, ACC=acc_type(dW.dtype), BLOCK=_BLOCK)
     return part.sum(1)
-
-
-@random_linear_build_backward.register_fake
-def _(dW, seed_m, k):
-    return dW.new_empty(dW.shape[0], k, dtype=inner_dtype(dW.dtype))
-
-
-def _build_setup(ctx, inputs, output):
-    v, ctx.seed_m = inputs[0], inputs[1]
-    ctx.k, ctx.dtype = v.shape[1], v.dtype
-
-
-def _build_backward(ctx, dW):
-    return random_linear_build_backward(dW, ctx.seed_m, ctx.k).to(ctx.dtype), None, None, None, None
-
-
-register_first_order(random_linear_build, _build_backward, _build_setup, "triton")
 
 
 # ---- apply ---------------------------------------------------------------------------------------
@@ -178,9 +152,7 @@ def _grid(N, n, D, C, x):
                                                                  num_warps=8)
 
 
-@torch.library.custom_op("tinyrecon::triton_random_linear_apply", mutates_args=())
-def random_linear_apply(x: torch.Tensor, v: torch.Tensor, seed_m: int, seed_c: Optional[int], n: int,
-                        bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _apply(x, v, seed_m, seed_c, n, bias):
     """``x @ W_c^T + bias`` for every channel c: (C, N, n)."""
     C, k = v.shape
     N, D = x.shape
@@ -194,14 +166,7 @@ def random_linear_apply(x: torch.Tensor, v: torch.Tensor, seed_m: int, seed_c: O
     return y.to(x.dtype)
 
 
-@random_linear_apply.register_fake
-def _(x, v, seed_m, seed_c, n, bias):
-    return x.new_empty(v.shape[0], x.shape[0], n)
-
-
-@torch.library.custom_op("tinyrecon::triton_random_linear_apply_backward", mutates_args=())
-def random_linear_apply_backward(dy: torch.Tensor, x: torch.Tensor, v: torch.Tensor, seed_m: int,
-                                 seed_c: Optional[int], need_x: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _apply_backward(dy, x, v, seed_m, seed_c, need_x):
     """(dx, or an empty tensor unless ``need_x``; dv (C, k) in fp32, fp64 for fp64)."""
     C, k = v.shape
     N, D = x.shape
@@ -217,40 +182,13 @@ def random_linear_apply_backward(dy: torch.Tensor, x: torch.Tensor, v: torch.Ten
     return dx.to(x.dtype), part.sum((1, 2))
 
 
-@random_linear_apply_backward.register_fake
-def _(dy, x, v, seed_m, seed_c, need_x):
-    f = inner_dtype(x.dtype)
-    return x.new_empty(x.shape if need_x else (0,)), v.new_empty(v.shape, dtype=f)
-
-
-def _apply_setup(ctx, inputs, output):
-    x, v, ctx.seed_m, ctx.seed_c, _, bias = inputs
-    ctx.save_for_backward(x, v)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _apply_backward(ctx, dy):
-    x, v = ctx.saved_tensors
-    dx, dv = random_linear_apply_backward(dy, x, v, ctx.seed_m, ctx.seed_c, ctx.needs_input_grad[0])
-    dbias = None if ctx.bias_dtype is None else dy.sum((0, 1), dtype=inner_dtype(dy.dtype)).to(ctx.bias_dtype)
-    return dx if ctx.needs_input_grad[0] else None, dv.to(v.dtype), None, None, None, dbias
-
-
-register_first_order(random_linear_apply, _apply_backward, _apply_setup, "triton")
-
-
-# ---- the ops of the dispatch table (signatures of the references) -----------------------------------
-def hypernet_build(hvec, seed_w2: int, seed_b2: int, n: int, D: int):
-    return random_linear_build(hvec, seed_w2, seed_b2, n, D)
-
-
-def hypernet_apply(x, hvec, seed_w2: int, seed_b2: int, n: int, bias):
-    return random_linear_apply(x, hvec, seed_w2, seed_b2, n, bias)
-
-
-def rmh_build(z, seed_t: int, n: int, D: int):
-    return random_linear_build(z, seed_t, None, n, D)
-
-
-def rmh_apply(x, z, seed_t: int, n: int, bias):
-    return random_linear_apply(x, z, seed_t, None, n, bias)
+# Both functions are the same kernels: hypernet with c = b2, random_matrix_hypernet without.
+ops.implement("hypernet_build", "triton", _build,
+              lambda dW, needs, v, seed_m, seed_c, n, D: (_build_backward(dW, seed_m, v.shape[1]),))
+ops.implement("random_matrix_hypernet_build", "triton", lambda z, seed_t, n, D: _build(z, seed_t, None, n, D),
+              lambda dW, needs, z, seed_t, n, D: (_build_backward(dW, seed_t, z.shape[1]),))
+ops.implement("hypernet_apply", "triton", _apply,
+              lambda dy, needs, x, v, seed_m, seed_c, n, bias: _apply_backward(dy, x, v, seed_m, seed_c, needs[0]))
+ops.implement("random_matrix_hypernet_apply", "triton",
+              lambda x, z, seed_t, n, bias: _apply(x, z, seed_t, None, n, bias),
+              lambda dy, needs, x, z, seed_t, n, bias: _apply_backward(dy, x, z, seed_t, None, needs[0]))

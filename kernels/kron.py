@@ -11,17 +11,15 @@ without dW; dA is the same sum with the roles of the two factors swapped (stride
 Low-rank factors enter the forward kernels as factors; the backward works on A = P @ Q and
 B = S @ T (p*q and s*t values) and applies the chain rule to the factors with torch matmuls.
 
-``layout="tinybig"`` applies by building W (``_kron_build``, one pass, low-rank products in the
-kernel) and one ``torch.matmul``; its gradient reduces dW in torch.
-Every launch is a ``torch.library.custom_op`` so ``torch.compile`` sees one op, not a break.
+The build's gradient reduces dW in torch. ``layout="tinybig"`` applies by the build (``_kron_build``,
+one pass, low-rank products in the kernel) and one GEMM (``tinyrecon.ops``).
 """
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ..base import register_first_order
+from .. import ops
 from ._common import (acc_type, autotune, bias_stride, dot_dtype, fewest_values, inner_dtype, mixed_precision,
                       precision, rank_block, split_sum)
 
@@ -254,31 +252,14 @@ def _t(F):
     return None if F is None else F.transpose(1, 2)
 
 
-# ---- custom ops --------------------------------------------------------------------------------
-@torch.library.custom_op("tinyrecon::triton_kron_build", mutates_args=())
-def _build_op(A1: torch.Tensor, A2: Optional[torch.Tensor], B1: torch.Tensor, B2: Optional[torch.Tensor],
-              tinybig: bool) -> torch.Tensor:
-    return _launch_build(A1, A2, B1, B2, tinybig)
-
-
-@torch.library.custom_op("tinyrecon::triton_kron_apply", mutates_args=())
-def _apply_op(x: torch.Tensor, A1: torch.Tensor, A2: Optional[torch.Tensor], B1: torch.Tensor,
-              B2: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
-    C = A1.shape[0]
-    return _launch_mm(x.expand(C, *x.shape), A1, A2, B1, B2, bias, C, 1)
-
-
-@torch.library.custom_op("tinyrecon::triton_kron_grad_x", mutates_args=())
-def _grad_x_op(dy: torch.Tensor, A1: torch.Tensor, A2: Optional[torch.Tensor], B1: torch.Tensor,
-               B2: Optional[torch.Tensor]) -> torch.Tensor:
-    # dx = dy @ W = sum_c dy_c @ (A_c^T kron B_c^T)^T: the forward with transposed factors, channels summed.
+def _grad_x(dy, A1, A2, B1, B2):
+    """dx = dy @ W = sum_c dy_c @ (A_c^T kron B_c^T)^T: the forward with transposed factors, channels summed."""
     A1t, A2t = (_t(A1), None) if A2 is None else (_t(A2), _t(A1))
     B1t, B2t = (_t(B1), None) if B2 is None else (_t(B2), _t(B1))
     return _launch_mm(dy, A1t, A2t, B1t, B2t, None, 1, dy.shape[0])[0]
 
 
-@torch.library.custom_op("tinyrecon::triton_kron_grad_factor", mutates_args=())
-def _grad_factor_op(dy: torch.Tensor, x: torch.Tensor, F: torch.Tensor, of_a: bool) -> torch.Tensor:
+def _grad_factor(dy, x, F, of_a):
     """For ``y = x @ (A kron B)^T``: dB given F = A, or dA given F = B (of_a), in fp32 (fp64)."""
     if of_a:
         s, t = F.shape[1:]
@@ -292,30 +273,6 @@ def _grad_factor_op(dy: torch.Tensor, x: torch.Tensor, F: torch.Tensor, of_a: bo
     return _launch_grad(dy4, x3, F)
 
 
-@_build_op.register_fake
-def _(A1, A2, B1, B2, tinybig):
-    Q = A1.shape[2] if A2 is None else A2.shape[2]
-    T = B1.shape[2] if B2 is None else B2.shape[2]
-    return A1.new_empty(A1.shape[0], A1.shape[1] * B1.shape[1], Q * T)
-
-
-@_apply_op.register_fake
-def _(x, A1, A2, B1, B2, bias):
-    return x.new_empty(A1.shape[0], x.shape[0], A1.shape[1] * B1.shape[1])
-
-
-@_grad_x_op.register_fake
-def _(dy, A1, A2, B1, B2):
-    Q = A1.shape[2] if A2 is None else A2.shape[2]
-    T = B1.shape[2] if B2 is None else B2.shape[2]
-    return dy.new_empty(dy.shape[1], Q * T)
-
-
-@_grad_factor_op.register_fake
-def _(dy, x, F, of_a):   # the other factor's shape: (n // rows of F, D // columns of F)
-    return x.new_empty(F.shape[0], dy.shape[2] // F.shape[1], x.shape[1] // F.shape[2], dtype=inner_dtype(x.dtype))
-
-
 def _factor(F1, F2, dtype):
     F1 = F1.to(dtype)
     return F1 if F2 is None else torch.matmul(F1, F2.to(dtype))
@@ -324,23 +281,17 @@ def _factor(F1, F2, dtype):
 def _chain(dF, F1, F2, need1, need2):
     """Gradients of F1 and F2 from dF, the gradient of F = F1 @ F2 (or F = F1)."""
     if F2 is None:
-        return (dF.to(F1.dtype) if need1 else None), None
-    g1 = torch.matmul(dF, F2.to(dF.dtype).transpose(1, 2)).to(F1.dtype) if need1 else None
-    g2 = torch.matmul(F1.to(dF.dtype).transpose(1, 2), dF).to(F2.dtype) if need2 else None
+        return (dF if need1 else None), None
+    g1 = torch.matmul(dF, F2.to(dF.dtype).transpose(1, 2)) if need1 else None
+    g2 = torch.matmul(F1.to(dF.dtype).transpose(1, 2), dF) if need2 else None
     return g1, g2
 
 
-def _build_setup(ctx, inputs, output):
-    *factors, ctx.tinybig = inputs
-    ctx.save_for_backward(*factors)
-
-
-def _build_backward(ctx, dW):
-    A1, A2, B1, B2 = ctx.saved_tensors
+def _build_backward(dW, needs, A1, A2, B1, B2, layout):
     f = inner_dtype(dW.dtype)
     A, B = _factor(A1, A2, f), _factor(B1, B2, f)
     (C, p, q), (s, t) = A.shape, B.shape[1:]
-    if ctx.tinybig:   # W = reshape(outer(vec A, vec B))
+    if layout == "tinybig":   # W = reshape(outer(vec A, vec B))
         G = dW.to(f).reshape(C, p * q, s * t)
         dA = torch.matmul(G, B.reshape(C, s * t, 1)).reshape(C, p, q)
         dB = torch.matmul(A.reshape(C, 1, p * q), G).reshape(C, s, t)
@@ -348,42 +299,22 @@ def _build_backward(ctx, dW):
         G = dW.to(f).reshape(C, p, s, q, t)
         dA = torch.einsum("cisjt,cst->cij", G, B)
         dB = torch.einsum("cisjt,cij->cst", G, A)
-    need = ctx.needs_input_grad
-    return (*_chain(dA, A1, A2, need[0], need[1]), *_chain(dB, B1, B2, need[2], need[3]), None)
+    return (*_chain(dA, A1, A2, *needs[:2]), *_chain(dB, B1, B2, *needs[2:]))
 
 
-_build_op.register_autograd(_build_backward, setup_context=_build_setup)
-
-
-def _apply_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:5])
-    ctx.has_bias = inputs[5] is not None
-
-
-def _apply_backward(ctx, dy):
-    x, A1, A2, B1, B2 = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    dx = _grad_x_op(dy, A1, A2, B1, B2) if need[0] else None
+def _apply_backward(dy, needs, x, A1, A2, B1, B2, bias, layout):
     f = inner_dtype(x.dtype)
     gA = gB = (None, None)
-    if need[1] or need[2]:
-        gA = _chain(_grad_factor_op(dy, x, _factor(B1, B2, f), True), A1, A2, need[1], need[2])
-    if need[3] or need[4]:
-        gB = _chain(_grad_factor_op(dy, x, _factor(A1, A2, f), False), B1, B2, need[3], need[4])
-    gbias = dy.sum((0, 1), dtype=f).to(dy.dtype) if ctx.has_bias and need[5] else None
-    return dx, *gA, *gB, gbias
+    if needs[1] or needs[2]:
+        gA = _chain(_grad_factor(dy, x, _factor(B1, B2, f), True), A1, A2, *needs[1:3])
+    if needs[3] or needs[4]:
+        gB = _chain(_grad_factor(dy, x, _factor(A1, A2, f), False), B1, B2, *needs[3:5])
+    return _grad_x(dy, A1, A2, B1, B2) if needs[0] else None, *gA, *gB
 
 
-register_first_order(_apply_op, _apply_backward, _apply_setup, "triton")
-
-
-# ---- the dispatch entry points (signatures of the torch reference) -----------------------------
-def kron_build(A1, A2, B1, B2, layout: str):
-    return _build_op(A1, A2, B1, B2, layout == "tinybig")
-
-
-def kron_apply(x, A1, A2, B1, B2, bias, layout: str):
-    if layout == "tinybig":   # no structure exploited here: W from the build kernel and one GEMM
-        y = torch.matmul(x, _build_op(A1, A2, B1, B2, True).transpose(1, 2))
-        return y if bias is None else y + bias
-    return _apply_op(x, A1, A2, B1, B2, bias)
+ops.implement("kron_build", "triton", lambda A1, A2, B1, B2, layout: _launch_build(A1, A2, B1, B2, layout == "tinybig"),
+              _build_backward, first_order=False)
+ops.implement("kron_apply", "triton",
+              lambda x, A1, A2, B1, B2, bias, layout: _launch_mm(x.expand(A1.shape[0], *x.shape), A1, A2, B1, B2,
+                                                                 bias, A1.shape[0], 1),
+              _apply_backward)

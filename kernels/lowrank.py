@@ -8,14 +8,14 @@ the counter layout of ``tinyrecon._random.randn``.
 Backward passes are GEMMs on rank-r intermediates (N x r, n x r: small next to x), run by one
 batched GEMM kernel; RMA's backward materializes A and B ((n + D) * r values, as many as
 lorr's parameters) with the same ``tl.randn``, so they equal the forward's bit for bit.
-Every launch is a ``torch.library.custom_op`` so ``torch.compile`` sees one op, not a break.
+The ops are registered with ``tinyrecon.ops``; ``bmm`` and ``randn`` are custom ops of their own
+(``bmm`` differentiable again), so ``torch.compile`` sees one op, not a break.
 """
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
+from .. import ops
 from ._common import (acc_type, autotune, bias_stride, dot_dtype, fewest_values, inner_dtype, mixed_precision, precision,
                       rank_block)
 
@@ -111,26 +111,9 @@ bmm.register_autograd(_bmm_backward, setup_context=_bmm_setup)
 
 
 # ---- lorr ------------------------------------------------------------------------------------------
-@torch.library.custom_op("tinyrecon::triton_lowrank_build", mutates_args=())
-def lowrank_build(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    return bmm(A, B, A.dtype)
-
-
-@lowrank_build.register_fake
-def _(A, B):
-    return A.new_empty(A.shape[0], A.shape[1], B.shape[2])
-
-
-def _lowrank_build_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _lowrank_build_backward(ctx, dW):
-    A, B = ctx.saved_tensors
-    return bmm(dW, B.transpose(1, 2), A.dtype), bmm(A.transpose(1, 2), dW, B.dtype)
-
-
-lowrank_build.register_autograd(_lowrank_build_backward, setup_context=_lowrank_build_setup)
+ops.implement("lorr_build", "triton", lambda A, B: bmm(A, B, A.dtype),
+              lambda dW, needs, A, B: (bmm(dW, B.transpose(1, 2), A.dtype), bmm(A.transpose(1, 2), dW, B.dtype)),
+              first_order=False)
 
 
 @autotune(_FUSED_CONFIGS, key=["N", "D", "n", "RP", "HAS_BIAS", "ACC", "DOT", "PREC", "MPREC"], bucket=["N"],
@@ -162,8 +145,7 @@ def _lowrank_apply_kernel(X, A, Bm, Bias, Y, N, D, n, r, sxm, sxd, sac, sai, sak
                  mask=(rows[:, None] < N) & (cols[None, :] < n))
 
 
-@torch.library.custom_op("tinyrecon::triton_lowrank_apply", mutates_args=())
-def lowrank_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _lorr_apply(x, A, B, bias):
     C, n, r = A.shape
     N, D = x.shape
     y = torch.empty(C, N, n, dtype=x.dtype, device=x.device)
@@ -176,17 +158,7 @@ def lowrank_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: Optio
     return y
 
 
-@lowrank_apply.register_fake
-def _(x, A, B, bias):
-    return x.new_empty(A.shape[0], x.shape[0], A.shape[1])
-
-
-def _apply_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _lowrank_apply_backward(ctx, dy):
-    x, A, B, bias = ctx.saved_tensors
+def _lorr_apply_backward(dy, needs, x, A, B, bias):
     C, n, r = A.shape
     N, D = x.shape
     f = inner_dtype(x.dtype)
@@ -196,14 +168,10 @@ def _lowrank_apply_backward(ctx, dy):
     dA = bmm(dy.transpose(1, 2), U, A.dtype)
     dB = bmm(dU.transpose(1, 2), xs, B.dtype)
     dx = bmm(dU.transpose(0, 1).reshape(1, N, C * r), B.reshape(1, C * r, D), x.dtype)[0]
-    return dx, dA, dB, _bias_grad(dy, bias)
+    return dx, dA, dB
 
 
-def _bias_grad(dy, bias):
-    return None if bias is None else dy.sum((0, 1), dtype=inner_dtype(dy.dtype)).to(bias.dtype)
-
-
-lowrank_apply.register_autograd(_lowrank_apply_backward, setup_context=_apply_setup)
+ops.implement("lorr_apply", "triton", _lorr_apply, _lorr_apply_backward, first_order=False)
 
 
 # ---- random_matrix_adaption ------------------------------------------------------------------------
@@ -255,8 +223,7 @@ def _rma_build_kernel(L1, L2, W, C, n, D, r, seed_a, seed_b, sl1c, sl1i, sl2c, s
                  mask=(rows[:, None] < n) & (cols[None, :] < D))
 
 
-@torch.library.custom_op("tinyrecon::triton_rma_build", mutates_args=())
-def rma_build(l1: torch.Tensor, l2: torch.Tensor, seed_a: int, seed_b: int, D: int) -> torch.Tensor:
+def _rma_build(l1, l2, seed_a, seed_b, D):
     (C, n), r = l1.shape, l2.shape[1]
     W = torch.empty(C, n, D, dtype=l1.dtype, device=l1.device)
     if W.numel():
@@ -266,33 +233,22 @@ def rma_build(l1: torch.Tensor, l2: torch.Tensor, seed_a: int, seed_b: int, D: i
     return W
 
 
-@rma_build.register_fake
-def _(l1, l2, seed_a, seed_b, D):
-    return l1.new_empty(l1.shape[0], l1.shape[1], D)
-
-
-def _rma_build_setup(ctx, inputs, output):
-    l1, l2, ctx.seed_a, ctx.seed_b, ctx.D = inputs
-    ctx.save_for_backward(l1, l2)
-
-
 def _lambda_grads(M, A, l1, l2):
     """Gradients of l1, l2 from ``M[c][i, k] = sum_j dW_c[i, j] B[j, k]`` (C, n, r)."""
     P = M * A
     f = P.dtype
-    return (P * l2.to(f)[:, None, :]).sum(2).to(l1.dtype), (P * l1.to(f)[:, :, None]).sum(1).to(l2.dtype)
+    return (P * l2.to(f)[:, None, :]).sum(2), (P * l1.to(f)[:, :, None]).sum(1)
 
 
-def _rma_build_backward(ctx, dW):
-    l1, l2 = ctx.saved_tensors
+def _rma_build_backward(dW, needs, l1, l2, seed_a, seed_b, D):
     (C, n), r = l1.shape, l2.shape[1]
     f = inner_dtype(l1.dtype)
-    A, B = randn(ctx.seed_a, n, r, f, l1.device), randn(ctx.seed_b, ctx.D, r, f, l1.device)
-    M = bmm(dW, B.expand(C, ctx.D, r), f)                    # dW_c @ B: (C, n, r)
-    return (*_lambda_grads(M, A, l1, l2), None, None, None)
+    A, B = randn(seed_a, n, r, f, l1.device), randn(seed_b, D, r, f, l1.device)
+    M = bmm(dW, B.expand(C, D, r), f)                        # dW_c @ B: (C, n, r)
+    return _lambda_grads(M, A, l1, l2)
 
 
-rma_build.register_autograd(_rma_build_backward, setup_context=_rma_build_setup)
+ops.implement("random_matrix_adaption_build", "triton", _rma_build, _rma_build_backward, first_order=False)
 
 
 @autotune(_FUSED_CONFIGS, key=["N", "D", "n", "RP", "HAS_BIAS", "ACC", "PREC"], bucket=["N"],
@@ -324,9 +280,7 @@ def _rma_apply_kernel(X, L1, L2, Bias, Y, C, N, D, n, r, seed_a, seed_b, sxm, sx
                      mask=(rows[:, None] < N) & (cols[None, :] < n))
 
 
-@torch.library.custom_op("tinyrecon::triton_rma_apply", mutates_args=())
-def rma_apply(x: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor, seed_a: int, seed_b: int,
-              bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _rma_apply(x, l1, l2, seed_a, seed_b, bias):
     (C, n), r = l1.shape, l2.shape[1]
     N, D = x.shape
     y = torch.empty(C, N, n, dtype=x.dtype, device=x.device)
@@ -338,29 +292,18 @@ def rma_apply(x: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor, seed_a: int, 
     return y
 
 
-@rma_apply.register_fake
-def _(x, l1, l2, seed_a, seed_b, bias):
-    return x.new_empty(l1.shape[0], x.shape[0], l1.shape[1])
-
-
-def _rma_apply_setup(ctx, inputs, output):
-    x, l1, l2, ctx.seed_a, ctx.seed_b, bias = inputs
-    ctx.save_for_backward(x, l1, l2, bias)
-
-
-def _rma_apply_backward(ctx, dy):
-    x, l1, l2, bias = ctx.saved_tensors
+def _rma_apply_backward(dy, needs, x, l1, l2, seed_a, seed_b, bias):
     (C, n), r = l1.shape, l2.shape[1]
     N, D = x.shape
     f = inner_dtype(x.dtype)
-    A, B = randn(ctx.seed_a, n, r, f, x.device), randn(ctx.seed_b, D, r, f, x.device)
+    A, B = randn(seed_a, n, r, f, x.device), randn(seed_b, D, r, f, x.device)
     U = bmm(x[None], B[None], f)[0]                                          # x @ B: (N, r)
     M = bmm(dy.transpose(1, 2), U.expand(C, N, r), f)                        # dy_c^T @ U: (C, n, r)
     dl1, dl2 = _lambda_grads(M, A, l1, l2)
     G = bmm(dy, l1.to(f)[:, :, None] * A, f)                                 # dy_c @ diag(l1_c) A
     dU = (G * l2.to(f)[:, None, :]).sum(0)                                   # (N, r)
     dx = bmm(dU[None], B.T[None], x.dtype)[0]
-    return dx, dl1, dl2, None, None, _bias_grad(dy, bias)
+    return dx, dl1, dl2
 
 
-rma_apply.register_autograd(_rma_apply_backward, setup_context=_rma_apply_setup)
+ops.implement("random_matrix_adaption_apply", "triton", _rma_apply, _rma_apply_backward, first_order=False)

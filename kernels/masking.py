@@ -10,17 +10,15 @@ loaded (masked off).
     grad w:  dw = M * (dy^T @ x)              (the mask applied to the GEMM's tile on store)
     build:   W  = M * w;  its gradient dw = M * dW is the same kernel
 
-Registered as ``tinyrecon::triton_masking_*`` custom ops (``torch.compile`` sees one op each).
+Registered with ``tinyrecon.ops`` (``torch.compile`` sees one op each).
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ..base import register_first_order
+from .. import ops
 from ._common import acc_type, autotune, bias_stride, dot_dtype, precision
 
 _MM_CONFIGS = [triton.Config({"BM": 16, "BR": 16, "BK": 16}, num_warps=1)] + [
@@ -115,9 +113,7 @@ def _flags(dtype):
     return dict(ACC=acc_type(dtype), DOT=dot_dtype(dtype), PREC=precision(dtype))
 
 
-# ---- custom ops --------------------------------------------------------------------------------
-@torch.library.custom_op("tinyrecon::triton_masking_build", mutates_args=())
-def masking_build(w: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+def _build_launch(w, seed, p):
     C, n, D = w.shape
     out = torch.empty(C, n, D, dtype=w.dtype, device=w.device)
     if out.numel():
@@ -137,21 +133,17 @@ def _mm(a, a_channel_stride, w, w_kr, bias, C_out, channels, K, R, trans, seed, 
     return out
 
 
-@torch.library.custom_op("tinyrecon::triton_masking_apply", mutates_args=())
-def masking_apply(x: torch.Tensor, w: torch.Tensor, seed: int, p: float,
-                  bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _apply(x, w, seed, p, bias):
     C, n, D = w.shape
     return _mm(x, 0, w, (w.stride(2), w.stride(1)), bias, C, 1, D, n, True, seed, p)
 
 
-@torch.library.custom_op("tinyrecon::triton_masking_grad_x", mutates_args=())
-def _grad_x_op(dy: torch.Tensor, w: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+def _grad_x(dy, w, seed, p):
     C, n, D = w.shape
     return _mm(dy, dy.stride(0), w, (w.stride(1), w.stride(2)), None, 1, C, n, D, False, seed, p)[0]
 
 
-@torch.library.custom_op("tinyrecon::triton_masking_grad_w", mutates_args=())
-def _grad_w_op(dy: torch.Tensor, x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+def _launch_grad_w(dy, x, seed, p):
     C, N, n = dy.shape
     D = x.shape[1]
     gw = torch.empty(C, n, D, dtype=x.dtype, device=x.device)
@@ -161,46 +153,11 @@ def _grad_w_op(dy: torch.Tensor, x: torch.Tensor, seed: int, p: float) -> torch.
     return gw
 
 
-@masking_build.register_fake
-def _(w, seed, p):
-    return torch.empty_like(w, memory_format=torch.contiguous_format)
+def _apply_backward(dy, needs, x, w, seed, p, bias):
+    return (_grad_x(dy, w, seed, p) if needs[0] else None), (_launch_grad_w(dy, x, seed, p) if needs[1] else None)
 
 
-@masking_apply.register_fake
-def _(x, w, seed, p, bias):
-    return x.new_empty(w.shape[0], x.shape[0], w.shape[1])
-
-
-@_grad_x_op.register_fake
-def _(dy, w, seed, p):
-    return dy.new_empty(dy.shape[1], w.shape[2])
-
-
-@_grad_w_op.register_fake
-def _(dy, x, seed, p):
-    return x.new_empty(dy.shape[0], dy.shape[2], x.shape[1])
-
-
-def _setup_build(ctx, inputs, output):
-    ctx.seed, ctx.p = inputs[1], inputs[2]
-
-
-def _build_backward(ctx, dW):
-    return masking_build(dW, ctx.seed, ctx.p), None, None
-
-
-def _setup_apply(ctx, inputs, output):
-    x, w, ctx.seed, ctx.p, _ = inputs
-    ctx.save_for_backward(x, w)
-
-
-def _apply_backward(ctx, dy):
-    x, w = ctx.saved_tensors
-    gx = _grad_x_op(dy, w, ctx.seed, ctx.p) if ctx.needs_input_grad[0] else None
-    gw = _grad_w_op(dy, x, ctx.seed, ctx.p) if ctx.needs_input_grad[1] else None
-    gbias = dy.sum((0, 1)) if ctx.needs_input_grad[4] else None
-    return gx, gw, None, None, gbias
-
-
-masking_build.register_autograd(_build_backward, setup_context=_setup_build)
-register_first_order(masking_apply, _apply_backward, _setup_apply, "triton")
+# The build's gradient is the build again (the mask times dW): differentiable, by the same op.
+build = ops.implement("masking_build", "triton", _build_launch,
+                      lambda dW, needs, w, seed, p: (build(dW, seed, p),), first_order=False)
+ops.implement("masking_apply", "triton", _apply, _apply_backward)

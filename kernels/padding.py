@@ -11,21 +11,17 @@ otherwise); its input is the sum of ``IN_BLOCKS`` consecutive input blocks start
 and its result is written to ``OUT_BLOCKS`` consecutive output blocks starting at block g.
 ``_blocked_mm_grad`` is the weight gradient ``dY_rows^T @ X_rows`` with the same row addressing.
 
-Ops: ``dup_pad_build``, ``dup_pad_apply``, ``block_diag_build``, ``block_diag_apply`` (same
-signatures as the references), registered as ``tinyrecon::triton_<op>`` custom ops so that
-``torch.compile(fullgraph=True)`` sees one op. ``layout="tinybig"`` applies by building W with
-the Triton build kernel and one ``torch.matmul``: its W has no block structure to exploit here.
-The gradient of the build ops w.r.t. B is a torch reduction of dW.
+Both functions' builds and applies are registered with ``tinyrecon.ops``; ``layout="tinybig"`` applies
+by the build kernel and one GEMM (its W has no block structure to exploit here). The gradient of the
+builds w.r.t. B is a torch reduction of dW.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ..base import register_first_order
+from .. import ops
 from ._common import acc_type, autotune, bias_stride, inner_dtype, mixed_precision, split_sum
 
 # Under the interpreter only the first config runs: small tiles, so tests cross tile edges.
@@ -208,126 +204,30 @@ def _grad_B(dy, x, p, q, diag):
     return part.sum(0).to(x.dtype)
 
 
-# ---- custom ops --------------------------------------------------------------------------------
-@torch.library.custom_op("tinyrecon::triton_dup_pad_build", mutates_args=())
-def _dup_pad_build_op(B: torch.Tensor, p: int, q: int, layout: str) -> torch.Tensor:
-    return _launch_build(B, p, q, _TINYBIG if layout == "tinybig" else _KRON)
-
-
-@torch.library.custom_op("tinyrecon::triton_block_diag_build", mutates_args=())
-def _block_diag_build_op(B: torch.Tensor, p: int, q: int) -> torch.Tensor:
-    return _launch_build(B, p, q, _DIAG)
-
-
-@torch.library.custom_op("tinyrecon::triton_dup_pad_apply", mutates_args=())
-def _dup_pad_apply_op(x: torch.Tensor, B: torch.Tensor, p: int, q: int,
-                      bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return _forward(x, B, p, q, bias, diag=False)
-
-
-@torch.library.custom_op("tinyrecon::triton_block_diag_apply", mutates_args=())
-def _block_diag_apply_op(x: torch.Tensor, B: torch.Tensor, p: int, q: int,
-                         bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return _forward(x, B, p, q, bias, diag=True)
-
-
-@torch.library.custom_op("tinyrecon::triton_padding_grad_x", mutates_args=())
-def _grad_x_op(dy: torch.Tensor, B: torch.Tensor, p: int, q: int, diag: bool) -> torch.Tensor:
-    return _grad_x(dy, B, p, q, diag)
-
-
-@torch.library.custom_op("tinyrecon::triton_padding_grad_B", mutates_args=())
-def _grad_B_op(dy: torch.Tensor, x: torch.Tensor, p: int, q: int, diag: bool) -> torch.Tensor:
-    return _grad_B(dy, x, p, q, diag)
-
-
-@_dup_pad_build_op.register_fake
-def _(B, p, q, layout):
-    return B.new_empty(B.shape[0], p * B.shape[1], q * B.shape[2])
-
-
-@_block_diag_build_op.register_fake
-def _(B, p, q):
-    return B.new_empty(B.shape[0], p * B.shape[1], q * B.shape[2])
-
-
-def _apply_fake(x, B, p, q, bias):
-    return x.new_empty(B.shape[0], x.shape[0], p * B.shape[1])
-
-
-_dup_pad_apply_op.register_fake(_apply_fake)
-_block_diag_apply_op.register_fake(_apply_fake)
-
-
-@_grad_x_op.register_fake
-def _(dy, B, p, q, diag):
-    return dy.new_empty(dy.shape[1], q * B.shape[2])
-
-
-@_grad_B_op.register_fake
-def _(dy, x, p, q, diag):
-    return x.new_empty(dy.shape[0], dy.shape[2] // p, x.shape[1] // q)
-
-
-def _build_backward(ctx, dW):
+def _build_backward(dW, needs, B, p, q, layout=None):
     C, n, D = dW.shape
-    p, q, s, t = ctx.p, ctx.q, n // ctx.p, D // ctx.q
-    if ctx.mode == _TINYBIG:
-        dB = dW.reshape(C, p * q, s * t).sum(1)
-    elif ctx.mode == _DIAG:
+    s, t = n // p, D // q
+    if layout is None:   # duplicated_diagonal_padding
         dB = torch.diagonal(dW.reshape(C, p, s, q, t), dim1=1, dim2=3).sum(-1)
+    elif layout == "tinybig":
+        dB = dW.reshape(C, p * q, s * t).sum(1)
     else:
         dB = dW.reshape(C, p, s, q, t).sum((1, 3))
-    return (dB.reshape(C, s, t),) + (None,) * ctx.extra
+    return (dB.reshape(C, s, t),)
 
 
-def _setup_build(mode_of):
-    def setup(ctx, inputs, output):
-        ctx.p, ctx.q = inputs[1], inputs[2]
-        ctx.mode, ctx.extra = mode_of(inputs), len(inputs) - 1
-    return setup
+def _apply_backward(diag):
+    def backward(dy, needs, x, B, p, q, bias, layout=None):
+        return (_grad_x(dy, B, p, q, diag) if needs[0] else None), (_grad_B(dy, x, p, q, diag) if needs[1] else None)
+    return backward
 
 
-_dup_pad_build_op.register_autograd(
-    _build_backward, setup_context=_setup_build(lambda i: _TINYBIG if i[3] == "tinybig" else _KRON))
-_block_diag_build_op.register_autograd(_build_backward, setup_context=_setup_build(lambda i: _DIAG))
-
-
-def _setup_apply(diag):
-    def setup(ctx, inputs, output):
-        x, B, p, q, bias = inputs
-        ctx.save_for_backward(x, B)
-        ctx.p, ctx.q, ctx.diag = p, q, diag
-    return setup
-
-
-def _apply_backward(ctx, dy):
-    x, B = ctx.saved_tensors
-    gx = _grad_x_op(dy, B, ctx.p, ctx.q, ctx.diag) if ctx.needs_input_grad[0] else None
-    gB = _grad_B_op(dy, x, ctx.p, ctx.q, ctx.diag) if ctx.needs_input_grad[1] else None
-    gbias = dy.sum((0, 1)) if ctx.needs_input_grad[4] else None
-    return gx, gB, None, None, gbias
-
-
-register_first_order(_dup_pad_apply_op, _apply_backward, _setup_apply(False), "triton")
-register_first_order(_block_diag_apply_op, _apply_backward, _setup_apply(True), "triton")
-
-
-# ---- the dispatch entry points (signatures of the torch reference) -----------------------------
-def dup_pad_build(B, p: int, q: int, layout: str):
-    return _dup_pad_build_op(B, p, q, layout)
-
-
-def dup_pad_apply(x, B, p: int, q: int, bias, layout: str):
-    if layout == "tinybig":
-        y = torch.matmul(x, _dup_pad_build_op(B, p, q, layout).transpose(1, 2))
-        return y if bias is None else y + bias
-    return _dup_pad_apply_op(x, B, p, q, bias)
-
-
-def block_diag_build(B, p: int, q: int):
-    return _block_diag_build_op(B, p, q)
-
-
-def block_diag_apply(x, B, p: int, q: int, bias):
-    return _block_diag_apply_op(x, B, p, q, bias)
+ops.implement("duplicated_padding_build", "triton",
+              lambda B, p, q, layout: _launch_build(B, p, q, _TINYBIG if layout == "tinybig" else _KRON),
+              _build_backward, first_order=False)
+ops.implement("duplicated_diagonal_padding_build", "triton", lambda B, p, q: _launch_build(B, p, q, _DIAG),
+              _build_backward, first_order=False)
+ops.implement("duplicated_padding_apply", "triton",
+              lambda x, B, p, q, bias, layout: _forward(x, B, p, q, bias, diag=False), _apply_backward(False))
+ops.implement("duplicated_diagonal_padding_apply", "triton",
+              lambda x, B, p, q, bias: _forward(x, B, p, q, bias, diag=True), _apply_backward(True))

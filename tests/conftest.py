@@ -4,8 +4,12 @@ Triton runs on CPU tensors under its interpreter, which must be switched on befo
 is imported: without a GPU the tests turn it on themselves.
 """
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1]))   # build_libs.py: the C libraries' build commands
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

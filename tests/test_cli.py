@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tinyrecon import cli, dispatch, registry
+from tinyrecon import cli, dispatch, ops, registry
 from tinyrecon.benchmark import cases, check, report, runner, timing
 from tinyrecon.functions import kron
 
@@ -72,7 +72,7 @@ def test_every_function_has_a_family_module_and_existing_ops():
         if prefix is None:
             assert cases.FAMILY[f] == "basic"
         else:
-            assert {f"{prefix}_build", f"{prefix}_apply"} <= set(dispatch.OPS)
+            assert {f"{prefix}_build", f"{prefix}_apply"} <= set(ops.OPS)
 
 
 def test_headline_config_is_the_mnist_rpn_layer():

@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 
+import build_libs
 import pytest
 import torch
 
@@ -29,7 +30,7 @@ from tinyrecon.functions import padding as padding_ref
 from conftest import DTYPES, assert_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NVCC = cuda_lib.find_nvcc()
+NVCC = build_libs.find_nvcc()
 GPU_REASON = dispatch.why_not("cuda", "kron_apply", "cuda") if torch.cuda.is_available() else "no CUDA device"
 gpu = pytest.mark.skipif(bool(GPU_REASON), reason=f"CUDA backend unavailable: {GPU_REASON}")
 
@@ -45,7 +46,7 @@ def built_library(tmp_path_factory):
 
 
 def _nvcc(sources, out, *extra):
-    command = cuda_lib.nvcc_command(NVCC, sources, out, arch_list="8.0", werror=True)
+    command = build_libs.nvcc_command(NVCC, sources, out, arch_list="8.0", werror=True)
     command[1:1] = list(extra)
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
@@ -86,14 +87,14 @@ def test_missing_library_is_a_reason_not_an_error(tmp_path, monkeypatch):
 
 
 def test_arch_list():
-    assert cuda_lib.gencode_flags("8.0;9.0+PTX") == [
+    assert build_libs.gencode_flags("8.0;9.0+PTX") == [
         "-gencode", "arch=compute_80,code=[sm_80]", "-gencode", "arch=compute_90,code=[sm_90,compute_90]"]
-    assert cuda_lib.gencode_flags("sm_86") == ["-gencode", "arch=compute_86,code=[sm_86,compute_86]"]
+    assert build_libs.gencode_flags("sm_86") == ["-gencode", "arch=compute_86,code=[sm_86,compute_86]"]
     # the newest arch always carries PTX (forward compatibility), the others only when asked
-    assert cuda_lib.gencode_flags("9.0;8.0") == [
+    assert build_libs.gencode_flags("9.0;8.0") == [
         "-gencode", "arch=compute_90,code=[sm_90,compute_90]", "-gencode", "arch=compute_80,code=[sm_80]"]
     with pytest.raises(ValueError, match="cannot read CUDA arch"):
-        cuda_lib.gencode_flags("ampere")
+        build_libs.gencode_flags("ampere")
 
 
 # ---- ops against the torch reference -------------------------------------------------------------------
@@ -195,27 +196,27 @@ BATCH = [0, 5, 70, 600]   # 600: weight gradients long enough in K to be split a
 @pytest.mark.parametrize("N", BATCH)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_kron_apply(device, dtype, dims, N, with_bias):
-    from tinyrecon import cuda_ops
+    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
     randn = _randn_on(device)
     C, p, q, rA, s, t, rB = dims
     bias = randn(p * s) if with_bias else None
     args = (randn(N, q * t), *_factors(randn, *dims), bias, "kron")
-    _compare(cuda_ops.kron_apply, kron_ref.kron_apply, args, dtype, transpose_x=N == 70)
+    _compare(tr.ops.OPS["kron_apply"].impls["cuda"], kron_ref.kron_apply, args, dtype, transpose_x=N == 70)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dims", KRON)
 @pytest.mark.parametrize("layout", ["kron", "tinybig"])
 def test_kron_build(device, dtype, dims, layout):
-    from tinyrecon import cuda_ops
-    _compare(cuda_ops.kron_build, kron_ref.kron_build, (*_factors(_randn_on(device), *dims), layout), dtype)
+    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
+    _compare(tr.ops.OPS["kron_build"].impls["cuda"], kron_ref.kron_build, (*_factors(_randn_on(device), *dims), layout), dtype)
 
 
-def test_kron_apply_tinybig_layout_runs_the_reference(device):
-    from tinyrecon import cuda_ops
+def test_kron_apply_tinybig_layout_is_the_build_and_one_gemm(device):
+    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
     randn = _randn_on(device)
     args = (randn(4, 12), *_factors(randn, 1, 2, 3, 0, 3, 4, 0), None, "tinybig")
-    torch.testing.assert_close(cuda_ops.kron_apply(*args), kron_ref.kron_apply(*args))
+    torch.testing.assert_close(tr.ops.OPS["kron_apply"].impls["cuda"](*args), kron_ref.kron_apply(*args))
 
 
 # C, p, q, s, t: p < q, p > q, p = q with s past a 64-tile
@@ -226,20 +227,20 @@ BLOCK = [(1, 2, 3, 4, 5), (2, 3, 2, 5, 3), (2, 3, 3, 66, 2)]
 @pytest.mark.parametrize("dims", BLOCK)
 @pytest.mark.parametrize("N", BATCH)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_block_diag_apply(device, dtype, dims, N, with_bias):
-    from tinyrecon import cuda_ops
+def test_duplicated_diagonal_padding_apply(device, dtype, dims, N, with_bias):
+    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
     randn = _randn_on(device)
     C, p, q, s, t = dims
     args = (randn(N, q * t), randn(C, s, t), p, q, randn(p * s) if with_bias else None)
-    _compare(cuda_ops.block_diag_apply, padding_ref.block_diag_apply, args, dtype, transpose_x=N == 70)
+    _compare(tr.ops.OPS["duplicated_diagonal_padding_apply"].impls["cuda"], padding_ref.duplicated_diagonal_padding_apply, args, dtype, transpose_x=N == 70)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dims", BLOCK)
-def test_block_diag_build(device, dtype, dims):
-    from tinyrecon import cuda_ops
+def test_duplicated_diagonal_padding_build(device, dtype, dims):
+    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
     C, p, q, s, t = dims
-    _compare(cuda_ops.block_diag_build, padding_ref.block_diag_build, (_randn_on(device)(C, s, t), p, q), dtype)
+    _compare(tr.ops.OPS["duplicated_diagonal_padding_build"].impls["cuda"], padding_ref.duplicated_diagonal_padding_build, (_randn_on(device)(C, s, t), p, q), dtype)
 
 
 # C, n, r, D
@@ -250,21 +251,21 @@ LOWRANK = [(1, 7, 2, 9), (3, 65, 3, 130), (2, 3, 1, 4)]
 @pytest.mark.parametrize("dims", LOWRANK)
 @pytest.mark.parametrize("N", BATCH)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_lowrank_apply(device, dtype, dims, N, with_bias):
-    from tinyrecon import cuda_ops
+def test_lorr_apply(device, dtype, dims, N, with_bias):
+    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
     randn = _randn_on(device)
     C, n, r, D = dims
     args = (randn(N, D), randn(C, n, r), randn(C, r, D), randn(n) if with_bias else None)
-    _compare(cuda_ops.lowrank_apply, lowrank_ref.lowrank_apply, args, dtype, transpose_x=N == 70)
+    _compare(tr.ops.OPS["lorr_apply"].impls["cuda"], lowrank_ref.lorr_apply, args, dtype, transpose_x=N == 70)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dims", LOWRANK)
-def test_lowrank_build(device, dtype, dims):
-    from tinyrecon import cuda_ops
+def test_lorr_build(device, dtype, dims):
+    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
     randn = _randn_on(device)
     C, n, r, D = dims
-    _compare(cuda_ops.lowrank_build, lowrank_ref.lowrank_build, (randn(C, n, r), randn(C, r, D)), dtype)
+    _compare(tr.ops.OPS["lorr_build"].impls["cuda"], lowrank_ref.lorr_build, (randn(C, n, r), randn(C, r, D)), dtype)
 
 
 def _small_cases(device):
@@ -273,31 +274,31 @@ def _small_cases(device):
     return {
         "kron_build": (*_factors(randn, 2, 2, 3, 2, 3, 2, 1), "kron"),
         "kron_apply": (x, *_factors(randn, 2, 2, 3, 2, 3, 2, 1), randn(6), "kron"),
-        "block_diag_build": (randn(2, 2, 3), 3, 2),
-        "block_diag_apply": (x, randn(2, 2, 3), 3, 2, randn(6)),
-        "lowrank_build": (randn(2, 4, 2), randn(2, 2, 6)),
-        "lowrank_apply": (x, randn(2, 4, 2), randn(2, 2, 6), randn(4)),
+        "duplicated_diagonal_padding_build": (randn(2, 2, 3), 3, 2),
+        "duplicated_diagonal_padding_apply": (x, randn(2, 2, 3), 3, 2, randn(6)),
+        "lorr_build": (randn(2, 4, 2), randn(2, 2, 6)),
+        "lorr_apply": (x, randn(2, 4, 2), randn(2, 2, 6), randn(4)),
     }
 
 
 # apply op -> its reference and where its bias is in _small_cases' arguments
-_APPLIES = {"kron_apply": (kron_ref.kron_apply, 5), "block_diag_apply": (padding_ref.block_diag_apply, 4),
-            "lowrank_apply": (lowrank_ref.lowrank_apply, 3)}
+_APPLIES = {"kron_apply": (kron_ref.kron_apply, 5), "duplicated_diagonal_padding_apply": (padding_ref.duplicated_diagonal_padding_apply, 4),
+            "lorr_apply": (lowrank_ref.lorr_apply, 3)}
 
 
 @pytest.mark.parametrize("op", _APPLIES)
 def test_strided_bias(device, op):
     """A bias view with a stride of 2 (apply passes views through; the glue copies it to the dense
     buffer the library reads): values and gradients as the reference's."""
-    from tinyrecon import cuda_ops
+    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
     ref, at = _APPLIES[op]
     args = list(_small_cases(device)[op])
     args[at] = torch.randn(2 * len(args[at]), dtype=torch.float64, device=device)[::2]
     assert not args[at].is_contiguous()
-    _compare(getattr(cuda_ops, op), ref, args, torch.float64)
+    _compare(tr.ops.OPS[op].impls["cuda"], ref, args, torch.float64)
 
 
-OPS = ["kron_build", "kron_apply", "block_diag_build", "block_diag_apply", "lowrank_build", "lowrank_apply"]
+OPS = ["kron_build", "kron_apply", "duplicated_diagonal_padding_build", "duplicated_diagonal_padding_apply", "lorr_build", "lorr_apply"]
 
 
 def _requiring_grad(args):
@@ -306,16 +307,16 @@ def _requiring_grad(args):
 
 @pytest.mark.parametrize("op", OPS)
 def test_gradcheck_fp64(device, op):
-    from tinyrecon import cuda_ops
-    assert torch.autograd.gradcheck(getattr(cuda_ops, op), _requiring_grad(_small_cases(device)[op]))
+    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
+    assert torch.autograd.gradcheck(tr.ops.OPS[op].impls["cuda"], _requiring_grad(_small_cases(device)[op]))
 
 
 @pytest.mark.parametrize("op", OPS)
 def test_double_backward_is_refused_by_name(device, op):
     """The backward kernels are first-order: create_graph=True names the op and the way out."""
-    from tinyrecon import cuda_ops
+    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
     args = _requiring_grad(_small_cases(device)[op])
-    y = getattr(cuda_ops, op)(*args)
+    y = tr.ops.OPS[op].impls["cuda"](*args)
     with pytest.raises(RuntimeError, match=r"tinyrecon::cuda_\w+ \(the cuda backend\) has a first-order "
                                            r"backward only.*backend='torch'"):
         torch.autograd.grad(y.square().sum(), [a for a in args if isinstance(a, torch.Tensor)], create_graph=True)
@@ -324,19 +325,17 @@ def test_double_backward_is_refused_by_name(device, op):
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck(device, op):
     """Schema, fake (meta) kernels and autograd registration agree with the real kernels."""
-    from tinyrecon import cuda_ops
+    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
     args = _requiring_grad(_small_cases(device)[op])
-    if op == "kron_apply":   # the custom op under the layout switch
-        op, args = "_kron_apply", args[:-1]
-    torch.library.opcheck(getattr(cuda_ops, op), args)
+    torch.library.opcheck(getattr(torch.ops.tinyrecon, f"cuda_{op}").default, args)
 
 
 @pytest.mark.parametrize("op", OPS)
 def test_torch_compile_fullgraph(device, op):
     """torch.compile sees each op (and its backward) as one custom op: no graph break."""
-    from tinyrecon import cuda_ops
+    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
     torch._dynamo.reset()
-    fn = getattr(cuda_ops, op)
+    fn = tr.ops.OPS[op].impls["cuda"]
     args = _requiring_grad(_small_cases(device)[op])
     expected = fn(*args)
     expected_grads = torch.autograd.grad(expected.sum(), [a for a in args if isinstance(a, torch.Tensor)])
@@ -349,7 +348,7 @@ def test_torch_compile_fullgraph(device, op):
 def test_emulation_ran_every_kernel_and_tile(device):
     """The host build ran each kernel of csrc/kernels.cu, each GEMM tile and split-K (whose partial
     sums are rounded by the cast kernel): shapes here cross each tile's edges."""
-    from tinyrecon import cuda_ops
+    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
     if device != "cpu":
         pytest.skip("counts launches of the SIMT emulation")
     count = cuda_lib._load()[0].simt_launch_count
@@ -358,11 +357,11 @@ def test_emulation_ran_every_kernel_and_tile(device):
     randn = _randn_on(device)
     for N in (5, 600):
         for n in (7, 21, 70):   # lowrank's forward GEMM has N = n: the 16-, 32- and 64-wide tiles
-            _compare(cuda_ops.lowrank_apply, lowrank_ref.lowrank_apply,
+            _compare(tr.ops.OPS["lorr_apply"].impls["cuda"], lowrank_ref.lorr_apply,
                      (randn(N, 9), randn(2, n, 3), randn(2, 3, 9), None), torch.float32)
-    _compare(cuda_ops.kron_build, kron_ref.kron_build, (*_factors(randn, 2, 2, 3, 0, 3, 2, 0), "kron"),
+    _compare(tr.ops.OPS["kron_build"].impls["cuda"], kron_ref.kron_build, (*_factors(randn, 2, 2, 3, 0, 3, 2, 0), "kron"),
              torch.float32)
-    _compare(cuda_ops.block_diag_apply, padding_ref.block_diag_apply,
+    _compare(tr.ops.OPS["duplicated_diagonal_padding_apply"].impls["cuda"], padding_ref.duplicated_diagonal_padding_apply,
              (randn(5, 6), randn(2, 2, 3), 3, 2, randn(6)), torch.float32)
     ran = {part: count(part.encode()) - before[part] for part in _KERNELS}
     assert all(ran.values()), ran
@@ -377,7 +376,7 @@ def test_errors_carry_the_library_message(device):
     A = torch.randn(1, 2, 2, device=device)
     stream = torch.cuda.current_stream().cuda_stream if device == "cuda" else None
     with pytest.raises(cuda_lib.CudaError, match="unsupported dtype code"):
-        cuda_lib.call("tinyrecon_lowrank_build", A.device.index or 0, stream, 99, A.data_ptr(), A.data_ptr(),
+        cuda_lib.call("tinyrecon_lorr_build", A.device.index or 0, stream, 99, A.data_ptr(), A.data_ptr(),
                       A.data_ptr(), 1, 2, 2, 2)
 
 

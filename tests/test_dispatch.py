@@ -3,33 +3,41 @@ import pytest
 import torch
 
 import tinyrecon as tr
-from tinyrecon import dispatch
+from tinyrecon import dispatch, ops
 
 
 def test_auto_on_cpu_is_the_cpu_library_where_it_has_the_op_else_torch(monkeypatch):
     monkeypatch.delenv("TINYRECON_BACKEND", raising=False)
     library = dispatch.why_not("cpu", None, "cpu") == ""
-    for op, modules in dispatch.OPS.items():
-        has_kernel = modules[dispatch.BACKENDS.index("cpu")] is not None
-        assert dispatch.resolve(op, "cpu") == ("cpu" if library and has_kernel else "torch"), op
+    for op in ops.OPS:   # the builds without a kernel run the reference under the cpu name (FALLBACK)
+        assert dispatch.resolve(op, "cpu") == ("cpu" if library else "torch"), op
+        if library:
+            kernel = "cpu" in ops.OPS[op].impls
+            assert dispatch.table("cpu")[op]["cpu"] == ("kernel" if kernel else "reference"), op
+            assert (dispatch.get(op, "cpu") is ops.OPS[op].impls["torch"]) == (not kernel), op
 
 
 def test_cpu_library_is_built_where_a_compiler_is():
     """pip install builds the CPU library whenever a C++ compiler is found (TINYRECON_BUILD_CPU=auto)."""
     import os
 
+    import build_libs
+
     from tinyrecon import cpu_lib
-    if os.environ.get("TINYRECON_BUILD_CPU") == "0" or not cpu_lib.find_cxx():
+    if os.environ.get("TINYRECON_BUILD_CPU") == "0" or not build_libs.find_cxx():
         pytest.skip("no C++ compiler here, or the build was switched off")
     assert cpu_lib.load_error() == ""
 
 
-def test_every_op_has_a_torch_reference_with_that_name():
-    for op, modules in dispatch.OPS.items():
-        assert callable(dispatch.get(op, "cpu", "torch")), op
-        for backend, module in zip(dispatch.BACKENDS, modules):
-            if module is None:
-                assert f"no kernel for {op}" in dispatch.why_not(backend, op, "cuda")
+def test_every_op_has_a_torch_reference_with_that_name(monkeypatch):
+    monkeypatch.setitem(dispatch._STATUS, "cuda device", "")   # as if a GPU and the library were here
+    monkeypatch.setitem(dispatch._STATUS, "cuda", "")
+    for op in ops.OPS:
+        assert dispatch.get(op, "cpu", "torch") is ops.OPS[op].impls["torch"], op
+        assert ops.OPS[op].impls["torch"].__name__ == op
+        if dispatch.implementation(op, "cuda") is None:
+            assert f"the cuda backend has no kernel for {op}" == dispatch.why_not("cuda", op, "cuda")
+    assert dispatch.why_not("cuda", "masking_apply", "cuda") and not dispatch.why_not("cuda", "kron_apply", "cuda")
 
 
 def test_precedence_call_over_block_over_env(monkeypatch):

@@ -16,7 +16,7 @@ SMALL = dict(l=5, hidden_dim=4)
 # interpreter's 16-wide tiles of n and D, and rows of x in several chunks.
 CASES = [(5, 7, (4,), 1), (1, 1, (2, 3), 1), (4, 6, (0,), 2), (17, 3, (3,), 3), (3, 18, (37,), 1)]
 CLS_BACKENDS = [pytest.param(cls, p.values[0], marks=p.marks, id=f"{short}-{p.id}")
-                for cls, short, op in ((HN, "hypernet", "hypernet_apply"), (RMH, "rmh", "rmh_apply"))
+                for cls, short, op in ((HN, "hypernet", "hypernet_apply"), (RMH, "rmh", "random_matrix_hypernet_apply"))
                 for p in backends_for(op)]
 
 
@@ -178,25 +178,26 @@ def test_trainable_hypernet():
     assert w.grad is not None
 
 
-triton_only = pytest.mark.skipif(bool(tr.dispatch.why_not("triton", "rmh_apply", torch.device(DEVICE).type)),
+triton_only = pytest.mark.skipif(bool(tr.dispatch.why_not("triton", "random_matrix_hypernet_apply", torch.device(DEVICE).type)),
                                  reason="Triton cannot run here")
 
 
 @triton_only
 def test_in_kernel_matrix_equals_torch_philox():
-    from tinyrecon.kernels import hypernet as K
+    from tinyrecon.kernels import hypernet  # noqa: F401  (registers the Triton ops)
+    build, apply = (tr.ops.OPS[f"random_matrix_hypernet_{op}"].impls["triton"] for op in ("build", "apply"))
     n, D, k = 5, 7, 3
     seed_m, seed_c = 2**62 + 11, 123
     M = _random.randn(seed_m, (n * D, k), device=DEVICE)
     # Box-Muller runs on each side's libm: equal to ~1 ulp of the log/cos, not bit for bit.
     exact = dict(rtol=0, atol=2e-6)
     # v = e_c: channel c of the build is column c of M.
-    W = K.random_linear_build(torch.eye(k, device=DEVICE), seed_m, None, n, D)
+    W = build(torch.eye(k, device=DEVICE), seed_m, n, D)
     torch.testing.assert_close(W.reshape(k, n * D).T, M, **exact)
-    W0 = K.random_linear_build(torch.zeros(1, k, device=DEVICE), seed_m, seed_c, n, D)
+    W0 = tr.ops.OPS["hypernet_build"].impls["triton"](torch.zeros(1, k, device=DEVICE), seed_m, seed_c, n, D)
     torch.testing.assert_close(W0.reshape(-1), _random.randn(seed_c, (n * D,), device=DEVICE), **exact)
     # x = I: the apply kernel's y[c] is W_c^T, drawn by the apply kernel itself.
-    y = K.random_linear_apply(torch.eye(D, device=DEVICE), torch.eye(k, device=DEVICE), seed_m, None, n, None)
+    y = apply(torch.eye(D, device=DEVICE), torch.eye(k, device=DEVICE), seed_m, n, None)
     torch.testing.assert_close(y, W.transpose(1, 2), **exact)
 
 

@@ -14,7 +14,7 @@ LORR, RMA = tr.lorr_reconciliation, tr.random_matrix_adaption_reconciliation
 CASES = [(5, 7, 3, (4,), 1), (1, 1, 1, (2, 3), 1), (13, 29, 2, (3,), 3), (6, 12, 1, (0,), 2)]
 # (class, backend) for every backend that runs the class's apply op here.
 CLS_BACKENDS = [pytest.param(cls, p.values[0], marks=p.marks, id=f"{short}-{p.id}")
-                for cls, short, op in ((LORR, "lorr", "lowrank_apply"), (RMA, "rma", "rma_apply"))
+                for cls, short, op in ((LORR, "lorr", "lorr_apply"), (RMA, "rma", "random_matrix_adaption_apply"))
                 for p in backends_for(op)]
 
 
@@ -137,7 +137,7 @@ def test_rma_matrices_are_frozen():
     assert not A.requires_grad and not B.requires_grad
 
 
-triton_only = pytest.mark.skipif(bool(tr.dispatch.why_not("triton", "rma_apply", torch.device(DEVICE).type)),
+triton_only = pytest.mark.skipif(bool(tr.dispatch.why_not("triton", "random_matrix_adaption_apply", torch.device(DEVICE).type)),
                                  reason="Triton cannot run here")
 
 
@@ -152,10 +152,10 @@ def test_in_kernel_matrices_equal_torch_philox():
     torch.testing.assert_close(K.randn(rec.stream_seed(0), n, 3, torch.float32, torch.device(DEVICE)), A, **exact)
     # l1 = 1, l2 = e_k: the build kernel's W is the outer product of column k of A and of B.
     l2 = torch.eye(3, device=DEVICE)
-    W = K.rma_build(torch.ones(3, n, device=DEVICE), l2, rec.stream_seed(0), rec.stream_seed(1), D)
+    W = tr.ops.OPS["random_matrix_adaption_build"].impls["triton"](torch.ones(3, n, device=DEVICE), l2, rec.stream_seed(0), rec.stream_seed(1), D)
     torch.testing.assert_close(W, A.T[:, :, None] * B.T[:, None, :], **exact)
     # x = I: the fused apply's y[c] is W_c^T, drawn by the apply kernel itself.
-    y = K.rma_apply(torch.eye(D, device=DEVICE), torch.ones(3, n, device=DEVICE), l2,
+    y = tr.ops.OPS["random_matrix_adaption_apply"].impls["triton"](torch.eye(D, device=DEVICE), torch.ones(3, n, device=DEVICE), l2,
                     rec.stream_seed(0), rec.stream_seed(1), None)
     torch.testing.assert_close(y, W.transpose(1, 2), **exact)
 

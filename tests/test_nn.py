@@ -170,8 +170,8 @@ def test_torch_compile_fullgraph(name):
     assert_close(g, torch.autograd.grad(layer(x).sum(), layer.w)[0])
 
 
-@pytest.mark.parametrize("name,op", [("lorr", "lowrank_apply"), ("duplicated_padding", "dup_pad_apply"),
-                                     ("dual_lphm", "kron_apply"), ("random_matrix_adaption", "rma_apply")])
+@pytest.mark.parametrize("name,op", [("lorr", "lorr_apply"), ("duplicated_padding", "duplicated_padding_apply"),
+                                     ("dual_lphm", "kron_apply"), ("random_matrix_adaption", "random_matrix_adaption_apply")])
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_layer_runs_on_every_backend(name, op, backend):
     reason = dispatch.why_not(backend, op, torch.device(DEVICE).type)

@@ -7,9 +7,9 @@ from conftest import DEVICE, DTYPES, assert_close, backends_for, check_apply_lay
 
 # (kind, op prefix): kind picks the class and layout; the op is what the backend column must provide.
 KINDS = {
-    "kron": (tr.duplicated_padding_reconciliation, "kron", "dup_pad"),
-    "tinybig": (tr.duplicated_padding_reconciliation, "tinybig", "dup_pad"),
-    "diag": (tr.duplicated_diagonal_padding_reconciliation, "kron", "block_diag"),
+    "kron": (tr.duplicated_padding_reconciliation, "kron", "duplicated_padding"),
+    "tinybig": (tr.duplicated_padding_reconciliation, "tinybig", "duplicated_padding"),
+    "diag": (tr.duplicated_diagonal_padding_reconciliation, "kron", "duplicated_diagonal_padding"),
 }
 # (n, D, p, q): s = n/p and t = D/q odd, p < q and p > q, p = q = n, blocks wider than 16 (s = 20, t = 19).
 SHAPES = [(15, 14, 3, 2), (6, 20, 2, 4), (20, 6, 4, 2), (5, 5, 5, 5), (9, 9, 3, None), (40, 36, 2, 3), (21, 38, 3, 2)]
@@ -153,7 +153,7 @@ def test_torch_compile_sees_one_op(kind, backend):
     check_compiles_to_one_op(make(kind, 3, 2), 15, 14, backend)
 
 
-@pytest.mark.parametrize("backend", backends_for("dup_pad_apply"))
+@pytest.mark.parametrize("backend", backends_for("duplicated_padding_apply"))
 def test_fp16_block_sums_do_not_overflow(backend):
     """duplicated_padding sums x's q column blocks before the GEMM: 300 blocks of 250 sum to 75,000,
     over fp16's 65,504, while y (and dB) stay small; the sum must stay fp32 until the dot."""

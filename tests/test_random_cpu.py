@@ -2,6 +2,7 @@
 bit, normals to float32 rounding (both evaluate Box-Muller in float64 and round once)."""
 import subprocess
 
+import build_libs
 import pytest
 import torch
 
@@ -78,7 +79,7 @@ def test_bad_arguments_are_refused():
 @pytest.mark.parametrize("march", isa_levels())
 def test_each_isa_level_builds_clean_and_agrees(march, tmp_path, monkeypatch):
     out = str(tmp_path / f"lib-{march}.so")
-    command = cpu_lib.cxx_command("g++", ["csrc/random_cpu.cpp"], out, werror=True) + ["-DTR_NO_CLONES", f"-march={march}"]
+    command = build_libs.cxx_command("g++", ["csrc/random_cpu.cpp"], out, werror=True) + ["-DTR_NO_CLONES", f"-march={march}"]
     root = __file__.rsplit("/tests/", 1)[0]
     assert subprocess.run(command, cwd=root).returncode == 0
     lib = __import__("ctypes").CDLL(out)

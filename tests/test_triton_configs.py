@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import tinyrecon as tr
-from tinyrecon import dispatch
+from tinyrecon import dispatch, ops
 
 from conftest import DEVICE, assert_close
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="configs in turn are an interpreter switch")
 
-KERNEL_MODULES = sorted({mods[1] for mods in dispatch.OPS.values() if mods[1]})
+KERNEL_MODULES = sorted({dispatch.MODULES["triton"].format(family=op.family) for op in ops.OPS.values()})
 
 
 def _kernels():

@@ -180,6 +180,11 @@ def add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else y + bias
 
 
+def bias_grad(dy: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The bias's gradient from ``dy`` (C, N, n): summed in fp32 (fp64 for fp64), rounded once."""
+    return dy.sum((0, 1), dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32).to(bias.dtype)
+
+
 class Reconciliation(nn.Module):
     """Base of all reconciliation functions: ``W = psi(w)`` of shape ``(n, D)``.
 
@@ -302,6 +307,10 @@ class Reconciliation(nn.Module):
         return f"name={self.name!r}"
 
     # ---- helpers -----------------------------------------------------------------
+    def _op(self, what: str, like: torch.Tensor, backend):
+        """The dispatch entry of this function's op ``<op>_<what>`` for tensors like ``like``."""
+        return dispatch.get(f"{self.op}_{what}", like.device.type, backend)
+
     def _backend(self, backend):
         # Checked here, not only in dispatch: functions without ops (identity, constant, eye)
         # would otherwise ignore a misspelt name.

@@ -17,14 +17,11 @@ import functools
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from . import _random, cpu_lib
-from .base import XOps, add_bias, reference, torch_expand, torch_passes
-from .functions import hypernet as _hypernet_ref
+from . import _random, cpu_lib, ops
+from .base import _HALF, XOps, add_bias, reference, torch_expand, torch_passes
 from .functions import kron as _kron_ref
 from .functions import lowrank as _lowrank_ref
-from .functions import masking as _masking_ref
 from .functions import padding as _padding_ref
 
 _DTYPES = {torch.float32: 0, torch.float64: 1}
@@ -129,18 +126,13 @@ def _expand(G, Ar):
 KERNEL_X_OPS = XOps(_kernel_passes, kron_expand)   # always the kernels (tests)
 X_OPS = XOps(_passes, _expand)                     # the kernels where they pay, else torch's GEMMs
 
-# The applies are the references with the kernels' XOps; builds read no x and are the references.
+# The applies are the references with the kernels' XOps (layout="tinybig" in the reference's torch);
+# builds read no x: the dispatch table falls back to the references (dispatch.FALLBACK).
 # (The references already compute fp16/bf16 in fp32, so the kernels only ever see fp32 and fp64.)
-kron_build = _kron_ref.kron_build
-dup_pad_build = _padding_ref.dup_pad_build
-block_diag_build = _padding_ref.block_diag_build
-lowrank_build = _lowrank_ref.lowrank_build
-rma_build = _lowrank_ref.rma_build
-kron_apply = functools.partial(_kron_ref.kron_apply, x_ops=X_OPS)
-dup_pad_apply = functools.partial(_padding_ref.dup_pad_apply, x_ops=X_OPS)
-block_diag_apply = functools.partial(_padding_ref.block_diag_apply, x_ops=X_OPS)
-lowrank_apply = functools.partial(_lowrank_ref.lowrank_apply, x_ops=X_OPS)
-rma_apply = functools.partial(_lowrank_ref.rma_apply, x_ops=X_OPS)
+for _ref in (_kron_ref.kron_apply, _padding_ref.duplicated_padding_apply,
+             _padding_ref.duplicated_diagonal_padding_apply, _lowrank_ref.lorr_apply,
+             _lowrank_ref.random_matrix_adaption_apply):
+    ops.implement(_ref.__name__, "cpu", functools.partial(_ref, x_ops=X_OPS), tinybig=True)
 
 
 # Random families. A column block of W (all n rows, columns [j0, j1)) is ~_BLOCK_NUMBERS random
@@ -176,7 +168,6 @@ def _masked(src: Tensor, seed: int, p: float, D: int, j0: int, out: Tensor | Non
     return out
 
 
-@torch.library.custom_op("tinyrecon::cpu_masking_forward", mutates_args=())
 def masking_forward(x: Tensor, w: Tensor, seed: int, p: float) -> Tensor:
     """``x @ (w * M)^T`` for x (N, D), w (C, n, D): each column block's mask drawn, applied and used."""
     C, n, D = w.shape
@@ -186,12 +177,6 @@ def masking_forward(x: Tensor, w: Tensor, seed: int, p: float) -> Tensor:
     return y
 
 
-@masking_forward.register_fake
-def _(x, w, seed, p):
-    return x.new_empty(w.shape[0], x.shape[0], w.shape[1])
-
-
-@torch.library.custom_op("tinyrecon::cpu_masking_backward", mutates_args=())
 def masking_backward(g: Tensor, x: Tensor, w: Tensor, seed: int, p: float, want_dx: bool,
                      want_dw: bool) -> tuple[Tensor, Tensor]:
     """(dx, dw) for the upstream g (C, N, n), the mask regenerated once; an unwanted one is empty."""
@@ -206,30 +191,13 @@ def masking_backward(g: Tensor, x: Tensor, w: Tensor, seed: int, p: float, want_
     return dx, dw
 
 
-@masking_backward.register_fake
-def _(g, x, w, seed, p, want_dx, want_dw):
-    return x.new_empty(x.shape if want_dx else (0,)), w.new_empty(w.shape if want_dw else (0,))
+def _up(t: Tensor) -> Tensor:
+    """fp16/bf16 in fp32, as the reference computes them (the kernels take fp32 and fp64)."""
+    return t.float() if t.dtype in _HALF else t
 
 
-class _MaskingApply(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, seed, p):
-        ctx.save_for_backward(x, w)
-        ctx.seed, ctx.p = seed, p
-        return masking_forward(x, w, seed, p)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        x, w = ctx.saved_tensors
-        want_dx, want_dw = ctx.needs_input_grad[:2]
-        dx, dw = masking_backward(g.contiguous(), x, w, ctx.seed, ctx.p, want_dx, want_dw)
-        return (dx if want_dx else None), (dw if want_dw else None), None, None
-
-
-@reference
-def masking_apply(x, w, seed: int, p: float, bias):
-    return add_bias(_MaskingApply.apply(x, w, seed, p), bias)
+ops.implement("masking_apply", "cpu", reference(lambda x, w, seed, p, bias: add_bias(masking_forward(x, w, seed, p), bias)),
+              lambda g, needs, x, w, seed, p, bias: masking_backward(_up(g).contiguous(), _up(x), _up(w), seed, p, *needs))
 
 
 def _linear_block(v, seed_m: int, seed_c, n: int, D: int, j0: int, j1: int):
@@ -243,7 +211,6 @@ def _linear_block(v, seed_m: int, seed_c, n: int, D: int, j0: int, j1: int):
     return W, M
 
 
-@torch.library.custom_op("tinyrecon::cpu_random_linear_forward", mutates_args=())
 def random_linear_forward(x: Tensor, v: Tensor, seed_m: int, seed_c: int | None, n: int) -> Tensor:
     """``x @ W^T`` for ``W = reshape(M @ v^T (+ c), C, n, D)``, M (n*D x k) and c frozen N(0, 1)."""
     D = x.shape[1]
@@ -253,12 +220,6 @@ def random_linear_forward(x: Tensor, v: Tensor, seed_m: int, seed_c: int | None,
     return y
 
 
-@random_linear_forward.register_fake
-def _(x, v, seed_m, seed_c, n):
-    return x.new_empty(v.shape[0], x.shape[0], n)
-
-
-@torch.library.custom_op("tinyrecon::cpu_random_linear_backward", mutates_args=())
 def random_linear_backward(g: Tensor, x: Tensor, v: Tensor, seed_m: int, seed_c: int | None, n: int,
                            want_dx: bool, want_dv: bool) -> tuple[Tensor, Tensor]:
     """(dx, dv) for the upstream g (C, N, n), W regenerated once; an unwanted one is empty."""
@@ -275,38 +236,17 @@ def random_linear_backward(g: Tensor, x: Tensor, v: Tensor, seed_m: int, seed_c:
     return dx, dv
 
 
-@random_linear_backward.register_fake
-def _(g, x, v, seed_m, seed_c, n, want_dx, want_dv):
-    return x.new_empty(x.shape if want_dx else (0,)), v.new_empty(v.shape if want_dv else (0,))
+def _linear_backward(seed_c):
+    """Backward of an apply whose inputs are (x, v, seed_m[, seed_c], n, bias)."""
+    def backward(g, needs, x, v, seed_m, *rest):
+        c, n = (rest[0] if seed_c else None), rest[-2]
+        return random_linear_backward(_up(g).contiguous(), _up(x), _up(v), seed_m, c, n, *needs)
+    return backward
 
 
-class _RandomLinearApply(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, v, seed_m, seed_c, n):
-        ctx.save_for_backward(x, v)
-        ctx.args = (seed_m, seed_c, n)
-        return random_linear_forward(x, v, seed_m, seed_c, n)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        x, v = ctx.saved_tensors
-        want_dx, want_dv = ctx.needs_input_grad[:2]
-        dx, dv = random_linear_backward(g.contiguous(), x, v, *ctx.args, want_dx, want_dv)
-        return (dx if want_dx else None), (dv if want_dv else None), None, None, None
-
-
-@reference
-def hypernet_apply(x, hvec, seed_w2: int, seed_b2: int, n: int, bias):
-    return add_bias(_RandomLinearApply.apply(x, hvec, seed_w2, seed_b2, n), bias)
-
-
-@reference
-def rmh_apply(x, z, seed_t: int, n: int, bias):
-    return add_bias(_RandomLinearApply.apply(x, z, seed_t, None, n), bias)
-
-
-# Builds write W, which is what they are asked for: the references (their numbers come from the library).
-masking_build = _masking_ref.masking_build
-hypernet_build = _hypernet_ref.hypernet_build
-rmh_build = _hypernet_ref.rmh_build
+ops.implement("hypernet_apply", "cpu", reference(
+    lambda x, hvec, seed_w2, seed_b2, n, bias: add_bias(random_linear_forward(x, hvec, seed_w2, seed_b2, n), bias)),
+    _linear_backward(True))
+ops.implement("random_matrix_hypernet_apply", "cpu", reference(
+    lambda x, z, seed_t, n, bias: add_bias(random_linear_forward(x, z, seed_t, None, n), bias)),
+    _linear_backward(False))

@@ -1,25 +1,19 @@
-"""The optional CUDA library built from ``csrc/``: how it is compiled, found and loaded.
+"""The optional CUDA library built from ``csrc/*.cu`` (``build_libs.py``): its entry points, loaded lazily.
 
 ``setup.py`` compiles every ``csrc/*.cu`` with nvcc into ONE shared library with a plain C ABI
 (no torch headers or C++ ABI), placed inside the package as ``libtinyrecon_cuda.so``
-(``TINYRECON_BUILD_CUDA=0|1|auto``; target archs from ``TORCH_CUDA_ARCH_LIST``, default
-sm_80 and sm_90, plus PTX of the newest listed arch, which the driver compiles for newer GPUs).
-It is loaded lazily with ctypes on first use; ``TINYRECON_CUDA_LIB=path``
-loads another build instead. Every entry point returns 0 or an error code, turned into
-:class:`CudaError` carrying the library's message (``tinyrecon_last_error``).
-
-This module imports nothing from tinyrecon: ``setup.py`` loads it by path to build the library.
+(``TINYRECON_BUILD_CUDA=0|1|auto``); ``TINYRECON_CUDA_LIB=path`` loads another build instead.
+Every entry point returns 0 or an error code, turned into :class:`CudaError` carrying the
+library's message (``tinyrecon_last_error``).
 """
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
-import os
-import shutil
+
+from . import _clib
 
 LIB_NAME = "libtinyrecon_cuda.so"
-DEFAULT_ARCHS = "8.0;9.0"
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _HEAD = [_INT, _P, _INT]                   # device, stream, dtype code
@@ -31,15 +25,16 @@ ENTRY_POINTS = {
     "tinyrecon_kron_build_bwd": _HEAD + [_INT] + [_P] * 9 + _WORK + _KRON_DIMS,
     "tinyrecon_kron_apply": _HEAD + [_P] * 7 + _WORK + [_I64] + _KRON_DIMS,
     "tinyrecon_kron_apply_bwd": _HEAD + [_P] * 11 + _WORK + [_I64] + _KRON_DIMS,
-    "tinyrecon_block_diag_build": _HEAD + [_P] * 2 + [_I64] * 5,
-    "tinyrecon_block_diag_build_bwd": _HEAD + [_P] * 2 + [_I64] * 5,
-    "tinyrecon_block_diag_apply": _HEAD + [_P] * 4 + [_I64] * 6,
-    "tinyrecon_block_diag_apply_bwd": _HEAD + [_P] * 5 + _WORK + [_I64] * 6,
-    "tinyrecon_lowrank_build": _HEAD + [_P] * 3 + [_I64] * 4,
-    "tinyrecon_lowrank_build_bwd": _HEAD + [_P] * 5 + [_I64] * 4,
-    "tinyrecon_lowrank_apply": _HEAD + [_P] * 5 + _WORK + [_I64] * 5,
-    "tinyrecon_lowrank_apply_bwd": _HEAD + [_P] * 7 + _WORK + [_I64] * 5,
+    "tinyrecon_duplicated_diagonal_padding_build": _HEAD + [_P] * 2 + [_I64] * 5,
+    "tinyrecon_duplicated_diagonal_padding_build_bwd": _HEAD + [_P] * 2 + [_I64] * 5,
+    "tinyrecon_duplicated_diagonal_padding_apply": _HEAD + [_P] * 4 + [_I64] * 6,
+    "tinyrecon_duplicated_diagonal_padding_apply_bwd": _HEAD + [_P] * 5 + _WORK + [_I64] * 6,
+    "tinyrecon_lorr_build": _HEAD + [_P] * 3 + [_I64] * 4,
+    "tinyrecon_lorr_build_bwd": _HEAD + [_P] * 5 + [_I64] * 4,
+    "tinyrecon_lorr_apply": _HEAD + [_P] * 5 + _WORK + [_I64] * 5,
+    "tinyrecon_lorr_apply_bwd": _HEAD + [_P] * 7 + _WORK + [_I64] * 5,
     "tinyrecon_device_count": [ctypes.POINTER(_INT)],
+    "tinyrecon_last_error": [],   # returns the message (a char*), typed after loading
 }
 
 
@@ -47,73 +42,19 @@ class CudaError(RuntimeError):
     """A call into the CUDA library failed; the message is the library's (a CUDA error string)."""
 
 
-# ---- building (used by setup.py and tests/test_cuda.py) ---------------------------------------------
-def find_nvcc() -> str | None:
-    """nvcc from $CUDA_HOME/bin, else from PATH; None when there is none."""
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    candidate = os.path.join(home, "bin", "nvcc") if home else None
-    return candidate if candidate and os.access(candidate, os.X_OK) else shutil.which("nvcc")
-
-
-def no_driver_reason() -> str:
-    """'' when this machine has an NVIDIA driver (libcuda) or an NVIDIA device node, else what is missing.
-
-    ``setup.py`` skips the build in ``auto`` mode when this is not empty: a library built there
-    could only fail with cudaErrorInsufficientDriver.
-    """
-    if ctypes.util.find_library("cuda") or os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi"):
-        return ""
-    return "no NVIDIA driver or GPU on this machine (no libcuda, /dev/nvidiactl or nvidia-smi)"
-
-
-def gencode_flags(arch_list: str | None = None) -> list[str]:
-    """nvcc -gencode flags for ``TORCH_CUDA_ARCH_LIST`` syntax ("8.0;9.0", "9.0+PTX", "8.6 9.0").
-
-    The newest arch always carries its PTX too (as if written "+PTX"): without it the library
-    has no code for GPUs newer than the list, whose driver can compile that PTX."""
-    spec = arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
-    archs = []
-    for item in spec.replace(";", " ").split():
-        digits = item.removesuffix("+PTX").removeprefix("sm_").replace(".", "")
-        if not digits.isdigit():
-            raise ValueError(f"cannot read CUDA arch {item!r} in {spec!r} (expected e.g. '8.0;9.0+PTX')")
-        archs.append((digits, item.endswith("+PTX")))
-    newest = max((int(d) for d, _ in archs), default=None)
-    flags = []
-    for digits, ptx in archs:
-        codes = f"sm_{digits},compute_{digits}" if ptx or int(digits) == newest else f"sm_{digits}"
-        flags += ["-gencode", f"arch=compute_{digits},code=[{codes}]"]
-    return flags
-
-
-def nvcc_command(nvcc: str, sources: list[str], output: str, arch_list: str | None = None,
-                 werror: bool = False) -> list[str]:
-    """The one nvcc command that compiles and links ``sources`` into the shared library ``output``."""
-    host = "-fPIC,-fvisibility=hidden,-Wall,-Wextra" + (",-Werror" if werror else "")
-    return [nvcc, "-std=c++20", "-O3", "-shared", "-Xcompiler", host, *(["--Werror", "all-warnings"] if werror else []),
-            *gencode_flags(arch_list), "-o", output, *sources]
-
-
-# ---- loading ----------------------------------------------------------------------------------------
 def library_path() -> str:
-    return os.environ.get("TINYRECON_CUDA_LIB") or os.path.join(os.path.dirname(os.path.abspath(__file__)), LIB_NAME)
+    return _clib.library_path(LIB_NAME, "TINYRECON_CUDA_LIB")
 
 
 @functools.lru_cache(maxsize=None)
 def _load():
     """(library, '') when it loads and sees a CUDA device, else (None, why not)."""
-    path = library_path()
-    if not os.path.exists(path):
-        return None, (f"no CUDA library at {path}: pip install builds it when nvcc and an NVIDIA driver are found "
-                      "(TINYRECON_BUILD_CUDA=1 makes a missing nvcc an error)")
-    try:
-        lib = ctypes.CDLL(path)
-        for name, argtypes in ENTRY_POINTS.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, _INT
-        lib.tinyrecon_last_error.argtypes, lib.tinyrecon_last_error.restype = [], ctypes.c_char_p
-    except (OSError, AttributeError) as e:   # not loadable, or built from other sources
-        return None, f"the CUDA library {path} does not load: {e}"
+    lib, reason = _clib.load(library_path(), "CUDA library", ENTRY_POINTS,
+                             "pip install builds it when nvcc and an NVIDIA driver are found "
+                             "(TINYRECON_BUILD_CUDA=1 makes a missing nvcc an error)")
+    if lib is None:
+        return None, reason
+    lib.tinyrecon_last_error.restype = ctypes.c_char_p
     count = _INT(0)
     if lib.tinyrecon_device_count(ctypes.byref(count)) != 0:
         message = _message(lib)

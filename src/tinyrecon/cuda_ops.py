@@ -1,9 +1,9 @@
-"""The CUDA backend: ops of the hot families as ``torch.library`` custom ops over the C library.
+"""The CUDA backend: forward and backward of the hot families' ops over the C library.
 
-Each op has the signature of its torch reference (``functions/kron.py``, ``padding.py``,
-``lowrank.py``); forward and backward are launches of ``csrc/`` kernels (through
-:mod:`tinyrecon.cuda_lib`) on the caller's current stream, so ``torch.compile`` sees one op
-per call, not a graph break. Inputs are made contiguous here; the library takes raw pointers.
+Registered with :mod:`tinyrecon.ops` (which makes each a custom op, so ``torch.compile`` sees one
+op per call); forward and backward are launches of ``csrc/`` kernels (through
+:mod:`tinyrecon.cuda_lib`) on the caller's current stream. Inputs are made contiguous here; the
+library takes raw pointers.
 """
 import ctypes
 from typing import Optional
@@ -11,9 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import cuda_lib
-from .base import register_first_order
-from .functions import kron as _kron_ref
+from . import cuda_lib, ops
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _LAYOUTS = {"kron": 0, "tinybig": 1}
@@ -51,20 +49,9 @@ def _launch(name: str, like: Tensor, args: list, dims: list, workspace: bool = F
     cuda_lib.call(name, *head, *args, work.data_ptr(), None, *dims)
 
 
-def _bias_grad(gy: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
-    if bias is None:
-        return None
-    inner = torch.float64 if gy.dtype == torch.float64 else torch.float32
-    return gy.sum((0, 1), dtype=inner).to(bias.dtype)
-
-
 def _empty(t: Tensor) -> Tensor:
     """An uninitialized contiguous tensor like ``t`` (the library writes dense row-major buffers)."""
     return torch.empty_like(t, memory_format=torch.contiguous_format)
-
-
-def _save_inputs(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
 
 
 # ---- Kronecker family -------------------------------------------------------------------------------
@@ -82,8 +69,7 @@ def _grad_like(F: Optional[Tensor], fallback: Tensor) -> Tensor:
     return _empty(F) if F is not None else fallback.new_empty(0)
 
 
-@torch.library.custom_op("tinyrecon::cuda_kron_build", mutates_args=())
-def kron_build(A1: Tensor, A2: Optional[Tensor], B1: Tensor, B2: Optional[Tensor], layout: str) -> Tensor:
+def _kron_build(A1, A2, B1, B2, layout):
     A1, A2, B1, B2 = map(_c, (A1, A2, B1, B2))
     dims = _kron_dims(A1, A2, B1, B2)
     C, p, q, _, s, t, _ = dims
@@ -92,15 +78,7 @@ def kron_build(A1: Tensor, A2: Optional[Tensor], B1: Tensor, B2: Optional[Tensor
     return W
 
 
-@kron_build.register_fake
-def _(A1, A2, B1, B2, layout):
-    C, p, q, _, s, t, _ = _kron_dims(A1, A2, B1, B2)
-    return A1.new_empty(C, p * s, q * t)
-
-
-@torch.library.custom_op("tinyrecon::cuda_kron_build_bwd", mutates_args=())
-def _kron_build_bwd(gW: Tensor, A1: Tensor, A2: Optional[Tensor], B1: Tensor, B2: Optional[Tensor],
-                    layout: str) -> list[Tensor]:
+def _kron_build_bwd(gW, needs, A1, A2, B1, B2, layout):
     gW, A1, A2, B1, B2 = map(_c, (gW, A1, A2, B1, B2))
     grads = [_empty(A1), _grad_like(A2, A1), _empty(B1), _grad_like(B2, B1)]
     _launch("tinyrecon_kron_build_bwd", A1, [_LAYOUTS[layout], *map(_ptr, (A1, A2, B1, B2, gW, *grads))],
@@ -108,28 +86,7 @@ def _kron_build_bwd(gW: Tensor, A1: Tensor, A2: Optional[Tensor], B1: Tensor, B2
     return grads
 
 
-@_kron_build_bwd.register_fake
-def _(gW, A1, A2, B1, B2, layout):
-    return [_empty(A1), _grad_like(A2, A1), _empty(B1), _grad_like(B2, B1)]
-
-
-def _kron_build_backward(ctx, gW):
-    A1, A2, B1, B2 = ctx.saved_tensors
-    gA1, gA2, gB1, gB2 = _kron_build_bwd(gW, A1, A2, B1, B2, ctx.layout)
-    return gA1, (gA2 if A2 is not None else None), gB1, (gB2 if B2 is not None else None), None
-
-
-def _kron_build_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:4])
-    ctx.layout = inputs[4]
-
-
-register_first_order(kron_build, _kron_build_backward, _kron_build_setup, "cuda")
-
-
-@torch.library.custom_op("tinyrecon::cuda_kron_apply", mutates_args=())
-def _kron_apply(x: Tensor, A1: Tensor, A2: Optional[Tensor], B1: Tensor, B2: Optional[Tensor],
-                bias: Optional[Tensor]) -> Tensor:
+def _kron_apply(x, A1, A2, B1, B2, bias, layout):
     x, A1, A2, B1, B2, bias = map(_c, (x, A1, A2, B1, B2, bias))
     dims = _kron_dims(A1, A2, B1, B2)
     C, p, _, _, s, _, _ = dims
@@ -139,15 +96,7 @@ def _kron_apply(x: Tensor, A1: Tensor, A2: Optional[Tensor], B1: Tensor, B2: Opt
     return y
 
 
-@_kron_apply.register_fake
-def _(x, A1, A2, B1, B2, bias):
-    C, p, _, _, s, _, _ = _kron_dims(A1, A2, B1, B2)
-    return x.new_empty(C, x.shape[0], p * s)
-
-
-@torch.library.custom_op("tinyrecon::cuda_kron_apply_bwd", mutates_args=())
-def _kron_apply_bwd(gy: Tensor, x: Tensor, A1: Tensor, A2: Optional[Tensor], B1: Tensor,
-                    B2: Optional[Tensor]) -> list[Tensor]:
+def _kron_apply_bwd(gy, needs, x, A1, A2, B1, B2, bias, layout):
     gy, x, A1, A2, B1, B2 = map(_c, (gy, x, A1, A2, B1, B2))
     grads = [_empty(x), _empty(A1), _grad_like(A2, A1), _empty(B1), _grad_like(B2, B1)]
     _launch("tinyrecon_kron_apply_bwd", x, list(map(_ptr, (x, A1, A2, B1, B2, gy, *grads))),
@@ -155,186 +104,86 @@ def _kron_apply_bwd(gy: Tensor, x: Tensor, A1: Tensor, A2: Optional[Tensor], B1:
     return grads
 
 
-@_kron_apply_bwd.register_fake
-def _(gy, x, A1, A2, B1, B2):
-    return [_empty(x), _empty(A1), _grad_like(A2, A1), _empty(B1), _grad_like(B2, B1)]
+ops.implement("kron_build", "cuda", _kron_build, _kron_build_bwd)
+ops.implement("kron_apply", "cuda", _kron_apply, _kron_apply_bwd)   # layout="tinybig": the build and one GEMM
 
 
-def _kron_apply_backward(ctx, gy):
-    x, A1, A2, B1, B2, bias = ctx.saved_tensors
-    gx, gA1, gA2, gB1, gB2 = _kron_apply_bwd(gy, x, A1, A2, B1, B2)
-    return gx, gA1, (gA2 if A2 is not None else None), gB1, (gB2 if B2 is not None else None), _bias_grad(gy, bias)
-
-
-register_first_order(_kron_apply, _kron_apply_backward, _save_inputs, "cuda")
-
-
-def kron_apply(x, A1, A2, B1, B2, bias, layout: str):
-    if layout == "tinybig":
-        # tinyBIG's outer-product layout has no CUDA kernel: its structured torch reference runs it.
-        return _kron_ref.kron_apply(x, A1, A2, B1, B2, bias, layout)
-    return _kron_apply(x, A1, A2, B1, B2, bias)
-
-
-# ---- block-diagonal padding -------------------------------------------------------------------------
+# ---- duplicated_diagonal_padding --------------------------------------------------------------------
 def _block_dims(B: Tensor, p: int, q: int) -> list:
     C, s, t = B.shape
     return [C, p, q, s, t]
 
 
-@torch.library.custom_op("tinyrecon::cuda_block_diag_build", mutates_args=())
-def block_diag_build(B: Tensor, p: int, q: int) -> Tensor:
+def _ddp_build(B, p, q):
     B = B.contiguous()
     C, s, t = B.shape
     W = B.new_empty(C, p * s, q * t)
-    _launch("tinyrecon_block_diag_build", B, [_ptr(B), _ptr(W)], _block_dims(B, p, q))
+    _launch("tinyrecon_duplicated_diagonal_padding_build", B, [_ptr(B), _ptr(W)], _block_dims(B, p, q))
     return W
 
 
-@block_diag_build.register_fake
-def _(B, p, q):
-    return B.new_empty(B.shape[0], p * B.shape[1], q * B.shape[2])
-
-
-@torch.library.custom_op("tinyrecon::cuda_block_diag_build_bwd", mutates_args=())
-def _block_diag_build_bwd(gW: Tensor, B: Tensor, p: int, q: int) -> Tensor:
+def _ddp_build_bwd(gW, needs, B, p, q):
     gW = gW.contiguous()
     gB = _empty(B)
-    _launch("tinyrecon_block_diag_build_bwd", B, [_ptr(gW), _ptr(gB)], _block_dims(B, p, q))
-    return gB
+    _launch("tinyrecon_duplicated_diagonal_padding_build_bwd", B, [_ptr(gW), _ptr(gB)], _block_dims(B, p, q))
+    return (gB,)
 
 
-@_block_diag_build_bwd.register_fake
-def _(gW, B, p, q):
-    return _empty(B)
-
-
-def _block_diag_build_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-    ctx.pq = inputs[1:3]
-
-
-def _block_diag_build_backward(ctx, gW):
-    (B,) = ctx.saved_tensors
-    return _block_diag_build_bwd(gW, B, *ctx.pq), None, None
-
-
-register_first_order(block_diag_build, _block_diag_build_backward, _block_diag_build_setup, "cuda")
-
-
-@torch.library.custom_op("tinyrecon::cuda_block_diag_apply", mutates_args=())
-def block_diag_apply(x: Tensor, B: Tensor, p: int, q: int, bias: Optional[Tensor]) -> Tensor:
+def _ddp_apply(x, B, p, q, bias):
     x, B, bias = map(_c, (x, B, bias))
     C, s, _ = B.shape
     y = x.new_empty(C, x.shape[0], p * s)
-    _launch("tinyrecon_block_diag_apply", x, list(map(_ptr, (x, B, bias, y))), [x.shape[0], *_block_dims(B, p, q)])
+    _launch("tinyrecon_duplicated_diagonal_padding_apply", x, list(map(_ptr, (x, B, bias, y))),
+            [x.shape[0], *_block_dims(B, p, q)])
     return y
 
 
-@block_diag_apply.register_fake
-def _(x, B, p, q, bias):
-    return x.new_empty(B.shape[0], x.shape[0], p * B.shape[1])
-
-
-@torch.library.custom_op("tinyrecon::cuda_block_diag_apply_bwd", mutates_args=())
-def _block_diag_apply_bwd(gy: Tensor, x: Tensor, B: Tensor, p: int, q: int) -> list[Tensor]:
+def _ddp_apply_bwd(gy, needs, x, B, p, q, bias):
     gy, x, B = map(_c, (gy, x, B))
     gx, gB = _empty(x), _empty(B)
-    _launch("tinyrecon_block_diag_apply_bwd", x, list(map(_ptr, (x, B, gy, gx, gB))),
+    _launch("tinyrecon_duplicated_diagonal_padding_apply_bwd", x, list(map(_ptr, (x, B, gy, gx, gB))),
             [x.shape[0], *_block_dims(B, p, q)], workspace=True)
-    return [gx, gB]
+    return gx, gB
 
 
-@_block_diag_apply_bwd.register_fake
-def _(gy, x, B, p, q):
-    return [_empty(x), _empty(B)]
+ops.implement("duplicated_diagonal_padding_build", "cuda", _ddp_build, _ddp_build_bwd)
+ops.implement("duplicated_diagonal_padding_apply", "cuda", _ddp_apply, _ddp_apply_bwd)
 
 
-def _block_diag_apply_setup(ctx, inputs, output):
-    x, B, p, q, bias = inputs
-    ctx.save_for_backward(x, B, bias)
-    ctx.pq = (p, q)
-
-
-def _block_diag_apply_backward(ctx, gy):
-    x, B, bias = ctx.saved_tensors
-    gx, gB = _block_diag_apply_bwd(gy, x, B, *ctx.pq)
-    return gx, gB, None, None, _bias_grad(gy, bias)
-
-
-register_first_order(block_diag_apply, _block_diag_apply_backward, _block_diag_apply_setup, "cuda")
-
-
-# ---- low rank (lorr) --------------------------------------------------------------------------------
-@torch.library.custom_op("tinyrecon::cuda_lowrank_build", mutates_args=())
-def lowrank_build(A: Tensor, B: Tensor) -> Tensor:
+# ---- lorr -------------------------------------------------------------------------------------------
+def _lorr_build(A, B):
     A, B = A.contiguous(), B.contiguous()
     (C, n, r), D = A.shape, B.shape[2]
     W = A.new_empty(C, n, D)
-    _launch("tinyrecon_lowrank_build", A, [_ptr(A), _ptr(B), _ptr(W)], [C, n, r, D])
+    _launch("tinyrecon_lorr_build", A, [_ptr(A), _ptr(B), _ptr(W)], [C, n, r, D])
     return W
 
 
-@lowrank_build.register_fake
-def _(A, B):
-    return A.new_empty(A.shape[0], A.shape[1], B.shape[2])
-
-
-@torch.library.custom_op("tinyrecon::cuda_lowrank_build_bwd", mutates_args=())
-def _lowrank_build_bwd(gW: Tensor, A: Tensor, B: Tensor) -> list[Tensor]:
+def _lorr_build_bwd(gW, needs, A, B):
     gW, A, B = gW.contiguous(), A.contiguous(), B.contiguous()
     gA, gB = _empty(A), _empty(B)
-    _launch("tinyrecon_lowrank_build_bwd", A, list(map(_ptr, (A, B, gW, gA, gB))), [*A.shape, B.shape[2]])
-    return [gA, gB]
+    _launch("tinyrecon_lorr_build_bwd", A, list(map(_ptr, (A, B, gW, gA, gB))), [*A.shape, B.shape[2]])
+    return gA, gB
 
 
-@_lowrank_build_bwd.register_fake
-def _(gW, A, B):
-    return [_empty(A), _empty(B)]
-
-
-def _lowrank_build_backward(ctx, gW):
-    A, B = ctx.saved_tensors
-    return tuple(_lowrank_build_bwd(gW, A, B))
-
-
-register_first_order(lowrank_build, _lowrank_build_backward, _save_inputs, "cuda")
-
-
-@torch.library.custom_op("tinyrecon::cuda_lowrank_apply", mutates_args=())
-def lowrank_apply(x: Tensor, A: Tensor, B: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _lorr_apply(x, A, B, bias):
     x, A, B, bias = map(_c, (x, A, B, bias))
     C, n, r = A.shape
     N, D = x.shape
     y = x.new_empty(C, N, n)
-    _launch("tinyrecon_lowrank_apply", x, list(map(_ptr, (x, A, B, bias, y))), [N, C, n, r, D], workspace=True)
+    _launch("tinyrecon_lorr_apply", x, list(map(_ptr, (x, A, B, bias, y))), [N, C, n, r, D], workspace=True)
     return y
 
 
-@lowrank_apply.register_fake
-def _(x, A, B, bias):
-    return x.new_empty(A.shape[0], x.shape[0], A.shape[1])
-
-
-@torch.library.custom_op("tinyrecon::cuda_lowrank_apply_bwd", mutates_args=())
-def _lowrank_apply_bwd(gy: Tensor, x: Tensor, A: Tensor, B: Tensor) -> list[Tensor]:
+def _lorr_apply_bwd(gy, needs, x, A, B, bias):
     gy, x, A, B = map(_c, (gy, x, A, B))
     C, n, r = A.shape
     N, D = x.shape
     gx, gA, gB = _empty(x), _empty(A), _empty(B)
-    _launch("tinyrecon_lowrank_apply_bwd", x, list(map(_ptr, (x, A, B, gy, gx, gA, gB))), [N, C, n, r, D],
+    _launch("tinyrecon_lorr_apply_bwd", x, list(map(_ptr, (x, A, B, gy, gx, gA, gB))), [N, C, n, r, D],
             workspace=True)
-    return [gx, gA, gB]
+    return gx, gA, gB
 
 
-@_lowrank_apply_bwd.register_fake
-def _(gy, x, A, B):
-    return [_empty(t) for t in (x, A, B)]
-
-
-def _lowrank_apply_backward(ctx, gy):
-    x, A, B, bias = ctx.saved_tensors
-    return (*_lowrank_apply_bwd(gy, x, A, B), _bias_grad(gy, bias))
-
-
-register_first_order(lowrank_apply, _lowrank_apply_backward, _save_inputs, "cuda")
+ops.implement("lorr_build", "cuda", _lorr_build, _lorr_build_bwd)
+ops.implement("lorr_apply", "cuda", _lorr_apply, _lorr_apply_bwd)

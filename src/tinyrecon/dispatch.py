@@ -28,27 +28,13 @@ AUTO = {
 }
 AUTO_CUDA_OPS: frozenset = frozenset()
 
-# op name -> module implementing it for each backend. Every module exposes the op
-# under the same name with the same signature as the torch reference.
-OPS = {
-    # op                      torch reference                  triton                cuda                  cpu
-    "kron_build":           ("tinyrecon.functions.kron",     "tinyrecon.kernels.kron", "tinyrecon.cuda_ops", "tinyrecon.cpu_ops"),
-    "kron_apply":           ("tinyrecon.functions.kron",     "tinyrecon.kernels.kron", "tinyrecon.cuda_ops", "tinyrecon.cpu_ops"),
-    "dup_pad_build":        ("tinyrecon.functions.padding",  "tinyrecon.kernels.padding", None, "tinyrecon.cpu_ops"),
-    "dup_pad_apply":        ("tinyrecon.functions.padding",  "tinyrecon.kernels.padding", None, "tinyrecon.cpu_ops"),
-    "block_diag_build":     ("tinyrecon.functions.padding",  "tinyrecon.kernels.padding", "tinyrecon.cuda_ops", "tinyrecon.cpu_ops"),
-    "block_diag_apply":     ("tinyrecon.functions.padding",  "tinyrecon.kernels.padding", "tinyrecon.cuda_ops", "tinyrecon.cpu_ops"),
-    "lowrank_build":        ("tinyrecon.functions.lowrank",  "tinyrecon.kernels.lowrank", "tinyrecon.cuda_ops", "tinyrecon.cpu_ops"),
-    "lowrank_apply":        ("tinyrecon.functions.lowrank",  "tinyrecon.kernels.lowrank", "tinyrecon.cuda_ops", "tinyrecon.cpu_ops"),
-    "rma_build":            ("tinyrecon.functions.lowrank",  "tinyrecon.kernels.lowrank", None, "tinyrecon.cpu_ops"),
-    "rma_apply":            ("tinyrecon.functions.lowrank",  "tinyrecon.kernels.lowrank", None, "tinyrecon.cpu_ops"),
-    "masking_build":        ("tinyrecon.functions.masking",  "tinyrecon.kernels.masking", None, "tinyrecon.cpu_ops"),
-    "masking_apply":        ("tinyrecon.functions.masking",  "tinyrecon.kernels.masking", None, "tinyrecon.cpu_ops"),
-    "hypernet_build":       ("tinyrecon.functions.hypernet", "tinyrecon.kernels.hypernet", None, "tinyrecon.cpu_ops"),
-    "hypernet_apply":       ("tinyrecon.functions.hypernet", "tinyrecon.kernels.hypernet", None, "tinyrecon.cpu_ops"),
-    "rmh_build":            ("tinyrecon.functions.hypernet", "tinyrecon.kernels.hypernet", None, "tinyrecon.cpu_ops"),
-    "rmh_apply":            ("tinyrecon.functions.hypernet", "tinyrecon.kernels.hypernet", None, "tinyrecon.cpu_ops"),
-}
+# Where each backend registers its implementations (``ops.implement``): the torch reference in
+# functions/<family>.py, Triton in kernels/<family>.py, the C libraries' glue in one module each.
+MODULES = {"torch": "tinyrecon.functions.{family}", "triton": "tinyrecon.kernels.{family}",
+           "cuda": "tinyrecon.cuda_ops", "cpu": "tinyrecon.cpu_ops"}
+# backend -> what runs an op it has no implementation for: the CPU library covers every op, the
+# ones without a kernel (the builds, which read no x) by the torch reference. Others refuse.
+FALLBACK = {"cpu": "torch"}
 
 
 class BackendUnavailable(RuntimeError):
@@ -91,12 +77,11 @@ def why_not(backend: str, op: str | None, device_type: str) -> str:
     """'' if ``backend`` can run ``op`` (any op when None) on ``device_type`` tensors, else the reason.
 
     The most basic missing thing comes first: the backend's software, then a device of that type,
-    then whether the backend takes that device, then whether its library loads.
+    then whether the backend takes that device, then whether its library loads, then whether it has
+    the op (its module, which registers its ops, is imported only then).
     """
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; expected one of {BACKENDS} or 'auto'"
-    if op is not None and OPS[op][BACKENDS.index(backend)] is None:
-        return f"the {backend} backend has no kernel for {op}"
     if backend == "triton" and not _triton_installed():
         return "Triton is not installed (pip install triton; torch's CUDA wheels bring it)"
     if device_type == "cuda" and _no_cuda_device():
@@ -110,7 +95,10 @@ def why_not(backend: str, op: str | None, device_type: str) -> str:
         return f"the CUDA library runs on CUDA tensors, not {device_type} tensors"
     if backend == "cpu" and device_type != "cpu":
         return f"the CPU library runs on CPU tensors, not {device_type} tensors"
-    return _library_status(backend)
+    reason = _library_status(backend)
+    if not reason and op is not None and implementation(op, backend) is None:
+        reason = f"the {backend} backend has no kernel for {op}"
+    return reason
 
 
 def _triton_installed() -> bool:
@@ -127,9 +115,12 @@ def _no_cuda_device() -> str:
             reason = ""
         elif torch.version.cuda is None and torch.version.hip is None:
             reason = f"no CUDA device: this torch ({torch.__version__}) is a CPU-only build"
-        else:
-            from . import cuda_lib
-            reason = "no CUDA device: " + (cuda_lib.no_driver_reason() or "torch sees no usable GPU")
+        else:   # torch's own reason (no driver, no visible device, ...)
+            try:
+                torch.cuda.init()
+                reason = "no CUDA device: torch sees no usable GPU"
+            except Exception as e:
+                reason = f"no CUDA device: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         _STATUS["cuda device"] = reason
     return _STATUS["cuda device"]
 
@@ -190,18 +181,48 @@ def resolve(op: str, device_type: str, backend: str | None = None) -> str:
 _IMPLS: dict = {}   # (op, backend) -> function; filled by preload() so that get() is a lookup
 
 
+def implementation(op: str, backend: str):
+    """What ``backend`` runs for ``op``: its registered function, the one of its FALLBACK, or None."""
+    if (op, backend) not in _IMPLS:   # looked up once: None when neither has it
+        from . import ops
+        if op not in ops.OPS:
+            raise ValueError(f"unknown op {op!r}; known: {sorted(ops.OPS)}")
+        for b in (backend, FALLBACK.get(backend)):
+            if b is not None:
+                importlib.import_module(MODULES[b].format(family=ops.OPS[op].family))   # registers b's ops
+                if b in ops.OPS[op].impls:
+                    _IMPLS[(op, backend)] = ops.OPS[op].impls[b]
+                    break
+        else:
+            _IMPLS[(op, backend)] = None
+    return _IMPLS[(op, backend)]
+
+
+def table(device_type: str = "cpu") -> dict:
+    """op -> {backend: "kernel", "reference" (its FALLBACK runs it) or why it cannot run} for
+    ``device_type`` tensors; e.g. ``table()["kron_build"]["cpu"] == "reference"``."""
+    from . import ops
+    rows = {}
+    for op in ops.OPS:
+        rows[op] = {}
+        for b in BACKENDS:
+            reason = why_not(b, op, device_type)
+            rows[op][b] = reason or ("kernel" if b != "torch" and b in ops.OPS[op].impls else "reference")
+    return rows
+
+
 def preload() -> None:
-    """Import every op of every backend whose library loads, ahead of use.
+    """Import every op of every backend that can run here, ahead of use.
 
     Called when tinyrecon is imported: ``torch.compile`` cannot trace an import, so a
     compiled model's first call must find its ops already loaded.
     """
+    from . import ops
     device_types = {"cpu"} | ({"cuda"} if _cuda_device() else set())
-    for op, modules in OPS.items():
-        for backend, module in zip(BACKENDS, modules):
-            if module and (op, backend) not in _IMPLS and any(
-                    not why_not(backend, op, d) for d in device_types):
-                _IMPLS[(op, backend)] = getattr(importlib.import_module(module), op)
+    for op in ops.OPS:
+        for backend in BACKENDS:
+            if any(not why_not(backend, op, d) for d in device_types):
+                implementation(op, backend)
 
 
 def _cuda_device() -> bool:
@@ -210,11 +231,10 @@ def _cuda_device() -> bool:
 
 
 def get(op: str, device_type: str, backend: str | None = None):
-    """The function implementing ``op`` for these tensors (see :data:`OPS`)."""
+    """The function running ``op`` for these tensors (see :mod:`tinyrecon.ops`)."""
     name = resolve(op, device_type, backend)
-    if (op, name) not in _IMPLS:   # e.g. TRITON_INTERPRET switched on after import
-        _IMPLS[(op, name)] = getattr(importlib.import_module(OPS[op][BACKENDS.index(name)]), op)
-    return _IMPLS[(op, name)]
+    impl = _IMPLS.get((op, name))
+    return impl if impl is not None else implementation(op, name)   # e.g. TRITON_INTERPRET set after import
 
 
 def available(device_type: str = "cuda") -> dict:

@@ -10,14 +10,14 @@ Both W are dense random matrices with no structure to exploit, so the ops take t
 vector the random matrix multiplies (``hvec`` = sigmoid(W1 w + b1), or ``z``) and generate
 W slice by slice; the fused kernels generate it in registers instead and never store it.
 Ops: ``hypernet_build(hvec, seed_w2, seed_b2, n, D)``, ``hypernet_apply(x, hvec, seed_w2, seed_b2, n, bias)``,
-``rmh_build(z, seed_t, n, D)``, ``rmh_apply(x, z, seed_t, n, bias)``. Triton: ``kernels/hypernet.py``.
+``random_matrix_hypernet_build(z, seed_t, n, D)``, ``random_matrix_hypernet_apply(x, z, seed_t, n, bias)``. Triton: ``kernels/hypernet.py``.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .. import _random, dispatch
+from .. import _random, ops
 from ..base import _HALF, Reconciliation, Seeded, add_bias, check_bool, check_rank, reference
 
 _SLICE = 1 << 22   # random numbers generated per slice of W, to bound memory
@@ -54,14 +54,18 @@ def hypernet_apply(x, hvec, seed_w2: int, seed_b2: int, n: int, bias):
 
 
 @reference
-def rmh_build(z, seed_t: int, n: int, D: int):
+def random_matrix_hypernet_build(z, seed_t: int, n: int, D: int):
     return _random_linear_build(z, seed_t, None, n, D)
 
 
 @reference
-def rmh_apply(x, z, seed_t: int, n: int, bias):
+def random_matrix_hypernet_apply(x, z, seed_t: int, n: int, bias):
     W = _random_linear_build(z, seed_t, None, n, x.shape[1])
     return add_bias(torch.matmul(x, W.transpose(1, 2)), bias)
+
+
+for _ref in (hypernet_build, hypernet_apply, random_matrix_hypernet_build, random_matrix_hypernet_apply):
+    ops.implement(_ref.__name__, "torch", _ref)
 
 
 class hypernet_reconciliation(Seeded, Reconciliation):
@@ -140,15 +144,13 @@ class hypernet_reconciliation(Seeded, Reconciliation):
                 raise ValueError(f"the hypernet maps w to {out.shape[-1]} values per channel, not n*D = {n}*{D}")
             return out.reshape(-1, n, D)
         self.check_draws(n, D, w)
-        op = dispatch.get("hypernet_build", w.device.type, backend)
-        return op(self._hvec(w), self.stream_seed(2), self.stream_seed(3), n, D)
+        return self._op("build", w, backend)(self._hvec(w), self.stream_seed(2), self.stream_seed(3), n, D)
 
     def _apply_flat(self, x, w, n, bias, backend):
         if self._trainable(n, x.shape[-1], w) is not None:
             return super()._apply_flat(x, w, n, bias, backend)
         self.check_draws(n, x.shape[-1], x)
-        op = dispatch.get("hypernet_apply", x.device.type, backend)
-        return op(x, self._hvec(w), self.stream_seed(2), self.stream_seed(3), n, bias)
+        return self._op("apply", x, backend)(x, self._hvec(w), self.stream_seed(2), self.stream_seed(3), n, bias)
 
     def extra_repr(self):
         return f"name={self.name!r}, l={self.l}, hidden_dim={self.hidden_dim}, static={self.static}, seed={self.seed}"
@@ -156,7 +158,7 @@ class hypernet_reconciliation(Seeded, Reconciliation):
 
 class random_matrix_hypernet_reconciliation(Seeded, Reconciliation):
     """W = reshape(((sigmoid((w @ P) @ Q^T) @ S) @ T^T), n, D); P, Q, S, T frozen N(0, 1)."""
-    op = "rmh"
+    op = "random_matrix_hypernet"
 
     def __init__(self, name="random_matrix_hypernet_reconciliation", r=2, l=64, hidden_dim=128, seed=None,
                  **kwargs):
@@ -186,11 +188,11 @@ class random_matrix_hypernet_reconciliation(Seeded, Reconciliation):
 
     def _build(self, n, D, w, backend):
         self.check_draws(n, D, w)
-        return dispatch.get("rmh_build", w.device.type, backend)(self._z(w), self.stream_seed(3), n, D)
+        return self._op("build", w, backend)(self._z(w), self.stream_seed(3), n, D)
 
     def _apply_flat(self, x, w, n, bias, backend):
         self.check_draws(n, x.shape[-1], x)
-        return dispatch.get("rmh_apply", x.device.type, backend)(x, self._z(w), self.stream_seed(3), n, bias)
+        return self._op("apply", x, backend)(x, self._z(w), self.stream_seed(3), n, bias)
 
     def extra_repr(self):
         return f"name={self.name!r}, r={self.r}, l={self.l}, hidden_dim={self.hidden_dim}, seed={self.seed}"

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .. import dispatch
+from .. import ops
 from ..base import (LAYOUTS, TORCH_X_OPS, Reconciliation, add_bias, channel_matmul, check_divides, check_rank,
                     close_factor, positive_int, reference, traceable)
 
@@ -128,6 +128,10 @@ def kron_apply(x, A1, A2, B1, B2, bias, layout: str, x_ops=TORCH_X_OPS):
     return add_bias(Y.reshape(C, N, Y.shape[2] * Y.shape[3]), bias)
 
 
+ops.implement("kron_build", "torch", kron_build)
+ops.implement("kron_apply", "torch", kron_apply, tinybig=True)
+
+
 def tinybig_outer_apply(x, a, b, n, bias):
     """``x @ W^T`` for tinyBIG's ``W = reshape(outer(a, b), n, D)`` (a: (C, P), b: (C, K)).
 
@@ -174,12 +178,10 @@ class _KronBase(Reconciliation):
         raise NotImplementedError
 
     def _build(self, n, D, w, backend):
-        op = dispatch.get("kron_build", w.device.type, backend)
-        return op(*self._factors(n, D, w), self.layout)
+        return self._op("build", w, backend)(*self._factors(n, D, w), self.layout)
 
     def _apply_flat(self, x, w, n, bias, backend):
-        op = dispatch.get("kron_apply", x.device.type, backend)
-        return op(x, *self._factors(n, D=x.shape[-1], w=w), bias, self.layout)
+        return self._op("apply", x, backend)(x, *self._factors(n, D=x.shape[-1], w=w), bias, self.layout)
 
     def extra_repr(self):
         return f"name={self.name!r}, p={self.p}, q={self.q}, layout={self.layout!r}"

@@ -4,8 +4,8 @@ lorr:                    ``W = A @ B``; w = [vec(A) (n*r), vec(B) (r*D)].
 random_matrix_adaption:  ``W = diag(l1) @ A @ diag(l2) @ B^T``; w = [l1 (n), l2 (r)];
                          A (n x r) and B (D x r) frozen N(0, 1), regenerated from the seed.
 
-Ops: ``lowrank_build(A, B)``, ``lowrank_apply(x, A, B, bias)`` (A: (C, n, r), B: (C, r, D));
-``rma_build(l1, l2, seed_a, seed_b, D)``, ``rma_apply(x, l1, l2, seed_a, seed_b, bias)``
+Ops: ``lorr_build(A, B)``, ``lorr_apply(x, A, B, bias)`` (A: (C, n, r), B: (C, r, D));
+``random_matrix_adaption_build(l1, l2, seed_a, seed_b, D)``, ``random_matrix_adaption_apply(x, l1, l2, seed_a, seed_b, bias)``
 (l1: (C, n), l2: (C, r)). Triton: ``kernels/lowrank.py``; CUDA: ``csrc/lowrank.cu``; CPU: the pass
 over x of ``csrc/kron_cpu.cpp`` (``cpu_ops.py``).
 """
@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import torch
 
-from .. import _random, dispatch
+from .. import _random, ops
 from ..base import TORCH_X_OPS, Reconciliation, Seeded, add_bias, channel_matmul, check_rank, factor_pass, reference
 
 
 @reference
-def lowrank_build(A, B):
+def lorr_build(A, B):
     return channel_matmul(A, B)
 
 
 @reference
-def lowrank_apply(x, A, B, bias, x_ops=TORCH_X_OPS):
+def lorr_apply(x, A, B, bias, x_ops=TORCH_X_OPS):
     C, n, r = A.shape
     U = factor_pass(x[None], B.reshape(C * r, -1), x_ops).reshape(C, r, x.shape[0]).mT   # (C, N, r)
     return add_bias(torch.matmul(U, A.transpose(1, 2)), bias)
@@ -37,21 +37,25 @@ def rma_matrices(seed_a: int, seed_b: int, n: int, D: int, r: int, like: torch.T
 
 
 @reference
-def rma_build(l1, l2, seed_a: int, seed_b: int, D: int):
+def random_matrix_adaption_build(l1, l2, seed_a: int, seed_b: int, D: int):
     A, B = rma_matrices(seed_a, seed_b, l1.shape[1], D, l2.shape[1], l1)
     return torch.matmul(l1[:, :, None] * A * l2[:, None, :], B.T)
 
 
 @reference
-def rma_apply(x, l1, l2, seed_a: int, seed_b: int, bias, x_ops=TORCH_X_OPS):
+def random_matrix_adaption_apply(x, l1, l2, seed_a: int, seed_b: int, bias, x_ops=TORCH_X_OPS):
     A, B = rma_matrices(seed_a, seed_b, l1.shape[1], x.shape[1], l2.shape[1], x)
     U = factor_pass(x[None], B.T, x_ops)[0].T * l2[:, None, :]   # (C, N, r): the rank-r bottleneck
     return add_bias(torch.matmul(U, A.T) * l1[:, None, :], bias)
 
 
+for _ref in (lorr_build, lorr_apply, random_matrix_adaption_build, random_matrix_adaption_apply):
+    ops.implement(_ref.__name__, "torch", _ref)
+
+
 class lorr_reconciliation(Reconciliation):
     """W = A @ B with A (n x r), B (r x D) read from w; l = r*(n+D)."""
-    op = "lowrank"
+    op = "lorr"
 
     def __init__(self, name="low_rank_reconciliation", r=2, **kwargs):
         super().__init__(name, **kwargs)
@@ -68,11 +72,10 @@ class lorr_reconciliation(Reconciliation):
         return A.reshape(-1, n, self.r), B.reshape(-1, self.r, D)
 
     def _build(self, n, D, w, backend):
-        return dispatch.get("lowrank_build", w.device.type, backend)(*self._AB(n, D, w))
+        return self._op("build", w, backend)(*self._AB(n, D, w))
 
     def _apply_flat(self, x, w, n, bias, backend):
-        op = dispatch.get("lowrank_apply", x.device.type, backend)
-        return op(x, *self._AB(n, x.shape[-1], w), bias)
+        return self._op("apply", x, backend)(x, *self._AB(n, x.shape[-1], w), bias)
 
     def extra_repr(self):
         return f"name={self.name!r}, r={self.r}"
@@ -80,7 +83,7 @@ class lorr_reconciliation(Reconciliation):
 
 class random_matrix_adaption_reconciliation(Seeded, Reconciliation):
     """W = diag(l1) @ A @ diag(l2) @ B^T; l = n + r; A, B frozen N(0, 1) from ``seed``."""
-    op = "rma"
+    op = "random_matrix_adaption"
 
     def __init__(self, name="random_matrix_adaption_reconciliation", r=2, seed=None, **kwargs):
         super().__init__(name, **kwargs)
@@ -102,11 +105,11 @@ class random_matrix_adaption_reconciliation(Seeded, Reconciliation):
 
     def _build(self, n, D, w, backend):
         self.check_draws(n, D, w)
-        return dispatch.get("rma_build", w.device.type, backend)(*self._lambdas(n, w), D)
+        return self._op("build", w, backend)(*self._lambdas(n, w), D)
 
     def _apply_flat(self, x, w, n, bias, backend):
         self.check_draws(n, x.shape[-1], x)
-        return dispatch.get("rma_apply", x.device.type, backend)(x, *self._lambdas(n, w), bias)
+        return self._op("apply", x, backend)(x, *self._lambdas(n, w), bias)
 
     def matrices(self, n, D, device=None, dtype=torch.float32):
         """The frozen (A, B), for inspection and tests."""

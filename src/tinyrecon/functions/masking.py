@@ -13,7 +13,7 @@ import threading
 
 import torch
 
-from .. import _random, dispatch
+from .. import _random, ops
 from ..base import Reconciliation, Seeded, _saved, add_bias, check_bool, check_seed, reference
 
 # Guards every instance's call counter: two threads calling one function must get two masks.
@@ -35,6 +35,10 @@ def masking_build(w, seed: int, p: float):
 def masking_apply(x, w, seed: int, p: float, bias):
     W = masking_build(w, seed, p)
     return add_bias(torch.matmul(x, W.transpose(1, 2)), bias)
+
+
+ops.implement("masking_build", "torch", masking_build)
+ops.implement("masking_apply", "torch", masking_apply)
 
 
 class masking_reconciliation(Seeded, Reconciliation):
@@ -69,13 +73,11 @@ class masking_reconciliation(Seeded, Reconciliation):
 
     def _build(self, n, D, w, backend):
         self.check_draws(n, D, w)   # before mask_seed: a refused call uses no mask
-        op = dispatch.get("masking_build", w.device.type, backend)
-        return op(w.reshape(-1, n, D), self.mask_seed(), self.p)
+        return self._op("build", w, backend)(w.reshape(-1, n, D), self.mask_seed(), self.p)
 
     def _apply_flat(self, x, w, n, bias, backend):
         self.check_draws(n, x.shape[-1], x)
-        op = dispatch.get("masking_apply", x.device.type, backend)
-        return op(x, w.reshape(-1, n, x.shape[-1]), self.mask_seed(), self.p, bias)
+        return self._op("apply", x, backend)(x, w.reshape(-1, n, x.shape[-1]), self.mask_seed(), self.p, bias)
 
     def get_extra_state(self):
         return {"seed": self.seed, "calls": self._calls}

@@ -3,8 +3,8 @@
 duplicated_padding:          ``W = ones(p, q) kron B``, ``B = reshape(w, s, t)``.
 duplicated_diagonal_padding: ``W = eye(p, q) kron B`` (block diagonal when p = q).
 
-Ops: ``dup_pad_build(B, p, q, layout)``, ``dup_pad_apply(x, B, p, q, bias, layout)``,
-``block_diag_build(B, p, q)``, ``block_diag_apply(x, B, p, q, bias)``; ``B`` is (C, s, t).
+Ops: ``duplicated_padding_build(B, p, q, layout)``, ``duplicated_padding_apply(x, B, p, q, bias, layout)``,
+``duplicated_diagonal_padding_build(B, p, q)``, ``duplicated_diagonal_padding_apply(x, B, p, q, bias)``; ``B`` is (C, s, t).
 Triton: ``kernels/padding.py``; CUDA: ``csrc/padding.cu``; CPU: the pass over x of
 ``csrc/kron_cpu.cpp`` (``cpu_ops.py``).
 """
@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from .. import dispatch
+from .. import ops
 from ..base import LAYOUTS, TORCH_X_OPS, Reconciliation, add_bias, check_divides, factor_pass, positive_int, reference
 from .kron import kron_apply, tinybig_outer_apply
 
 
 @reference
-def dup_pad_build(B, p: int, q: int, layout: str):
+def duplicated_padding_build(B, p: int, q: int, layout: str):
     C, s, t = B.shape
     if layout == "kron":
         return B.repeat(1, p, q)
@@ -27,7 +27,7 @@ def dup_pad_build(B, p: int, q: int, layout: str):
 
 
 @reference
-def dup_pad_apply(x, B, p: int, q: int, bias, layout: str, x_ops=TORCH_X_OPS):
+def duplicated_padding_apply(x, B, p: int, q: int, bias, layout: str, x_ops=TORCH_X_OPS):
     C = B.shape[0]
     if layout == "tinybig":
         a = torch.ones(C, p * q, dtype=B.dtype, device=B.device)
@@ -38,14 +38,14 @@ def dup_pad_apply(x, B, p: int, q: int, bias, layout: str, x_ops=TORCH_X_OPS):
 
 
 @reference
-def block_diag_build(B, p: int, q: int):
+def duplicated_diagonal_padding_build(B, p: int, q: int):
     C, s, t = B.shape
     eye = torch.eye(p, q, dtype=B.dtype, device=B.device)
     return (eye[None, :, None, :, None] * B[:, None, :, None, :]).reshape(C, p * s, q * t)
 
 
 @reference
-def block_diag_apply(x, B, p: int, q: int, bias, x_ops=TORCH_X_OPS):
+def duplicated_diagonal_padding_apply(x, B, p: int, q: int, bias, x_ops=TORCH_X_OPS):
     C, s, t = B.shape
     N = x.shape[0]
     k = min(p, q)   # blocks on the diagonal; rows past them are zero
@@ -55,9 +55,15 @@ def block_diag_apply(x, B, p: int, q: int, bias, x_ops=TORCH_X_OPS):
     return add_bias(Y.reshape(C, N, p * s), bias)
 
 
+ops.implement("duplicated_padding_build", "torch", duplicated_padding_build)
+ops.implement("duplicated_padding_apply", "torch", duplicated_padding_apply, tinybig=True)
+ops.implement("duplicated_diagonal_padding_build", "torch", duplicated_diagonal_padding_build)
+ops.implement("duplicated_diagonal_padding_apply", "torch", duplicated_diagonal_padding_apply)
+
+
 class duplicated_padding_reconciliation(Reconciliation):
     """W = ones(p, q) kron reshape(w, s, t); l = s*t. ``q=None`` means q = p."""
-    op = "dup_pad"
+    op = "duplicated_padding"
 
     def __init__(self, name="duplicated_padding_reconciliation", p=2, q=None, layout="kron", **kwargs):
         super().__init__(name, **kwargs)
@@ -84,11 +90,10 @@ class duplicated_padding_reconciliation(Reconciliation):
         return w.reshape(w.shape[0], n // p, D // q), p, q
 
     def _build(self, n, D, w, backend):
-        return dispatch.get("dup_pad_build", w.device.type, backend)(*self._B(n, D, w), self.layout)
+        return self._op("build", w, backend)(*self._B(n, D, w), self.layout)
 
     def _apply_flat(self, x, w, n, bias, backend):
-        op = dispatch.get("dup_pad_apply", x.device.type, backend)
-        return op(x, *self._B(n, x.shape[-1], w), bias, self.layout)
+        return self._op("apply", x, backend)(x, *self._B(n, x.shape[-1], w), bias, self.layout)
 
     def extra_repr(self):
         return f"name={self.name!r}, p={self.p}, q={self.q}, layout={self.layout!r}"
@@ -100,14 +105,13 @@ class duplicated_diagonal_padding_reconciliation(duplicated_padding_reconciliati
     tinyBIG 0.2.1 only runs this with p = q = n (then its W equals this one) and returns it as
     a sparse COO tensor; here W is always dense, and ``layout`` is accepted for symmetry only.
     """
-    op = "block_diag"
+    op = "duplicated_diagonal_padding"
 
     def __init__(self, name="duplicated_diagonal_padding_reconciliation", p=2, q=None, layout="kron", **kwargs):
         super().__init__(name, p, q, layout, **kwargs)
 
     def _build(self, n, D, w, backend):
-        return dispatch.get("block_diag_build", w.device.type, backend)(*self._B(n, D, w))
+        return self._op("build", w, backend)(*self._B(n, D, w))
 
     def _apply_flat(self, x, w, n, bias, backend):
-        op = dispatch.get("block_diag_apply", x.device.type, backend)
-        return op(x, *self._B(n, x.shape[-1], w), bias)
+        return self._op("apply", x, backend)(x, *self._B(n, x.shape[-1], w), bias)
