@@ -55,19 +55,32 @@ template <typename T>
 TR_INLINE void store(T* p, vec<T> v) {
   std::memcpy(p, &v, sizeof v);
 }
+// Sum of the lanes, halving the vector each step (a few shuffles, not one add per lane).
 template <typename T>
 TR_INLINE T hsum(vec<T> v) {
+  typedef T half __attribute__((vector_size(32)));
+  typedef T quarter __attribute__((vector_size(16)));
+  half h[2];
+  std::memcpy(h, &v, sizeof v);
+  const half a = h[0] + h[1];
+  quarter q[2];
+  std::memcpy(q, &a, sizeof a);
+  const quarter b = q[0] + q[1];
   T s = 0;
-  for (int l = 0; l < W<T>; ++l) s += v[l];
+  for (int l = 0; l < int(16 / sizeof(T)); ++l) s += b[l];
   return s;
 }
 
 // out[i][r] += <x_i, f_r> over n elements, for the TILE rows x_i and NR factor rows f_r.
+// pf: the next tile's rows (or null), fetched a vector per row and step, so that x streams in
+// from memory at the pace it is used instead of in bursts the hardware prefetcher drops.
 template <typename T, int NR>
-TR_INLINE void dots(const T* const* x, const T* const* f, i64 n, T out[TILE][GROUP]) {
+TR_INLINE void dots(const T* const* x, const T* const* f, const T* const* pf, i64 n, T out[TILE][GROUP]) {
   vec<T> acc[TILE][NR] = {};
   i64 k = 0;
   for (; k + W<T> <= n; k += W<T>) {
+    if (pf)
+      for (int i = 0; i < TILE; ++i) __builtin_prefetch(pf[i] + k, 0, 2);
     vec<T> fv[NR];
     for (int r = 0; r < NR; ++r) fv[r] = load(f[r] + k);
     for (int i = 0; i < TILE; ++i) {
@@ -86,7 +99,7 @@ TR_INLINE void dots(const T* const* x, const T* const* f, i64 n, T out[TILE][GRO
 // u_a += sum_i c[a][i] x_i over n elements, for NA rows u_a. The coefficients and pointers are
 // copied into locals first: a store through u could alias them, and they would be reloaded.
 template <typename T, int NA>
-TR_INLINE void axpys(const T* const* xs, T* const* us, const T c[GROUP][TILE], i64 n) {
+TR_INLINE void axpys(const T* const* xs, T* const* us, const T c[GROUP][TILE], const T* const* pf, i64 n) {
   const T* x[TILE];
   T* u[NA];
   vec<T> cv[NA][TILE];
@@ -97,6 +110,8 @@ TR_INLINE void axpys(const T* const* xs, T* const* us, const T c[GROUP][TILE], i
   }
   i64 k = 0;
   for (; k + W<T> <= n; k += W<T>) {
+    if (pf)
+      for (int i = 0; i < TILE; ++i) __builtin_prefetch(pf[i] + k, 0, 2);
     vec<T> xv[TILE];
     for (int i = 0; i < TILE; ++i) xv[i] = load(x[i] + k);
     for (int a = 0; a < NA; ++a) {
@@ -177,22 +192,30 @@ TR_INLINE void pass(const Job<T>& j) {
         const int rows = int(std::min<i64>(TILE, M - i0));
         const T* x[TILE];   // a short last tile repeats its last row; the repeats add nothing
         for (int i = 0; i < TILE; ++i) x[i] = j.x + (b * M + i0 + std::min(i, rows - 1)) * K + k0;
-        // Ask for the next tile now, so its loads from memory overlap this tile's arithmetic.
+        // The next tile (in this block, the next block or the next batch), fetched during this
+        // one's arithmetic.
+        const T* next[TILE];
+        const T* const* pf = next;
         if (i0 + TILE < M)
-          for (int i = 0; i < std::min<i64>(TILE, M - i0 - TILE); ++i)
-            for (i64 k = 0; k < n; k += W<T>) __builtin_prefetch(x[0] + (TILE + i) * K + k, 0, 2);
+          for (int i = 0; i < TILE; ++i) next[i] = x[0] + std::min<i64>(TILE + i, M - i0 - 1) * K;
+        else if (k0 + kb < j.k_end || b + 1 < j.b1)
+          for (int i = 0; i < TILE; ++i)
+            next[i] = j.x + (k0 + kb < j.k_end ? b * M * K + k0 + kb : (b + 1) * M * K + j.k_begin) +
+                      std::min<i64>(i, M - 1) * K;
+        else
+          pf = nullptr;
         for (i64 r0 = 0; r0 < RB; r0 += GROUP) {
           const T* f[GROUP];
           const int nr = int(std::min<i64>(GROUP, RB - r0));
           for (int r = 0; r < nr; ++r) f[r] = j.R + (r0 + r) * K + k0;
           T out[TILE][GROUP] = {};
           switch (nr) {
-            case 1: dots<T, 1>(x, f, n, out); break;
-            case 2: dots<T, 2>(x, f, n, out); break;
-            case 3: dots<T, 3>(x, f, n, out); break;
-            case 4: dots<T, 4>(x, f, n, out); break;
-            case 5: dots<T, 5>(x, f, n, out); break;
-            default: dots<T, 6>(x, f, n, out); break;
+            case 1: dots<T, 1>(x, f, r0 ? nullptr : pf, n, out); break;
+            case 2: dots<T, 2>(x, f, r0 ? nullptr : pf, n, out); break;
+            case 3: dots<T, 3>(x, f, r0 ? nullptr : pf, n, out); break;
+            case 4: dots<T, 4>(x, f, r0 ? nullptr : pf, n, out); break;
+            case 5: dots<T, 5>(x, f, r0 ? nullptr : pf, n, out); break;
+            default: dots<T, 6>(x, f, r0 ? nullptr : pf, n, out); break;
           }
           for (int i = 0; i < rows; ++i)
             for (int r = 0; r < nr; ++r) j.V[(r0 + r) * NM + b * M + i0 + i] += out[i][r];
@@ -206,12 +229,12 @@ TR_INLINE void pass(const Job<T>& j) {
             for (int i = 0; i < rows; ++i) c[a][i] = j.L[(a0 + a) * M + i0 + i];
           }
           switch (na) {
-            case 1: axpys<T, 1>(x, u, c, n); break;
-            case 2: axpys<T, 2>(x, u, c, n); break;
-            case 3: axpys<T, 3>(x, u, c, n); break;
-            case 4: axpys<T, 4>(x, u, c, n); break;
-            case 5: axpys<T, 5>(x, u, c, n); break;
-            default: axpys<T, 6>(x, u, c, n); break;
+            case 1: axpys<T, 1>(x, u, c, RB || a0 ? nullptr : pf, n); break;
+            case 2: axpys<T, 2>(x, u, c, RB || a0 ? nullptr : pf, n); break;
+            case 3: axpys<T, 3>(x, u, c, RB || a0 ? nullptr : pf, n); break;
+            case 4: axpys<T, 4>(x, u, c, RB || a0 ? nullptr : pf, n); break;
+            case 5: axpys<T, 5>(x, u, c, RB || a0 ? nullptr : pf, n); break;
+            default: axpys<T, 6>(x, u, c, RB || a0 ? nullptr : pf, n); break;
           }
         }
       }
