@@ -319,6 +319,28 @@ def test_kron_expand_matches_its_definition(N, M, K, RA, dtype, passes):
     assert_close(dx, (L.double().T @ G.double()).to(dtype))
 
 
+@pytest.mark.parametrize("passes", _passes()[1:])
+def test_cpu_kernels_run_eagerly_and_trace_as_ops(passes, monkeypatch):
+    """Eager calls reach the kernels as plain functions (a custom op's first call imports
+    torch._dynamo, seconds); tracers get the custom ops, which have fake kernels."""
+    import subprocess
+    import sys
+    code = ("import sys, torch, tinyrecon as tr\n"
+            "rec = tr.dual_lphm_reconciliation(p=2, q=4, r=2)\n"
+            "x, w = torch.randn(64, 1 << 15), torch.randn(rec.calculate_l(6, 1 << 15), requires_grad=True)\n"
+            "rec.apply(x, w, n=6, backend='cpu').sum().backward()\n"
+            "print('torch._dynamo' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from tinyrecon import cpu_ops
+    ops = []
+    monkeypatch.setattr(cpu_ops, "_pass", lambda *a: ops.append("plain"))
+    with FakeTensorMode():
+        x, L, R = torch.randn(2, 3, 4), torch.randn(2, 3), torch.randn(1, 4)
+        U, V = cpu_ops.KERNEL_X_OPS.passes(x, L, R, True, True)
+    assert not ops and U.shape == (2, 2, 4) and V.shape == (1, 6)
+
+
 @pytest.mark.parametrize("passes", _passes())
 def test_kron_passes_over_x(passes, monkeypatch):
     """Inference reads x once; training reads it in the forward only (twice with torch GEMMs, once

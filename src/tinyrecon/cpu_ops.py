@@ -18,6 +18,7 @@ import functools
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.utils import _python_dispatch
 
 from . import _random, cpu_lib
 from .base import XOps, add_bias, reference, torch_expand, torch_passes
@@ -41,10 +42,7 @@ def _pass_shapes(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool):
     return (N, L.shape[0], K) if want_u else (0,), (R.shape[0], N * M) if want_v else (0,)
 
 
-@torch.library.custom_op("tinyrecon::cpu_kron_pass", mutates_args=())
-def kron_pass(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool) -> tuple[Tensor, Tensor]:
-    """``U[b] = L @ X[b]`` (N, RA, K) and ``V = R @ x.reshape(N*M, K)^T`` (RB, N*M) in one read of
-    x (N, M, K); an unwanted one is returned empty."""
+def _pass(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool) -> tuple[Tensor, Tensor]:
     _check("cpu_kron_pass", x, L, R)
     if not (want_u or want_v):
         raise ValueError("cpu_kron_pass: ask for U, V or both")
@@ -61,14 +59,19 @@ def kron_pass(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool) -> tu
     return U, V
 
 
+@torch.library.custom_op("tinyrecon::cpu_kron_pass", mutates_args=())
+def kron_pass(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool) -> tuple[Tensor, Tensor]:
+    """``U[b] = L @ X[b]`` (N, RA, K) and ``V = R @ x.reshape(N*M, K)^T`` (RB, N*M) in one read of
+    x (N, M, K); an unwanted one is returned empty."""
+    return _pass(x, L, R, want_u, want_v)
+
+
 @kron_pass.register_fake
 def _(x, L, R, want_u, want_v):
     return tuple(x.new_empty(s) for s in _pass_shapes(x, L, R, want_u, want_v))
 
 
-@torch.library.custom_op("tinyrecon::cpu_kron_expand", mutates_args=())
-def kron_expand(G: Tensor, L: Tensor) -> Tensor:
-    """``dX[b] = L^T @ G[b]`` for G (N, RA, K) and L (RA, M): (N, M, K), written once."""
+def _expand_x(G: Tensor, L: Tensor) -> Tensor:
     _check("cpu_kron_expand", G, L)
     N, RA, K = G.shape
     M = L.shape[1]
@@ -84,6 +87,12 @@ def kron_expand(G: Tensor, L: Tensor) -> Tensor:
     cpu_lib.call("tinyrecon_cpu_kron_expand", _DTYPES[G.dtype], torch.get_num_threads(), G.data_ptr(), L.data_ptr(),
                  dx.data_ptr(), N, M, K, RA)
     return dx
+
+
+@torch.library.custom_op("tinyrecon::cpu_kron_expand", mutates_args=())
+def kron_expand(G: Tensor, L: Tensor) -> Tensor:
+    """``dX[b] = L^T @ G[b]`` for G (N, RA, K) and L (RA, M): (N, M, K), written once."""
+    return _expand_x(G, L)
 
 
 @kron_expand.register_fake
@@ -106,9 +115,23 @@ def _worth_it(numel: int, itemsize: int, rank: int, M: int, K: int) -> bool:
             and (rank * K * itemsize <= _FACTOR_BYTES or 4 * rank <= M))
 
 
+def _eager(*tensors: Tensor) -> bool:
+    """Whether the kernels can be called as plain functions: real tensors, nothing tracing them.
+
+    The custom ops are for torch.compile and tracers; called eagerly they cost a dispatch, and
+    their first call imports torch._dynamo (seconds, more than the call itself).
+    """
+    return (not torch.compiler.is_compiling() and _python_dispatch._get_current_dispatch_mode() is None
+            and all(type(t) is Tensor for t in tensors))
+
+
 def _kernel_passes(x, Ar, Br, want_u: bool, want_v: bool):
-    U, V = kron_pass(x, Ar, Br, want_u, want_v)
+    U, V = (_pass if _eager(x, Ar, Br) else kron_pass)(x, Ar, Br, want_u, want_v)
     return (U if want_u else None), (V if want_v else None)
+
+
+def _kernel_expand(G, Ar):
+    return (_expand_x if _eager(G, Ar) else kron_expand)(G, Ar)
 
 
 def _passes(x, Ar, Br, want_u: bool, want_v: bool):
@@ -123,10 +146,10 @@ def _expand(G, Ar):
     M = Ar.shape[1]
     if not _worth_it(N * M * K, G.element_size(), rA, M, K):
         return torch_expand(G, Ar)
-    return kron_expand(G, Ar)
+    return _kernel_expand(G, Ar)
 
 
-KERNEL_X_OPS = XOps(_kernel_passes, kron_expand)   # always the kernels (tests)
+KERNEL_X_OPS = XOps(_kernel_passes, _kernel_expand)   # always the kernels (tests)
 X_OPS = XOps(_passes, _expand)                     # the kernels where they pay, else torch's GEMMs
 
 # The applies are the references with the kernels' XOps; builds read no x and are the references.
