@@ -131,6 +131,8 @@ struct Job {
   T *U, *V;             // expand: U is dx, the output
   i64 N, M, K, RA, RB, b0, b1, k_begin, k_end;   // this job's batches and columns
   bool expand;
+  i64 r_row, r_col;     // R's strides
+  T* pack;              // R's rows of a K block, when they are not contiguous (RB x the K block)
 };
 
 // K block: the factor rows of one block stay in L2, the 4 rows of x of a tile in L1.
@@ -188,6 +190,10 @@ TR_INLINE void pass(const Job<T>& j) {
     for (i64 r = 0; r < RB; ++r) std::fill_n(j.V + r * NM + b * M, M, T(0));
     for (i64 k0 = j.k_begin; k0 < j.k_end; k0 += kb) {
       const i64 n = std::min(kb, j.k_end - k0);
+      // A transposed R (random_matrix_adaption's B^T) is packed block by block, read once in order.
+      if (j.pack && RB)
+        for (i64 k = 0; k < n; ++k)
+          for (i64 r = 0; r < RB; ++r) j.pack[r * n + k] = j.R[r * j.r_row + (k0 + k) * j.r_col];
       for (i64 i0 = 0; i0 < M; i0 += TILE) {
         const int rows = int(std::min<i64>(TILE, M - i0));
         const T* x[TILE];   // a short last tile repeats its last row; the repeats add nothing
@@ -207,7 +213,7 @@ TR_INLINE void pass(const Job<T>& j) {
         for (i64 r0 = 0; r0 < RB; r0 += GROUP) {
           const T* f[GROUP];
           const int nr = int(std::min<i64>(GROUP, RB - r0));
-          for (int r = 0; r < nr; ++r) f[r] = j.R + (r0 + r) * K + k0;
+          for (int r = 0; r < nr; ++r) f[r] = j.pack ? j.pack + (r0 + r) * n : j.R + (r0 + r) * j.r_row + k0;
           T out[TILE][GROUP] = {};
           switch (nr) {
             case 1: dots<T, 1>(x, f, r0 ? nullptr : pf, n, out); break;
@@ -266,11 +272,14 @@ int split(int threads, const Job<T>& whole) {
   const i64 per = (K + n - 1) / n, chunk = by_batch ? K : (per + W<T> - 1) / W<T> * W<T>;   // whole vectors
   const i64 v_size = whole.V ? whole.RB * N * whole.M : 0;
   std::vector<T> partial(by_batch ? 0 : size_t(v_size) * (n - 1));
+  const i64 pack_size = whole.V && whole.r_col != 1 ? whole.RB * k_block<T>(whole.RA + whole.RB) : 0;
+  std::vector<T> packs(size_t(pack_size) * n);
   Job<T> jobs[MAX_THREADS];
   pthread_t ids[MAX_THREADS];
   bool started[MAX_THREADS] = {};
   for (int t = 0; t < n; ++t) {
     jobs[t] = whole;
+    jobs[t].pack = pack_size ? packs.data() + t * pack_size : nullptr;
     if (by_batch) {
       jobs[t].b0 = N * t / n, jobs[t].b1 = N * (t + 1) / n;
     } else {
@@ -293,9 +302,10 @@ int split(int threads, const Job<T>& whole) {
 
 template <typename T>
 int dispatch(int threads, const void* x, const void* L, const void* R, void* U, void* V, i64 N, i64 M, i64 K, i64 RA,
-             i64 RB, bool expand) try {
+             i64 RB, bool expand, i64 r_row, i64 r_col) try {
   return split<T>(threads, {static_cast<const T*>(x), static_cast<const T*>(L), static_cast<const T*>(R),
-                            static_cast<T*>(U), static_cast<T*>(V), N, M, K, RA, RB, 0, N, 0, K, expand});
+                            static_cast<T*>(U), static_cast<T*>(V), N, M, K, RA, RB, 0, N, 0, K, expand, r_row, r_col,
+                            nullptr});
 } catch (const std::bad_alloc&) {   // the per-thread buffers of a K split
   return 2;
 }
@@ -305,19 +315,19 @@ int dispatch(int threads, const void* x, const void* L, const void* R, void* U, 
 // dtype: 0 float32, 1 float64; all buffers contiguous. threads: how many to use at most (the caller
 // passes torch's setting).
 
-// U (N, RA, K) and V (RB, N*M) from x (N, M, K), L (RA, M), R (RB, K). U or V may be null (not
-// wanted: L or R is then not read), not both.
+// U (N, RA, K) and V (RB, N*M) from x (N, M, K), L (RA, M), R (RB, K) with strides (r_row, r_col)
+// (the others contiguous). U or V may be null (not wanted: L or R is then not read), not both.
 TR_EXPORT int tinyrecon_cpu_kron_pass(int dtype, int threads, const void* x, const void* L, const void* R, void* U,
-                                      void* V, i64 N, i64 M, i64 K, i64 RA, i64 RB) {
+                                      void* V, i64 N, i64 M, i64 K, i64 RA, i64 RB, i64 r_row, i64 r_col) {
   if (N < 0 || M < 0 || K < 0 || RA < 0 || RB < 0 || (!U && !V) || (dtype != 0 && dtype != 1)) return 1;
-  return dtype == 0 ? dispatch<float>(threads, x, L, R, U, V, N, M, K, RA, RB, false)
-                    : dispatch<double>(threads, x, L, R, U, V, N, M, K, RA, RB, false);
+  return dtype == 0 ? dispatch<float>(threads, x, L, R, U, V, N, M, K, RA, RB, false, r_row, r_col)
+                    : dispatch<double>(threads, x, L, R, U, V, N, M, K, RA, RB, false, r_row, r_col);
 }
 
 // dx (N, M, K) = L^T @ G[b] for G (N, RA, K), L (RA, M); RA at most 64.
 TR_EXPORT int tinyrecon_cpu_kron_expand(int dtype, int threads, const void* G, const void* L, void* dx, i64 N, i64 M,
                                         i64 K, i64 RA) {
   if (N < 0 || M < 0 || K < 0 || RA < 0 || RA > 64 || (dtype != 0 && dtype != 1)) return 1;
-  return dtype == 0 ? dispatch<float>(threads, G, L, nullptr, dx, nullptr, N, M, K, RA, 0, true)
-                    : dispatch<double>(threads, G, L, nullptr, dx, nullptr, N, M, K, RA, 0, true);
+  return dtype == 0 ? dispatch<float>(threads, G, L, nullptr, dx, nullptr, N, M, K, RA, 0, true, 0, 1)
+                    : dispatch<double>(threads, G, L, nullptr, dx, nullptr, N, M, K, RA, 0, true, 0, 1);
 }

@@ -307,6 +307,20 @@ def test_kron_passes_match_their_definition(N, M, K, RA, RB, dtype, passes):
 
 @pytest.mark.parametrize("passes", _passes())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("N,M,K,RB", [(2, 5, 7, 3), (1, 9, 70001, 5), (3, 4, 2051, 7), (2, 3, 5, 1)])
+@pytest.mark.parametrize("layout", ["transposed", "row-strided", "other"])
+def test_kron_passes_read_R_through_its_strides(N, M, K, RB, layout, dtype, passes):
+    """V from an R given as a transpose (random_matrix_adaption's B^T: packed by the kernel), as
+    rows of a wider matrix, or with neither stride 1 (copied), over K blocks and thread splits."""
+    x = torch.randn(N, M, K, dtype=dtype)
+    R = {"transposed": torch.randn(K, RB, dtype=dtype).T, "row-strided": torch.randn(RB, K + 3, dtype=dtype)[:, 1:-2],
+         "other": torch.randn(2 * RB, 2 * K, dtype=dtype)[::2, ::2]}[layout]
+    U, V = _x_ops(passes).passes(x, torch.randn(2, M, dtype=dtype), R, False, True)
+    assert_close(V, (R.double() @ x.double().reshape(N * M, K).T).to(dtype))
+
+
+@pytest.mark.parametrize("passes", _passes())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("N,M,K,RA", [(3, 5, 7, 2), (2, 17, 4099, 5), (1, 9, 70001, 7), (4, 1, 1, 9), (5, 0, 3, 2),
                                       (0, 4, 3, 1), (2, 3, 4, 0), (1, 33, 70001, 3)])
 def test_kron_expand_matches_its_definition(N, M, K, RA, dtype, passes):

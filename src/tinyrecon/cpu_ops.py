@@ -52,10 +52,14 @@ def _pass(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool) -> tuple[
     U, V = (x.new_empty(s) for s in _pass_shapes(x, L, R, want_u, want_v))
     if x.numel() == 0:   # nothing to read (and empty buffers have no address to pass)
         return U.zero_(), V.zero_()
-    x, L, R = x.contiguous(), L.contiguous(), R.contiguous()
+    # R is read through its strides when rows or columns are contiguous (a transposed R, such as
+    # random_matrix_adaption's B^T, is packed by the kernel a block at a time: no transposed copy).
+    x, L = x.contiguous(), L.contiguous()
+    if R.stride(1) != 1 and (R.stride(0) != 1 or R.shape[0] <= 1):
+        R = R.contiguous()
     cpu_lib.call("tinyrecon_cpu_kron_pass", _DTYPES[x.dtype], torch.get_num_threads(), x.data_ptr(), L.data_ptr(),
                  R.data_ptr(), U.data_ptr() if want_u else None, V.data_ptr() if want_v else None,
-                 N, M, K, L.shape[0], R.shape[0])
+                 N, M, K, L.shape[0], R.shape[0], R.stride(0), R.stride(1))
     return U, V
 
 
