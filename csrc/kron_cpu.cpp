@@ -14,6 +14,7 @@
 #include <pthread.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <new>
@@ -180,14 +181,13 @@ TR_INLINE void expand(const Job<T>& j) {
   }
 }
 
-// Batches [b0, b1) of a job.
+// Batches [b0, b1) and columns [k_begin, k_end) of a job; adds to V (zeroed by split).
 template <typename T>
 TR_INLINE void pass(const Job<T>& j) {
   const i64 M = j.M, K = j.K, RA = j.U ? j.RA : 0, RB = j.V ? j.RB : 0, NM = j.N * M, kb = k_block<T>(RA + RB);
   for (i64 b = j.b0; b < j.b1; ++b) {
     T* Ub = RA ? j.U + b * RA * K : nullptr;
     for (i64 a = 0; a < RA; ++a) std::fill(Ub + a * K + j.k_begin, Ub + a * K + j.k_end, T(0));
-    for (i64 r = 0; r < RB; ++r) std::fill_n(j.V + r * NM + b * M, M, T(0));
     for (i64 k0 = j.k_begin; k0 < j.k_end; k0 += kb) {
       const i64 n = std::min(kb, j.k_end - k0);
       // A transposed R (random_matrix_adaption's B^T) is packed block by block, read once in order.
@@ -251,50 +251,66 @@ TR_INLINE void pass(const Job<T>& j) {
 TR_CLONES void run_f32(const Job<float>& j) { j.expand ? expand(j) : pass(j); }
 TR_CLONES void run_f64(const Job<double>& j) { j.expand ? expand(j) : pass(j); }
 
+// One thread's work: chunks of batches (or of K's columns) taken from a shared counter until none
+// is left, so a thread the OS leaves waiting (2 cores shared with other processes) costs only the
+// chunk it holds, not a fixed half of the work.
 template <typename T>
-void* run(void* job) {
-  if constexpr (sizeof(T) == 4)
-    run_f32(*static_cast<const Job<float>*>(job));
-  else
-    run_f64(*static_cast<const Job<double>*>(job));
+struct Work {
+  Job<T> job;   // this thread's buffers; its range is set per chunk
+  std::atomic<i64>* next;
+  i64 chunks, size;
+  bool by_batch;
+};
+
+template <typename T>
+void* run(void* work) {
+  const Work<T>& w = *static_cast<const Work<T>*>(work);
+  for (i64 c; (c = w.next->fetch_add(1)) < w.chunks;) {
+    Job<T> j = w.job;
+    if (w.by_batch)
+      j.b0 = c * w.size, j.b1 = std::min(j.N, (c + 1) * w.size);
+    else
+      j.k_begin = std::min(j.K, c * w.size), j.k_end = std::min(j.K, (c + 1) * w.size);
+    if constexpr (sizeof(T) == 4)
+      run_f32(j);
+    else
+      run_f64(j);
+  }
   return nullptr;
 }
 
 // Splits a job over up to `threads` threads: by batches when there are enough of them, else by
 // column blocks of K (then each thread but the first sums its V into a buffer of its own, added
-// to V at the end). A thread costs tens of microseconds to start: each gets ~1M elements of x.
+// to V at the end); 8 chunks per thread. A thread costs tens of microseconds to start: each gets
+// ~1M elements of x.
 template <typename T>
 int split(int threads, const Job<T>& whole) {
-  constexpr int MAX_THREADS = 256;
+  constexpr int MAX_THREADS = 256, CHUNKS_PER_THREAD = 8;
   const i64 N = whole.N, K = whole.K, cap = 1 + N * whole.M * K / (1 << 20);
   const int n = int(std::clamp<i64>(std::min<i64>(threads, cap), 1, MAX_THREADS));
   const bool by_batch = N >= n;
-  const i64 per = (K + n - 1) / n, chunk = by_batch ? K : (per + W<T> - 1) / W<T> * W<T>;   // whole vectors
+  const i64 per = by_batch ? (N + n * CHUNKS_PER_THREAD - 1) / (n * CHUNKS_PER_THREAD)
+                           : (K + n * CHUNKS_PER_THREAD - 1) / (n * CHUNKS_PER_THREAD);
+  const i64 size = by_batch ? std::max<i64>(per, 1) : (per + W<T> - 1) / W<T> * W<T>;   // whole vectors
+  const i64 chunks = by_batch ? (N + size - 1) / size : (K + size - 1) / size;
   const i64 v_size = whole.V ? whole.RB * N * whole.M : 0;
+  if (whole.V) std::fill_n(whole.V, v_size, T(0));   // passes add to V
   std::vector<T> partial(by_batch ? 0 : size_t(v_size) * (n - 1));
   const i64 pack_size = whole.V && whole.r_col != 1 ? whole.RB * k_block<T>(whole.RA + whole.RB) : 0;
   std::vector<T> packs(size_t(pack_size) * n);
-  Job<T> jobs[MAX_THREADS];
+  std::atomic<i64> next{0};
+  Work<T> works[MAX_THREADS];
   pthread_t ids[MAX_THREADS];
   bool started[MAX_THREADS] = {};
   for (int t = 0; t < n; ++t) {
-    jobs[t] = whole;
-    jobs[t].pack = pack_size ? packs.data() + t * pack_size : nullptr;
-    if (by_batch) {
-      jobs[t].b0 = N * t / n, jobs[t].b1 = N * (t + 1) / n;
-    } else {
-      jobs[t].k_begin = std::min(K, t * chunk), jobs[t].k_end = std::min(K, (t + 1) * chunk);
-      if (t > 0 && whole.V) jobs[t].V = partial.data() + (t - 1) * v_size;
-    }
+    works[t] = {whole, &next, chunks, size, by_batch};
+    works[t].job.pack = pack_size ? packs.data() + t * pack_size : nullptr;
+    if (!by_batch && t > 0 && whole.V) works[t].job.V = partial.data() + (t - 1) * v_size;
   }
-  for (int t = 1; t < n; ++t) started[t] = pthread_create(&ids[t], nullptr, run<T>, &jobs[t]) == 0;
-  run<T>(&jobs[0]);
-  for (int t = 1; t < n; ++t) {
-    if (started[t])
-      pthread_join(ids[t], nullptr);
-    else
-      run<T>(&jobs[t]);   // no thread could be started: do its share here
-  }
+  for (int t = 1; t < n; ++t) started[t] = pthread_create(&ids[t], nullptr, run<T>, &works[t]) == 0;
+  run<T>(&works[0]);   // a thread that could not be started leaves its chunks to the others
+  for (int t = 1; t < n; ++t)
+    if (started[t]) pthread_join(ids[t], nullptr);
   for (int t = 1; t < n && !by_batch; ++t)
     for (i64 e = 0; e < v_size; ++e) whole.V[e] += partial[(t - 1) * v_size + e];
   return 0;

@@ -284,12 +284,12 @@ def test_kron_core_grads(wants, rA, rB, passes):
 @pytest.mark.parametrize("passes", _passes())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("N,M,K,RA,RB", [(3, 5, 7, 2, 3), (2, 17, 4099, 5, 1), (1, 9, 70001, 4, 6), (4, 1, 1, 9, 8),
-                                         (5, 0, 3, 2, 2), (0, 4, 3, 1, 1), (1, 33, 70001, 5, 6)])
+                                         (5, 0, 3, 2, 2), (0, 4, 3, 1, 1), (1, 33, 70001, 5, 6), (5, 33, 7001, 3, 2)])
 def test_kron_passes_match_their_definition(N, M, K, RA, RB, dtype, passes):
     """U = L @ X[b] and V = R @ X^T for ranks above and below the kernel's register groups (6),
     K past its blocks and not a multiple of the vector width, M not a multiple of its row tile,
-    empty sizes, one batch big enough to be split over threads by columns, and a non-contiguous
-    x; each of U and V alone too."""
+    empty sizes, one batch big enough to be split over threads by columns, batches shared out
+    over threads in chunks, and a non-contiguous x; each of U and V alone too."""
     x = torch.randn(N, M, 2 * K, dtype=dtype)[..., ::2]
     L, R = torch.randn(RA, M, dtype=dtype), torch.randn(RB, K, dtype=dtype)
     U_ref = (L.double() @ x.double()).to(dtype)
