@@ -424,7 +424,10 @@ def test_cpu_kernels_take_big_x_with_thin_factors(monkeypatch):
              # B (32 x 32768) too wide for the pass; dx only needs A's 2 rows, which fit
              (tr.hm_reconciliation(p=2, q=2), 64, 1 << 16, 32, ["tinyrecon_cpu_kron_expand"]),
              # lorr folds x into one matrix: its forward, dx and dB are the kernels too
-             (tr.lorr_reconciliation(r=3), 8, 1 << 16, 32, [both[0], both[1], both[0]])]
+             (tr.lorr_reconciliation(r=3), 8, 1 << 16, 32, [both[0], both[1], both[0]]),
+             # rank 32 against 32 rows of x per batch: the kernels; rank 33 (against 64): torch's GEMMs
+             (tr.lorr_reconciliation(r=32), 8, 1 << 16, 32, [both[0], both[1], both[0]]),
+             (tr.lorr_reconciliation(r=33), 8, 1 << 16, 64, [])]
     for rec, n, D, N, expected in cases:
         calls.clear()
         w = torch.randn(rec.calculate_l(n, D), requires_grad=True)

@@ -104,19 +104,20 @@ def _(G, L):
     return G.new_empty(G.shape[0], L.shape[1], G.shape[2])
 
 
-# When the kernels pay (measured on the MNIST, tall and square shapes of the benchmark): x is big
-# enough that reading it dominates (below, torch's GEMMs run from cache with less overhead); the
-# factors are thin (from about 16 rows on, BLAS runs a real GEMM as fast); and their rows, which
-# the kernels stream once per batch, either stay in L2 or are few next to x's M rows per batch
-# (duplicated_padding's B, 32 x 307,720 against M = 2, is neither).
+# When the kernels pay, measured pass by pass against torch's GEMMs (bench/cpu_dispatch.py; data in
+# bench/results/cpu-2core-2026-12-01-floor/dispatch.md): x of at least 1M elements (at 262K, 64
+# batches of 64 x 64, torch's GEMMs run from cache 2x faster); up to 32 factor rows (the most
+# measured: 1.7-2.8x faster than torch at rank 32); and factor rows, which the kernels stream once
+# per batch, that stay in L2 or are at most x's M rows per batch (lorr's B at rank 32 against
+# M = 64: 2.3x faster; duplicated_padding's B, 32 x 307,720 against M = 2: 2.4x slower).
 _MIN_ELEMENTS = 1 << 20
-_MAX_RANK = 16
+_MAX_RANK = 32
 _FACTOR_BYTES = 256 * 1024
 
 
 def _worth_it(numel: int, itemsize: int, rank: int, M: int, K: int) -> bool:
     return (numel >= _MIN_ELEMENTS and rank <= _MAX_RANK
-            and (rank * K * itemsize <= _FACTOR_BYTES or 4 * rank <= M))
+            and (rank * K * itemsize <= _FACTOR_BYTES or rank <= M))
 
 
 def _eager(*tensors: Tensor) -> bool:
