@@ -436,3 +436,44 @@ def test_cpu_kernels_take_big_x_with_thin_factors(monkeypatch):
         y.sum().backward()
         assert calls == expected, (n, D, N)
         assert_close(y, rec.apply(x, w, n=n, backend="torch"))
+
+
+@pytest.mark.skipif(bool(dispatch.why_not("cpu", "kron_apply", "cpu")), reason="no CPU library here")
+@pytest.mark.parametrize("N,M,K,RA,RB", [(3, 5, 7, 2, 3), (1, 33, 70001, 5, 6), (5, 33, 7001, 3, 2), (2, 17, 4099, 7, 0)])
+def test_kron_passes_read_bfloat16_x_as_is(N, M, K, RA, RB):
+    """A bfloat16 x with float32 factors: U and V in float32, as from x's exact float32 values
+    (K blocks, tails, thread splits by batch and by column, a non-contiguous x)."""
+    x = torch.randn(N, M, 2 * K).bfloat16()[..., ::2]
+    L, R = torch.randn(RA, M), torch.randn(max(RB, 1), K)
+    U, V = _x_ops("cpu").passes(x, L, R, True, RB > 0)
+    assert U.dtype == torch.float32
+    assert_close(U, L.double() @ x.double())
+    if RB:
+        assert_close(V, R.double() @ x.double().reshape(N * M, K).T)
+
+
+@pytest.mark.skipif(bool(dispatch.why_not("cpu", "kron_apply", "cpu")), reason="no CPU library here")
+@pytest.mark.parametrize("rec,reads_bf16", [
+    (tr.dual_lphm_reconciliation(p=2, q=64, r=2), True),
+    (tr.hm_reconciliation(p=2, q=64, layout="tinybig"), False),   # the reference's own path: no kernel
+    (tr.lorr_reconciliation(r=3), True),
+    (tr.random_matrix_adaption_reconciliation(r=3, seed=4), True),
+    (tr.duplicated_diagonal_padding_reconciliation(p=2), True)], ids=lambda v: type(v).__name__)
+def test_cpu_applies_read_bfloat16_x_as_is(rec, reads_bf16, monkeypatch):
+    """At kernel sizes a bfloat16 x reaches the kernel as bfloat16 (no float32 copy of x); results
+    and the gradients of w and bias match the torch backend at bfloat16 tolerance."""
+    from tinyrecon import cpu_lib
+    codes = []
+    real_call = cpu_lib.call
+    monkeypatch.setattr(cpu_lib, "call", lambda name, *a: codes.append(a[0]) or real_call(name, *a))
+    n, D = 8, 1 << 16
+    x = torch.randn(32, D).bfloat16()
+    w = torch.randn(rec.calculate_l(n, D)).bfloat16().requires_grad_()
+    b = torch.randn(n).bfloat16().requires_grad_()
+    y = rec.apply(x, w, n=n, bias=b, backend="cpu")
+    assert y.dtype == torch.bfloat16 and (2 in codes) == reads_bf16
+    y_ref = rec.apply(x, w, n=n, bias=b, backend="torch")
+    assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    for a, e in zip(torch.autograd.grad(y, (w, b), g), torch.autograd.grad(y_ref, (w, b), g)):
+        assert_close(a, e)

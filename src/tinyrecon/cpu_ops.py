@@ -37,19 +37,26 @@ def _check(name: str, *tensors: Tensor) -> None:
         raise TypeError(f"{name} takes float32 or float64 tensors of one dtype, got {[t.dtype for t in tensors]}")
 
 
+def _check_pass(x: Tensor, L: Tensor, R: Tensor) -> None:
+    """A float32 or float64 x with factors of its dtype, or a bfloat16 x (read as is) with float32 ones."""
+    if x.dtype == torch.bfloat16 and L.dtype == R.dtype == torch.float32:
+        return
+    _check("cpu_kron_pass", x, L, R)
+
+
 def _pass_shapes(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool):
     N, M, K = x.shape
     return (N, L.shape[0], K) if want_u else (0,), (R.shape[0], N * M) if want_v else (0,)
 
 
 def _pass(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool) -> tuple[Tensor, Tensor]:
-    _check("cpu_kron_pass", x, L, R)
+    _check_pass(x, L, R)
     if not (want_u or want_v):
         raise ValueError("cpu_kron_pass: ask for U, V or both")
     N, M, K = x.shape
     if L.shape[1] != M or R.shape[1] != K:
         raise ValueError(f"cpu_kron_pass: L {tuple(L.shape)} and R {tuple(R.shape)} do not fit x {tuple(x.shape)}")
-    U, V = (x.new_empty(s) for s in _pass_shapes(x, L, R, want_u, want_v))
+    U, V = (L.new_empty(s) for s in _pass_shapes(x, L, R, want_u, want_v))
     if x.numel() == 0:   # nothing to read (and empty buffers have no address to pass)
         return U.zero_(), V.zero_()
     # R is read through its strides when rows or columns are contiguous (a transposed R, such as
@@ -57,7 +64,7 @@ def _pass(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool) -> tuple[
     x, L = x.contiguous(), L.contiguous()
     if R.stride(1) != 1 and (R.stride(0) != 1 or R.shape[0] <= 1):
         R = R.contiguous()
-    cpu_lib.call("tinyrecon_cpu_kron_pass", _DTYPES[x.dtype], torch.get_num_threads(), x.data_ptr(), L.data_ptr(),
+    cpu_lib.call("tinyrecon_cpu_kron_pass", _DTYPES.get(x.dtype, 2), torch.get_num_threads(), x.data_ptr(), L.data_ptr(),
                  R.data_ptr(), U.data_ptr() if want_u else None, V.data_ptr() if want_v else None,
                  N, M, K, L.shape[0], R.shape[0], R.stride(0), R.stride(1))
     return U, V
@@ -66,13 +73,13 @@ def _pass(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool) -> tuple[
 @torch.library.custom_op("tinyrecon::cpu_kron_pass", mutates_args=())
 def kron_pass(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool) -> tuple[Tensor, Tensor]:
     """``U[b] = L @ X[b]`` (N, RA, K) and ``V = R @ x.reshape(N*M, K)^T`` (RB, N*M) in one read of
-    x (N, M, K); an unwanted one is returned empty."""
+    x (N, M, K), in the factors' dtype; an unwanted one is returned empty."""
     return _pass(x, L, R, want_u, want_v)
 
 
 @kron_pass.register_fake
 def _(x, L, R, want_u, want_v):
-    return tuple(x.new_empty(s) for s in _pass_shapes(x, L, R, want_u, want_v))
+    return tuple(L.new_empty(s) for s in _pass_shapes(x, L, R, want_u, want_v))
 
 
 def _expand_x(G: Tensor, L: Tensor) -> Tensor:
@@ -141,7 +148,7 @@ def _kernel_expand(G, Ar):
 
 def _passes(x, Ar, Br, want_u: bool, want_v: bool):
     N, M, K = x.shape
-    if not _worth_it(x.numel(), x.element_size(), Ar.shape[0] * want_u + Br.shape[0] * want_v, M, K):
+    if not _worth_it(x.numel(), Br.element_size(), Ar.shape[0] * want_u + Br.shape[0] * want_v, M, K):
         return torch_passes(x, Ar, Br, want_u, want_v)
     return _kernel_passes(x, Ar, Br, want_u, want_v)
 
@@ -157,18 +164,35 @@ def _expand(G, Ar):
 KERNEL_X_OPS = XOps(_kernel_passes, _kernel_expand)   # always the kernels (tests)
 X_OPS = XOps(_passes, _expand)                     # the kernels where they pay, else torch's GEMMs
 
+def _bf16_x_as_is(ref, when=lambda args: True):
+    """``ref`` (a @reference apply) with a bfloat16 x left as is: the kernels widen it as they read
+    it, so no float32 copy of x is made; everything else is computed in float32 and rounded once at
+    the end, as ``ref`` does. An x whose gradient is wanted, torch.func, or ``when(args)`` false
+    (another layout) take ``ref`` itself."""
+    inner = ref.__wrapped__
+
+    @functools.wraps(ref)
+    def apply(x, *args, **kwargs):
+        if (x.dtype != torch.bfloat16 or x.requires_grad or torch._C._are_functorch_transforms_active()
+                or not when(args)):
+            return ref(x, *args, **kwargs)
+        up = [a.float() if isinstance(a, Tensor) and a.dtype == x.dtype else a for a in args]
+        return inner(x, *up, **kwargs).to(x.dtype)
+    return apply
+
+
 # The applies are the references with the kernels' XOps; builds read no x and are the references.
-# (The references already compute fp16/bf16 in fp32, so the kernels only ever see fp32 and fp64.)
+# (The references compute fp16/bf16 in fp32; a bfloat16 x is read as is where the kernels take it.)
 kron_build = _kron_ref.kron_build
 dup_pad_build = _padding_ref.dup_pad_build
 block_diag_build = _padding_ref.block_diag_build
 lowrank_build = _lowrank_ref.lowrank_build
 rma_build = _lowrank_ref.rma_build
-kron_apply = functools.partial(_kron_ref.kron_apply, x_ops=X_OPS)
+kron_apply = functools.partial(_bf16_x_as_is(_kron_ref.kron_apply, lambda args: args[5] == "kron"), x_ops=X_OPS)
 dup_pad_apply = functools.partial(_padding_ref.dup_pad_apply, x_ops=X_OPS)
-block_diag_apply = functools.partial(_padding_ref.block_diag_apply, x_ops=X_OPS)
-lowrank_apply = functools.partial(_lowrank_ref.lowrank_apply, x_ops=X_OPS)
-rma_apply = functools.partial(_lowrank_ref.rma_apply, x_ops=X_OPS)
+block_diag_apply = functools.partial(_bf16_x_as_is(_padding_ref.block_diag_apply), x_ops=X_OPS)
+lowrank_apply = functools.partial(_bf16_x_as_is(_lowrank_ref.lowrank_apply), x_ops=X_OPS)
+rma_apply = functools.partial(_bf16_x_as_is(_lowrank_ref.rma_apply), x_ops=X_OPS)
 
 
 # Random families. A column block of W (all n rows, columns [j0, j1)) is ~_BLOCK_NUMBERS random
