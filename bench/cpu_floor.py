@@ -2,13 +2,14 @@
 
     python bench/cpu_floor.py [--shape mnist|tall|small] [--functions hm,lorr] [--backends cpu,torch]
                               [--layouts kron,tinybig] [--ops fwd,train] [--dtype float32|bfloat16]
-                              [--rounds 15] [--json out.json]
+                              [--rounds 15] [--batch 64] [--first] [--json out.json]
 
 Per (function, layout, op, backend) the median ms and its ratio to the floor; at the small shape the
 floor column is a dense F.linear of the same n x D (fwd, or its train: grads of weight and bias).
 Everything of one table is timed interleaved (A B C ... A B C ...), each sample looped to >= 2 ms,
 so that a shared, noisy machine slows all alike. ``train``: y = apply(x), then grads of w and
-bias (x is data and does not require grad), as in an RPN's first layer.
+bias (x is data and does not require grad), as in an RPN's first layer. ``--first``: instead, each
+function's first call in a fresh process against its warm calls (median of 5), default backend.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -76,6 +78,39 @@ def interleaved(fns: dict, rounds: int) -> dict:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+FIRST = """
+import time, torch, tinyrecon as tr
+from tinyrecon.benchmark import KWARGS
+f, op, layout, n, D, batch, dtype = {args!r}
+kw = dict(KWARGS.get(f, {{}}), **({{"layout": layout}} if f in {layouted!r} else {{}}))
+rec = tr.reconciliation(f, **kw)
+dt = getattr(torch, dtype)
+x = torch.randn(batch, D).to(dt)
+w = torch.randn(rec.calculate_l(n, D)).to(dt).requires_grad_(op == "train")
+b = torch.randn(n).to(dt).requires_grad_(op == "train")
+def call():
+    if op == "fwd":
+        with torch.no_grad():
+            return rec.apply(x, w, n=n, bias=b)
+    return torch.autograd.grad(rec.apply(x, w, n=n, bias=b), (w, b), torch.ones(batch, n, dtype=dt))
+ts = []
+for _ in range(6):
+    t0 = time.perf_counter(); call(); ts.append(time.perf_counter() - t0)
+print(ts[0], sorted(ts[1:])[2])
+"""
+
+
+def first_calls(a, s, functions) -> None:
+    print("| function | op | first ms | warm ms | first / warm |\n|---|---|---|---|---|")
+    for op in a.ops.split(","):
+        for f in functions:
+            args = (f, op, "kron", s.n, s.D, s.batch, a.dtype)
+            out = subprocess.run([sys.executable, "-c", FIRST.format(args=args, layouted=LAYOUTED)],
+                                 capture_output=True, text=True, check=True).stdout.split()
+            first, warm = float(out[0]), float(out[1])
+            print(f"| {f} | {op} | {1e3 * first:.1f} | {1e3 * warm:.1f} | {first / warm:.2f} |", flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="mnist", choices=SHAPES)
@@ -85,11 +120,19 @@ def main(argv=None) -> None:
     ap.add_argument("--ops", default="fwd,train")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float64"))
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--batch", type=int, help="rows of x (default: the shape's batch)")
+    ap.add_argument("--first", action="store_true", help="first call in a fresh process vs warm calls")
     ap.add_argument("--json", help="also write the rows here")
     a = ap.parse_args(argv)
     s = SHAPES[a.shape]
+    if a.batch:
+        s = type(s)(s.name, s.n, s.D, a.batch)
+    if a.first:
+        print(f"# first calls, {a.shape} n={s.n} D={s.D} batch={s.batch} {a.dtype}; load average {os.getloadavg()[0]:.2f}\n")
+        return first_calls(a, s, a.functions.split(","))
     dtype = getattr(torch, a.dtype)
-    x = torch.randn(s.batch, s.D, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x32 = torch.randn(s.batch, s.D, generator=torch.Generator().manual_seed(0))
+    x = x32.to(dtype)
     small = s.D * s.batch < (1 << 16)
     print(f"# {a.shape} n={s.n} D={s.D} batch={s.batch} {a.dtype}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}")
@@ -100,6 +143,8 @@ def main(argv=None) -> None:
             for layout in (a.layouts.split(",") if f in LAYOUTED else ["kron"]):
                 for b in a.backends.split(","):
                     fns[(f, layout, b)] = thunk(make(f, layout), x, s.n, op, b, dtype)
+                    if dtype != torch.float32:   # the same apply on a float32 x, in the same rounds
+                        fns[(f, layout, b + ", float32 x")] = thunk(make(f, layout), x32, s.n, op, b, torch.float32)
         t = interleaved(fns, a.rounds)
         floor = t.pop("floor")
         what = "dense F.linear" if small else "x.sum()"

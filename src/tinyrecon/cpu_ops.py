@@ -3,8 +3,9 @@
 Everything else is the torch reference's own code (``functions/``): the kernels replace its
 ``base.TORCH_X_OPS``. ``kron_pass`` reads x once for both ``U`` and ``V`` (torch makes one GEMM, so
 one read, for each); ``kron_expand`` writes dx once. Both are ``torch.library`` custom ops, so
-``torch.compile`` traces them as ops, not graph breaks. float32 and float64 run in the kernels;
-float16 and bfloat16 in float32, rounded once at the end (as the reference does). Building W
+``torch.compile`` traces them as ops, not graph breaks (eager calls skip the op machinery). float32
+and float64 run in the kernels, and a bfloat16 x is read as is (``_bf16_x_as_is``); otherwise
+float16 and bfloat16 run in float32, rounded once at the end (as the reference does). Building W
 reads no x, so the builds are the reference's. The random families (masking, the hypernets) generate W by column blocks of all its rows
 in the library (``_random.block``), each consumed by a GEMM at once: no n x D matrix (nor the
 hypernets' n*D x k one) is ever held, in the forward or the backward, which regenerates it once.
