@@ -115,7 +115,7 @@ def _(G, L):
 # When the kernels pay, measured pass by pass against torch's GEMMs (bench/cpu_dispatch.py; data in
 # bench/results/cpu-2core-2026-12-01-floor/dispatch.md, a shared 2-core machine: +-2x between runs
 # near the thresholds): x of at least 1M elements (at 262K, 64 batches of 64 x 64, torch's GEMMs
-# run from cache 2x faster; at 1M the forward of batches of 128 x 128 swings between 0.5x and 1.2x);
+# run from cache 2x faster; at 1M the forward of batches of 128 x 128 measured 0.53x and 0.85x);
 # up to 32 factor rows (the most measured: 1.6-2.8x faster than torch at rank 32); and factor rows,
 # which the kernels stream once per batch, that stay in L2 or are at most x's M rows per batch
 # (lorr's B at rank 32 against M = 64: 1.9-2.6x faster; duplicated_padding's B, 32 x 307,720
