@@ -14,9 +14,11 @@
 #include <pthread.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -55,39 +57,80 @@ template <typename T>
 TR_INLINE void store(T* p, vec<T> v) {
   std::memcpy(p, &v, sizeof v);
 }
+// Sum of the lanes, halving the vector each step (a few shuffles, not one add per lane).
 template <typename T>
 TR_INLINE T hsum(vec<T> v) {
+  typedef T half __attribute__((vector_size(32)));
+  typedef T quarter __attribute__((vector_size(16)));
+  half h[2];
+  std::memcpy(h, &v, sizeof v);
+  const half a = h[0] + h[1];
+  quarter q[2];
+  std::memcpy(q, &a, sizeof a);
+  const quarter b = q[0] + q[1];
   T s = 0;
-  for (int l = 0; l < W<T>; ++l) s += v[l];
+  for (int l = 0; l < int(16 / sizeof(T)); ++l) s += b[l];
   return s;
 }
 
+// x as T: loaded as is, or bfloat16 (its bits, uint16_t) widened to float as it is read, so a
+// bfloat16 x is read once at half the bytes, never copied whole to float32.
+typedef uint16_t bf16;
+template <typename T>
+TR_INLINE vec<T> load_x(const T* p) {
+  return load(p);
+}
+TR_INLINE vec<float> load_x(const bf16* p) {
+  typedef bf16 h16 __attribute__((vector_size(32)));
+  typedef uint32_t u32 __attribute__((vector_size(64)));
+  h16 h;
+  std::memcpy(&h, p, sizeof h);
+  const u32 w = __builtin_convertvector(h, u32) << 16;
+  vec<float> v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+template <typename T>
+TR_INLINE T x_at(const T* p, i64 k) {
+  return p[k];
+}
+TR_INLINE float x_at(const bf16* p, i64 k) {
+  const uint32_t w = uint32_t(p[k]) << 16;
+  float v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+
 // out[i][r] += <x_i, f_r> over n elements, for the TILE rows x_i and NR factor rows f_r.
-template <typename T, int NR>
-TR_INLINE void dots(const T* const* x, const T* const* f, i64 n, T out[TILE][GROUP]) {
+// pf: the next tile's rows (or null), fetched a vector per row and step, so that x streams in
+// from memory at the pace it is used instead of in bursts the hardware prefetcher drops.
+template <typename T, int NR, typename X>
+TR_INLINE void dots(const X* const* x, const T* const* f, const X* const* pf, i64 n, T out[TILE][GROUP]) {
   vec<T> acc[TILE][NR] = {};
   i64 k = 0;
   for (; k + W<T> <= n; k += W<T>) {
+    if (pf)
+      for (int i = 0; i < TILE; ++i) __builtin_prefetch(pf[i] + k, 0, 2);
     vec<T> fv[NR];
     for (int r = 0; r < NR; ++r) fv[r] = load(f[r] + k);
     for (int i = 0; i < TILE; ++i) {
-      const vec<T> xv = load(x[i] + k);
+      const vec<T> xv = load_x(x[i] + k);
       for (int r = 0; r < NR; ++r) acc[i][r] += xv * fv[r];
     }
   }
   for (int i = 0; i < TILE; ++i)
     for (int r = 0; r < NR; ++r) {
       T s = hsum<T>(acc[i][r]);
-      for (i64 kk = k; kk < n; ++kk) s += x[i][kk] * f[r][kk];
+      for (i64 kk = k; kk < n; ++kk) s += x_at(x[i], kk) * f[r][kk];
       out[i][r] += s;
     }
 }
 
 // u_a += sum_i c[a][i] x_i over n elements, for NA rows u_a. The coefficients and pointers are
 // copied into locals first: a store through u could alias them, and they would be reloaded.
-template <typename T, int NA>
-TR_INLINE void axpys(const T* const* xs, T* const* us, const T c[GROUP][TILE], i64 n) {
-  const T* x[TILE];
+template <typename T, int NA, typename X>
+TR_INLINE void axpys(const X* const* xs, T* const* us, const T c[GROUP][TILE], const X* const* pf, i64 n) {
+  const X* x[TILE];
   T* u[NA];
   vec<T> cv[NA][TILE];
   for (int i = 0; i < TILE; ++i) x[i] = xs[i];
@@ -97,8 +140,10 @@ TR_INLINE void axpys(const T* const* xs, T* const* us, const T c[GROUP][TILE], i
   }
   i64 k = 0;
   for (; k + W<T> <= n; k += W<T>) {
+    if (pf)
+      for (int i = 0; i < TILE; ++i) __builtin_prefetch(pf[i] + k, 0, 2);
     vec<T> xv[TILE];
-    for (int i = 0; i < TILE; ++i) xv[i] = load(x[i] + k);
+    for (int i = 0; i < TILE; ++i) xv[i] = load_x(x[i] + k);
     for (int a = 0; a < NA; ++a) {
       vec<T> uv = load(u[a] + k);
       for (int i = 0; i < TILE; ++i) uv += cv[a][i] * xv[i];
@@ -107,15 +152,18 @@ TR_INLINE void axpys(const T* const* xs, T* const* us, const T c[GROUP][TILE], i
   }
   for (; k < n; ++k)
     for (int a = 0; a < NA; ++a)
-      for (int i = 0; i < TILE; ++i) u[a][k] += c[a][i] * x[i][k];
+      for (int i = 0; i < TILE; ++i) u[a][k] += c[a][i] * x_at(x[i], k);
 }
 
-template <typename T>
+template <typename T, typename X = T>
 struct Job {
-  const T *x, *L, *R;   // expand: x is G, the input
+  const X* x;           // expand: x is G, the input
+  const T *L, *R;
   T *U, *V;             // expand: U is dx, the output
   i64 N, M, K, RA, RB, b0, b1, k_begin, k_end;   // this job's batches and columns
   bool expand;
+  i64 r_row, r_col;     // R's strides
+  T* pack;              // R's rows of a K block, when they are not contiguous (RB x the K block)
 };
 
 // K block: the factor rows of one block stay in L2, the 4 rows of x of a tile in L1.
@@ -163,36 +211,47 @@ TR_INLINE void expand(const Job<T>& j) {
   }
 }
 
-// Batches [b0, b1) of a job.
-template <typename T>
-TR_INLINE void pass(const Job<T>& j) {
+// Batches [b0, b1) and columns [k_begin, k_end) of a job; adds to V (zeroed by split).
+template <typename T, typename X>
+TR_INLINE void pass(const Job<T, X>& j) {
   const i64 M = j.M, K = j.K, RA = j.U ? j.RA : 0, RB = j.V ? j.RB : 0, NM = j.N * M, kb = k_block<T>(RA + RB);
   for (i64 b = j.b0; b < j.b1; ++b) {
     T* Ub = RA ? j.U + b * RA * K : nullptr;
     for (i64 a = 0; a < RA; ++a) std::fill(Ub + a * K + j.k_begin, Ub + a * K + j.k_end, T(0));
-    for (i64 r = 0; r < RB; ++r) std::fill_n(j.V + r * NM + b * M, M, T(0));
     for (i64 k0 = j.k_begin; k0 < j.k_end; k0 += kb) {
       const i64 n = std::min(kb, j.k_end - k0);
+      // A transposed R (random_matrix_adaption's B^T) is packed block by block, read once in order.
+      if (j.pack && RB)
+        for (i64 k = 0; k < n; ++k)
+          for (i64 r = 0; r < RB; ++r) j.pack[r * n + k] = j.R[r * j.r_row + (k0 + k) * j.r_col];
       for (i64 i0 = 0; i0 < M; i0 += TILE) {
         const int rows = int(std::min<i64>(TILE, M - i0));
-        const T* x[TILE];   // a short last tile repeats its last row; the repeats add nothing
+        const X* x[TILE];   // a short last tile repeats its last row; the repeats add nothing
         for (int i = 0; i < TILE; ++i) x[i] = j.x + (b * M + i0 + std::min(i, rows - 1)) * K + k0;
-        // Ask for the next tile now, so its loads from memory overlap this tile's arithmetic.
+        // The next tile (in this block, the next block or the next batch), fetched during this
+        // one's arithmetic.
+        const X* next[TILE];
+        const X* const* pf = next;
         if (i0 + TILE < M)
-          for (int i = 0; i < std::min<i64>(TILE, M - i0 - TILE); ++i)
-            for (i64 k = 0; k < n; k += W<T>) __builtin_prefetch(x[0] + (TILE + i) * K + k, 0, 2);
+          for (int i = 0; i < TILE; ++i) next[i] = x[0] + std::min<i64>(TILE + i, M - i0 - 1) * K;
+        else if (k0 + kb < j.k_end || b + 1 < j.b1)
+          for (int i = 0; i < TILE; ++i)
+            next[i] = j.x + (k0 + kb < j.k_end ? b * M * K + k0 + kb : (b + 1) * M * K + j.k_begin) +
+                      std::min<i64>(i, M - 1) * K;
+        else
+          pf = nullptr;
         for (i64 r0 = 0; r0 < RB; r0 += GROUP) {
           const T* f[GROUP];
           const int nr = int(std::min<i64>(GROUP, RB - r0));
-          for (int r = 0; r < nr; ++r) f[r] = j.R + (r0 + r) * K + k0;
+          for (int r = 0; r < nr; ++r) f[r] = j.pack ? j.pack + (r0 + r) * n : j.R + (r0 + r) * j.r_row + k0;
           T out[TILE][GROUP] = {};
           switch (nr) {
-            case 1: dots<T, 1>(x, f, n, out); break;
-            case 2: dots<T, 2>(x, f, n, out); break;
-            case 3: dots<T, 3>(x, f, n, out); break;
-            case 4: dots<T, 4>(x, f, n, out); break;
-            case 5: dots<T, 5>(x, f, n, out); break;
-            default: dots<T, 6>(x, f, n, out); break;
+            case 1: dots<T, 1>(x, f, r0 ? nullptr : pf, n, out); break;
+            case 2: dots<T, 2>(x, f, r0 ? nullptr : pf, n, out); break;
+            case 3: dots<T, 3>(x, f, r0 ? nullptr : pf, n, out); break;
+            case 4: dots<T, 4>(x, f, r0 ? nullptr : pf, n, out); break;
+            case 5: dots<T, 5>(x, f, r0 ? nullptr : pf, n, out); break;
+            default: dots<T, 6>(x, f, r0 ? nullptr : pf, n, out); break;
           }
           for (int i = 0; i < rows; ++i)
             for (int r = 0; r < nr; ++r) j.V[(r0 + r) * NM + b * M + i0 + i] += out[i][r];
@@ -206,12 +265,12 @@ TR_INLINE void pass(const Job<T>& j) {
             for (int i = 0; i < rows; ++i) c[a][i] = j.L[(a0 + a) * M + i0 + i];
           }
           switch (na) {
-            case 1: axpys<T, 1>(x, u, c, n); break;
-            case 2: axpys<T, 2>(x, u, c, n); break;
-            case 3: axpys<T, 3>(x, u, c, n); break;
-            case 4: axpys<T, 4>(x, u, c, n); break;
-            case 5: axpys<T, 5>(x, u, c, n); break;
-            default: axpys<T, 6>(x, u, c, n); break;
+            case 1: axpys<T, 1>(x, u, c, RB || a0 ? nullptr : pf, n); break;
+            case 2: axpys<T, 2>(x, u, c, RB || a0 ? nullptr : pf, n); break;
+            case 3: axpys<T, 3>(x, u, c, RB || a0 ? nullptr : pf, n); break;
+            case 4: axpys<T, 4>(x, u, c, RB || a0 ? nullptr : pf, n); break;
+            case 5: axpys<T, 5>(x, u, c, RB || a0 ? nullptr : pf, n); break;
+            default: axpys<T, 6>(x, u, c, RB || a0 ? nullptr : pf, n); break;
           }
         }
       }
@@ -221,80 +280,104 @@ TR_INLINE void pass(const Job<T>& j) {
 
 TR_CLONES void run_f32(const Job<float>& j) { j.expand ? expand(j) : pass(j); }
 TR_CLONES void run_f64(const Job<double>& j) { j.expand ? expand(j) : pass(j); }
+TR_CLONES void run_bf16(const Job<float, bf16>& j) { pass(j); }
 
-template <typename T>
-void* run(void* job) {
-  if constexpr (sizeof(T) == 4)
-    run_f32(*static_cast<const Job<float>*>(job));
-  else
-    run_f64(*static_cast<const Job<double>*>(job));
+// One thread's work: chunks of batches (or of K's columns) taken from a shared counter until none
+// is left, so a thread the OS leaves waiting (2 cores shared with other processes) costs only the
+// chunk it holds, not a fixed half of the work.
+template <typename T, typename X>
+struct Work {
+  Job<T, X> job;   // this thread's buffers; its range is set per chunk
+  std::atomic<i64>* next;
+  i64 chunks, size;
+  bool by_batch;
+};
+
+template <typename T, typename X>
+void* run(void* work) {
+  const Work<T, X>& w = *static_cast<const Work<T, X>*>(work);
+  for (i64 c; (c = w.next->fetch_add(1)) < w.chunks;) {
+    Job<T, X> j = w.job;
+    if (w.by_batch)
+      j.b0 = c * w.size, j.b1 = std::min(j.N, (c + 1) * w.size);
+    else
+      j.k_begin = std::min(j.K, c * w.size), j.k_end = std::min(j.K, (c + 1) * w.size);
+    if constexpr (!std::is_same_v<T, X>)
+      run_bf16(j);
+    else if constexpr (sizeof(T) == 4)
+      run_f32(j);
+    else
+      run_f64(j);
+  }
   return nullptr;
 }
 
 // Splits a job over up to `threads` threads: by batches when there are enough of them, else by
 // column blocks of K (then each thread but the first sums its V into a buffer of its own, added
-// to V at the end). A thread costs tens of microseconds to start: each gets ~1M elements of x.
-template <typename T>
-int split(int threads, const Job<T>& whole) {
-  constexpr int MAX_THREADS = 256;
+// to V at the end); 8 chunks per thread. A thread costs tens of microseconds to start: each gets
+// ~1M elements of x.
+template <typename T, typename X>
+int split(int threads, const Job<T, X>& whole) {
+  constexpr int MAX_THREADS = 256, CHUNKS_PER_THREAD = 8;
   const i64 N = whole.N, K = whole.K, cap = 1 + N * whole.M * K / (1 << 20);
   const int n = int(std::clamp<i64>(std::min<i64>(threads, cap), 1, MAX_THREADS));
   const bool by_batch = N >= n;
-  const i64 per = (K + n - 1) / n, chunk = by_batch ? K : (per + W<T> - 1) / W<T> * W<T>;   // whole vectors
+  const i64 per = by_batch ? (N + n * CHUNKS_PER_THREAD - 1) / (n * CHUNKS_PER_THREAD)
+                           : (K + n * CHUNKS_PER_THREAD - 1) / (n * CHUNKS_PER_THREAD);
+  const i64 size = by_batch ? std::max<i64>(per, 1) : (per + W<T> - 1) / W<T> * W<T>;   // whole vectors
+  const i64 chunks = by_batch ? (N + size - 1) / size : (K + size - 1) / size;
   const i64 v_size = whole.V ? whole.RB * N * whole.M : 0;
+  if (whole.V) std::fill_n(whole.V, v_size, T(0));   // passes add to V
   std::vector<T> partial(by_batch ? 0 : size_t(v_size) * (n - 1));
-  Job<T> jobs[MAX_THREADS];
+  const i64 pack_size = whole.V && whole.r_col != 1 ? whole.RB * k_block<T>(whole.RA + whole.RB) : 0;
+  std::vector<T> packs(size_t(pack_size) * n);
+  std::atomic<i64> next{0};
+  Work<T, X> works[MAX_THREADS];
   pthread_t ids[MAX_THREADS];
   bool started[MAX_THREADS] = {};
   for (int t = 0; t < n; ++t) {
-    jobs[t] = whole;
-    if (by_batch) {
-      jobs[t].b0 = N * t / n, jobs[t].b1 = N * (t + 1) / n;
-    } else {
-      jobs[t].k_begin = std::min(K, t * chunk), jobs[t].k_end = std::min(K, (t + 1) * chunk);
-      if (t > 0 && whole.V) jobs[t].V = partial.data() + (t - 1) * v_size;
-    }
+    works[t] = {whole, &next, chunks, size, by_batch};
+    works[t].job.pack = pack_size ? packs.data() + t * pack_size : nullptr;
+    if (!by_batch && t > 0 && whole.V) works[t].job.V = partial.data() + (t - 1) * v_size;
   }
-  for (int t = 1; t < n; ++t) started[t] = pthread_create(&ids[t], nullptr, run<T>, &jobs[t]) == 0;
-  run<T>(&jobs[0]);
-  for (int t = 1; t < n; ++t) {
-    if (started[t])
-      pthread_join(ids[t], nullptr);
-    else
-      run<T>(&jobs[t]);   // no thread could be started: do its share here
-  }
+  for (int t = 1; t < n; ++t) started[t] = pthread_create(&ids[t], nullptr, run<T, X>, &works[t]) == 0;
+  run<T, X>(&works[0]);   // a thread that could not be started leaves its chunks to the others
+  for (int t = 1; t < n; ++t)
+    if (started[t]) pthread_join(ids[t], nullptr);
   for (int t = 1; t < n && !by_batch; ++t)
     for (i64 e = 0; e < v_size; ++e) whole.V[e] += partial[(t - 1) * v_size + e];
   return 0;
 }
 
-template <typename T>
+template <typename T, typename X = T>
 int dispatch(int threads, const void* x, const void* L, const void* R, void* U, void* V, i64 N, i64 M, i64 K, i64 RA,
-             i64 RB, bool expand) try {
-  return split<T>(threads, {static_cast<const T*>(x), static_cast<const T*>(L), static_cast<const T*>(R),
-                            static_cast<T*>(U), static_cast<T*>(V), N, M, K, RA, RB, 0, N, 0, K, expand});
+             i64 RB, bool expand, i64 r_row, i64 r_col) try {
+  return split<T, X>(threads, {static_cast<const X*>(x), static_cast<const T*>(L), static_cast<const T*>(R),
+                               static_cast<T*>(U), static_cast<T*>(V), N, M, K, RA, RB, 0, N, 0, K, expand, r_row,
+                               r_col, nullptr});
 } catch (const std::bad_alloc&) {   // the per-thread buffers of a K split
   return 2;
 }
 
 }  // namespace
 
-// dtype: 0 float32, 1 float64; all buffers contiguous. threads: how many to use at most (the caller
-// passes torch's setting).
+// dtype: 0 float32, 1 float64, 2 (pass only) a bfloat16 x with float32 factors and outputs; buffers
+// contiguous unless said otherwise. threads: how many to use at most (the caller passes torch's setting).
 
-// U (N, RA, K) and V (RB, N*M) from x (N, M, K), L (RA, M), R (RB, K). U or V may be null (not
-// wanted: L or R is then not read), not both.
+// U (N, RA, K) and V (RB, N*M) from x (N, M, K), L (RA, M), R (RB, K) with strides (r_row, r_col)
+// (the others contiguous). U or V may be null (not wanted: L or R is then not read), not both.
 TR_EXPORT int tinyrecon_cpu_kron_pass(int dtype, int threads, const void* x, const void* L, const void* R, void* U,
-                                      void* V, i64 N, i64 M, i64 K, i64 RA, i64 RB) {
-  if (N < 0 || M < 0 || K < 0 || RA < 0 || RB < 0 || (!U && !V) || (dtype != 0 && dtype != 1)) return 1;
-  return dtype == 0 ? dispatch<float>(threads, x, L, R, U, V, N, M, K, RA, RB, false)
-                    : dispatch<double>(threads, x, L, R, U, V, N, M, K, RA, RB, false);
+                                      void* V, i64 N, i64 M, i64 K, i64 RA, i64 RB, i64 r_row, i64 r_col) {
+  if (N < 0 || M < 0 || K < 0 || RA < 0 || RB < 0 || (!U && !V) || dtype < 0 || dtype > 2) return 1;
+  return dtype == 0   ? dispatch<float>(threads, x, L, R, U, V, N, M, K, RA, RB, false, r_row, r_col)
+         : dtype == 1 ? dispatch<double>(threads, x, L, R, U, V, N, M, K, RA, RB, false, r_row, r_col)
+                      : dispatch<float, bf16>(threads, x, L, R, U, V, N, M, K, RA, RB, false, r_row, r_col);
 }
 
 // dx (N, M, K) = L^T @ G[b] for G (N, RA, K), L (RA, M); RA at most 64.
 TR_EXPORT int tinyrecon_cpu_kron_expand(int dtype, int threads, const void* G, const void* L, void* dx, i64 N, i64 M,
                                         i64 K, i64 RA) {
   if (N < 0 || M < 0 || K < 0 || RA < 0 || RA > 64 || (dtype != 0 && dtype != 1)) return 1;
-  return dtype == 0 ? dispatch<float>(threads, G, L, nullptr, dx, nullptr, N, M, K, RA, 0, true)
-                    : dispatch<double>(threads, G, L, nullptr, dx, nullptr, N, M, K, RA, 0, true);
+  return dtype == 0 ? dispatch<float>(threads, G, L, nullptr, dx, nullptr, N, M, K, RA, 0, true, 0, 1)
+                    : dispatch<double>(threads, G, L, nullptr, dx, nullptr, N, M, K, RA, 0, true, 0, 1);
 }

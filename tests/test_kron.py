@@ -284,12 +284,12 @@ def test_kron_core_grads(wants, rA, rB, passes):
 @pytest.mark.parametrize("passes", _passes())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("N,M,K,RA,RB", [(3, 5, 7, 2, 3), (2, 17, 4099, 5, 1), (1, 9, 70001, 4, 6), (4, 1, 1, 9, 8),
-                                         (5, 0, 3, 2, 2), (0, 4, 3, 1, 1), (1, 33, 70001, 5, 6)])
+                                         (5, 0, 3, 2, 2), (0, 4, 3, 1, 1), (1, 33, 70001, 5, 6), (5, 33, 7001, 3, 2)])
 def test_kron_passes_match_their_definition(N, M, K, RA, RB, dtype, passes):
     """U = L @ X[b] and V = R @ X^T for ranks above and below the kernel's register groups (6),
     K past its blocks and not a multiple of the vector width, M not a multiple of its row tile,
-    empty sizes, one batch big enough to be split over threads by columns, and a non-contiguous
-    x; each of U and V alone too."""
+    empty sizes, one batch big enough to be split over threads by columns, batches shared out
+    over threads in chunks, and a non-contiguous x; each of U and V alone too."""
     x = torch.randn(N, M, 2 * K, dtype=dtype)[..., ::2]
     L, R = torch.randn(RA, M, dtype=dtype), torch.randn(RB, K, dtype=dtype)
     U_ref = (L.double() @ x.double()).to(dtype)
@@ -307,6 +307,20 @@ def test_kron_passes_match_their_definition(N, M, K, RA, RB, dtype, passes):
 
 @pytest.mark.parametrize("passes", _passes())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("N,M,K,RB", [(2, 5, 7, 3), (1, 9, 70001, 5), (3, 4, 2051, 7), (2, 3, 5, 1)])
+@pytest.mark.parametrize("layout", ["transposed", "row-strided", "other"])
+def test_kron_passes_read_R_through_its_strides(N, M, K, RB, layout, dtype, passes):
+    """V from an R given as a transpose (random_matrix_adaption's B^T: packed by the kernel), as
+    rows of a wider matrix, or with neither stride 1 (copied), over K blocks and thread splits."""
+    x = torch.randn(N, M, K, dtype=dtype)
+    R = {"transposed": torch.randn(K, RB, dtype=dtype).T, "row-strided": torch.randn(RB, K + 3, dtype=dtype)[:, 1:-2],
+         "other": torch.randn(2 * RB, 2 * K, dtype=dtype)[::2, ::2]}[layout]
+    U, V = _x_ops(passes).passes(x, torch.randn(2, M, dtype=dtype), R, False, True)
+    assert_close(V, (R.double() @ x.double().reshape(N * M, K).T).to(dtype))
+
+
+@pytest.mark.parametrize("passes", _passes())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("N,M,K,RA", [(3, 5, 7, 2), (2, 17, 4099, 5), (1, 9, 70001, 7), (4, 1, 1, 9), (5, 0, 3, 2),
                                       (0, 4, 3, 1), (2, 3, 4, 0), (1, 33, 70001, 3)])
 def test_kron_expand_matches_its_definition(N, M, K, RA, dtype, passes):
@@ -317,6 +331,28 @@ def test_kron_expand_matches_its_definition(N, M, K, RA, dtype, passes):
     dx = _x_ops(passes).expand(G, L)
     assert dx.shape == (N, M, K) and dx.dtype == dtype
     assert_close(dx, (L.double().T @ G.double()).to(dtype))
+
+
+@pytest.mark.parametrize("passes", _passes()[1:])
+def test_cpu_kernels_run_eagerly_and_trace_as_ops(passes, monkeypatch):
+    """Eager calls reach the kernels as plain functions (a custom op's first call imports
+    torch._dynamo, seconds); tracers get the custom ops, which have fake kernels."""
+    import subprocess
+    import sys
+    code = ("import sys, torch, tinyrecon as tr\n"
+            "rec = tr.dual_lphm_reconciliation(p=2, q=4, r=2)\n"
+            "x, w = torch.randn(64, 1 << 15), torch.randn(rec.calculate_l(6, 1 << 15), requires_grad=True)\n"
+            "rec.apply(x, w, n=6, backend='cpu').sum().backward()\n"
+            "print('torch._dynamo' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from tinyrecon import cpu_ops
+    ops = []
+    monkeypatch.setattr(cpu_ops, "_pass", lambda *a: ops.append("plain"))
+    with FakeTensorMode():
+        x, L, R = torch.randn(2, 3, 4), torch.randn(2, 3), torch.randn(1, 4)
+        U, V = cpu_ops.KERNEL_X_OPS.passes(x, L, R, True, True)
+    assert not ops and U.shape == (2, 2, 4) and V.shape == (1, 6)
 
 
 @pytest.mark.parametrize("passes", _passes())
@@ -390,7 +426,10 @@ def test_cpu_kernels_take_big_x_with_thin_factors(monkeypatch):
              # B (32 x 32768) too wide for the pass; dx only needs A's 2 rows, which fit
              (tr.hm_reconciliation(p=2, q=2), 64, 1 << 16, 32, ["tinyrecon_cpu_kron_expand"]),
              # lorr folds x into one matrix: its forward, dx and dB are the kernels too
-             (tr.lorr_reconciliation(r=3), 8, 1 << 16, 32, [both[0], both[1], both[0]])]
+             (tr.lorr_reconciliation(r=3), 8, 1 << 16, 32, [both[0], both[1], both[0]]),
+             # rank 32 against 32 rows of x per batch: the kernels; rank 33 (against 64): torch's GEMMs
+             (tr.lorr_reconciliation(r=32), 8, 1 << 16, 32, [both[0], both[1], both[0]]),
+             (tr.lorr_reconciliation(r=33), 8, 1 << 16, 64, [])]
     for rec, n, D, N, expected in cases:
         calls.clear()
         w = torch.randn(rec.calculate_l(n, D), requires_grad=True)
@@ -399,3 +438,44 @@ def test_cpu_kernels_take_big_x_with_thin_factors(monkeypatch):
         y.sum().backward()
         assert calls == expected, (n, D, N)
         assert_close(y, rec.apply(x, w, n=n, backend="torch"))
+
+
+@pytest.mark.skipif(bool(dispatch.why_not("cpu", "kron_apply", "cpu")), reason="no CPU library here")
+@pytest.mark.parametrize("N,M,K,RA,RB", [(3, 5, 7, 2, 3), (1, 33, 70001, 5, 6), (5, 33, 7001, 3, 2), (2, 17, 4099, 7, 0)])
+def test_kron_passes_read_bfloat16_x_as_is(N, M, K, RA, RB):
+    """A bfloat16 x with float32 factors: U and V in float32, as from x's exact float32 values
+    (K blocks, tails, thread splits by batch and by column, a non-contiguous x)."""
+    x = torch.randn(N, M, 2 * K).bfloat16()[..., ::2]
+    L, R = torch.randn(RA, M), torch.randn(max(RB, 1), K)
+    U, V = _x_ops("cpu").passes(x, L, R, True, RB > 0)
+    assert U.dtype == torch.float32
+    assert_close(U, L.double() @ x.double())
+    if RB:
+        assert_close(V, R.double() @ x.double().reshape(N * M, K).T)
+
+
+@pytest.mark.skipif(bool(dispatch.why_not("cpu", "kron_apply", "cpu")), reason="no CPU library here")
+@pytest.mark.parametrize("rec,reads_bf16", [
+    (tr.dual_lphm_reconciliation(p=2, q=64, r=2), True),
+    (tr.hm_reconciliation(p=2, q=64, layout="tinybig"), False),   # the reference's own path: no kernel
+    (tr.lorr_reconciliation(r=3), True),
+    (tr.random_matrix_adaption_reconciliation(r=3, seed=4), True),
+    (tr.duplicated_diagonal_padding_reconciliation(p=2), True)], ids=lambda v: type(v).__name__)
+def test_cpu_applies_read_bfloat16_x_as_is(rec, reads_bf16, monkeypatch):
+    """At kernel sizes a bfloat16 x reaches the kernel as bfloat16 (no float32 copy of x); results
+    and the gradients of w and bias match the torch backend at bfloat16 tolerance."""
+    from tinyrecon import cpu_lib
+    codes = []
+    real_call = cpu_lib.call
+    monkeypatch.setattr(cpu_lib, "call", lambda name, *a: codes.append(a[0]) or real_call(name, *a))
+    n, D = 8, 1 << 16
+    x = torch.randn(32, D).bfloat16()
+    w = torch.randn(rec.calculate_l(n, D)).bfloat16().requires_grad_()
+    b = torch.randn(n).bfloat16().requires_grad_()
+    y = rec.apply(x, w, n=n, bias=b, backend="cpu")
+    assert y.dtype == torch.bfloat16 and (2 in codes) == reads_bf16
+    y_ref = rec.apply(x, w, n=n, bias=b, backend="torch")
+    assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    for a, e in zip(torch.autograd.grad(y, (w, b), g), torch.autograd.grad(y_ref, (w, b), g)):
+        assert_close(a, e)

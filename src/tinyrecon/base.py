@@ -78,6 +78,7 @@ def torch_passes(x, Ar, Br, want_u: bool, want_v: bool):
     some CPUs; the CPU backend computes both in one read of x instead (``csrc/kron_cpu.cpp``).
     """
     N, q, t = x.shape
+    x = x.to(Br.dtype)   # a bfloat16 x the CPU kernels read as is (cpu_ops), here in the factors' dtype
     U = torch.bmm(Ar.expand(N, Ar.shape[0], q), x) if want_u else None
     V = torch.mm(Br, x.reshape(N * q, t).T) if want_v else None
     return U, V

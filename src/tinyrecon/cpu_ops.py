@@ -3,8 +3,9 @@
 Everything else is the torch reference's own code (``functions/``): the kernels replace its
 ``base.TORCH_X_OPS``. ``kron_pass`` reads x once for both ``U`` and ``V`` (torch makes one GEMM, so
 one read, for each); ``kron_expand`` writes dx once. Both are ``torch.library`` custom ops, so
-``torch.compile`` traces them as ops, not graph breaks. float32 and float64 run in the kernels;
-float16 and bfloat16 in float32, rounded once at the end (as the reference does). Building W
+``torch.compile`` traces them as ops, not graph breaks (eager calls skip the op machinery). float32
+and float64 run in the kernels, and a bfloat16 x is read as is (``_bf16_x_as_is``); otherwise
+float16 and bfloat16 run in float32, rounded once at the end (as the reference does). Building W
 reads no x, so the builds are the reference's. The random families (masking, the hypernets) generate W by column blocks of all its rows
 in the library (``_random.block``), each consumed by a GEMM at once: no n x D matrix (nor the
 hypernets' n*D x k one) is ever held, in the forward or the backward, which regenerates it once.
@@ -17,6 +18,7 @@ import functools
 
 import torch
 from torch import Tensor
+from torch.utils import _python_dispatch
 
 from . import _random, cpu_lib, ops
 from .base import _HALF, XOps, add_bias, reference, torch_expand, torch_passes
@@ -33,39 +35,52 @@ def _check(name: str, *tensors: Tensor) -> None:
         raise TypeError(f"{name} takes float32 or float64 tensors of one dtype, got {[t.dtype for t in tensors]}")
 
 
+def _check_pass(x: Tensor, L: Tensor, R: Tensor) -> None:
+    """A float32 or float64 x with factors of its dtype, or a bfloat16 x (read as is) with float32 ones."""
+    if x.dtype == torch.bfloat16 and L.dtype == R.dtype == torch.float32:
+        return
+    _check("cpu_kron_pass", x, L, R)
+
+
 def _pass_shapes(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool):
     N, M, K = x.shape
     return (N, L.shape[0], K) if want_u else (0,), (R.shape[0], N * M) if want_v else (0,)
 
 
-@torch.library.custom_op("tinyrecon::cpu_kron_pass", mutates_args=())
-def kron_pass(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool) -> tuple[Tensor, Tensor]:
-    """``U[b] = L @ X[b]`` (N, RA, K) and ``V = R @ x.reshape(N*M, K)^T`` (RB, N*M) in one read of
-    x (N, M, K); an unwanted one is returned empty."""
-    _check("cpu_kron_pass", x, L, R)
+def _pass(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool) -> tuple[Tensor, Tensor]:
+    _check_pass(x, L, R)
     if not (want_u or want_v):
         raise ValueError("cpu_kron_pass: ask for U, V or both")
     N, M, K = x.shape
     if L.shape[1] != M or R.shape[1] != K:
         raise ValueError(f"cpu_kron_pass: L {tuple(L.shape)} and R {tuple(R.shape)} do not fit x {tuple(x.shape)}")
-    U, V = (x.new_empty(s) for s in _pass_shapes(x, L, R, want_u, want_v))
+    U, V = (L.new_empty(s) for s in _pass_shapes(x, L, R, want_u, want_v))
     if x.numel() == 0:   # nothing to read (and empty buffers have no address to pass)
         return U.zero_(), V.zero_()
-    x, L, R = x.contiguous(), L.contiguous(), R.contiguous()
-    cpu_lib.call("tinyrecon_cpu_kron_pass", _DTYPES[x.dtype], torch.get_num_threads(), x.data_ptr(), L.data_ptr(),
+    # R is read through its strides when rows or columns are contiguous (a transposed R, such as
+    # random_matrix_adaption's B^T, is packed by the kernel a block at a time: no transposed copy).
+    x, L = x.contiguous(), L.contiguous()
+    if R.stride(1) != 1 and (R.stride(0) != 1 or R.shape[0] <= 1):
+        R = R.contiguous()
+    cpu_lib.call("tinyrecon_cpu_kron_pass", _DTYPES.get(x.dtype, 2), torch.get_num_threads(), x.data_ptr(), L.data_ptr(),
                  R.data_ptr(), U.data_ptr() if want_u else None, V.data_ptr() if want_v else None,
-                 N, M, K, L.shape[0], R.shape[0])
+                 N, M, K, L.shape[0], R.shape[0], R.stride(0), R.stride(1))
     return U, V
+
+
+@torch.library.custom_op("tinyrecon::cpu_kron_pass", mutates_args=())
+def kron_pass(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool) -> tuple[Tensor, Tensor]:
+    """``U[b] = L @ X[b]`` (N, RA, K) and ``V = R @ x.reshape(N*M, K)^T`` (RB, N*M) in one read of
+    x (N, M, K), in the factors' dtype; an unwanted one is returned empty."""
+    return _pass(x, L, R, want_u, want_v)
 
 
 @kron_pass.register_fake
 def _(x, L, R, want_u, want_v):
-    return tuple(x.new_empty(s) for s in _pass_shapes(x, L, R, want_u, want_v))
+    return tuple(L.new_empty(s) for s in _pass_shapes(x, L, R, want_u, want_v))
 
 
-@torch.library.custom_op("tinyrecon::cpu_kron_expand", mutates_args=())
-def kron_expand(G: Tensor, L: Tensor) -> Tensor:
-    """``dX[b] = L^T @ G[b]`` for G (N, RA, K) and L (RA, M): (N, M, K), written once."""
+def _expand_x(G: Tensor, L: Tensor) -> Tensor:
     _check("cpu_kron_expand", G, L)
     N, RA, K = G.shape
     M = L.shape[1]
@@ -83,34 +98,57 @@ def kron_expand(G: Tensor, L: Tensor) -> Tensor:
     return dx
 
 
+@torch.library.custom_op("tinyrecon::cpu_kron_expand", mutates_args=())
+def kron_expand(G: Tensor, L: Tensor) -> Tensor:
+    """``dX[b] = L^T @ G[b]`` for G (N, RA, K) and L (RA, M): (N, M, K), written once."""
+    return _expand_x(G, L)
+
+
 @kron_expand.register_fake
 def _(G, L):
     return G.new_empty(G.shape[0], L.shape[1], G.shape[2])
 
 
-# When the kernels pay (measured on the MNIST, tall and square shapes of the benchmark): x is big
-# enough that reading it dominates (below, torch's GEMMs run from cache with less overhead); the
-# factors are thin (from about 16 rows on, BLAS runs a real GEMM as fast); and their rows, which
-# the kernels stream once per batch, either stay in L2 or are few next to x's M rows per batch
-# (duplicated_padding's B, 32 x 307,720 against M = 2, is neither).
+# When the kernels pay, measured pass by pass against torch's GEMMs (bench/cpu_dispatch.py; data in
+# bench/results/cpu-2core-2026-12-01-floor/dispatch.md, a shared 2-core machine: +-2x between runs
+# near the thresholds): x of at least 1M elements (at 262K, 64 batches of 64 x 64, torch's GEMMs
+# run from cache 2x faster; at 1M the forward of batches of 128 x 128 measured 0.53x and 0.85x);
+# up to 32 factor rows (the most measured: 1.6-2.8x faster than torch at rank 32); and factor rows,
+# which the kernels stream once per batch, that stay in L2 or are at most x's M rows per batch
+# (lorr's B at rank 32 against M = 64: 1.9-2.6x faster; duplicated_padding's B, 32 x 307,720
+# against M = 2: 2.4-2.8x slower).
 _MIN_ELEMENTS = 1 << 20
-_MAX_RANK = 16
+_MAX_RANK = 32
 _FACTOR_BYTES = 256 * 1024
 
 
 def _worth_it(numel: int, itemsize: int, rank: int, M: int, K: int) -> bool:
     return (numel >= _MIN_ELEMENTS and rank <= _MAX_RANK
-            and (rank * K * itemsize <= _FACTOR_BYTES or 4 * rank <= M))
+            and (rank * K * itemsize <= _FACTOR_BYTES or rank <= M))
+
+
+def _eager(*tensors: Tensor) -> bool:
+    """Whether the kernels can be called as plain functions: real tensors, nothing tracing them.
+
+    The custom ops are for torch.compile and tracers; called eagerly they cost a dispatch, and
+    their first call imports torch._dynamo (seconds, more than the call itself).
+    """
+    return (not torch.compiler.is_compiling() and _python_dispatch._get_current_dispatch_mode() is None
+            and all(type(t) is Tensor for t in tensors))
 
 
 def _kernel_passes(x, Ar, Br, want_u: bool, want_v: bool):
-    U, V = kron_pass(x, Ar, Br, want_u, want_v)
+    U, V = (_pass if _eager(x, Ar, Br) else kron_pass)(x, Ar, Br, want_u, want_v)
     return (U if want_u else None), (V if want_v else None)
+
+
+def _kernel_expand(G, Ar):
+    return (_expand_x if _eager(G, Ar) else kron_expand)(G, Ar)
 
 
 def _passes(x, Ar, Br, want_u: bool, want_v: bool):
     N, M, K = x.shape
-    if not _worth_it(x.numel(), x.element_size(), Ar.shape[0] * want_u + Br.shape[0] * want_v, M, K):
+    if not _worth_it(x.numel(), Br.element_size(), Ar.shape[0] * want_u + Br.shape[0] * want_v, M, K):
         return torch_passes(x, Ar, Br, want_u, want_v)
     return _kernel_passes(x, Ar, Br, want_u, want_v)
 
@@ -120,19 +158,40 @@ def _expand(G, Ar):
     M = Ar.shape[1]
     if not _worth_it(N * M * K, G.element_size(), rA, M, K):
         return torch_expand(G, Ar)
-    return kron_expand(G, Ar)
+    return _kernel_expand(G, Ar)
 
 
-KERNEL_X_OPS = XOps(_kernel_passes, kron_expand)   # always the kernels (tests)
+KERNEL_X_OPS = XOps(_kernel_passes, _kernel_expand)   # always the kernels (tests)
 X_OPS = XOps(_passes, _expand)                     # the kernels where they pay, else torch's GEMMs
 
-# The applies are the references with the kernels' XOps (layout="tinybig" in the reference's torch);
+
+def _bf16_x_as_is(ref, when=lambda args: True):
+    """``ref`` (a @reference apply) with a bfloat16 x left as is: the kernels widen it as they read
+    it, so no float32 copy of x is made; everything else is computed in float32 and rounded once at
+    the end, as ``ref`` does. An x whose gradient is wanted, torch.func, or ``when(args)`` false
+    (another layout) take ``ref`` itself."""
+    inner = ref.__wrapped__
+
+    @functools.wraps(ref)
+    def apply(x, *args, **kwargs):
+        if (x.dtype != torch.bfloat16 or x.requires_grad or torch._C._are_functorch_transforms_active()
+                or not when(args)):
+            return ref(x, *args, **kwargs)
+        up = [a.float() if isinstance(a, Tensor) and a.dtype == x.dtype else a for a in args]
+        return inner(x, *up, **kwargs).to(x.dtype)
+    return apply
+
+
+# The applies are the references with the kernels' XOps (layout="tinybig" in the reference's torch),
+# a bfloat16 x read as is where the kernels take it (None: copied to float32, as the reference does);
 # builds read no x: the dispatch table falls back to the references (dispatch.FALLBACK).
-# (The references already compute fp16/bf16 in fp32, so the kernels only ever see fp32 and fp64.)
-for _ref in (_kron_ref.kron_apply, _padding_ref.duplicated_padding_apply,
-             _padding_ref.duplicated_diagonal_padding_apply, _lowrank_ref.lorr_apply,
-             _lowrank_ref.random_matrix_adaption_apply):
-    ops.implement(_ref.__name__, "cpu", functools.partial(_ref, x_ops=X_OPS), tinybig=True)
+for _ref, _bf16 in ((_kron_ref.kron_apply, lambda args: args[5] == "kron"),
+                    (_padding_ref.duplicated_padding_apply, None),
+                    (_padding_ref.duplicated_diagonal_padding_apply, lambda args: True),
+                    (_lowrank_ref.lorr_apply, lambda args: True),
+                    (_lowrank_ref.random_matrix_adaption_apply, lambda args: True)):
+    ops.implement(_ref.__name__, "cpu", functools.partial(_ref if _bf16 is None else _bf16_x_as_is(_ref, _bf16),
+                                                          x_ops=X_OPS), tinybig=True)
 
 
 # Random families. A column block of W (all n rows, columns [j0, j1)) is ~_BLOCK_NUMBERS random

@@ -90,13 +90,13 @@ class _KronCore(torch.autograd.Function):
         plain = torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
         dx = dAr = dBr = None
         if need_a:   # sum over n and b of dcore[n, a, b] V[b, n, :]
-            if plain or V is None:
-                dAr = torch.matmul(torch.matmul(dcore, Br), x.transpose(1, 2)).sum(0)
+            if plain or V is None:   # (x may be a bfloat16 x the CPU kernels read as is)
+                dAr = torch.matmul(torch.matmul(dcore, Br), x.to(dcore.dtype).transpose(1, 2)).sum(0)
             else:
                 dAr = torch.mm(dcore.permute(1, 2, 0).reshape(rA, rB * N), V.view(rB * N, q))
         if need_b:   # sum over n and a of dcore[n, a, b] U[n, a, :]
             if plain or U is None:
-                dBr = torch.matmul(dcore.transpose(1, 2), torch.matmul(Ar, x)).sum(0)
+                dBr = torch.matmul(dcore.transpose(1, 2), torch.matmul(Ar, x.to(dcore.dtype))).sum(0)
             else:
                 dBr = torch.mm(dcore.reshape(N * rA, rB).T, U.view(N * rA, t))
         if need_x:   # via G (N, rA, t), small

@@ -44,7 +44,7 @@ def random_matrix_adaption_build(l1, l2, seed_a: int, seed_b: int, D: int):
 
 @reference
 def random_matrix_adaption_apply(x, l1, l2, seed_a: int, seed_b: int, bias, x_ops=TORCH_X_OPS):
-    A, B = rma_matrices(seed_a, seed_b, l1.shape[1], x.shape[1], l2.shape[1], x)
+    A, B = rma_matrices(seed_a, seed_b, l1.shape[1], x.shape[1], l2.shape[1], l1)
     U = factor_pass(x[None], B.T, x_ops)[0].T * l2[:, None, :]   # (C, N, r): the rank-r bottleneck
     return add_bias(torch.matmul(U, A.T) * l1[:, None, :], bias)
 
