@@ -119,10 +119,9 @@ ops.implement("lorr_build", "triton", lambda A, B: bmm(A, B, A.dtype),
 @autotune(_FUSED_CONFIGS, key=["N", "D", "n", "RP", "HAS_BIAS", "ACC", "DOT", "PREC", "MPREC"], bucket=["N"],
           prune=lambda cfgs, a: _fits(cfgs, a["RP"], a["X"].element_size()))
 @triton.jit
-def _lowrank_apply_kernel(X, A, Bm, Bias, Y, N, D, n, r, sxm, sxd, sac, sai, sak, sbc, sbk, sbd, s_bias,
-                          HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                          MPREC: tl.constexpr, RP: tl.constexpr,
-                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _lorr_apply_kernel(X, A, Bm, Bias, Y, N, D, n, r, sxm, sxd, sac, sai, sak, sbc, sbk, sbd, s_bias,
+                       HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                       MPREC: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid, c = tl.program_id(0), tl.program_id(1).to(tl.int64)
     rows = pid.to(tl.int64) * BM + tl.arange(0, BM)
     ks = tl.arange(0, RP)
@@ -151,10 +150,10 @@ def _lorr_apply(x, A, B, bias):
     y = torch.empty(C, N, n, dtype=x.dtype, device=x.device)
     if y.numel():
         grid = lambda META: (triton.cdiv(N, META["BM"]), C)  # noqa: E731
-        _lowrank_apply_kernel[grid](x, A, B, bias, y, N, D, n, r, *x.stride(), *A.stride(), *B.stride(),
-                                    bias_stride(bias), HAS_BIAS=bias is not None, ACC=acc_type(x.dtype),
-                                    DOT=dot_dtype(x.dtype), PREC=precision(x.dtype),
-                                    MPREC=mixed_precision(x.dtype), RP=rank_block(r))
+        _lorr_apply_kernel[grid](x, A, B, bias, y, N, D, n, r, *x.stride(), *A.stride(), *B.stride(),
+                                 bias_stride(bias), HAS_BIAS=bias is not None, ACC=acc_type(x.dtype),
+                                 DOT=dot_dtype(x.dtype), PREC=precision(x.dtype),
+                                 MPREC=mixed_precision(x.dtype), RP=rank_block(r))
     return y
 
 
@@ -205,9 +204,9 @@ def _randn_tile(seed, rows, cols, n_rows, r):
 @autotune(_GEMM_CONFIGS, key=["n", "D", "ACC", "PREC", "RP"],
           prune=lambda cfgs, a: _fits(cfgs, a["RP"], a["W"].element_size()))
 @triton.jit
-def _rma_build_kernel(L1, L2, W, C, n, D, r, seed_a, seed_b, sl1c, sl1i, sl2c, sl2k,
-                      ACC: tl.constexpr, PREC: tl.constexpr, RP: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _random_matrix_adaption_build_kernel(L1, L2, W, C, n, D, r, seed_a, seed_b, sl1c, sl1i, sl2c, sl2k,
+                                         ACC: tl.constexpr, PREC: tl.constexpr, RP: tl.constexpr,
+                                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(D, BN)
     rows = (pid // tiles_n).to(tl.int64) * BM + tl.arange(0, BM)
@@ -223,13 +222,14 @@ def _rma_build_kernel(L1, L2, W, C, n, D, r, seed_a, seed_b, sl1c, sl1i, sl2c, s
                  mask=(rows[:, None] < n) & (cols[None, :] < D))
 
 
-def _rma_build(l1, l2, seed_a, seed_b, D):
+def _random_matrix_adaption_build(l1, l2, seed_a, seed_b, D):
     (C, n), r = l1.shape, l2.shape[1]
     W = torch.empty(C, n, D, dtype=l1.dtype, device=l1.device)
     if W.numel():
         grid = lambda META: (triton.cdiv(n, META["BM"]) * triton.cdiv(D, META["BN"]),)  # noqa: E731
-        _rma_build_kernel[grid](l1, l2, W, C, n, D, r, seed_a, seed_b, *l1.stride(), *l2.stride(),
-                                ACC=acc_type(l1.dtype), PREC=mixed_precision(l1.dtype), RP=rank_block(r))
+        _random_matrix_adaption_build_kernel[grid](
+            l1, l2, W, C, n, D, r, seed_a, seed_b, *l1.stride(), *l2.stride(), ACC=acc_type(l1.dtype),
+            PREC=mixed_precision(l1.dtype), RP=rank_block(r))
     return W
 
 
@@ -240,7 +240,7 @@ def _lambda_grads(M, A, l1, l2):
     return (P * l2.to(f)[:, None, :]).sum(2), (P * l1.to(f)[:, :, None]).sum(1)
 
 
-def _rma_build_backward(dW, needs, l1, l2, seed_a, seed_b, D):
+def _random_matrix_adaption_build_backward(dW, needs, l1, l2, seed_a, seed_b, D):
     (C, n), r = l1.shape, l2.shape[1]
     f = inner_dtype(l1.dtype)
     A, B = randn(seed_a, n, r, f, l1.device), randn(seed_b, D, r, f, l1.device)
@@ -248,15 +248,17 @@ def _rma_build_backward(dW, needs, l1, l2, seed_a, seed_b, D):
     return _lambda_grads(M, A, l1, l2)
 
 
-ops.implement("random_matrix_adaption_build", "triton", _rma_build, _rma_build_backward, first_order=False)
+ops.implement("random_matrix_adaption_build", "triton", _random_matrix_adaption_build,
+              _random_matrix_adaption_build_backward, first_order=False)
 
 
 @autotune(_FUSED_CONFIGS, key=["N", "D", "n", "RP", "HAS_BIAS", "ACC", "PREC"], bucket=["N"],
           prune=lambda cfgs, a: _fits(cfgs, a["RP"], a["X"].element_size()))
 @triton.jit
-def _rma_apply_kernel(X, L1, L2, Bias, Y, C, N, D, n, r, seed_a, seed_b, sxm, sxd, sl1c, sl1i, sl2c, sl2k, s_bias,
-                      HAS_BIAS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, RP: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _random_matrix_adaption_apply_kernel(X, L1, L2, Bias, Y, C, N, D, n, r, seed_a, seed_b, sxm, sxd, sl1c, sl1i,
+                                         sl2c, sl2k, s_bias, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                                         PREC: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                         BK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     ks = tl.arange(0, RP).to(tl.int64)
     u = tl.zeros((BM, RP), ACC)                       # x @ B for these rows: shared by the channels
@@ -280,19 +282,20 @@ def _rma_apply_kernel(X, L1, L2, Bias, Y, C, N, D, n, r, seed_a, seed_b, sxm, sx
                      mask=(rows[:, None] < N) & (cols[None, :] < n))
 
 
-def _rma_apply(x, l1, l2, seed_a, seed_b, bias):
+def _random_matrix_adaption_apply(x, l1, l2, seed_a, seed_b, bias):
     (C, n), r = l1.shape, l2.shape[1]
     N, D = x.shape
     y = torch.empty(C, N, n, dtype=x.dtype, device=x.device)
     if y.numel():
         grid = lambda META: (triton.cdiv(N, META["BM"]),)  # noqa: E731
-        _rma_apply_kernel[grid](x, l1, l2, bias, y, C, N, D, n, r, seed_a, seed_b, *x.stride(),
-                                *l1.stride(), *l2.stride(), bias_stride(bias), HAS_BIAS=bias is not None,
-                                ACC=acc_type(x.dtype), PREC=mixed_precision(x.dtype), RP=rank_block(r))
+        _random_matrix_adaption_apply_kernel[grid](
+            x, l1, l2, bias, y, C, N, D, n, r, seed_a, seed_b, *x.stride(), *l1.stride(), *l2.stride(),
+            bias_stride(bias), HAS_BIAS=bias is not None, ACC=acc_type(x.dtype), PREC=mixed_precision(x.dtype),
+            RP=rank_block(r))
     return y
 
 
-def _rma_apply_backward(dy, needs, x, l1, l2, seed_a, seed_b, bias):
+def _random_matrix_adaption_apply_backward(dy, needs, x, l1, l2, seed_a, seed_b, bias):
     (C, n), r = l1.shape, l2.shape[1]
     N, D = x.shape
     f = inner_dtype(x.dtype)
@@ -306,4 +309,5 @@ def _rma_apply_backward(dy, needs, x, l1, l2, seed_a, seed_b, bias):
     return dx, dl1, dl2
 
 
-ops.implement("random_matrix_adaption_apply", "triton", _rma_apply, _rma_apply_backward, first_order=False)
+ops.implement("random_matrix_adaption_apply", "triton", _random_matrix_adaption_apply,
+              _random_matrix_adaption_apply_backward, first_order=False)

@@ -37,7 +37,7 @@ def test_every_triton_kernel_compiles_for_sm80_and_sm90(tmp_path):
     assert targets == {"cuda:80", "cuda:90"}
     # fp16 dots run on tensor cores: mma (sm_80) or wgmma (sm_90) instructions in every fp16 variant with a dot
     for r in report["results"]:
-        if r["kernel"] in ("_kron_mm", "_masked_mm", "_blocked_mm", "_lowrank_apply_kernel", "_bmm_kernel") \
+        if r["kernel"] in ("_kron_mm", "_masked_mm", "_blocked_mm", "_lorr_apply_kernel", "_bmm_kernel") \
                 and "float16" in r["spec"]:
             assert r["mma"], r
 

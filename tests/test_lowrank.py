@@ -43,7 +43,7 @@ def test_calculate_l():
     assert RMA(r=5).calculate_l(64, 615440) == 69
 
 
-def test_rma_matrices_come_from_the_seed():
+def test_random_matrix_adaption_matrices_come_from_the_seed():
     rec = RMA(r=3, seed=11)
     A, B = rec.matrices(5, 7)
     assert torch.equal(A, _random.randn(rec.stream_seed(0), (5, 3)))
@@ -111,7 +111,7 @@ def test_gradients_match_reference(cls, backend):
         assert_close(got, want)
 
 
-def test_rma_seeds():
+def test_random_matrix_adaption_seeds():
     n, D = 5, 7
     a = RMA(r=2, seed=21)
     w = torch.randn(a.calculate_l(n, D))
@@ -127,7 +127,7 @@ def test_rma_seeds():
     assert torch.equal(a.to(torch.float64).to("cpu")(w=w, n=n, D=D), W)   # .to() keeps the seed
 
 
-def test_rma_matrices_are_frozen():
+def test_random_matrix_adaption_matrices_are_frozen():
     rec = RMA(r=2, seed=4)
     assert list(rec.parameters()) == []
     w = torch.randn(7, requires_grad=True)

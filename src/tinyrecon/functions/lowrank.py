@@ -5,7 +5,8 @@ random_matrix_adaption:  ``W = diag(l1) @ A @ diag(l2) @ B^T``; w = [l1 (n), l2 
                          A (n x r) and B (D x r) frozen N(0, 1), regenerated from the seed.
 
 Ops: ``lorr_build(A, B)``, ``lorr_apply(x, A, B, bias)`` (A: (C, n, r), B: (C, r, D));
-``random_matrix_adaption_build(l1, l2, seed_a, seed_b, D)``, ``random_matrix_adaption_apply(x, l1, l2, seed_a, seed_b, bias)``
+``random_matrix_adaption_build(l1, l2, seed_a, seed_b, D)``,
+``random_matrix_adaption_apply(x, l1, l2, seed_a, seed_b, bias)``
 (l1: (C, n), l2: (C, r)). Triton: ``kernels/lowrank.py``; CUDA: ``csrc/lowrank.cu``; CPU: the pass
 over x of ``csrc/kron_cpu.cpp`` (``cpu_ops.py``).
 """
@@ -29,7 +30,7 @@ def lorr_apply(x, A, B, bias, x_ops=TORCH_X_OPS):
     return add_bias(torch.matmul(U, A.transpose(1, 2)), bias)
 
 
-def rma_matrices(seed_a: int, seed_b: int, n: int, D: int, r: int, like: torch.Tensor):
+def random_matrix_adaption_matrices(seed_a: int, seed_b: int, n: int, D: int, r: int, like: torch.Tensor):
     """The frozen A (n x r) and B (D x r) of random_matrix_adaption."""
     A = _random.randn(seed_a, (n, r), device=like.device, dtype=like.dtype)
     B = _random.randn(seed_b, (D, r), device=like.device, dtype=like.dtype)
@@ -38,13 +39,13 @@ def rma_matrices(seed_a: int, seed_b: int, n: int, D: int, r: int, like: torch.T
 
 @reference
 def random_matrix_adaption_build(l1, l2, seed_a: int, seed_b: int, D: int):
-    A, B = rma_matrices(seed_a, seed_b, l1.shape[1], D, l2.shape[1], l1)
+    A, B = random_matrix_adaption_matrices(seed_a, seed_b, l1.shape[1], D, l2.shape[1], l1)
     return torch.matmul(l1[:, :, None] * A * l2[:, None, :], B.T)
 
 
 @reference
 def random_matrix_adaption_apply(x, l1, l2, seed_a: int, seed_b: int, bias, x_ops=TORCH_X_OPS):
-    A, B = rma_matrices(seed_a, seed_b, l1.shape[1], x.shape[1], l2.shape[1], l1)
+    A, B = random_matrix_adaption_matrices(seed_a, seed_b, l1.shape[1], x.shape[1], l2.shape[1], l1)
     U = factor_pass(x[None], B.T, x_ops)[0].T * l2[:, None, :]   # (C, N, r): the rank-r bottleneck
     return add_bias(torch.matmul(U, A.T) * l1[:, None, :], bias)
 
@@ -113,7 +114,7 @@ class random_matrix_adaption_reconciliation(Seeded, Reconciliation):
 
     def matrices(self, n, D, device=None, dtype=torch.float32):
         """The frozen (A, B), for inspection and tests."""
-        return rma_matrices(self.stream_seed(0), self.stream_seed(1), n, D, self.r,
+        return random_matrix_adaption_matrices(self.stream_seed(0), self.stream_seed(1), n, D, self.r,
                             torch.empty(0, device=device, dtype=dtype))
 
     def extra_repr(self):
