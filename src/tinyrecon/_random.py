@@ -213,6 +213,35 @@ def _(seed, start, numel, device, kind):
     return torch.empty(numel, dtype=torch.float32, device=device)
 
 
+def mask_bits(seed: int, rows: int, cols: int, p: float) -> torch.Tensor | None:
+    """The rows x cols mask ``rand(seed) < p``, bit-packed by the CPU library (rows x ceil(cols/64)
+    int64 words, bit b of word q is column 64q + b) and kept in the cache: 1/32 of the float32
+    mask, so an n x D mask is drawn once and then read at memory speed. None when it does not fit
+    the budget (callers then draw the mask where they use it). Never written to."""
+    words = (cols + 63) // 64
+    nbytes = rows * words * 8
+    key = ("mask_bits", seed, rows, cols, float(p))
+    with _lock:
+        if nbytes > _budget:
+            return None
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            _stats["hits"] += 1
+            return hit
+        _stats["misses"] += 1
+    check_cost(rows * cols, "this mask")
+    bits = torch.empty(rows, words, dtype=torch.int64)
+    if bits.numel():
+        cpu_lib.call("tinyrecon_cpu_mask_bits", torch.get_num_threads(), seed, rows, cols, p, bits.data_ptr())
+    with _lock:
+        if key not in _cache:
+            _cache[key] = bits
+            _stats["bytes"] += nbytes
+            _evict_to(_budget)
+    return bits
+
+
 @torch.library.custom_op("tinyrecon::philox_block", mutates_args=())
 def block(seed: int, start: int, rows: int, cols: int, stride: int, kind: str) -> torch.Tensor:
     """Rows ``[0, rows)`` and columns ``[0, cols)`` of the row-major CPU matrix with row length ``stride``

@@ -160,29 +160,42 @@ def _mask_block(seed: int, p: float, n: int, D: int, j0: int, j1: int, dtype) ->
     return (u < torch.tensor(p, dtype=torch.float32)).to(dtype)
 
 
-def _masked(src: Tensor, seed: int, p: float, D: int, j0: int, out: Tensor | None = None) -> Tensor:
-    """``src * mask[:, j0:j0 + cols]`` for src (C, n, cols): float32 in one pass of the library
-    (the mask is drawn as it is applied), float64 in torch. Written into ``out`` when given."""
+def _masked(src: Tensor, seed: int, p: float, D: int, j0: int, out: Tensor | None = None,
+            bits: Tensor | None = None) -> Tensor:
+    """``src * mask[:, j0:j0 + cols]`` for src (C, n, cols), written into ``out`` when given: from the
+    cached bit-packed mask (``bits``, float32 and float64), else drawn as it is applied (float32 in
+    one pass of the library, float64 in torch)."""
     C, n, cols = src.shape
-    if src.dtype != torch.float32:
+    if bits is None and src.dtype != torch.float32:
         return torch.mul(src, _mask_block(seed, p, n, D, j0, j0 + cols, src.dtype), out=out)
     out = torch.empty_like(src, memory_format=torch.contiguous_format) if out is None else out
     if src.stride(2) != 1:
         src = src.contiguous()
     if src.numel():
         for c in range(C):
-            cpu_lib.call("tinyrecon_cpu_philox_mask", torch.get_num_threads(), seed, j0, n, cols, D, p,
-                         src[c].data_ptr(), src.stride(1), out[c].data_ptr(), out.stride(1))
+            if bits is not None:
+                cpu_lib.call("tinyrecon_cpu_mask_apply", _DTYPES[src.dtype], torch.get_num_threads(), bits.data_ptr(),
+                             bits.shape[1], j0, n, cols, src[c].data_ptr(), src.stride(1), out[c].data_ptr(),
+                             out.stride(1))
+            else:
+                cpu_lib.call("tinyrecon_cpu_philox_mask", torch.get_num_threads(), seed, j0, n, cols, D, p,
+                             src[c].data_ptr(), src.stride(1), out[c].data_ptr(), out.stride(1))
     return out
 
 
 @torch.library.custom_op("tinyrecon::cpu_masking_forward", mutates_args=())
 def masking_forward(x: Tensor, w: Tensor, seed: int, p: float) -> Tensor:
-    """``x @ (w * M)^T`` for x (N, D), w (C, n, D): each column block's mask drawn, applied and used."""
+    """``x @ (w * M)^T`` for x (N, D), w (C, n, D): each column block of w masked next to its GEMM,
+    from the cached bit-packed mask (drawn once) or, when the cache cannot hold it, drawn there."""
     C, n, D = w.shape
     y = x.new_zeros(C, x.shape[0], n)
+    bits = _random.mask_bits(seed, n, D, p) if w.numel() else None
+    buf = None
     for j0, j1 in _column_blocks(n, D, 1):
-        y += torch.matmul(x[:, j0:j1], _masked(w[:, :, j0:j1], seed, p, D, j0).transpose(1, 2))
+        buf = _masked(w[:, :, j0:j1], seed, p, D, j0, bits=bits,
+                      out=None if buf is None or buf.shape[2] != j1 - j0 else buf)
+        for c in range(C):
+            y[c].addmm_(x[:, j0:j1], buf[c].T)
     return y
 
 
@@ -198,11 +211,20 @@ def masking_backward(g: Tensor, x: Tensor, w: Tensor, seed: int, p: float, want_
     C, n, D = w.shape
     dx = x.new_empty(x.shape if want_dx else (0,))
     dw = w.new_empty(w.shape if want_dw else (0,))
+    if want_dx and C == 0:
+        dx.zero_()
+    bits = _random.mask_bits(seed, n, D, p) if w.numel() else None
     for j0, j1 in _column_blocks(n, D, 1):
-        if want_dx:
-            dx[:, j0:j1] = torch.matmul(g, _masked(w[:, :, j0:j1], seed, p, D, j0)).sum(0)
-        if want_dw:
-            _masked(torch.matmul(g.transpose(1, 2), x[:, j0:j1]), seed, p, D, j0, out=dw[:, :, j0:j1])
+        if want_dx and C:   # dx = sum_c g[c] @ (w[c] * M), written once
+            Wm = _masked(w[:, :, j0:j1], seed, p, D, j0, bits=bits)
+            torch.mm(g[0], Wm[0], out=dx[:, j0:j1])
+            for c in range(1, C):
+                dx[:, j0:j1].addmm_(g[c], Wm[c])
+        if want_dw:   # dw = (g^T x) * M, masked where it is written
+            dW = dw[:, :, j0:j1]
+            for c in range(C):
+                torch.mm(g[c].T, x[:, j0:j1], out=dW[c])
+            _masked(dW, seed, p, D, j0, out=dW, bits=bits)
     return dx, dw
 
 
@@ -232,24 +254,31 @@ def masking_apply(x, w, seed: int, p: float, bias):
     return add_bias(_MaskingApply.apply(x, w, seed, p), bias)
 
 
-def _linear_block(v, seed_m: int, seed_c, n: int, D: int, j0: int, j1: int):
-    """Columns [j0, j1) of the reference's ``reshape(M @ v^T (+ c), C, n, D)`` (functions/hypernet.py),
-    and that block of M as (n, j1 - j0, k)."""
-    k = v.shape[1]
-    M = _random.block(seed_m, j0 * k, n, (j1 - j0) * k, D * k, "randn").to(v.dtype).view(n, j1 - j0, k)
-    W = torch.matmul(M, v.T).permute(2, 0, 1)   # (C, n, j1 - j0)
-    if seed_c is not None:
-        W = W + _random.block(seed_c, j0, n, j1 - j0, D, "randn").to(v.dtype)
-    return W, M
+def _linear_block(v: Tensor, seed_m: int, seed_c, n: int, D: int, j0: int, j1: int, want_W: bool = True,
+                  dW: Tensor | None = None, dv: Tensor | None = None) -> Tensor | None:
+    """Columns [j0, j1) of the reference's ``reshape(M @ v^T (+ c), C, n, D)`` (functions/hypernet.py)
+    as (C, n, j1 - j0) when ``want_W``; and ``dv[c] += sum_ij dW[c, i, j] M[i, j, :]`` for the block
+    dW when given. One pass of the library draws M's block once for both and stores none of it."""
+    C, k = v.shape
+    W = v.new_empty(C, n, j1 - j0) if want_W else None
+    cpu_lib.call("tinyrecon_cpu_random_linear", _DTYPES[v.dtype], torch.get_num_threads(), seed_m,
+                 int(seed_c is not None), seed_c or 0, n, D, j0, j1 - j0, k, C, v.data_ptr(),
+                 W.data_ptr() if W is not None else None, dW.data_ptr() if dW is not None else None,
+                 dv.data_ptr() if dv is not None else None)
+    return W
 
 
 @torch.library.custom_op("tinyrecon::cpu_random_linear_forward", mutates_args=())
 def random_linear_forward(x: Tensor, v: Tensor, seed_m: int, seed_c: int | None, n: int) -> Tensor:
     """``x @ W^T`` for ``W = reshape(M @ v^T (+ c), C, n, D)``, M (n*D x k) and c frozen N(0, 1)."""
     D = x.shape[1]
-    y = x.new_zeros(v.shape[0], x.shape[0], n)
-    for j0, j1 in _column_blocks(n, D, v.shape[1]):
-        y += torch.matmul(x[:, j0:j1], _linear_block(v, seed_m, seed_c, n, D, j0, j1)[0].transpose(1, 2))
+    C = v.shape[0]
+    y = x.new_zeros(C, x.shape[0], n)
+    v = v.contiguous()
+    for j0, j1 in _column_blocks(n, D, C):
+        W = _linear_block(v, seed_m, seed_c, n, D, j0, j1)
+        for c in range(C):
+            y[c].addmm_(x[:, j0:j1], W[c].T)
     return y
 
 
@@ -261,17 +290,22 @@ def _(x, v, seed_m, seed_c, n):
 @torch.library.custom_op("tinyrecon::cpu_random_linear_backward", mutates_args=())
 def random_linear_backward(g: Tensor, x: Tensor, v: Tensor, seed_m: int, seed_c: int | None, n: int,
                            want_dx: bool, want_dv: bool) -> tuple[Tensor, Tensor]:
-    """(dx, dv) for the upstream g (C, N, n), W regenerated once; an unwanted one is empty."""
+    """(dx, dv) for the upstream g (C, N, n), M's blocks drawn once for both; an unwanted one is empty."""
     D = x.shape[1]
+    C = v.shape[0]
     dx = x.new_empty(x.shape if want_dx else (0,))
-    dv = torch.zeros_like(v) if want_dv else v.new_empty(0)
-    for j0, j1 in _column_blocks(n, D, v.shape[1]):
-        W, M = _linear_block(v, seed_m, seed_c, n, D, j0, j1)
-        if want_dx:
-            dx[:, j0:j1] = torch.matmul(g, W).sum(0)
-        if want_dv:   # dv[c] = sum_ij dW[c, i, j] M[i, j, :], dW = g^T @ x
-            dW = torch.matmul(g.transpose(1, 2), x[:, j0:j1])   # (C, n, j1 - j0)
-            dv += dW.reshape(dW.shape[0], -1) @ M.reshape(-1, M.shape[2])
+    dv = v.new_zeros(v.shape if want_dv else (0,))
+    if want_dx and C == 0:
+        dx.zero_()
+    v = v.contiguous()
+    for j0, j1 in _column_blocks(n, D, C):
+        # dv[c] = sum_ij dW[c, i, j] M[i, j, :] with dW = g^T @ x
+        dW = torch.matmul(g.transpose(1, 2), x[:, j0:j1]).contiguous() if want_dv else None
+        W = _linear_block(v, seed_m, seed_c, n, D, j0, j1, want_dx, dW, dv if want_dv else None)
+        if want_dx and C:
+            torch.mm(g[0], W[0], out=dx[:, j0:j1])
+            for c in range(1, C):
+                dx[:, j0:j1].addmm_(g[c], W[c])
     return dx, dv
 
 
