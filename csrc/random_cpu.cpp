@@ -10,6 +10,9 @@
 // except within ~1e-15 of a rounding boundary (then 1 ulp).
 // Plain C ABI, loaded with ctypes; the entry point returns 0, or 1 for bad arguments.
 #include <pthread.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -76,7 +79,7 @@ TR_INLINE void philox(uint64_t seed, uint64_t base, u32v& r0, u32v& r1) {
 // Triton's uint_to_uniform_float: the word as int32, negatives mapped to ~s, times 2^-31 (rounded).
 TR_INLINE f32v uniform(u32v u) {
   i32v s = (i32v)u;
-  s = s < 0 ? ~s : s;
+  s ^= s >> 31;   // ~s for negative s
   return __builtin_convertvector(s, f32v) * 4.6566127342e-10f;
 }
 
@@ -129,9 +132,10 @@ TR_INLINE f64h cos_f64(f64h t) {
   s = s * x2 - 1.0 / 120.0;
   s = s * x2 + 1.0 / 6.0;
   s = x - x * x2 * s;   // sin x
-  // cos(x + k pi/2) = cos x, -sin x, -cos x, sin x for k = 0, 1, 2, 3 (mod 4)
-  const f64h r = (q & 1) != 0 ? s : c;
-  return (q == 1) | (q == 2) ? -r : r;
+  // cos(x + k pi/2) = cos x, -sin x, -cos x, sin x for k = 0, 1, 2, 3 (mod 4): selected and
+  // negated with bit operations (compilers turn vector compares of 64-bit lanes into scalar code)
+  const i64h odd = -(q & 1), sign = ((q + 1) & 2) << 62;
+  return bitcast<f64h>(((bitcast<i64h>(s) & odd) | (bitcast<i64h>(c) & ~odd)) ^ sign);
 }
 
 // Box-Muller for 8 pairs: sqrt(-2 log u1) cos(2 pi u2) in double, rounded once.
@@ -316,6 +320,191 @@ TR_CLONES void apply_bits_f64(const void* ctx, int t, i64 begin, i64 end) {
   apply_bits(*static_cast<const Apply<double>*>(ctx), t, begin, end);
 }
 
+// ---- masked GEMMs (masking, float32) -------------------------------------------------------------
+// y = x @ (w * M)^T, dx = g @ (w * M) and dw = (g^T @ x) * M with M read from the bit-packed mask
+// right where the GEMM consumes or produces a tile: w, x and dw each cross memory once, and no
+// masked copy of w is written. Tiles are 4 x 4 (or 4 x 64 columns) of 16-lane accumulators.
+const u32v WEIGHT16 = {1u << 0, 1u << 1, 1u << 2,  1u << 3,  1u << 4,  1u << 5,  1u << 6,  1u << 7,
+                       1u << 8, 1u << 9, 1u << 10, 1u << 11, 1u << 12, 1u << 13, 1u << 14, 1u << 15};
+
+// 1.0f or 0.0f for the 16 mask bits of row `bits` from column b on.
+TR_INLINE f32v mask16(const uint64_t* bits, i64 words, i64 b) {
+  const i64 q = b >> 6, r = b & 63;
+  uint64_t w = bits[q] >> r;
+  if (r > 48 && q + 1 < words) w |= bits[q + 1] << (64 - r);
+  return ((u32v{} + uint32_t(w)) & WEIGHT16) != 0 ? f32v{} + 1.0f : f32v{};
+}
+
+TR_INLINE f32v load16(const float* p, i64 len) {
+  f32v v = {};
+  if (len >= LANES)
+    std::memcpy(&v, p, sizeof v);
+  else
+    for (i64 l = 0; l < len; ++l) v[l] = p[l];
+  return v;
+}
+
+TR_INLINE void store16(float* p, f32v v, i64 len) {
+  if (len >= LANES)
+    std::memcpy(p, &v, sizeof v);
+  else
+    for (i64 l = 0; l < len; ++l) p[l] = v[l];
+}
+
+// Stores of outputs written once and not read again soon (dx, dw: 157 MB each at the MNIST layer)
+// bypass the cache: a plain store first reads the line it writes, doubling the memory traffic of
+// the pass. SSE's streaming store (VEX-encoded in the AVX clones), where the address allows.
+TR_INLINE void store16_stream(float* p, f32v v, i64 len) {
+#if defined(__x86_64__)
+  if (len >= LANES && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {
+    for (int q = 0; q < 4; ++q) _mm_stream_ps(p + 4 * q, _mm_loadu_ps(reinterpret_cast<const float*>(&v) + 4 * q));
+    return;
+  }
+#endif
+  store16(p, v, len);
+}
+
+TR_INLINE void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();   // streaming stores are weakly ordered: make them visible before the thread ends
+#endif
+}
+
+constexpr i64 KC = 512;   // forward: columns per chunk; x's and w's chunks (64 rows each) stay in L2
+constexpr i64 TILE = 64;  // backward: columns per tile (4 vectors)
+
+struct Masked {
+  const uint64_t* bits;
+  i64 words, j0, N, n, N4, n4;   // the block's column c is the mask's column j0 + c
+  const float* x;
+  i64 x_stride;
+  const float* w;   // forward and dx
+  i64 w_stride;
+  const float* gp;  // dx: g (N4 x n4, zero padded); dw: g^T (n4 x N4, zero padded)
+  float* out;       // dx (N x D) or dw (n x D) rows of out_stride; forward: per-thread partials
+  i64 out_stride;
+  bool accumulate;  // dx: add to out
+  float* scratch;   // per thread: scratch_stride floats
+  i64 scratch_stride;
+};
+
+// Forward over columns [begin, end): per-thread y partial (N x n) summed by the caller.
+TR_CLONES void masked_forward(const void* ctx, int thread, i64 begin, i64 end) {
+  const Masked& a = *static_cast<const Masked*>(ctx);
+  float* base = a.scratch + thread * a.scratch_stride;
+  f32v* acc = reinterpret_cast<f32v*>(base);   // N4 x n4 vectors
+  float* xs = base + a.N4 * a.n4 * LANES;      // N4 x KC
+  float* ws = xs + a.N4 * KC;                  // n4 x KC
+  std::memset(base, 0, sizeof(float) * size_t(a.scratch_stride));
+  for (i64 c0 = begin; c0 < end; c0 += KC) {
+    const i64 len = std::min(KC, end - c0), steps = (len + LANES - 1) / LANES;
+    for (i64 b = 0; b < a.N; ++b)
+      for (i64 t = 0; t < steps; ++t) {
+        const f32v v = load16(a.x + b * a.x_stride + c0 + t * LANES, len - t * LANES);
+        std::memcpy(xs + b * KC + t * LANES, &v, sizeof v);
+      }
+    for (i64 i = 0; i < a.n; ++i)
+      for (i64 t = 0; t < steps; ++t) {
+        const f32v v = load16(a.w + i * a.w_stride + c0 + t * LANES, len - t * LANES) *
+                       mask16(a.bits + i * a.words, a.words, a.j0 + c0 + t * LANES);
+        std::memcpy(ws + i * KC + t * LANES, &v, sizeof v);
+      }
+    for (i64 bt = 0; bt < a.N4; bt += 4)
+      for (i64 it = 0; it < a.n4; it += 4) {
+        f32v s[4][4];
+        for (int r = 0; r < 4; ++r)
+          for (int c = 0; c < 4; ++c) s[r][c] = acc[(bt + r) * a.n4 + it + c];
+        for (i64 t = 0; t < steps * LANES; t += LANES) {
+          f32v xv[4], wv[4];
+          for (int r = 0; r < 4; ++r) std::memcpy(&xv[r], xs + (bt + r) * KC + t, sizeof(f32v));
+          for (int c = 0; c < 4; ++c) std::memcpy(&wv[c], ws + (it + c) * KC + t, sizeof(f32v));
+          for (int r = 0; r < 4; ++r)
+            for (int c = 0; c < 4; ++c) s[r][c] += xv[r] * wv[c];
+        }
+        for (int r = 0; r < 4; ++r)
+          for (int c = 0; c < 4; ++c) acc[(bt + r) * a.n4 + it + c] = s[r][c];
+      }
+  }
+  float* y = a.out + thread * a.N * a.n;
+  for (i64 b = 0; b < a.N; ++b)
+    for (i64 i = 0; i < a.n; ++i) {
+      const f32v v = acc[b * a.n4 + i];
+      float t = 0;
+      for (int l = 0; l < LANES; ++l) t += v[l];
+      y[b * a.n + i] = t;
+    }
+}
+
+// dx[:, cols] (+)= g @ (w * M)[:, cols] over column tiles [begin, end).
+TR_CLONES void masked_dx(const void* ctx, int thread, i64 begin, i64 end) {
+  const Masked& a = *static_cast<const Masked*>(ctx);
+  float* ws = a.scratch + thread * a.scratch_stride;   // n x TILE
+  for (i64 j = begin; j < end; j += TILE) {
+    const i64 len = std::min(TILE, end - j);
+    for (i64 i = 0; i < a.n; ++i)
+      for (int v = 0; v < 4; ++v) {
+        const f32v m = v * LANES < len ? load16(a.w + i * a.w_stride + j + v * LANES, len - v * LANES) *
+                                             mask16(a.bits + i * a.words, a.words, a.j0 + j + v * LANES)
+                                       : f32v{};
+        std::memcpy(ws + i * TILE + v * LANES, &m, sizeof m);
+      }
+    for (i64 bt = 0; bt < a.N; bt += 4) {
+      f32v s[4][4] = {};
+      for (i64 i = 0; i < a.n; ++i) {
+        f32v wv[4];
+        for (int v = 0; v < 4; ++v) std::memcpy(&wv[v], ws + i * TILE + v * LANES, sizeof(f32v));
+        for (int r = 0; r < 4; ++r) {
+          const f32v gb = f32v{} + a.gp[(bt + r) * a.n4 + i];
+          for (int v = 0; v < 4; ++v) s[r][v] += gb * wv[v];
+        }
+      }
+      for (int r = 0; r < 4 && bt + r < a.N; ++r) {
+        float* o = a.out + (bt + r) * a.out_stride + j;
+        for (int v = 0; v < 4 && v * LANES < len; ++v) {
+          if (a.accumulate)
+            store16(o + v * LANES, load16(o + v * LANES, len - v * LANES) + s[r][v], len - v * LANES);
+          else
+            store16_stream(o + v * LANES, s[r][v], len - v * LANES);
+        }
+      }
+    }
+  }
+  stream_fence();
+}
+
+// dw[:, cols] = (g^T @ x)[:, cols] * M over column tiles [begin, end).
+TR_CLONES void masked_dw(const void* ctx, int thread, i64 begin, i64 end) {
+  const Masked& a = *static_cast<const Masked*>(ctx);
+  float* xs = a.scratch + thread * a.scratch_stride;   // N x TILE
+  for (i64 j = begin; j < end; j += TILE) {
+    const i64 len = std::min(TILE, end - j);
+    for (i64 b = 0; b < a.N; ++b)
+      for (int v = 0; v < 4; ++v) {
+        const f32v m = load16(a.x + b * a.x_stride + j + v * LANES, len - v * LANES);
+        std::memcpy(xs + b * TILE + v * LANES, &m, sizeof m);
+      }
+    for (i64 it = 0; it < a.n; it += 4) {
+      f32v s[4][4] = {};
+      for (i64 b = 0; b < a.N; ++b) {
+        f32v xv[4];
+        for (int v = 0; v < 4; ++v) std::memcpy(&xv[v], xs + b * TILE + v * LANES, sizeof(f32v));
+        for (int r = 0; r < 4; ++r) {
+          const f32v gb = f32v{} + a.gp[(it + r) * a.N4 + b];
+          for (int v = 0; v < 4; ++v) s[r][v] += gb * xv[v];
+        }
+      }
+      for (int r = 0; r < 4 && it + r < a.n; ++r) {
+        float* o = a.out + (it + r) * a.out_stride + j;
+        for (int v = 0; v < 4 && v * LANES < len; ++v)
+          store16_stream(o + v * LANES,
+                         s[r][v] * mask16(a.bits + (it + r) * a.words, a.words, a.j0 + j + v * LANES),
+                         len - v * LANES);
+      }
+    }
+  }
+  stream_fence();
+}
+
 // ---- random linear blocks (hypernets) ----------------------------------------------------------
 // Columns [j0, j0 + cols) of W[c] = reshape(M @ v[c] (+ b), n, D), M (n*D x k) and b (n*D) N(0, 1)
 // of seeds seed_m and seed_c; and/or dv[c] += sum_ij dW[c, i, j] M[i*D + j0 + j, :] for a given
@@ -483,4 +672,54 @@ TR_EXPORT int tinyrecon_cpu_random_linear(int dtype, int threads, i64 seed_m, in
                             static_cast<const double*>(v), static_cast<double*>(W), static_cast<const double*>(dW),
                             nullptr, nullptr, 0, 0};
   return linear(threads, f, static_cast<double*>(dv), linear_f64);
+}
+
+// Masking's GEMMs (float32) with the mask read from bits (tinyrecon_cpu_mask_bits' layout, words per
+// row; columns [j0, j0 + D) of it): op 0 out (N x n) = x @ (w * M)^T; op 1 out (N x D) = g @ (w * M)
+// (added to out when accumulate); op 2 out (n x D) = (g^T @ x) * M. x (N x D), w (n x D) and out
+// have row strides; g (N x n) is contiguous. Returns 2 when the per-thread buffers find no memory.
+TR_EXPORT int tinyrecon_cpu_masked_gemm(int op, int threads, const void* bits, i64 words, i64 j0, i64 N, i64 n,
+                                        i64 D, const void* x, i64 x_stride, const void* w, i64 w_stride,
+                                        const void* g, void* out, i64 out_stride, int accumulate) {
+  if (op < 0 || op > 2 || words < 0 || j0 < 0 || N < 0 || n < 0 || D < 0 || j0 + D > words * 64 || x_stride < 0 ||
+      w_stride < 0 || out_stride < 0 || (N && n && D && (!bits || !out || (op != 1 && !x) || (op != 2 && !w) ||
+                                                         (op != 0 && !g))))
+    return 1;
+  float* y = static_cast<float*>(out);
+  if (op == 0 && (!N || !n)) return 0;
+  if (op == 0 && !D) {
+    for (i64 b = 0; b < N; ++b) std::memset(y + b * out_stride, 0, sizeof(float) * size_t(n));
+    return 0;
+  }
+  if (op != 0 && (!N || !n || !D)) {   // an empty sum: dx or dw is zero (or unchanged when accumulating)
+    const i64 rows = op == 1 ? N : n;
+    if (!accumulate || op == 2)
+      for (i64 r = 0; r < rows && D; ++r) std::memset(y + r * out_stride, 0, sizeof(float) * size_t(D));
+    return 0;
+  }
+  const i64 N4 = (N + 3) / 4 * 4, n4 = (n + 3) / 4 * 4;
+  const int nt = split_count(threads, N * n * D, i64(1) << 20);
+  const i64 stride = op == 0 ? N4 * n4 * LANES + (N4 + n4) * KC : (op == 1 ? n : N) * TILE;
+  float* scratch = static_cast<float*>(std::aligned_alloc(64, size_t(nt * stride + 16) * sizeof(float)));
+  float* gp = static_cast<float*>(std::calloc(size_t(N4 * n4), sizeof(float)));
+  float* partial = op == 0 ? static_cast<float*>(std::malloc(size_t(nt * N * n) * sizeof(float))) : nullptr;
+  if (!scratch || !gp || (op == 0 && !partial)) {
+    std::free(scratch), std::free(gp), std::free(partial);
+    return 2;
+  }
+  const float* gs = static_cast<const float*>(g);
+  for (i64 b = 0; b < N && op != 0; ++b)
+    for (i64 i = 0; i < n; ++i) (op == 1 ? gp[b * n4 + i] : gp[i * N4 + b]) = gs[b * n + i];
+  const uint64_t* bb = static_cast<const uint64_t*>(bits);
+  const Masked a = {bb, words, j0, N, n, N4, n4, static_cast<const float*>(x), x_stride, static_cast<const float*>(w),
+                    w_stride, gp, op == 0 ? partial : y, out_stride, accumulate != 0, scratch, stride};
+  parallel(nt, D, TILE, op == 0 ? masked_forward : op == 1 ? masked_dx : masked_dw, &a);
+  for (i64 b = 0; b < N && op == 0; ++b)   // the threads' partial sums, in a fixed order
+    for (i64 i = 0; i < n; ++i) {
+      float t = 0;
+      for (int th = 0; th < nt; ++th) t += partial[(th * N + b) * n + i];
+      y[b * out_stride + i] = t;
+    }
+  std::free(scratch), std::free(gp), std::free(partial);
+  return 0;
 }

@@ -183,13 +183,34 @@ def _masked(src: Tensor, seed: int, p: float, D: int, j0: int, out: Tensor | Non
     return out
 
 
+def _masked_gemm(op: int, bits: Tensor, x, w, g, out: Tensor, accumulate: bool = False) -> None:
+    """The library's masked GEMMs (float32, the whole mask): op 0 ``out = x @ (w * M)^T``, 1
+    ``out (+)= g @ (w * M)``, 2 ``out = (g^T @ x) * M``; x, w and out 2-d with unit column stride."""
+    N, n, D = out.shape[0] if op != 2 else g.shape[0], bits.shape[0], out.shape[1] if op else w.shape[1]
+    ptr = (lambda t: t.data_ptr() if t is not None and t.numel() else None)
+    cpu_lib.call("tinyrecon_cpu_masked_gemm", op, torch.get_num_threads(), ptr(bits), bits.shape[1], 0, N, n, D,
+                 ptr(x), x.stride(0) if x is not None else 0, ptr(w), w.stride(0) if w is not None else 0, ptr(g),
+                 ptr(out), out.stride(0), int(accumulate))
+
+
+def _unit_columns(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 @torch.library.custom_op("tinyrecon::cpu_masking_forward", mutates_args=())
 def masking_forward(x: Tensor, w: Tensor, seed: int, p: float) -> Tensor:
-    """``x @ (w * M)^T`` for x (N, D), w (C, n, D): each column block of w masked next to its GEMM,
-    from the cached bit-packed mask (drawn once) or, when the cache cannot hold it, drawn there."""
+    """``x @ (w * M)^T`` for x (N, D), w (C, n, D). float32 with the mask in the cache: the library's
+    masked GEMM (the mask applied to w's tiles as the GEMM reads them); otherwise by column blocks,
+    each masked (from the cached bits, or drawn there) right before its GEMM."""
     C, n, D = w.shape
-    y = x.new_zeros(C, x.shape[0], n)
     bits = _random.mask_bits(seed, n, D, p) if w.numel() else None
+    if bits is not None and w.dtype == torch.float32:
+        y = x.new_empty(C, x.shape[0], n)
+        x = _unit_columns(x)
+        for c in range(C):
+            _masked_gemm(0, bits, x, _unit_columns(w[c]), None, y[c])
+        return y
+    y = x.new_zeros(C, x.shape[0], n)
     buf = None
     for j0, j1 in _column_blocks(n, D, 1):
         buf = _masked(w[:, :, j0:j1], seed, p, D, j0, bits=bits,
@@ -214,6 +235,14 @@ def masking_backward(g: Tensor, x: Tensor, w: Tensor, seed: int, p: float, want_
     if want_dx and C == 0:
         dx.zero_()
     bits = _random.mask_bits(seed, n, D, p) if w.numel() else None
+    if bits is not None and w.dtype == torch.float32:   # the library's masked GEMMs, as in the forward
+        x = _unit_columns(x)
+        for c in range(C):
+            if want_dx:
+                _masked_gemm(1, bits, None, _unit_columns(w[c]), g[c], dx, accumulate=c > 0)
+            if want_dw:
+                _masked_gemm(2, bits, x, None, g[c], dw[c])
+        return dx, dw
     for j0, j1 in _column_blocks(n, D, 1):
         if want_dx and C:   # dx = sum_c g[c] @ (w[c] * M), written once
             Wm = _masked(w[:, :, j0:j1], seed, p, D, j0, bits=bits)
