@@ -46,41 +46,29 @@ TR_INLINE To bitcast(From v) {
   return t;
 }
 
-// (hi, lo) words of a * c for 16 lanes: even and odd lanes as 32x32->64 multiplies of 64-bit lanes
-// (what the compiler turns into one widening multiply each).
-TR_INLINE void mulhilo(uint32_t a, u32v c, u32v& hi, u32v& lo) {
-  const u64h v = bitcast<u64h>(c);
-  const u64h even = (v & LO32) * uint64_t(a), odd = (v >> 32) * uint64_t(a);
-  lo = bitcast<u32v>((even & LO32) | (odd << 32));
-  hi = bitcast<u32v>((even >> 32) | (odd & ~LO32));
-}
-
-// First two Philox-4x32-10 words for the 16 counters base + 0..15.
-TR_INLINE void philox(uint64_t seed, uint64_t base, u32v& r0, u32v& r1) {
-  const u32v iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const uint32_t lo = uint32_t(base), hi = uint32_t(base >> 32);
-  u32v c0 = lo + iota;
-  u32v c1 = hi - (u32v)(c0 < lo);   // carry into the high word (a true comparison is all ones)
-  u32v c2 = {}, c3 = {};
-  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+// First two Philox-4x32-10 words for the 8 counters base + 0..7, each word in the low half of a
+// 64-bit lane (the high halves carry don't-care bits): the 32x32->64 multiply reads only low
+// halves, so a round is two multiplies, two shifts and two three-way xors per 8 counters.
+TR_INLINE void philox(uint64_t seed, uint64_t base, u64h& r0, u64h& r1) {
+  const u64h counter = base + u64h{0, 1, 2, 3, 4, 5, 6, 7};
+  u64h c0 = counter, c1 = counter >> 32, c2 = {}, c3 = {};
+  uint64_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
   for (int round = 0; round < 10; ++round) {
-    u32v hb, lb, ha, la;
-    mulhilo(ROUND_B, c2, hb, lb);
-    mulhilo(ROUND_A, c0, ha, la);
-    c0 = hb ^ c1 ^ k0;
-    c1 = lb;
-    c2 = ha ^ c3 ^ k1;
-    c3 = la;
-    k0 += KEY_A, k1 += KEY_B;
+    const u64h pb = (c2 & LO32) * uint64_t(ROUND_B), pa = (c0 & LO32) * uint64_t(ROUND_A);
+    c0 = (pb >> 32) ^ c1 ^ k0;
+    c1 = pb;
+    c2 = (pa >> 32) ^ c3 ^ k1;
+    c3 = pa;
+    k0 = uint32_t(k0 + KEY_A), k1 = uint32_t(k1 + KEY_B);
   }
-  r0 = c0, r1 = c1;
+  r0 = c0 & LO32, r1 = c1 & LO32;
 }
 
 // Triton's uint_to_uniform_float: the word as int32, negatives mapped to ~s, times 2^-31 (rounded).
-TR_INLINE f32v uniform(u32v u) {
-  i32v s = (i32v)u;
-  s ^= s >> 31;   // ~s for negative s
-  return __builtin_convertvector(s, f32v) * 4.6566127342e-10f;
+TR_INLINE f32h uniform(u64h u) {
+  i32h s = __builtin_convertvector(u, i32h);   // the low 32 bits
+  s ^= s >> 31;                                // ~s for negative s
+  return __builtin_convertvector(s, f32h) * 4.6566127342e-10f;
 }
 
 // log(u) in double for 8 float32 u > 0 (normal numbers): u = m * 2^e with m in [sqrt(1/2), sqrt(2)),
@@ -148,15 +136,12 @@ TR_INLINE f32h box_muller(f32h u1, f32h u2) {
 
 // 16 numbers for counters base + 0..15: U[0, 1) (normal == false) or N(0, 1).
 TR_INLINE f32v block(uint64_t seed, uint64_t base, bool normal) {
-  u32v r0, r1;
-  philox(seed, base, r0, r1);
-  const f32v u1 = uniform(r0);
-  if (!normal) return u1;
-  const f32v u2 = uniform(r1);
-  f32h a[2], b[2], z[2];
-  std::memcpy(a, &u1, sizeof a);
-  std::memcpy(b, &u2, sizeof b);
-  for (int h = 0; h < 2; ++h) z[h] = box_muller(a[h], b[h]);
+  f32h z[2];
+  for (int h = 0; h < 2; ++h) {
+    u64h r0, r1;
+    philox(seed, base + uint64_t(8 * h), r0, r1);
+    z[h] = normal ? box_muller(uniform(r0), uniform(r1)) : uniform(r0);
+  }
   f32v out;
   std::memcpy(&out, z, sizeof out);
   return out;
@@ -329,6 +314,7 @@ const u32v WEIGHT16 = {1u << 0, 1u << 1, 1u << 2,  1u << 3,  1u << 4,  1u << 5, 
 
 // 1.0f or 0.0f for the 16 mask bits of row `bits` from column b on.
 TR_INLINE f32v mask16(const uint64_t* bits, i64 words, i64 b) {
+  if (!words) return f32v{} + 1.0f;   // no mask: the plain GEMMs (the hypernets' blocks)
   const i64 q = b >> 6, r = b & 63;
   uint64_t w = bits[q] >> r;
   if (r > 48 && q + 1 < words) w |= bits[q + 1] << (64 - r);
@@ -517,6 +503,8 @@ struct Linear {
   const T* v;      // (C, k)
   T* W;            // (C, n, cols) or null
   const T* dW;     // (C, n, cols) or null
+  const float* const* m_rows;   // M's rows i*D .. i*D + D - 1 (each D x k) where a cache keeps them, else null
+  const float* const* c_rows;   // b's likewise (each D)
   float* scratch;  // per thread: `stride` floats, M's run then b's
   double* parts;   // per thread (C, k) partial sums of dv, when dW is given
   i64 run, stride;
@@ -524,7 +512,38 @@ struct Linear {
 
 constexpr i64 RUN = 4096;   // numbers of M drawn at a time (16 KiB): a run of elements next to their use
 
-template <typename T>
+// out[j] = sum_q m[j k + q] v[q] (+ c[j]): K > 0 the rank known at compile time (the compiler then
+// vectorizes the interleaved reads), 0 any rank k.
+template <typename T, int K>
+TR_INLINE void contract(T* out, const float* m, i64 k, const T* v, const float* c, i64 len) {
+  const i64 kk = K ? K : k;
+  for (i64 j = 0; j < len; ++j) {
+    T s = 0;
+    for (i64 q = 0; q < kk; ++q) s += T(m[j * kk + q]) * v[q];
+    out[j] = c ? s + T(c[j]) : s;
+  }
+}
+
+// a[q] += sum_j g[j] m[j k + q], in double.
+template <typename T, int K>
+TR_INLINE void accumulate(double* a, const float* m, i64 k, const T* g, i64 len) {
+  const i64 kk = K ? K : k;
+  if (K == 0 || K > 4) {
+    for (i64 j = 0; j < len; ++j)
+      for (i64 q = 0; q < kk; ++q) a[q] += double(g[j]) * double(m[j * kk + q]);
+    return;
+  }
+  double s[4][4] = {};   // four interleaved partial sums per q, so the loop runs four chains wide
+  i64 j = 0;
+  for (; j + 4 <= len; j += 4)
+    for (int u = 0; u < 4; ++u)
+      for (i64 q = 0; q < kk; ++q) s[u][q] += double(g[j + u]) * double(m[(j + u) * kk + q]);
+  for (; j < len; ++j)
+    for (i64 q = 0; q < kk; ++q) s[0][q] += double(g[j]) * double(m[j * kk + q]);
+  for (i64 q = 0; q < kk; ++q) a[q] += (s[0][q] + s[1][q]) + (s[2][q] + s[3][q]);
+}
+
+template <typename T, int K>
 TR_INLINE void linear_block(const Linear<T>& f, int thread, i64 begin, i64 end) {
   float* m = f.scratch + thread * f.stride;
   float* c = m + f.run * f.k + LANES;
@@ -533,11 +552,13 @@ TR_INLINE void linear_block(const Linear<T>& f, int thread, i64 begin, i64 end) 
   for (i64 e = begin; e < end;) {
     const i64 row = e / f.cols, col = e % f.cols, len = std::min({f.cols - col, end - e, f.run});
     const uint64_t element = uint64_t(row) * uint64_t(f.D) + uint64_t(f.j0 + col);
-    for (i64 t = 0; t < len * k; t += LANES) {
+    const float* mr = f.m_rows ? f.m_rows[row] + (f.j0 + col) * k : m;
+    const float* cr = f.c_rows ? f.c_rows[row] + f.j0 + col : c;
+    for (i64 t = 0; !f.m_rows && t < len * k; t += LANES) {
       const f32v z = block(f.seed_m, element * uint64_t(k) + uint64_t(t), true);
       std::memcpy(m + t, &z, sizeof z);
     }
-    if (f.W && f.has_c)
+    if (f.W && f.has_c && !f.c_rows)
       for (i64 t = 0; t < len; t += LANES) {
         const f32v z = block(f.seed_c, element + uint64_t(t), true);
         std::memcpy(c + t, &z, sizeof z);
@@ -545,30 +566,29 @@ TR_INLINE void linear_block(const Linear<T>& f, int thread, i64 begin, i64 end) 
     for (i64 ch = 0; ch < C; ++ch) {
       const T* v = f.v + ch * k;
       const i64 at = (ch * f.n + row) * f.cols + col;
-      if (f.W) {
-        T* out = f.W + at;
-        for (i64 j = 0; j < len; ++j) {
-          T s = 0;
-          for (i64 q = 0; q < k; ++q) s += T(m[j * k + q]) * v[q];
-          out[j] = f.has_c ? s + T(c[j]) : s;
-        }
-      }
-      if (acc) {
-        const T* g = f.dW + at;
-        double* a = acc + ch * k;
-        for (i64 j = 0; j < len; ++j)
-          for (i64 q = 0; q < k; ++q) a[q] += double(g[j]) * double(m[j * k + q]);
-      }
+      if (f.W) contract<T, K>(f.W + at, mr, k, v, f.has_c ? cr : nullptr, len);
+      if (acc) accumulate<T, K>(acc + ch * k, mr, k, f.dW + at, len);
     }
     e += len;
   }
 }
 
+template <typename T>
+TR_INLINE void linear_any(const Linear<T>& f, int t, i64 begin, i64 end) {
+  switch (f.k) {   // the ranks the hypernets use most, unrolled
+    case 1: return linear_block<T, 1>(f, t, begin, end);
+    case 2: return linear_block<T, 2>(f, t, begin, end);
+    case 3: return linear_block<T, 3>(f, t, begin, end);
+    case 4: return linear_block<T, 4>(f, t, begin, end);
+    default: return linear_block<T, 0>(f, t, begin, end);
+  }
+}
+
 TR_CLONES void linear_f32(const void* ctx, int t, i64 begin, i64 end) {
-  linear_block(*static_cast<const Linear<float>*>(ctx), t, begin, end);
+  linear_any(*static_cast<const Linear<float>*>(ctx), t, begin, end);
 }
 TR_CLONES void linear_f64(const void* ctx, int t, i64 begin, i64 end) {
-  linear_block(*static_cast<const Linear<double>*>(ctx), t, begin, end);
+  linear_any(*static_cast<const Linear<double>*>(ctx), t, begin, end);
 }
 
 template <typename T>
@@ -654,10 +674,12 @@ TR_EXPORT int tinyrecon_cpu_mask_apply(int dtype, int threads, const void* bits,
 // Hypernets: columns [j0, j0 + cols) of W[c] = reshape(M @ v[c] (+ b), n, D) (M = N(0, 1) n*D x k of
 // seed_m, b = N(0, 1) n*D of seed_c when has_c) into W (C, n, cols) when W is given, and
 // dv[c, q] += sum_ij dW[c, i, j] M[i*D + j0 + j, q] when dW and dv are given; all contiguous, dtype
-// 0 float32, 1 float64. Returns 2 when the per-thread sums find no memory.
+// 0 float32, 1 float64. m_rows / c_rows: n addresses of M's / b's rows (float32, as
+// tinyrecon_cpu_philox_fill draws them) where a cache keeps them, read instead of drawn; may be null.
+// Returns 2 when the per-thread sums find no memory.
 TR_EXPORT int tinyrecon_cpu_random_linear(int dtype, int threads, i64 seed_m, int has_c, i64 seed_c, i64 n, i64 D,
                                           i64 j0, i64 cols, i64 k, i64 C, const void* v, void* W, const void* dW,
-                                          void* dv) {
+                                          void* dv, const void* m_rows, const void* c_rows) {
   if ((dtype != 0 && dtype != 1) || n < 0 || D < 0 || j0 < 0 || cols < 0 || j0 + cols > D || k < 1 || C < 0 ||
       (dW == nullptr) != (dv == nullptr) || (n && cols && C && (!v || (!W && !dW))))
     return 1;
@@ -665,30 +687,32 @@ TR_EXPORT int tinyrecon_cpu_random_linear(int dtype, int threads, i64 seed_m, in
   if (dtype == 0) {
     const Linear<float> f = {uint64_t(seed_m), uint64_t(seed_c), has_c != 0, n, D, j0, cols, k, C,
                              static_cast<const float*>(v), static_cast<float*>(W), static_cast<const float*>(dW),
-                             nullptr, nullptr, 0, 0};
+                             static_cast<const float* const*>(m_rows), static_cast<const float* const*>(c_rows), nullptr, nullptr, 0, 0};
     return linear(threads, f, static_cast<float*>(dv), linear_f32);
   }
   const Linear<double> f = {uint64_t(seed_m), uint64_t(seed_c), has_c != 0, n, D, j0, cols, k, C,
                             static_cast<const double*>(v), static_cast<double*>(W), static_cast<const double*>(dW),
-                            nullptr, nullptr, 0, 0};
+                            static_cast<const float* const*>(m_rows), static_cast<const float* const*>(c_rows), nullptr, nullptr, 0, 0};
   return linear(threads, f, static_cast<double*>(dv), linear_f64);
 }
 
 // Masking's GEMMs (float32) with the mask read from bits (tinyrecon_cpu_mask_bits' layout, words per
-// row; columns [j0, j0 + D) of it): op 0 out (N x n) = x @ (w * M)^T; op 1 out (N x D) = g @ (w * M)
-// (added to out when accumulate); op 2 out (n x D) = (g^T @ x) * M. x (N x D), w (n x D) and out
+// row; columns [j0, j0 + D) of it; null bits: no mask, for the hypernets' blocks): op 0 out (N x n)
+// = x @ (w * M)^T; op 1 out (N x D) = g @ (w * M); op 2 out (n x D) = (g^T @ x) * M; ops 0 and 1
+// add to out when accumulate. x (N x D), w (n x D) and out
 // have row strides; g (N x n) is contiguous. Returns 2 when the per-thread buffers find no memory.
 TR_EXPORT int tinyrecon_cpu_masked_gemm(int op, int threads, const void* bits, i64 words, i64 j0, i64 N, i64 n,
                                         i64 D, const void* x, i64 x_stride, const void* w, i64 w_stride,
                                         const void* g, void* out, i64 out_stride, int accumulate) {
-  if (op < 0 || op > 2 || words < 0 || j0 < 0 || N < 0 || n < 0 || D < 0 || j0 + D > words * 64 || x_stride < 0 ||
-      w_stride < 0 || out_stride < 0 || (N && n && D && (!bits || !out || (op != 1 && !x) || (op != 2 && !w) ||
-                                                         (op != 0 && !g))))
+  if (op < 0 || op > 2 || words < 0 || j0 < 0 || N < 0 || n < 0 || D < 0 || (bits && j0 + D > words * 64) ||
+      x_stride < 0 || w_stride < 0 || out_stride < 0 ||
+      (N && n && D && (!out || (op != 1 && !x) || (op != 2 && !w) || (op != 0 && !g))))
     return 1;
+  if (!bits) words = 0;
   float* y = static_cast<float*>(out);
   if (op == 0 && (!N || !n)) return 0;
   if (op == 0 && !D) {
-    for (i64 b = 0; b < N; ++b) std::memset(y + b * out_stride, 0, sizeof(float) * size_t(n));
+    for (i64 b = 0; b < N && !accumulate; ++b) std::memset(y + b * out_stride, 0, sizeof(float) * size_t(n));
     return 0;
   }
   if (op != 0 && (!N || !n || !D)) {   // an empty sum: dx or dw is zero (or unchanged when accumulating)
@@ -718,7 +742,7 @@ TR_EXPORT int tinyrecon_cpu_masked_gemm(int op, int threads, const void* bits, i
     for (i64 i = 0; i < n; ++i) {
       float t = 0;
       for (int th = 0; th < nt; ++th) t += partial[(th * N + b) * n + i];
-      y[b * out_stride + i] = t;
+      y[b * out_stride + i] = accumulate ? y[b * out_stride + i] + t : t;
     }
   std::free(scratch), std::free(gp), std::free(partial);
   return 0;

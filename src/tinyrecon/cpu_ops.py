@@ -5,9 +5,11 @@ Everything else is the torch reference's own code (``functions/``): the kernels 
 one read, for each); ``kron_expand`` writes dx once. Both are ``torch.library`` custom ops, so
 ``torch.compile`` traces them as ops, not graph breaks. float32 and float64 run in the kernels;
 float16 and bfloat16 in float32, rounded once at the end (as the reference does). Building W
-reads no x, so the builds are the reference's. The random families (masking, the hypernets) generate W by column blocks of all its rows
-in the library (``_random.block``), each consumed by a GEMM at once: no n x D matrix (nor the
-hypernets' n*D x k one) is ever held, in the forward or the backward, which regenerates it once.
+reads no x, so the builds are the reference's. The random families (masking, the hypernets) never
+hold an n x D W: masking's float32 GEMMs (``_masked_gemm``) read the mask bit-packed from the cache
+(``_random.mask_bits``) next to their tiles; the hypernets form W by column blocks of all its rows
+in one library pass (``_linear_block``) that reads M from the cache where it fits the budget and
+draws it there otherwise, each block consumed by a GEMM at once, in the forward and the backward.
 The Kronecker family and duplicated_padding (a
 Kronecker product with a rank-1 left factor) use both halves of the pass per batch; lorr,
 random_matrix_adaption and duplicated_diagonal_padding fold x into one matrix (``factor_pass``),
@@ -183,14 +185,18 @@ def _masked(src: Tensor, seed: int, p: float, D: int, j0: int, out: Tensor | Non
     return out
 
 
-def _masked_gemm(op: int, bits: Tensor, x, w, g, out: Tensor, accumulate: bool = False) -> None:
-    """The library's masked GEMMs (float32, the whole mask): op 0 ``out = x @ (w * M)^T``, 1
-    ``out (+)= g @ (w * M)``, 2 ``out = (g^T @ x) * M``; x, w and out 2-d with unit column stride."""
-    N, n, D = out.shape[0] if op != 2 else g.shape[0], bits.shape[0], out.shape[1] if op else w.shape[1]
+def _masked_gemm(op: int, bits: Tensor | None, x, w, g, out: Tensor, accumulate: bool = False) -> None:
+    """The library's GEMMs with the masking mask (``bits``, whole) or none (None): op 0
+    ``out (+)= x @ (w * M)^T``, 1 ``out (+)= g @ (w * M)``, 2 ``out = (g^T @ x) * M``; float32,
+    x, w and out 2-d with unit column stride, g contiguous; (+)= when ``accumulate``."""
+    if op == 2:
+        (n, D), N = out.shape, g.shape[0]
+    else:
+        (N, n), D = (out.shape, w.shape[1]) if op == 0 else ((out.shape[0], w.shape[0]), out.shape[1])
     ptr = (lambda t: t.data_ptr() if t is not None and t.numel() else None)
-    cpu_lib.call("tinyrecon_cpu_masked_gemm", op, torch.get_num_threads(), ptr(bits), bits.shape[1], 0, N, n, D,
-                 ptr(x), x.stride(0) if x is not None else 0, ptr(w), w.stride(0) if w is not None else 0, ptr(g),
-                 ptr(out), out.stride(0), int(accumulate))
+    cpu_lib.call("tinyrecon_cpu_masked_gemm", op, torch.get_num_threads(), ptr(bits),
+                 bits.shape[1] if bits is not None else 0, 0, N, n, D, ptr(x), x.stride(0) if x is not None else 0,
+                 ptr(w), w.stride(0) if w is not None else 0, ptr(g), ptr(out), out.stride(0), int(accumulate))
 
 
 def _unit_columns(t: Tensor) -> Tensor:
@@ -283,31 +289,59 @@ def masking_apply(x, w, seed: int, p: float, bias):
     return add_bias(_MaskingApply.apply(x, w, seed, p), bias)
 
 
-def _linear_block(v: Tensor, seed_m: int, seed_c, n: int, D: int, j0: int, j1: int, want_W: bool = True,
+def _frozen(seed_m: int, seed_c, n: int, D: int, k: int):
+    """(M rows, b rows): int64 tensors of the n row addresses of the frozen matrices where the cache
+    keeps them (in the reference's slices, so both backends share one copy; read, never written),
+    with the tensors that hold them; each None when it does not fit the budget (then drawn block
+    by block where used)."""
+    step = _hypernet_ref._rows_per_slice(D, k)
+
+    def rows(seed, width):
+        if seed is None or not n * D:
+            return None
+        kept = _random.kept_slices(seed, [(i0 * D * width, (min(n, i0 + step) - i0) * D * width)
+                                          for i0 in range(0, n, step)], "randn")
+        if kept is None:
+            return None
+        addresses = [t.data_ptr() + 4 * r * D * width for t in kept for r in range(t.numel() // (D * width))]
+        return torch.tensor(addresses, dtype=torch.int64), kept
+    return rows(seed_m, k), rows(seed_c, 1)
+
+
+def _linear_block(v: Tensor, seed_m: int, seed_c, n: int, D: int, j0: int, j1: int, frozen, want_W: bool = True,
                   dW: Tensor | None = None, dv: Tensor | None = None) -> Tensor | None:
-    """Columns [j0, j1) of the reference's ``reshape(M @ v^T (+ c), C, n, D)`` (functions/hypernet.py)
+    """Columns [j0, j1) of the reference's ``reshape(M @ v^T (+ b), C, n, D)`` (functions/hypernet.py)
     as (C, n, j1 - j0) when ``want_W``; and ``dv[c] += sum_ij dW[c, i, j] M[i, j, :]`` for the block
-    dW when given. One pass of the library draws M's block once for both and stores none of it."""
+    dW when given. One pass of the library reads M's block (``frozen``, from ``_frozen``) or draws
+    it, once for both, and stores none of it."""
     C, k = v.shape
     W = v.new_empty(C, n, j1 - j0) if want_W else None
+    ptr = (lambda t: t.data_ptr() if t is not None else None)
+    m_rows, c_rows = (None if f is None else f[0] for f in frozen)
     cpu_lib.call("tinyrecon_cpu_random_linear", _DTYPES[v.dtype], torch.get_num_threads(), seed_m,
-                 int(seed_c is not None), seed_c or 0, n, D, j0, j1 - j0, k, C, v.data_ptr(),
-                 W.data_ptr() if W is not None else None, dW.data_ptr() if dW is not None else None,
-                 dv.data_ptr() if dv is not None else None)
+                 int(seed_c is not None), seed_c or 0, n, D, j0, j1 - j0, k, C, v.data_ptr(), ptr(W), ptr(dW), ptr(dv),
+                 ptr(m_rows), ptr(c_rows))
     return W
 
 
 @torch.library.custom_op("tinyrecon::cpu_random_linear_forward", mutates_args=())
 def random_linear_forward(x: Tensor, v: Tensor, seed_m: int, seed_c: int | None, n: int) -> Tensor:
-    """``x @ W^T`` for ``W = reshape(M @ v^T (+ c), C, n, D)``, M (n*D x k) and c frozen N(0, 1)."""
+    """``x @ W^T`` for ``W = reshape(M @ v^T (+ b), C, n, D)``, M (n*D x k) and b frozen N(0, 1)."""
     D = x.shape[1]
     C = v.shape[0]
     y = x.new_zeros(C, x.shape[0], n)
     v = v.contiguous()
+    frozen = _frozen(seed_m, seed_c, n, D, v.shape[1])
+    fp32 = x.dtype == torch.float32
+    if fp32:
+        x = _unit_columns(x)
     for j0, j1 in _column_blocks(n, D, C):
-        W = _linear_block(v, seed_m, seed_c, n, D, j0, j1)
+        W = _linear_block(v, seed_m, seed_c, n, D, j0, j1, frozen)
         for c in range(C):
-            y[c].addmm_(x[:, j0:j1], W[c].T)
+            if fp32:   # the library's GEMM (torch's batched one is slower at these shapes)
+                _masked_gemm(0, None, x[:, j0:j1], W[c], None, y[c], accumulate=True)
+            else:
+                y[c].addmm_(x[:, j0:j1], W[c].T)
     return y
 
 
@@ -327,13 +361,27 @@ def random_linear_backward(g: Tensor, x: Tensor, v: Tensor, seed_m: int, seed_c:
     if want_dx and C == 0:
         dx.zero_()
     v = v.contiguous()
+    frozen = _frozen(seed_m, seed_c if want_dx else None, n, D, v.shape[1])
+    fp32 = x.dtype == torch.float32
+    if fp32:
+        x = _unit_columns(x)
     for j0, j1 in _column_blocks(n, D, C):
         # dv[c] = sum_ij dW[c, i, j] M[i, j, :] with dW = g^T @ x
-        dW = torch.matmul(g.transpose(1, 2), x[:, j0:j1]).contiguous() if want_dv else None
-        W = _linear_block(v, seed_m, seed_c, n, D, j0, j1, want_dx, dW, dv if want_dv else None)
-        if want_dx and C:
-            torch.mm(g[0], W[0], out=dx[:, j0:j1])
-            for c in range(1, C):
+        dW = None
+        if want_dv:
+            dW = x.new_empty(C, n, j1 - j0)
+            for c in range(C):
+                if fp32:
+                    _masked_gemm(2, None, x[:, j0:j1], None, g[c], dW[c])
+                else:
+                    torch.mm(g[c].T, x[:, j0:j1], out=dW[c])
+        W = _linear_block(v, seed_m, seed_c, n, D, j0, j1, frozen, want_dx, dW, dv if want_dv else None)
+        for c in range(C if want_dx else 0):
+            if fp32:
+                _masked_gemm(1, None, None, W[c], g[c], dx[:, j0:j1], accumulate=c > 0)
+            elif c == 0:
+                torch.mm(g[0], W[0], out=dx[:, j0:j1])
+            else:
                 dx[:, j0:j1].addmm_(g[c], W[c])
     return dx, dv
 
