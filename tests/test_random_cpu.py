@@ -97,10 +97,10 @@ def test_each_isa_level_builds_clean_and_agrees(march, tmp_path, monkeypatch):
     assert torch.equal(got, src[:, 4:25] * (u[:, 4:25] < 0.3).float())
     for name in ("tinyrecon_cpu_mask_bits", "tinyrecon_cpu_masked_gemm"):
         getattr(lib, name).argtypes = cpu_lib.ENTRY_POINTS[name]
-    bits = torch.empty(3, 2, dtype=torch.int64)   # the packed mask, and masking's forward GEMM reading it
+    bits = torch.empty(3, 1, dtype=torch.int64)   # the packed mask, and masking's forward GEMM reading it
     assert lib.tinyrecon_cpu_mask_bits(2, 7, 3, 50, 0.3, bits.data_ptr()) == 0
     x, y = torch.randn(5, 50), torch.empty(5, 3)
-    assert lib.tinyrecon_cpu_masked_gemm(0, 2, bits.data_ptr(), 2, 0, 5, 3, 50, x.data_ptr(), 50, src.data_ptr(), 50,
+    assert lib.tinyrecon_cpu_masked_gemm(0, 2, bits.data_ptr(), 1, 0, 5, 3, 50, x.data_ptr(), 50, src.data_ptr(), 50,
                                          None, y.data_ptr(), 3, 0) == 0
     assert_close(y, x.double() @ (src * (u < 0.3).float()).double().T, dtype=torch.float32)
 
