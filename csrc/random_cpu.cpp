@@ -528,12 +528,12 @@ TR_INLINE void contract(T* out, const float* m, i64 k, const T* v, const float* 
 template <typename T, int K>
 TR_INLINE void accumulate(double* a, const float* m, i64 k, const T* g, i64 len) {
   const i64 kk = K ? K : k;
-  if (K == 0 || K > 4) {
+  if (K == 0) {
     for (i64 j = 0; j < len; ++j)
       for (i64 q = 0; q < kk; ++q) a[q] += double(g[j]) * double(m[j * kk + q]);
     return;
   }
-  double s[4][4] = {};   // four interleaved partial sums per q, so the loop runs four chains wide
+  double s[4][K ? K : 1] = {};   // four interleaved partial sums per q, so the loop runs four chains wide
   i64 j = 0;
   for (; j + 4 <= len; j += 4)
     for (int u = 0; u < 4; ++u)
@@ -575,11 +575,13 @@ TR_INLINE void linear_block(const Linear<T>& f, int thread, i64 begin, i64 end) 
 
 template <typename T>
 TR_INLINE void linear_any(const Linear<T>& f, int t, i64 begin, i64 end) {
-  switch (f.k) {   // the ranks the hypernets use most, unrolled
+  switch (f.k) {   // the ranks used most (tinyBIG's r=2, the benchmark's r=5), unrolled
     case 1: return linear_block<T, 1>(f, t, begin, end);
     case 2: return linear_block<T, 2>(f, t, begin, end);
     case 3: return linear_block<T, 3>(f, t, begin, end);
     case 4: return linear_block<T, 4>(f, t, begin, end);
+    case 5: return linear_block<T, 5>(f, t, begin, end);
+    case 8: return linear_block<T, 8>(f, t, begin, end);
     default: return linear_block<T, 0>(f, t, begin, end);
   }
 }

@@ -95,12 +95,14 @@ def _torch_fill(out: torch.Tensor, seed: int, start: int, numel: int, kind: str)
 # with a model. One lock guards the table: models are called from several threads (inference
 # servers, data-parallel CPU workers); numbers are generated outside it, so threads still draw in
 # parallel (two threads missing on one key both generate it, and the values are equal).
-# 512 MiB: the hypernets' frozen M at the MNIST layer for random_matrix_hypernet (n*D x 2 float32,
-# 300 MiB; drawing it costs ~0.7 s of a core per call, reading it in the cpu kernels ~0.1 s),
-# masks bit-packed (``mask_bits``, n*D/8 bytes: 4.7 MiB there), random_matrix_adaption's B (12 MiB
-# there) and every small frozen matrix. Whatever does not fit (hypernet's 20 GB second layer) is
-# drawn block by block next to the GEMM that uses it (``block`` and the library's fused passes).
-_DEFAULT_BUDGET = 1 << 29
+# 1 GiB: random_matrix_hypernet's frozen M at the MNIST layer (n*D x r float32: 300 MiB at r=2,
+# 751 MiB at the benchmark's r=5; drawing it costs ~0.35 s of a core per 1e8 normals on every
+# call, reading it in the cpu kernels a few times less), masks bit-packed (``mask_bits``, n*D/8
+# bytes: 4.7 MiB there), random_matrix_adaption's B (12 MiB there) and every small frozen matrix.
+# tinyBIG keeps all of these as module buffers for good; the cache holds them only while used.
+# What does not fit (hypernet's 20 GB second layer) is drawn block by block next to the GEMM that
+# uses it (``block`` and the library's fused passes).
+_DEFAULT_BUDGET = 1 << 30
 _lock = threading.Lock()
 _cache: OrderedDict = OrderedDict()   # key -> tensor (float32 numbers, or int64 mask bits)
 _stats = {"bytes": 0, "hits": 0, "misses": 0}
@@ -136,7 +138,7 @@ def _evict_to(limit: int) -> None:
 def set_cache_budget(nbytes: int) -> None:
     """Keep at most ``nbytes`` bytes of frozen random matrices per process (0: keep none).
 
-    The default is 512 MiB, or ``TINYRECON_CACHE_BYTES`` when set. Matrices bigger than the budget
+    The default is 1 GiB, or ``TINYRECON_CACHE_BYTES`` when set. Matrices bigger than the budget
     are generated on every use.
     """
     global _budget
