@@ -242,7 +242,7 @@ def masking_backward(g: Tensor, x: Tensor, w: Tensor, seed: int, p: float, want_
         dx.zero_()
     bits = _random.mask_bits(seed, n, D, p) if w.numel() else None
     if bits is not None and w.dtype == torch.float32:   # the library's masked GEMMs, as in the forward
-        x = _unit_columns(x)
+        x, g = _unit_columns(x), g.contiguous()
         for c in range(C):
             if want_dx:
                 _masked_gemm(1, bits, None, _unit_columns(w[c]), g[c], dx, accumulate=c > 0)
@@ -364,7 +364,7 @@ def random_linear_backward(g: Tensor, x: Tensor, v: Tensor, seed_m: int, seed_c:
     frozen = _frozen(seed_m, seed_c if want_dx else None, n, D, v.shape[1])
     fp32 = x.dtype == torch.float32
     if fp32:
-        x = _unit_columns(x)
+        x, g = _unit_columns(x), g.contiguous()
     for j0, j1 in _column_blocks(n, D, C):
         # dv[c] = sum_ij dW[c, i, j] M[i, j, :] with dW = g^T @ x
         dW = None
