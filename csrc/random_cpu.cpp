@@ -2,18 +2,24 @@
 // by the 64-bit seed with counter (k_lo, k_hi, 0, 0), Triton's uint->uniform map and, for normals,
 // its Box-Muller transform on the first two output words.
 //
-// 16 counters per step in 64-byte vectors (one AVX-512 register, two AVX2 or four SSE registers in
-// the other clones). The uniform stage is integer arithmetic and one float32 multiply: bit-exact.
+// 16 counters per step, as two 64-byte vectors of 8 64-bit lanes (one AVX-512 register each, two
+// AVX2 or four SSE registers in the other clones). The uniform stage is integer arithmetic and one float32 multiply: bit-exact.
 // The normal stage is defined in float64 and rounded once (float32 steps would inherit torch's
 // own float32 log/sqrt/cos, which are not correctly rounded and differ between CPUs); log and cos
 // are polynomials here with relative error ~1e-15, so the result rounds as _random.py's does
 // except within ~1e-15 of a rounding boundary (then 1 ulp).
 // Plain C ABI, loaded with ctypes; the entry point returns 0, or 1 for bad arguments.
 #include <pthread.h>
+#include <sys/mman.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu_common.h"
 
@@ -41,41 +47,29 @@ TR_INLINE To bitcast(From v) {
   return t;
 }
 
-// (hi, lo) words of a * c for 16 lanes: even and odd lanes as 32x32->64 multiplies of 64-bit lanes
-// (what the compiler turns into one widening multiply each).
-TR_INLINE void mulhilo(uint32_t a, u32v c, u32v& hi, u32v& lo) {
-  const u64h v = bitcast<u64h>(c);
-  const u64h even = (v & LO32) * uint64_t(a), odd = (v >> 32) * uint64_t(a);
-  lo = bitcast<u32v>((even & LO32) | (odd << 32));
-  hi = bitcast<u32v>((even >> 32) | (odd & ~LO32));
-}
-
-// First two Philox-4x32-10 words for the 16 counters base + 0..15.
-TR_INLINE void philox(uint64_t seed, uint64_t base, u32v& r0, u32v& r1) {
-  const u32v iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const uint32_t lo = uint32_t(base), hi = uint32_t(base >> 32);
-  u32v c0 = lo + iota;
-  u32v c1 = hi - (u32v)(c0 < lo);   // carry into the high word (a true comparison is all ones)
-  u32v c2 = {}, c3 = {};
-  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+// First two Philox-4x32-10 words for the 8 counters base + 0..7, each word in the low half of a
+// 64-bit lane (the high halves carry don't-care bits): the 32x32->64 multiply reads only low
+// halves, so a round is two multiplies, two shifts and two three-way xors per 8 counters.
+TR_INLINE void philox(uint64_t seed, uint64_t base, u64h& r0, u64h& r1) {
+  const u64h counter = base + u64h{0, 1, 2, 3, 4, 5, 6, 7};
+  u64h c0 = counter, c1 = counter >> 32, c2 = {}, c3 = {};
+  uint64_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
   for (int round = 0; round < 10; ++round) {
-    u32v hb, lb, ha, la;
-    mulhilo(ROUND_B, c2, hb, lb);
-    mulhilo(ROUND_A, c0, ha, la);
-    c0 = hb ^ c1 ^ k0;
-    c1 = lb;
-    c2 = ha ^ c3 ^ k1;
-    c3 = la;
-    k0 += KEY_A, k1 += KEY_B;
+    const u64h pb = (c2 & LO32) * uint64_t(ROUND_B), pa = (c0 & LO32) * uint64_t(ROUND_A);
+    c0 = (pb >> 32) ^ c1 ^ k0;
+    c1 = pb;
+    c2 = (pa >> 32) ^ c3 ^ k1;
+    c3 = pa;
+    k0 = uint32_t(k0 + KEY_A), k1 = uint32_t(k1 + KEY_B);
   }
-  r0 = c0, r1 = c1;
+  r0 = c0 & LO32, r1 = c1 & LO32;
 }
 
 // Triton's uint_to_uniform_float: the word as int32, negatives mapped to ~s, times 2^-31 (rounded).
-TR_INLINE f32v uniform(u32v u) {
-  i32v s = (i32v)u;
-  s = s < 0 ? ~s : s;
-  return __builtin_convertvector(s, f32v) * 4.6566127342e-10f;
+TR_INLINE f32h uniform(u64h u) {
+  i32h s = __builtin_convertvector(u, i32h);   // the low 32 bits
+  s ^= s >> 31;                                // ~s for negative s
+  return __builtin_convertvector(s, f32h) * 4.6566127342e-10f;
 }
 
 // log(u) in double for 8 float32 u > 0 (normal numbers): u = m * 2^e with m in [sqrt(1/2), sqrt(2)),
@@ -127,9 +121,10 @@ TR_INLINE f64h cos_f64(f64h t) {
   s = s * x2 - 1.0 / 120.0;
   s = s * x2 + 1.0 / 6.0;
   s = x - x * x2 * s;   // sin x
-  // cos(x + k pi/2) = cos x, -sin x, -cos x, sin x for k = 0, 1, 2, 3 (mod 4)
-  const f64h r = (q & 1) != 0 ? s : c;
-  return (q == 1) | (q == 2) ? -r : r;
+  // cos(x + k pi/2) = cos x, -sin x, -cos x, sin x for k = 0, 1, 2, 3 (mod 4): selected and
+  // negated with bit operations (compilers turn vector compares of 64-bit lanes into scalar code)
+  const i64h odd = -(q & 1), sign = ((q + 1) & 2) << 62;
+  return bitcast<f64h>(((bitcast<i64h>(s) & odd) | (bitcast<i64h>(c) & ~odd)) ^ sign);
 }
 
 // Box-Muller for 8 pairs: sqrt(-2 log u1) cos(2 pi u2) in double, rounded once.
@@ -142,24 +137,63 @@ TR_INLINE f32h box_muller(f32h u1, f32h u2) {
 
 // 16 numbers for counters base + 0..15: U[0, 1) (normal == false) or N(0, 1).
 TR_INLINE f32v block(uint64_t seed, uint64_t base, bool normal) {
-  u32v r0, r1;
-  philox(seed, base, r0, r1);
-  const f32v u1 = uniform(r0);
-  if (!normal) return u1;
-  const f32v u2 = uniform(r1);
-  f32h a[2], b[2], z[2];
-  std::memcpy(a, &u1, sizeof a);
-  std::memcpy(b, &u2, sizeof b);
-  for (int h = 0; h < 2; ++h) z[h] = box_muller(a[h], b[h]);
+  f32h z[2];
+  for (int h = 0; h < 2; ++h) {
+    u64h r0, r1;
+    philox(seed, base + uint64_t(8 * h), r0, r1);
+    z[h] = normal ? box_muller(uniform(r0), uniform(r1)) : uniform(r0);
+  }
   f32v out;
   std::memcpy(&out, z, sizeof out);
   return out;
 }
 
+// ---- threads ------------------------------------------------------------------------------------
+constexpr int MAX_THREADS = 64;
+
+// fn(ctx, thread, begin, end) over [0, total) split in at most `threads` ranges of whole `align`s,
+// each at least min_per_thread long (below that, starting a thread costs more than it saves).
+typedef void (*Task)(const void* ctx, int thread, i64 begin, i64 end);
+
+struct Job {
+  Task fn;
+  const void* ctx;
+  int thread;
+  i64 begin, end;
+};
+
+void* run_job(void* arg) {
+  const Job& j = *static_cast<Job*>(arg);
+  j.fn(j.ctx, j.thread, j.begin, j.end);
+  return nullptr;
+}
+
+int split_count(int threads, i64 total, i64 min_per_thread) {
+  return int(std::max<i64>(1, std::min<i64>({threads, MAX_THREADS, total / std::max<i64>(1, min_per_thread)})));
+}
+
+void parallel(int n, i64 total, i64 align, Task fn, const void* ctx) {
+  Job jobs[MAX_THREADS];
+  pthread_t ids[MAX_THREADS];
+  bool started[MAX_THREADS] = {};
+  const i64 per = (total / n + align - 1) / align * align;
+  for (int t = 0; t < n; ++t)
+    jobs[t] = {fn, ctx, t, std::min(total, t * per), t == n - 1 ? total : std::min(total, (t + 1) * per)};
+  for (int t = 1; t < n; ++t) started[t] = pthread_create(&ids[t], nullptr, run_job, &jobs[t]) == 0;
+  run_job(&jobs[0]);
+  for (int t = 1; t < n; ++t) {
+    if (started[t])
+      pthread_join(ids[t], nullptr);
+    else
+      run_job(&jobs[t]);
+  }
+}
+
+// ---- fill and masking pass ----------------------------------------------------------------------
 struct Fill {
   uint64_t seed, start;
   float* out;
-  i64 cols, stride, begin, end;   // elements e in [begin, end): row e / cols, column e % cols
+  i64 cols, stride;
   bool normal;
   const float* src;               // masking: out = src * (uniform < p), else out = the numbers
   i64 src_stride, out_stride;     // row strides of src and out (out: cols when not masking)
@@ -175,9 +209,11 @@ TR_INLINE void store(const Fill& f, float* out, const float* src, f32v v, i64 le
   std::memcpy(out, &v, sizeof(float) * size_t(len));
 }
 
-TR_CLONES void fill(const Fill& f) {
-  for (i64 e = f.begin; e < f.end;) {
-    const i64 row = e / f.cols, col = e % f.cols, len = std::min(f.cols - col, f.end - e);
+// Elements e in [begin, end) of the rows x cols block: row e / cols, column e % cols.
+TR_CLONES void fill(const void* ctx, int, i64 begin, i64 end) {
+  const Fill& f = *static_cast<const Fill*>(ctx);
+  for (i64 e = begin; e < end;) {
+    const i64 row = e / f.cols, col = e % f.cols, len = std::min(f.cols - col, end - e);
     const uint64_t counter = f.start + uint64_t(row) * uint64_t(f.stride) + uint64_t(col);
     float* out = f.out + row * f.out_stride + col;
     const float* src = f.src ? f.src + row * f.src_stride + col : nullptr;
@@ -189,34 +225,412 @@ TR_CLONES void fill(const Fill& f) {
   }
 }
 
-void* run(void* arg) {
-  fill(*static_cast<Fill*>(arg));
-  return nullptr;
+constexpr i64 MIN_NUMBERS_PER_THREAD = 1 << 15;
+
+int launch(int threads, const Fill& f, i64 rows) {
+  const i64 numel = rows * f.cols;
+  parallel(split_count(threads, numel, MIN_NUMBERS_PER_THREAD), numel, LANES, fill, &f);
+  return 0;
 }
 
-constexpr int MAX_THREADS = 64;
-constexpr i64 MIN_PER_THREAD = 1 << 15;   // below, starting a thread costs more than it saves
+// ---- bit-packed masks ---------------------------------------------------------------------------
+// Row i of a rows x cols mask is `words` uint64 words; bit b of word q is (u < p) for the uniform
+// number i * cols + 64 q + b (bits past cols are 0). 1/32 of the float32 mask: what a cache keeps.
+struct Bits {
+  uint64_t seed;
+  i64 cols, words;
+  float p;
+  uint64_t* out;
+};
 
-// Splits the elements of whole over at most threads pthreads.
-int launch(int threads, Fill whole, i64 rows) {
-  const i64 numel = rows * whole.cols;
-  const int n = int(std::max<i64>(1, std::min<i64>({threads, MAX_THREADS, numel / MIN_PER_THREAD})));
-  Fill jobs[MAX_THREADS];
-  pthread_t ids[MAX_THREADS];
-  bool started[MAX_THREADS] = {};
-  const i64 per = (numel / n + LANES - 1) / LANES * LANES;   // whole blocks per thread
-  for (int t = 0; t < n; ++t) {
-    jobs[t] = whole;
-    jobs[t].begin = std::min(numel, t * per), jobs[t].end = t == n - 1 ? numel : std::min(numel, (t + 1) * per);
+TR_CLONES void mask_bits(const void* ctx, int, i64 begin, i64 end) {
+  const Bits& b = *static_cast<const Bits*>(ctx);
+  const u32v weight = {1u << 0, 1u << 1, 1u << 2,  1u << 3,  1u << 4,  1u << 5,  1u << 6,  1u << 7,
+                       1u << 8, 1u << 9, 1u << 10, 1u << 11, 1u << 12, 1u << 13, 1u << 14, 1u << 15};
+  for (i64 q = begin; q < end; ++q) {
+    const i64 row = q / b.words, col = q % b.words * 64, valid = std::min<i64>(64, b.cols - col);
+    const uint64_t counter = uint64_t(row) * uint64_t(b.cols) + uint64_t(col);
+    uint64_t word = 0;
+    for (int s = 0; s * LANES < valid; ++s) {
+      const u32v set = (u32v)(block(b.seed, counter + uint64_t(s * LANES), false) < b.p) & weight;
+      uint32_t m = 0;
+      for (int l = 0; l < LANES; ++l) m |= set[l];
+      word |= uint64_t(m) << (s * LANES);
+    }
+    b.out[q] = valid == 64 ? word : word & ((uint64_t(1) << valid) - 1);
   }
-  for (int t = 1; t < n; ++t) started[t] = pthread_create(&ids[t], nullptr, run, &jobs[t]) == 0;
-  fill(jobs[0]);
-  for (int t = 1; t < n; ++t) {
-    if (started[t])
-      pthread_join(ids[t], nullptr);
-    else
-      fill(jobs[t]);
+}
+
+// out = src * bit for a column block [j0, j0 + cols) of the mask, as the reference's w * mask.
+template <typename T>
+struct Apply {
+  const uint64_t* bits;
+  i64 words, j0, cols;
+  const T* src;
+  i64 src_stride;
+  T* out;
+  i64 out_stride;
+};
+
+template <typename T>
+TR_INLINE void apply_bits(const Apply<T>& a, int, i64 begin, i64 end) {
+  constexpr int L = 64 / sizeof(T);   // lanes of one 64-byte vector
+  typedef T tv __attribute__((vector_size(64)));
+  typedef std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t> U;
+  typedef U uv __attribute__((vector_size(64)));
+  uv weight;
+  for (int l = 0; l < L; ++l) weight[l] = U(1) << l;
+  for (i64 e = begin; e < end;) {
+    const i64 row = e / a.cols, col = e % a.cols, len = std::min(a.cols - col, end - e);
+    const uint64_t* bits = a.bits + row * a.words;
+    const T* src = a.src + row * a.src_stride + col;
+    T* out = a.out + row * a.out_stride + col;
+    for (i64 i = 0; i < len; i += L) {
+      const i64 b = a.j0 + col + i, q = b >> 6, r = b & 63, n = std::min<i64>(L, len - i);
+      uint64_t w = bits[q] >> r;
+      if (r + L > 64 && q + 1 < a.words) w |= bits[q + 1] << (64 - r);
+      const tv one = ((uv{} + U(w)) & weight) != 0 ? tv{} + T(1) : tv{};
+      tv s = {};
+      std::memcpy(&s, src + i, sizeof(T) * size_t(n));
+      s *= one;
+      std::memcpy(out + i, &s, sizeof(T) * size_t(n));
+    }
+    e += len;
   }
+}
+
+TR_CLONES void apply_bits_f32(const void* ctx, int t, i64 begin, i64 end) {
+  apply_bits(*static_cast<const Apply<float>*>(ctx), t, begin, end);
+}
+TR_CLONES void apply_bits_f64(const void* ctx, int t, i64 begin, i64 end) {
+  apply_bits(*static_cast<const Apply<double>*>(ctx), t, begin, end);
+}
+
+// ---- masked GEMMs (masking, float32) -------------------------------------------------------------
+// y = x @ (w * M)^T, dx = g @ (w * M) and dw = (g^T @ x) * M with M read from the bit-packed mask
+// right where the GEMM consumes or produces a tile: w, x and dw each cross memory once, and no
+// masked copy of w is written. Tiles are 4 x 4 (or 4 x 64 columns) of 16-lane accumulators.
+const u32v WEIGHT16 = {1u << 0, 1u << 1, 1u << 2,  1u << 3,  1u << 4,  1u << 5,  1u << 6,  1u << 7,
+                       1u << 8, 1u << 9, 1u << 10, 1u << 11, 1u << 12, 1u << 13, 1u << 14, 1u << 15};
+
+// 1.0f or 0.0f for the 16 mask bits of row `bits` from column b on.
+TR_INLINE f32v mask16(const uint64_t* bits, i64 words, i64 b) {
+  if (!words) return f32v{} + 1.0f;   // no mask: the plain GEMMs (the hypernets' blocks)
+  const i64 q = b >> 6, r = b & 63;
+  uint64_t w = bits[q] >> r;
+  if (r > 48 && q + 1 < words) w |= bits[q + 1] << (64 - r);
+  return ((u32v{} + uint32_t(w)) & WEIGHT16) != 0 ? f32v{} + 1.0f : f32v{};
+}
+
+TR_INLINE f32v load16(const float* p, i64 len) {
+  f32v v = {};
+  if (len >= LANES)
+    std::memcpy(&v, p, sizeof v);
+  else
+    for (i64 l = 0; l < len; ++l) v[l] = p[l];
+  return v;
+}
+
+TR_INLINE void store16(float* p, f32v v, i64 len) {
+  if (len >= LANES)
+    std::memcpy(p, &v, sizeof v);
+  else
+    for (i64 l = 0; l < len; ++l) p[l] = v[l];
+}
+
+// Stores of outputs written once and not read again soon (dx, dw: 157 MB each at the MNIST layer)
+// bypass the cache: a plain store first reads the line it writes, doubling the memory traffic of
+// the pass. SSE's streaming store (VEX-encoded in the AVX clones), where the address allows.
+TR_INLINE void store16_stream(float* p, f32v v, i64 len) {
+#if defined(__x86_64__)
+  if (len >= LANES && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {
+    for (int q = 0; q < 4; ++q) _mm_stream_ps(p + 4 * q, _mm_loadu_ps(reinterpret_cast<const float*>(&v) + 4 * q));
+    return;
+  }
+#endif
+  store16(p, v, len);
+}
+
+TR_INLINE void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();   // streaming stores are weakly ordered: make them visible before the thread ends
+#endif
+}
+
+// Asks Linux for transparent huge pages behind an output about to be written whole (dx, dw): a
+// fresh 157 MB gradient otherwise takes ~40,000 page faults, which cost about as much as the GEMM
+// filling it (measured at the MNIST layer: masking's backward 385 ms -> 262 ms). Only the 2 MiB-
+// aligned interior; the kernel falls back to small pages when it has no huge ones.
+void hint_huge_pages(void* p, i64 bytes) {
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t HUGE = uintptr_t(1) << 21;
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(p) + HUGE - 1) & ~(HUGE - 1);
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes)) & ~(HUGE - 1);
+  if (bytes >= i64(4 * HUGE) && hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)p, (void)bytes;
+#endif
+}
+
+constexpr i64 KC = 512;   // forward: columns per chunk; x's and w's chunks (64 rows each) stay in L2
+constexpr i64 TILE = 64;  // backward: columns per tile (4 vectors)
+
+struct Masked {
+  const uint64_t* bits;
+  i64 words, j0, N, n, N4, n4;   // the block's column c is the mask's column j0 + c
+  const float* x;
+  i64 x_stride;
+  const float* w;   // forward and dx
+  i64 w_stride;
+  const float* gp;  // dx: g (N4 x n4, zero padded); dw: g^T (n4 x N4, zero padded)
+  float* out;       // dx (N x D) or dw (n x D) rows of out_stride; forward: per-thread partials
+  i64 out_stride;
+  bool accumulate;  // dx: add to out
+  float* scratch;   // per thread: scratch_stride floats
+  i64 scratch_stride;
+};
+
+// Forward over columns [begin, end): per-thread y partial (N x n) summed by the caller.
+TR_CLONES void masked_forward(const void* ctx, int thread, i64 begin, i64 end) {
+  const Masked& a = *static_cast<const Masked*>(ctx);
+  float* base = a.scratch + thread * a.scratch_stride;
+  f32v* acc = reinterpret_cast<f32v*>(base);   // N4 x n4 vectors
+  float* xs = base + a.N4 * a.n4 * LANES;      // N4 x KC
+  float* ws = xs + a.N4 * KC;                  // n4 x KC
+  std::memset(base, 0, sizeof(float) * size_t(a.scratch_stride));
+  for (i64 c0 = begin; c0 < end; c0 += KC) {
+    const i64 len = std::min(KC, end - c0), steps = (len + LANES - 1) / LANES;
+    for (i64 b = 0; b < a.N; ++b)
+      for (i64 t = 0; t < steps; ++t) {
+        const f32v v = load16(a.x + b * a.x_stride + c0 + t * LANES, len - t * LANES);
+        std::memcpy(xs + b * KC + t * LANES, &v, sizeof v);
+      }
+    for (i64 i = 0; i < a.n; ++i)
+      for (i64 t = 0; t < steps; ++t) {
+        const f32v v = load16(a.w + i * a.w_stride + c0 + t * LANES, len - t * LANES) *
+                       mask16(a.bits + i * a.words, a.words, a.j0 + c0 + t * LANES);
+        std::memcpy(ws + i * KC + t * LANES, &v, sizeof v);
+      }
+    for (i64 bt = 0; bt < a.N4; bt += 4)
+      for (i64 it = 0; it < a.n4; it += 4) {
+        f32v s[4][4];
+        for (int r = 0; r < 4; ++r)
+          for (int c = 0; c < 4; ++c) s[r][c] = acc[(bt + r) * a.n4 + it + c];
+        for (i64 t = 0; t < steps * LANES; t += LANES) {
+          f32v xv[4], wv[4];
+          for (int r = 0; r < 4; ++r) std::memcpy(&xv[r], xs + (bt + r) * KC + t, sizeof(f32v));
+          for (int c = 0; c < 4; ++c) std::memcpy(&wv[c], ws + (it + c) * KC + t, sizeof(f32v));
+          for (int r = 0; r < 4; ++r)
+            for (int c = 0; c < 4; ++c) s[r][c] += xv[r] * wv[c];
+        }
+        for (int r = 0; r < 4; ++r)
+          for (int c = 0; c < 4; ++c) acc[(bt + r) * a.n4 + it + c] = s[r][c];
+      }
+  }
+  float* y = a.out + thread * a.N * a.n;
+  for (i64 b = 0; b < a.N; ++b)
+    for (i64 i = 0; i < a.n; ++i) {
+      const f32v v = acc[b * a.n4 + i];
+      float t = 0;
+      for (int l = 0; l < LANES; ++l) t += v[l];
+      y[b * a.n + i] = t;
+    }
+}
+
+// dx[:, cols] (+)= g @ (w * M)[:, cols] over column tiles [begin, end).
+TR_CLONES void masked_dx(const void* ctx, int thread, i64 begin, i64 end) {
+  const Masked& a = *static_cast<const Masked*>(ctx);
+  float* ws = a.scratch + thread * a.scratch_stride;   // n x TILE
+  for (i64 j = begin; j < end; j += TILE) {
+    const i64 len = std::min(TILE, end - j);
+    for (i64 i = 0; i < a.n; ++i)
+      for (int v = 0; v < 4; ++v) {
+        const f32v m = v * LANES < len ? load16(a.w + i * a.w_stride + j + v * LANES, len - v * LANES) *
+                                             mask16(a.bits + i * a.words, a.words, a.j0 + j + v * LANES)
+                                       : f32v{};
+        std::memcpy(ws + i * TILE + v * LANES, &m, sizeof m);
+      }
+    for (i64 bt = 0; bt < a.N; bt += 4) {
+      f32v s[4][4] = {};
+      for (i64 i = 0; i < a.n; ++i) {
+        f32v wv[4];
+        for (int v = 0; v < 4; ++v) std::memcpy(&wv[v], ws + i * TILE + v * LANES, sizeof(f32v));
+        for (int r = 0; r < 4; ++r) {
+          const f32v gb = f32v{} + a.gp[(bt + r) * a.n4 + i];
+          for (int v = 0; v < 4; ++v) s[r][v] += gb * wv[v];
+        }
+      }
+      for (int r = 0; r < 4 && bt + r < a.N; ++r) {
+        float* o = a.out + (bt + r) * a.out_stride + j;
+        for (int v = 0; v < 4 && v * LANES < len; ++v) {
+          if (a.accumulate)
+            store16(o + v * LANES, load16(o + v * LANES, len - v * LANES) + s[r][v], len - v * LANES);
+          else
+            store16_stream(o + v * LANES, s[r][v], len - v * LANES);
+        }
+      }
+    }
+  }
+  stream_fence();
+}
+
+// dw[:, cols] = (g^T @ x)[:, cols] * M over column tiles [begin, end).
+TR_CLONES void masked_dw(const void* ctx, int thread, i64 begin, i64 end) {
+  const Masked& a = *static_cast<const Masked*>(ctx);
+  float* xs = a.scratch + thread * a.scratch_stride;   // N x TILE
+  for (i64 j = begin; j < end; j += TILE) {
+    const i64 len = std::min(TILE, end - j);
+    for (i64 b = 0; b < a.N; ++b)
+      for (int v = 0; v < 4; ++v) {
+        const f32v m = load16(a.x + b * a.x_stride + j + v * LANES, len - v * LANES);
+        std::memcpy(xs + b * TILE + v * LANES, &m, sizeof m);
+      }
+    for (i64 it = 0; it < a.n; it += 4) {
+      f32v s[4][4] = {};
+      for (i64 b = 0; b < a.N; ++b) {
+        f32v xv[4];
+        for (int v = 0; v < 4; ++v) std::memcpy(&xv[v], xs + b * TILE + v * LANES, sizeof(f32v));
+        for (int r = 0; r < 4; ++r) {
+          const f32v gb = f32v{} + a.gp[(it + r) * a.N4 + b];
+          for (int v = 0; v < 4; ++v) s[r][v] += gb * xv[v];
+        }
+      }
+      for (int r = 0; r < 4 && it + r < a.n; ++r) {
+        float* o = a.out + (it + r) * a.out_stride + j;
+        for (int v = 0; v < 4 && v * LANES < len; ++v)
+          store16_stream(o + v * LANES,
+                         s[r][v] * mask16(a.bits + (it + r) * a.words, a.words, a.j0 + j + v * LANES),
+                         len - v * LANES);
+      }
+    }
+  }
+  stream_fence();
+}
+
+// ---- random linear blocks (hypernets) ----------------------------------------------------------
+// Columns [j0, j0 + cols) of W[c] = reshape(M @ v[c] (+ b), n, D), M (n*D x k) and b (n*D) N(0, 1)
+// of seeds seed_m and seed_c; and/or dv[c] += sum_ij dW[c, i, j] M[i*D + j0 + j, :] for a given
+// block dW. M's numbers are drawn in short runs into a buffer next to the arithmetic using them.
+template <typename T>
+struct Linear {
+  uint64_t seed_m, seed_c;
+  bool has_c;
+  i64 n, D, j0, cols, k, C;
+  const T* v;      // (C, k)
+  T* W;            // (C, n, cols) or null
+  const T* dW;     // (C, n, cols) or null
+  const float* const* m_rows;   // M's rows i*D .. i*D + D - 1 (each D x k) where a cache keeps them, else null
+  const float* const* c_rows;   // b's likewise (each D)
+  float* scratch;  // per thread: `stride` floats, M's run then b's
+  double* parts;   // per thread (C, k) partial sums of dv, when dW is given
+  i64 run, stride;
+};
+
+constexpr i64 RUN = 4096;   // numbers of M drawn at a time (16 KiB): a run of elements next to their use
+
+// out[j] = sum_q m[j k + q] v[q] (+ c[j]): K > 0 the rank known at compile time (the compiler then
+// vectorizes the interleaved reads), 0 any rank k.
+template <typename T, int K>
+TR_INLINE void contract(T* out, const float* m, i64 k, const T* v, const float* c, i64 len) {
+  const i64 kk = K ? K : k;
+  for (i64 j = 0; j < len; ++j) {
+    T s = 0;
+    for (i64 q = 0; q < kk; ++q) s += T(m[j * kk + q]) * v[q];
+    out[j] = c ? s + T(c[j]) : s;
+  }
+}
+
+// a[q] += sum_j g[j] m[j k + q], in double.
+template <typename T, int K>
+TR_INLINE void accumulate(double* a, const float* m, i64 k, const T* g, i64 len) {
+  const i64 kk = K ? K : k;
+  if (K == 0) {
+    for (i64 j = 0; j < len; ++j)
+      for (i64 q = 0; q < kk; ++q) a[q] += double(g[j]) * double(m[j * kk + q]);
+    return;
+  }
+  double s[4][K ? K : 1] = {};   // four interleaved partial sums per q, so the loop runs four chains wide
+  i64 j = 0;
+  for (; j + 4 <= len; j += 4)
+    for (int u = 0; u < 4; ++u)
+      for (i64 q = 0; q < kk; ++q) s[u][q] += double(g[j + u]) * double(m[(j + u) * kk + q]);
+  for (; j < len; ++j)
+    for (i64 q = 0; q < kk; ++q) s[0][q] += double(g[j]) * double(m[j * kk + q]);
+  for (i64 q = 0; q < kk; ++q) a[q] += (s[0][q] + s[1][q]) + (s[2][q] + s[3][q]);
+}
+
+template <typename T, int K>
+TR_INLINE void linear_block(const Linear<T>& f, int thread, i64 begin, i64 end) {
+  float* m = f.scratch + thread * f.stride;
+  float* c = m + f.run * f.k + LANES;
+  const i64 k = f.k, C = f.C;
+  double* acc = f.dW ? f.parts + thread * C * k : nullptr;
+  for (i64 e = begin; e < end;) {
+    const i64 row = e / f.cols, col = e % f.cols, len = std::min({f.cols - col, end - e, f.run});
+    const uint64_t element = uint64_t(row) * uint64_t(f.D) + uint64_t(f.j0 + col);
+    const float* mr = f.m_rows ? f.m_rows[row] + (f.j0 + col) * k : m;
+    const float* cr = f.c_rows ? f.c_rows[row] + f.j0 + col : c;
+    for (i64 t = 0; !f.m_rows && t < len * k; t += LANES) {
+      const f32v z = block(f.seed_m, element * uint64_t(k) + uint64_t(t), true);
+      std::memcpy(m + t, &z, sizeof z);
+    }
+    if (f.W && f.has_c && !f.c_rows)
+      for (i64 t = 0; t < len; t += LANES) {
+        const f32v z = block(f.seed_c, element + uint64_t(t), true);
+        std::memcpy(c + t, &z, sizeof z);
+      }
+    for (i64 ch = 0; ch < C; ++ch) {
+      const T* v = f.v + ch * k;
+      const i64 at = (ch * f.n + row) * f.cols + col;
+      if (f.W) contract<T, K>(f.W + at, mr, k, v, f.has_c ? cr : nullptr, len);
+      if (acc) accumulate<T, K>(acc + ch * k, mr, k, f.dW + at, len);
+    }
+    e += len;
+  }
+}
+
+template <typename T>
+TR_INLINE void linear_any(const Linear<T>& f, int t, i64 begin, i64 end) {
+  switch (f.k) {   // the ranks used most (tinyBIG's r=2, the benchmark's r=5), unrolled
+    case 1: return linear_block<T, 1>(f, t, begin, end);
+    case 2: return linear_block<T, 2>(f, t, begin, end);
+    case 3: return linear_block<T, 3>(f, t, begin, end);
+    case 4: return linear_block<T, 4>(f, t, begin, end);
+    case 5: return linear_block<T, 5>(f, t, begin, end);
+    case 8: return linear_block<T, 8>(f, t, begin, end);
+    default: return linear_block<T, 0>(f, t, begin, end);
+  }
+}
+
+TR_CLONES void linear_f32(const void* ctx, int t, i64 begin, i64 end) {
+  linear_any(*static_cast<const Linear<float>*>(ctx), t, begin, end);
+}
+TR_CLONES void linear_f64(const void* ctx, int t, i64 begin, i64 end) {
+  linear_any(*static_cast<const Linear<double>*>(ctx), t, begin, end);
+}
+
+template <typename T>
+int linear(int threads, Linear<T> f, T* dv, Task task) {
+  const i64 numel = f.n * f.cols;
+  const int n = split_count(threads, numel * f.k, MIN_NUMBERS_PER_THREAD);
+  f.run = std::max<i64>(1, RUN / f.k);
+  f.stride = (f.run * f.k + LANES) + (f.run + LANES);
+  f.scratch = static_cast<float*>(std::malloc(size_t(n * f.stride) * sizeof(float)));
+  f.parts = dv ? static_cast<double*>(std::calloc(size_t(n * f.C * f.k), sizeof(double))) : nullptr;
+  if (!f.scratch || (dv && !f.parts)) {
+    std::free(f.scratch);
+    std::free(f.parts);
+    return 2;
+  }
+  parallel(n, numel, 1, task, &f);
+  if (dv)
+    for (i64 i = 0; i < f.C * f.k; ++i) {
+      double s = 0;
+      for (int t = 0; t < n; ++t) s += f.parts[t * f.C * f.k + i];
+      dv[i] += T(s);
+    }
+  std::free(f.scratch);
+  std::free(f.parts);
   return 0;
 }
 
@@ -228,7 +642,7 @@ int launch(int threads, Fill whole, i64 rows) {
 TR_EXPORT int tinyrecon_cpu_philox_fill(int kind, int threads, i64 seed, i64 start, i64 rows, i64 cols, i64 stride,
                                         void* out) {
   if ((kind != 0 && kind != 1) || start < 0 || rows < 0 || cols < 0 || stride < 0 || (rows && cols && !out)) return 1;
-  return launch(threads, {uint64_t(seed), uint64_t(start), static_cast<float*>(out), cols, stride, 0, 0, kind == 1,
+  return launch(threads, {uint64_t(seed), uint64_t(start), static_cast<float*>(out), cols, stride, kind == 1,
                           nullptr, 0, cols, 0.0f}, rows);
 }
 
@@ -239,6 +653,116 @@ TR_EXPORT int tinyrecon_cpu_philox_mask(int threads, i64 seed, i64 start, i64 ro
   if (start < 0 || rows < 0 || cols < 0 || stride < 0 || src_stride < 0 || out_stride < 0 ||
       (rows && cols && (!out || !src)))
     return 1;
-  return launch(threads, {uint64_t(seed), uint64_t(start), static_cast<float*>(out), cols, stride, 0, 0, false,
+  return launch(threads, {uint64_t(seed), uint64_t(start), static_cast<float*>(out), cols, stride, false,
                           static_cast<const float*>(src), src_stride, out_stride, p}, rows);
+}
+
+// The rows x cols mask (u < p) of seed, bit-packed: out is rows x ceil(cols / 64) uint64 words.
+TR_EXPORT int tinyrecon_cpu_mask_bits(int threads, i64 seed, i64 rows, i64 cols, float p, void* out) {
+  if (rows < 0 || cols < 0 || (rows && cols && !out)) return 1;
+  const i64 words = (cols + 63) / 64, total = rows * words;
+  const Bits b = {uint64_t(seed), cols, words, p, static_cast<uint64_t*>(out)};
+  if (total) parallel(split_count(threads, total * 64, MIN_NUMBERS_PER_THREAD), total, 1, mask_bits, &b);
+  return 0;
+}
+
+// out[i * out_stride + j] = src[i * src_stride + j] * bit(i, j0 + j) for i < rows, j < cols, bits
+// as tinyrecon_cpu_mask_bits writes them (words per row); dtype 0 float32, 1 float64.
+TR_EXPORT int tinyrecon_cpu_mask_apply(int dtype, int threads, const void* bits, i64 words, i64 j0, i64 rows,
+                                       i64 cols, const void* src, i64 src_stride, void* out, i64 out_stride) {
+  if ((dtype != 0 && dtype != 1) || words < 0 || j0 < 0 || rows < 0 || cols < 0 || j0 + cols > words * 64 ||
+      src_stride < 0 || out_stride < 0 || (rows && cols && (!bits || !src || !out)))
+    return 1;
+  const i64 numel = rows * cols;
+  if (!numel) return 0;
+  const int n = split_count(threads, numel, MIN_NUMBERS_PER_THREAD * 4);
+  const uint64_t* b = static_cast<const uint64_t*>(bits);
+  if (dtype == 0) {
+    const Apply<float> a = {b, words, j0, cols, static_cast<const float*>(src), src_stride, static_cast<float*>(out),
+                            out_stride};
+    parallel(n, numel, 16, apply_bits_f32, &a);
+  } else {
+    const Apply<double> a = {b, words, j0, cols, static_cast<const double*>(src), src_stride,
+                             static_cast<double*>(out), out_stride};
+    parallel(n, numel, 8, apply_bits_f64, &a);
+  }
+  return 0;
+}
+
+// Hypernets: columns [j0, j0 + cols) of W[c] = reshape(M @ v[c] (+ b), n, D) (M = N(0, 1) n*D x k of
+// seed_m, b = N(0, 1) n*D of seed_c when has_c) into W (C, n, cols) when W is given, and
+// dv[c, q] += sum_ij dW[c, i, j] M[i*D + j0 + j, q] when dW and dv are given; all contiguous, dtype
+// 0 float32, 1 float64. m_rows / c_rows: n addresses of M's / b's rows (float32, as
+// tinyrecon_cpu_philox_fill draws them) where a cache keeps them, read instead of drawn; may be null.
+// Returns 2 when the per-thread sums find no memory.
+TR_EXPORT int tinyrecon_cpu_random_linear(int dtype, int threads, i64 seed_m, int has_c, i64 seed_c, i64 n, i64 D,
+                                          i64 j0, i64 cols, i64 k, i64 C, const void* v, void* W, const void* dW,
+                                          void* dv, const void* m_rows, const void* c_rows) {
+  if ((dtype != 0 && dtype != 1) || n < 0 || D < 0 || j0 < 0 || cols < 0 || j0 + cols > D || k < 1 || C < 0 ||
+      (dW == nullptr) != (dv == nullptr) || (n && cols && C && (!v || (!W && !dW))))
+    return 1;
+  if (!n || !cols || !C) return 0;
+  if (dtype == 0) {
+    const Linear<float> f = {uint64_t(seed_m), uint64_t(seed_c), has_c != 0, n, D, j0, cols, k, C,
+                             static_cast<const float*>(v), static_cast<float*>(W), static_cast<const float*>(dW),
+                             static_cast<const float* const*>(m_rows), static_cast<const float* const*>(c_rows), nullptr, nullptr, 0, 0};
+    return linear(threads, f, static_cast<float*>(dv), linear_f32);
+  }
+  const Linear<double> f = {uint64_t(seed_m), uint64_t(seed_c), has_c != 0, n, D, j0, cols, k, C,
+                            static_cast<const double*>(v), static_cast<double*>(W), static_cast<const double*>(dW),
+                            static_cast<const float* const*>(m_rows), static_cast<const float* const*>(c_rows), nullptr, nullptr, 0, 0};
+  return linear(threads, f, static_cast<double*>(dv), linear_f64);
+}
+
+// Masking's GEMMs (float32) with the mask read from bits (tinyrecon_cpu_mask_bits' layout, words per
+// row; columns [j0, j0 + D) of it; null bits: no mask, for the hypernets' blocks): op 0 out (N x n)
+// = x @ (w * M)^T; op 1 out (N x D) = g @ (w * M); op 2 out (n x D) = (g^T @ x) * M; ops 0 and 1
+// add to out when accumulate. x (N x D), w (n x D) and out
+// have row strides; g (N x n) is contiguous. Returns 2 when the per-thread buffers find no memory.
+TR_EXPORT int tinyrecon_cpu_masked_gemm(int op, int threads, const void* bits, i64 words, i64 j0, i64 N, i64 n,
+                                        i64 D, const void* x, i64 x_stride, const void* w, i64 w_stride,
+                                        const void* g, void* out, i64 out_stride, int accumulate) {
+  if (op < 0 || op > 2 || words < 0 || j0 < 0 || N < 0 || n < 0 || D < 0 || (bits && j0 + D > words * 64) ||
+      x_stride < 0 || w_stride < 0 || out_stride < 0 ||
+      (N && n && D && (!out || (op != 1 && !x) || (op != 2 && !w) || (op != 0 && !g))))
+    return 1;
+  if (!bits) words = 0;
+  float* y = static_cast<float*>(out);
+  if (op == 0 && (!N || !n)) return 0;
+  if (op == 0 && !D) {
+    for (i64 b = 0; b < N && !accumulate; ++b) std::memset(y + b * out_stride, 0, sizeof(float) * size_t(n));
+    return 0;
+  }
+  if (op != 0 && (!N || !n || !D)) {   // an empty sum: dx or dw is zero (or unchanged when accumulating)
+    const i64 rows = op == 1 ? N : n;
+    if (!accumulate || op == 2)
+      for (i64 r = 0; r < rows && D; ++r) std::memset(y + r * out_stride, 0, sizeof(float) * size_t(D));
+    return 0;
+  }
+  const i64 N4 = (N + 3) / 4 * 4, n4 = (n + 3) / 4 * 4;
+  const int nt = split_count(threads, N * n * D, i64(1) << 20);
+  const i64 stride = op == 0 ? N4 * n4 * LANES + (N4 + n4) * KC : (op == 1 ? n : N) * TILE;
+  float* scratch = static_cast<float*>(std::aligned_alloc(64, size_t(nt * stride + 16) * sizeof(float)));
+  float* gp = static_cast<float*>(std::calloc(size_t(N4 * n4), sizeof(float)));
+  float* partial = op == 0 ? static_cast<float*>(std::malloc(size_t(nt * N * n) * sizeof(float))) : nullptr;
+  if (!scratch || !gp || (op == 0 && !partial)) {
+    std::free(scratch), std::free(gp), std::free(partial);
+    return 2;
+  }
+  const float* gs = static_cast<const float*>(g);
+  for (i64 b = 0; b < N && op != 0; ++b)
+    for (i64 i = 0; i < n; ++i) (op == 1 ? gp[b * n4 + i] : gp[i * N4 + b]) = gs[b * n + i];
+  const uint64_t* bb = static_cast<const uint64_t*>(bits);
+  const Masked a = {bb, words, j0, N, n, N4, n4, static_cast<const float*>(x), x_stride, static_cast<const float*>(w),
+                    w_stride, gp, op == 0 ? partial : y, out_stride, accumulate != 0, scratch, stride};
+  if (op == 2 || (op == 1 && !accumulate)) hint_huge_pages(y, ((op == 1 ? N : n) - 1) * out_stride * 4 + D * 4);
+  parallel(nt, D, TILE, op == 0 ? masked_forward : op == 1 ? masked_dx : masked_dw, &a);
+  for (i64 b = 0; b < N && op == 0; ++b)   // the threads' partial sums, in a fixed order
+    for (i64 i = 0; i < n; ++i) {
+      float t = 0;
+      for (int th = 0; th < nt; ++th) t += partial[(th * N + b) * n + i];
+      y[b * out_stride + i] = accumulate ? y[b * out_stride + i] + t : t;
+    }
+  std::free(scratch), std::free(gp), std::free(partial);
+  return 0;
 }

@@ -96,6 +96,14 @@ def test_each_isa_level_builds_clean_and_agrees(march, tmp_path, monkeypatch):
     assert mask(2, 7, 4, 3, 21, 50, 0.3, src[:, 4:].data_ptr(), 50, got.data_ptr(), 21) == 0
     u = _definition(7, 0, 150, 0).view(3, 50)
     assert torch.equal(got, src[:, 4:25] * (u[:, 4:25] < 0.3).float())
+    for name in ("tinyrecon_cpu_mask_bits", "tinyrecon_cpu_masked_gemm"):
+        getattr(lib, name).argtypes = cpu_lib.ENTRY_POINTS[name]
+    bits = torch.empty(3, 1, dtype=torch.int64)   # the packed mask, and masking's forward GEMM reading it
+    assert lib.tinyrecon_cpu_mask_bits(2, 7, 3, 50, 0.3, bits.data_ptr()) == 0
+    x, y = torch.randn(5, 50), torch.empty(5, 3)
+    assert lib.tinyrecon_cpu_masked_gemm(0, 2, bits.data_ptr(), 1, 0, 5, 3, 50, x.data_ptr(), 50, src.data_ptr(), 50,
+                                         None, y.data_ptr(), 3, 0) == 0
+    assert_close(y, x.double() @ (src * (u < 0.3).float()).double().T, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("kind", ["rand", "randn"])
@@ -108,14 +116,19 @@ def test_block_is_a_column_block_of_the_matrix(kind):
         assert _ulps(got, whole[:, j0:j1].contiguous()) <= (kind == "randn")
 
 
+@pytest.mark.parametrize("budget", [None, 0])   # frozen matrices from the cache, or drawn in the kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])   # masking: the library's pass, torch's
 @pytest.mark.parametrize("family", ["masking", "rmh", "hypernet"])
-def test_applies_over_many_column_blocks(family, dtype, monkeypatch):
+def test_applies_over_many_column_blocks(family, dtype, budget, monkeypatch):
     """The cpu applies generate W by column blocks: with blocks of a few columns (odd D, so the last
-    block is short) values and gradients equal the reference's, which builds W whole."""
+    block is short) values and gradients equal the reference's, which builds W whole; with the
+    cache (masks bit-packed, M kept) and without it (everything drawn where it is used)."""
     import tinyrecon as tr
     from tinyrecon import cpu_ops
     monkeypatch.setattr(cpu_ops, "_BLOCK_NUMBERS", 100)
+    if budget is not None:
+        _random.clear_cache()
+        monkeypatch.setattr(_random, "_budget", budget)
     rec = {"masking": lambda: tr.masking_reconciliation(p=0.4, seed=3),
            "rmh": lambda: tr.random_matrix_hypernet_reconciliation(r=3, l=6, hidden_dim=5, seed=2**40 + 1),
            "hypernet": lambda: tr.hypernet_reconciliation(l=6, hidden_dim=4, seed=9)}[family]()
@@ -129,3 +142,57 @@ def test_applies_over_many_column_blocks(family, dtype, monkeypatch):
         outs[backend] = (y, *torch.autograd.grad(y, (xs, ws), torch.ones_like(y)))
     for got, expected in zip(outs["cpu"], outs["torch"]):
         assert_close(got, expected)
+
+
+def _mask(seed, n, D, p):
+    return (_definition(seed, 0, n * D, 0).view(n, D) < torch.tensor(p, dtype=torch.float32)).float()
+
+
+@pytest.mark.parametrize("n, D", [(1, 1), (3, 64), (5, 203), (2, 1000)])
+def test_mask_bits_are_the_mask(n, D):
+    """Bit b of word q in row i is mask[i, 64 q + b]; bits past D are 0."""
+    bits = torch.empty(n, (D + 63) // 64, dtype=torch.int64)
+    cpu_lib.call("tinyrecon_cpu_mask_bits", 2, 2**40 + 9, n, D, 0.3, bits.data_ptr())
+    unpacked = (bits.unsqueeze(-1) >> torch.arange(64)) & 1
+    assert torch.equal(unpacked.reshape(n, -1)[:, :D].float(), _mask(2**40 + 9, n, D, 0.3))
+    assert not unpacked.reshape(n, -1)[:, D:].any()
+
+
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("N, n, D, j0", [(5, 3, 37, 0), (7, 6, 1000, 13), (9, 4, 600, 70), (1, 1, 1, 0),
+                                         (3, 5, 300, 49), (64, 8, 1100, 64)])   # 49: bits from two words
+def test_masked_gemms(N, n, D, j0, masked):
+    """The library's GEMMs (masking's, and the hypernets' without a mask) against float64 ones: odd
+    sizes (tile edges), a column offset into the mask, strided x/w/out, accumulation."""
+    Dm, p, seed = j0 + D + 5, 0.4, 3
+    bits = torch.empty(n, (Dm + 63) // 64, dtype=torch.int64)
+    cpu_lib.call("tinyrecon_cpu_mask_bits", 2, seed, n, Dm, p, bits.data_ptr())
+    M = _mask(seed, n, Dm, p)[:, j0:j0 + D] if masked else torch.ones(n, D)
+    x, w, g = torch.randn(N, D + 3)[:, :D], torch.randn(n, D + 5)[:, :D], torch.randn(N, n)
+    Wm = (w * M).double()
+    for op, out, expected in ((0, torch.full((N, n + 2), 7.0), x.double() @ Wm.T),
+                              (1, torch.full((N, D + 1), 7.0), g.double() @ Wm),
+                              (2, torch.full((n, D + 1), 7.0), (g.double().T @ x.double()) * M)):
+        cols = out.shape[1] - (2 if op == 0 else 1)
+        for accumulate in (False, True) if op != 2 else (False,):
+            cpu_lib.call("tinyrecon_cpu_masked_gemm", op, 2, bits.data_ptr() if masked else None, bits.shape[1],
+                         j0 if masked else 0, N, n, D, x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0),
+                         g.data_ptr(), out.data_ptr(), out.stride(0), int(accumulate))
+        want = expected * 2 if op != 2 else expected
+        assert_close(out[:, :cols], want, dtype=torch.float32)
+        assert (out[:, cols:] == 7).all()   # nothing written past the block
+
+
+def test_random_linear_reads_kept_rows_as_it_draws():
+    """The hypernets' pass: W and dv equal with M drawn in the pass and read from kept rows."""
+    from tinyrecon import cpu_ops
+    n, D, k, C, seed_m, seed_c = 5, 203, 3, 2, 2**33 + 1, 7
+    v, dW = torch.randn(C, k), torch.randn(C, n, 50)
+    M = _definition(seed_m, 0, n * D * k, 1).view(n, D, k)
+    b = _definition(seed_c, 0, n * D, 1).view(n, D)
+    expected = torch.einsum("ijq,cq->cij", M.double(), v.double()) + b.double()
+    for frozen in ((None, None), cpu_ops._frozen(seed_m, seed_c, n, D, k)):
+        dv = torch.zeros(C, k)
+        W = cpu_ops._linear_block(v, seed_m, seed_c, n, D, 17, 67, frozen, True, dW, dv)
+        assert_close(W, expected[:, :, 17:67])
+        assert_close(dv, torch.einsum("cij,ijq->cq", dW.double(), M[:, 17:67].double()))

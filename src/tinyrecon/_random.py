@@ -89,18 +89,22 @@ def _torch_fill(out: torch.Tensor, seed: int, start: int, numel: int, kind: str)
 
 
 # Regenerating costs more than the GEMM that uses it (~100 ns per number and core in torch ops;
-# ~35 ns for a normal in the CPU library, still ~3x a copy from the cache), so recently used
+# ~10 ns for a normal in the CPU library, still several times a copy from the cache), so recently used
 # matrices are kept per process, least recently used first out, within a byte budget
 # (TINYRECON_CACHE_BYTES, set_cache_budget). They are not module state: nothing is saved or moved
 # with a model. One lock guards the table: models are called from several threads (inference
 # servers, data-parallel CPU workers); numbers are generated outside it, so threads still draw in
 # parallel (two threads missing on one key both generate it, and the values are equal).
-# 256 MiB (64M float32): every small frozen matrix and random_matrix_adaption's B (D x r; 12 MiB at
-# the MNIST layer) many times over. The cpu backend regenerates n x D masks and hypernet matrices in
-# column blocks (``block``, never cached); on the torch path a mask that fits is cached like any matrix.
-_DEFAULT_BUDGET = 1 << 28
+# 1 GiB: random_matrix_hypernet's frozen M at the MNIST layer (n*D x r float32: 300 MiB at r=2,
+# 751 MiB at the benchmark's r=5; drawing it costs ~0.35 s of a core per 1e8 normals on every
+# call, reading it in the cpu kernels a few times less), masks bit-packed (``mask_bits``, n*D/8
+# bytes: 4.7 MiB there), random_matrix_adaption's B (12 MiB there) and every small frozen matrix.
+# tinyBIG keeps all of these as module buffers for good; the cache holds them only while used.
+# What does not fit (hypernet's 20 GB second layer) is drawn block by block next to the GEMM that
+# uses it (``block`` and the library's fused passes).
+_DEFAULT_BUDGET = 1 << 30
 _lock = threading.Lock()
-_cache: OrderedDict = OrderedDict()   # key -> float32 tensor
+_cache: OrderedDict = OrderedDict()   # key -> tensor (float32 numbers, or int64 mask bits)
 _stats = {"bytes": 0, "hits": 0, "misses": 0}
 
 
@@ -134,7 +138,7 @@ def _evict_to(limit: int) -> None:
 def set_cache_budget(nbytes: int) -> None:
     """Keep at most ``nbytes`` bytes of frozen random matrices per process (0: keep none).
 
-    The default is 256 MiB, or ``TINYRECON_CACHE_BYTES`` when set. Matrices bigger than the budget
+    The default is 1 GiB, or ``TINYRECON_CACHE_BYTES`` when set. Matrices bigger than the budget
     are generated on every use.
     """
     global _budget
@@ -158,11 +162,11 @@ def clear_cache() -> None:
         _stats.update(bytes=0, hits=0, misses=0)
 
 
-# Generating costs about 100 ns per number and CPU core in torch ops (about 35 ns for a normal in
+# Generating costs about 100 ns per number and CPU core in torch ops (about 10 ns for a normal in
 # the CPU library): 2**35 numbers take about an hour of one core in torch. A call asking for more
 # (hypernets at n = D = 2**16 would draw 2**39) is refused before any work starts, on every backend
 # (the functions check what a call draws before dispatch), unless TINYRECON_MAX_RANDOM raises the
-# limit. Below it, e.g. a hypernet at the MNIST layer (5e9 numbers, about 100 s on 2 cores), runs.
+# limit. Below it, e.g. a hypernet at the MNIST layer (5e9 numbers, about 45 s on 2 cores), runs.
 _DEFAULT_MAX_NUMBERS = 1 << 35
 
 
@@ -186,31 +190,67 @@ def _values(seed: int, start: int, numel: int, device: torch.device, kind: str) 
     if device.type == "meta":   # shapes only: nothing to draw
         return torch.empty(numel, dtype=torch.float32, device=device)
     check_cost(numel, "this random matrix")
-    key = (seed, start, numel, device, kind)
+    kept = _kept((seed, start, numel, device, kind), numel * 4, lambda: _fill(seed, start, numel, device, kind))
+    # callers own their copy; cached tensors are never written
+    return kept.clone() if kept is not None else _fill(seed, start, numel, device, kind)
+
+
+def _kept(key, nbytes: int, make):
+    """The cache's tensor for ``key``, made by ``make()`` and kept on a miss; None when ``nbytes`` is
+    above the budget (nothing is made then). Made outside the lock, so threads draw in parallel."""
     with _lock:
         hit = _cache.get(key)
         if hit is not None:
             _cache.move_to_end(key)
             _stats["hits"] += 1
-        else:
-            _stats["misses"] += 1
-        fits = numel * 4 <= _budget
-    if hit is not None:
-        return hit.clone()   # callers own their copy; cached tensors are never written
-    values = _fill(seed, start, numel, device, kind)
-    if fits:
-        with _lock:
-            if key not in _cache:
-                _cache[key] = values
-                _stats["bytes"] += numel * 4
-                _evict_to(_budget)
-        return values.clone()
-    return values
+            return hit
+        _stats["misses"] += 1
+        if nbytes > _budget:
+            return None
+    value = make()
+    with _lock:
+        if key not in _cache:
+            _cache[key] = value
+            _stats["bytes"] += nbytes
+            _evict_to(_budget)
+    return value
+
+
+def kept_slices(seed: int, slices, kind: str) -> list | None:
+    """Numbers ``[start, start + numel)`` of seed for each ``(start, numel)`` of ``slices`` ("rand" or
+    "randn", float32 on the CPU) as the cache keeps them (the entries ``rand``/``randn`` with these
+    starts use): read-only tensors, not copies; None when together they do not fit the budget. For
+    kernels that read a frozen matrix many times (the hypernets' M, kept in the reference's slices)."""
+    if sum(numel for _, numel in slices) * 4 > cache_info()["budget"]:
+        return None
+    device = torch.device("cpu")
+    kept = []
+    for start, numel in slices:
+        check_cost(numel, "this random matrix")
+        kept.append(_kept((seed, start, numel, device, kind), numel * 4,
+                          lambda start=start, numel=numel: _fill(seed, start, numel, device, kind)))
+    return None if any(t is None for t in kept) else kept
 
 
 @_values.register_fake
 def _(seed, start, numel, device, kind):
     return torch.empty(numel, dtype=torch.float32, device=device)
+
+
+def mask_bits(seed: int, rows: int, cols: int, p: float) -> torch.Tensor | None:
+    """The rows x cols mask ``rand(seed) < p``, bit-packed by the CPU library (rows x ceil(cols/64)
+    int64 words, bit b of word q is column 64q + b) and kept in the cache: 1/32 of the float32
+    mask, so an n x D mask is drawn once and then read at memory speed. None when it does not fit
+    the budget (callers then draw the mask where they use it). Never written to."""
+    words = (cols + 63) // 64
+
+    def make():
+        check_cost(rows * cols, "this mask")
+        bits = torch.empty(rows, words, dtype=torch.int64)
+        if bits.numel():
+            cpu_lib.call("tinyrecon_cpu_mask_bits", torch.get_num_threads(), seed, rows, cols, p, bits.data_ptr())
+        return bits
+    return _kept(("mask_bits", seed, rows, cols, float(p)), rows * words * 8, make)
 
 
 @torch.library.custom_op("tinyrecon::philox_block", mutates_args=())

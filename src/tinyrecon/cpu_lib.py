@@ -19,6 +19,10 @@ ENTRY_POINTS = {
     "tinyrecon_cpu_kron_expand": [_INT, _INT] + [_P] * 3 + [_I64] * 4,
     "tinyrecon_cpu_philox_fill": [_INT, _INT] + [_I64] * 5 + [_P],
     "tinyrecon_cpu_philox_mask": [_INT] + [_I64] * 5 + [ctypes.c_float, _P, _I64, _P, _I64],
+    "tinyrecon_cpu_mask_bits": [_INT, _I64, _I64, _I64, ctypes.c_float, _P],
+    "tinyrecon_cpu_mask_apply": [_INT, _INT, _P] + [_I64] * 4 + [_P, _I64, _P, _I64],
+    "tinyrecon_cpu_masked_gemm": [_INT, _INT, _P] + [_I64] * 5 + [_P, _I64, _P, _I64, _P, _P, _I64, _INT],
+    "tinyrecon_cpu_random_linear": [_INT, _INT, _I64, _INT] + [_I64] * 7 + [_P] * 6,
 }
 
 

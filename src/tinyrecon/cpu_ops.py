@@ -6,9 +6,11 @@ one read, for each); ``kron_expand`` writes dx once. Both are ``torch.library`` 
 ``torch.compile`` traces them as ops, not graph breaks (eager calls skip the op machinery). float32
 and float64 run in the kernels, and a bfloat16 x is read as is (``_bf16_x_as_is``); otherwise
 float16 and bfloat16 run in float32, rounded once at the end (as the reference does). Building W
-reads no x, so the builds are the reference's. The random families (masking, the hypernets) generate W by column blocks of all its rows
-in the library (``_random.block``), each consumed by a GEMM at once: no n x D matrix (nor the
-hypernets' n*D x k one) is ever held, in the forward or the backward, which regenerates it once.
+reads no x, so the builds are the reference's. The random families (masking, the hypernets) never
+hold an n x D W: masking's float32 GEMMs (``_masked_gemm``) read the mask bit-packed from the cache
+(``_random.mask_bits``) next to their tiles; the hypernets form W by column blocks of all its rows
+in one library pass (``_linear_block``) that reads M from the cache where it fits the budget and
+draws it there otherwise, each block consumed by a GEMM at once, in the forward and the backward.
 The Kronecker family and duplicated_padding (a
 Kronecker product with a rank-1 left factor) use both halves of the pass per batch; lorr,
 random_matrix_adaption and duplicated_diagonal_padding fold x into one matrix (``factor_pass``),
@@ -211,28 +213,66 @@ def _mask_block(seed: int, p: float, n: int, D: int, j0: int, j1: int, dtype) ->
     return (u < torch.tensor(p, dtype=torch.float32)).to(dtype)
 
 
-def _masked(src: Tensor, seed: int, p: float, D: int, j0: int, out: Tensor | None = None) -> Tensor:
-    """``src * mask[:, j0:j0 + cols]`` for src (C, n, cols): float32 in one pass of the library
-    (the mask is drawn as it is applied), float64 in torch. Written into ``out`` when given."""
+def _masked(src: Tensor, seed: int, p: float, D: int, j0: int, out: Tensor | None = None,
+            bits: Tensor | None = None) -> Tensor:
+    """``src * mask[:, j0:j0 + cols]`` for src (C, n, cols), written into ``out`` when given: from the
+    cached bit-packed mask (``bits``, float32 and float64), else drawn as it is applied (float32 in
+    one pass of the library, float64 in torch)."""
     C, n, cols = src.shape
-    if src.dtype != torch.float32:
+    if bits is None and src.dtype != torch.float32:
         return torch.mul(src, _mask_block(seed, p, n, D, j0, j0 + cols, src.dtype), out=out)
     out = torch.empty_like(src, memory_format=torch.contiguous_format) if out is None else out
     if src.stride(2) != 1:
         src = src.contiguous()
     if src.numel():
         for c in range(C):
-            cpu_lib.call("tinyrecon_cpu_philox_mask", torch.get_num_threads(), seed, j0, n, cols, D, p,
-                         src[c].data_ptr(), src.stride(1), out[c].data_ptr(), out.stride(1))
+            if bits is not None:
+                cpu_lib.call("tinyrecon_cpu_mask_apply", _DTYPES[src.dtype], torch.get_num_threads(), bits.data_ptr(),
+                             bits.shape[1], j0, n, cols, src[c].data_ptr(), src.stride(1), out[c].data_ptr(),
+                             out.stride(1))
+            else:
+                cpu_lib.call("tinyrecon_cpu_philox_mask", torch.get_num_threads(), seed, j0, n, cols, D, p,
+                             src[c].data_ptr(), src.stride(1), out[c].data_ptr(), out.stride(1))
     return out
 
 
+def _masked_gemm(op: int, bits: Tensor | None, x, w, g, out: Tensor, accumulate: bool = False) -> None:
+    """The library's GEMMs with the masking mask (``bits``, whole) or none (None): op 0
+    ``out (+)= x @ (w * M)^T``, 1 ``out (+)= g @ (w * M)``, 2 ``out = (g^T @ x) * M``; float32,
+    x, w and out 2-d with unit column stride, g contiguous; (+)= when ``accumulate``."""
+    if op == 2:
+        (n, D), N = out.shape, g.shape[0]
+    else:
+        (N, n), D = (out.shape, w.shape[1]) if op == 0 else ((out.shape[0], w.shape[0]), out.shape[1])
+    ptr = (lambda t: t.data_ptr() if t is not None and t.numel() else None)
+    cpu_lib.call("tinyrecon_cpu_masked_gemm", op, torch.get_num_threads(), ptr(bits),
+                 bits.shape[1] if bits is not None else 0, 0, N, n, D, ptr(x), x.stride(0) if x is not None else 0,
+                 ptr(w), w.stride(0) if w is not None else 0, ptr(g), ptr(out), out.stride(0), int(accumulate))
+
+
+def _unit_columns(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def masking_forward(x: Tensor, w: Tensor, seed: int, p: float) -> Tensor:
-    """``x @ (w * M)^T`` for x (N, D), w (C, n, D): each column block's mask drawn, applied and used."""
+    """``x @ (w * M)^T`` for x (N, D), w (C, n, D). float32 with the mask in the cache: the library's
+    masked GEMM (the mask applied to w's tiles as the GEMM reads them); otherwise by column blocks,
+    each masked (from the cached bits, or drawn there) right before its GEMM."""
     C, n, D = w.shape
+    bits = _random.mask_bits(seed, n, D, p) if w.numel() else None
+    if bits is not None and w.dtype == torch.float32:
+        y = x.new_empty(C, x.shape[0], n)
+        x = _unit_columns(x)
+        for c in range(C):
+            _masked_gemm(0, bits, x, _unit_columns(w[c]), None, y[c])
+        return y
     y = x.new_zeros(C, x.shape[0], n)
+    buf = None
     for j0, j1 in _column_blocks(n, D, 1):
-        y += torch.matmul(x[:, j0:j1], _masked(w[:, :, j0:j1], seed, p, D, j0).transpose(1, 2))
+        buf = _masked(w[:, :, j0:j1], seed, p, D, j0, bits=bits,
+                      out=None if buf is None or buf.shape[2] != j1 - j0 else buf)
+        for c in range(C):
+            y[c].addmm_(x[:, j0:j1], buf[c].T)
     return y
 
 
@@ -242,11 +282,28 @@ def masking_backward(g: Tensor, x: Tensor, w: Tensor, seed: int, p: float, want_
     C, n, D = w.shape
     dx = x.new_empty(x.shape if want_dx else (0,))
     dw = w.new_empty(w.shape if want_dw else (0,))
+    if want_dx and C == 0:
+        dx.zero_()
+    bits = _random.mask_bits(seed, n, D, p) if w.numel() else None
+    if bits is not None and w.dtype == torch.float32:   # the library's masked GEMMs, as in the forward
+        x, g = _unit_columns(x), g.contiguous()
+        for c in range(C):
+            if want_dx:
+                _masked_gemm(1, bits, None, _unit_columns(w[c]), g[c], dx, accumulate=c > 0)
+            if want_dw:
+                _masked_gemm(2, bits, x, None, g[c], dw[c])
+        return dx, dw
     for j0, j1 in _column_blocks(n, D, 1):
-        if want_dx:
-            dx[:, j0:j1] = torch.matmul(g, _masked(w[:, :, j0:j1], seed, p, D, j0)).sum(0)
-        if want_dw:
-            _masked(torch.matmul(g.transpose(1, 2), x[:, j0:j1]), seed, p, D, j0, out=dw[:, :, j0:j1])
+        if want_dx and C:   # dx = sum_c g[c] @ (w[c] * M), written once
+            Wm = _masked(w[:, :, j0:j1], seed, p, D, j0, bits=bits)
+            torch.mm(g[0], Wm[0], out=dx[:, j0:j1])
+            for c in range(1, C):
+                dx[:, j0:j1].addmm_(g[c], Wm[c])
+        if want_dw:   # dw = (g^T x) * M, masked where it is written
+            dW = dw[:, :, j0:j1]
+            for c in range(C):
+                torch.mm(g[c].T, x[:, j0:j1], out=dW[c])
+            _masked(dW, seed, p, D, j0, out=dW, bits=bits)
     return dx, dw
 
 
@@ -259,39 +316,93 @@ ops.implement("masking_apply", "cpu", reference(lambda x, w, seed, p, bias: add_
               lambda g, needs, x, w, seed, p, bias: masking_backward(_up(g).contiguous(), _up(x), _up(w), seed, p, *needs))
 
 
-def _linear_block(v, seed_m: int, seed_c, n: int, D: int, j0: int, j1: int):
-    """Columns [j0, j1) of the reference's ``reshape(M @ v^T (+ c), C, n, D)`` (functions/hypernet.py),
-    and that block of M as (n, j1 - j0, k)."""
-    k = v.shape[1]
-    M = _random.block(seed_m, j0 * k, n, (j1 - j0) * k, D * k, "randn").to(v.dtype).view(n, j1 - j0, k)
-    W = torch.matmul(M, v.T).permute(2, 0, 1)   # (C, n, j1 - j0)
-    if seed_c is not None:
-        W = W + _random.block(seed_c, j0, n, j1 - j0, D, "randn").to(v.dtype)
-    return W, M
+def _frozen(seed_m: int, seed_c, n: int, D: int, k: int):
+    """(M rows, b rows): int64 tensors of the n row addresses of the frozen matrices where the cache
+    keeps them (in the reference's slices, so both backends share one copy; read, never written),
+    with the tensors that hold them; each None when it does not fit the budget (then drawn block
+    by block where used)."""
+    step = _hypernet_ref._rows_per_slice(D, k)
+
+    def rows(seed, width):
+        if seed is None or not n * D:
+            return None
+        kept = _random.kept_slices(seed, [(i0 * D * width, (min(n, i0 + step) - i0) * D * width)
+                                          for i0 in range(0, n, step)], "randn")
+        if kept is None:
+            return None
+        addresses = [t.data_ptr() + 4 * r * D * width for t in kept for r in range(t.numel() // (D * width))]
+        return torch.tensor(addresses, dtype=torch.int64), kept
+    return rows(seed_m, k), rows(seed_c, 1)
+
+
+def _linear_block(v: Tensor, seed_m: int, seed_c, n: int, D: int, j0: int, j1: int, frozen, want_W: bool = True,
+                  dW: Tensor | None = None, dv: Tensor | None = None) -> Tensor | None:
+    """Columns [j0, j1) of the reference's ``reshape(M @ v^T (+ b), C, n, D)`` (functions/hypernet.py)
+    as (C, n, j1 - j0) when ``want_W``; and ``dv[c] += sum_ij dW[c, i, j] M[i, j, :]`` for the block
+    dW when given. One pass of the library reads M's block (``frozen``, from ``_frozen``) or draws
+    it, once for both, and stores none of it."""
+    C, k = v.shape
+    W = v.new_empty(C, n, j1 - j0) if want_W else None
+    ptr = (lambda t: t.data_ptr() if t is not None else None)
+    m_rows, c_rows = (None if f is None else f[0] for f in frozen)
+    cpu_lib.call("tinyrecon_cpu_random_linear", _DTYPES[v.dtype], torch.get_num_threads(), seed_m,
+                 int(seed_c is not None), seed_c or 0, n, D, j0, j1 - j0, k, C, v.data_ptr(), ptr(W), ptr(dW), ptr(dv),
+                 ptr(m_rows), ptr(c_rows))
+    return W
 
 
 def random_linear_forward(x: Tensor, v: Tensor, seed_m: int, seed_c: int | None, n: int) -> Tensor:
-    """``x @ W^T`` for ``W = reshape(M @ v^T (+ c), C, n, D)``, M (n*D x k) and c frozen N(0, 1)."""
+    """``x @ W^T`` for ``W = reshape(M @ v^T (+ b), C, n, D)``, M (n*D x k) and b frozen N(0, 1)."""
     D = x.shape[1]
-    y = x.new_zeros(v.shape[0], x.shape[0], n)
-    for j0, j1 in _column_blocks(n, D, v.shape[1]):
-        y += torch.matmul(x[:, j0:j1], _linear_block(v, seed_m, seed_c, n, D, j0, j1)[0].transpose(1, 2))
+    C = v.shape[0]
+    y = x.new_zeros(C, x.shape[0], n)
+    v = v.contiguous()
+    frozen = _frozen(seed_m, seed_c, n, D, v.shape[1])
+    fp32 = x.dtype == torch.float32
+    if fp32:
+        x = _unit_columns(x)
+    for j0, j1 in _column_blocks(n, D, C):
+        W = _linear_block(v, seed_m, seed_c, n, D, j0, j1, frozen)
+        for c in range(C):
+            if fp32:   # the library's GEMM (torch's batched one is slower at these shapes)
+                _masked_gemm(0, None, x[:, j0:j1], W[c], None, y[c], accumulate=True)
+            else:
+                y[c].addmm_(x[:, j0:j1], W[c].T)
     return y
 
 
 def random_linear_backward(g: Tensor, x: Tensor, v: Tensor, seed_m: int, seed_c: int | None, n: int,
                            want_dx: bool, want_dv: bool) -> tuple[Tensor, Tensor]:
-    """(dx, dv) for the upstream g (C, N, n), W regenerated once; an unwanted one is empty."""
+    """(dx, dv) for the upstream g (C, N, n), M's blocks drawn once for both; an unwanted one is empty."""
     D = x.shape[1]
+    C = v.shape[0]
     dx = x.new_empty(x.shape if want_dx else (0,))
-    dv = torch.zeros_like(v) if want_dv else v.new_empty(0)
-    for j0, j1 in _column_blocks(n, D, v.shape[1]):
-        W, M = _linear_block(v, seed_m, seed_c, n, D, j0, j1)
-        if want_dx:
-            dx[:, j0:j1] = torch.matmul(g, W).sum(0)
-        if want_dv:   # dv[c] = sum_ij dW[c, i, j] M[i, j, :], dW = g^T @ x
-            dW = torch.matmul(g.transpose(1, 2), x[:, j0:j1])   # (C, n, j1 - j0)
-            dv += dW.reshape(dW.shape[0], -1) @ M.reshape(-1, M.shape[2])
+    dv = v.new_zeros(v.shape if want_dv else (0,))
+    if want_dx and C == 0:
+        dx.zero_()
+    v = v.contiguous()
+    frozen = _frozen(seed_m, seed_c if want_dx else None, n, D, v.shape[1])
+    fp32 = x.dtype == torch.float32
+    if fp32:
+        x, g = _unit_columns(x), g.contiguous()
+    for j0, j1 in _column_blocks(n, D, C):
+        # dv[c] = sum_ij dW[c, i, j] M[i, j, :] with dW = g^T @ x
+        dW = None
+        if want_dv:
+            dW = x.new_empty(C, n, j1 - j0)
+            for c in range(C):
+                if fp32:
+                    _masked_gemm(2, None, x[:, j0:j1], None, g[c], dW[c])
+                else:
+                    torch.mm(g[c].T, x[:, j0:j1], out=dW[c])
+        W = _linear_block(v, seed_m, seed_c, n, D, j0, j1, frozen, want_dx, dW, dv if want_dv else None)
+        for c in range(C if want_dx else 0):
+            if fp32:
+                _masked_gemm(1, None, None, W[c], g[c], dx[:, j0:j1], accumulate=c > 0)
+            elif c == 0:
+                torch.mm(g[0], W[0], out=dx[:, j0:j1])
+            else:
+                dx[:, j0:j1].addmm_(g[c], W[c])
     return dx, dv
 
 
