@@ -24,6 +24,7 @@ from torch.utils import _python_dispatch
 
 from . import _random, cpu_lib, ops
 from .base import _HALF, XOps, add_bias, reference, torch_expand, torch_passes
+from .functions import hypernet as _hypernet_ref
 from .functions import kron as _kron_ref
 from .functions import lowrank as _lowrank_ref
 from .functions import padding as _padding_ref
