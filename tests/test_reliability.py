@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from torch.autograd import gradcheck, gradgradcheck
+from torch.autograd import gradgradcheck
 
 import tinyrecon as tr
 from tinyrecon import dispatch
