@@ -9,8 +9,7 @@ from tinyrecon import dispatch, ops, registry
 from conftest import DEVICE
 from test_reliability import D, N, make
 
-FAMILIES = ["hm", "lphm", "dual_lphm", "duplicated_padding", "duplicated_diagonal_padding", "lorr",
-            "random_matrix_adaption", "masking", "hypernet", "random_matrix_hypernet"]
+FAMILIES = [f for f, cls in registry.CLASSES.items() if cls.op]   # every function with ops
 
 
 def _recorded_calls(family, monkeypatch):
