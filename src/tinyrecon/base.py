@@ -9,6 +9,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from . import _random, dispatch
 
@@ -198,6 +199,8 @@ class Reconciliation(nn.Module):
 
     # Prefix of this function's dispatch ops, "<op>_build" and "<op>_apply" (None: it has none).
     op: str | None = None
+    # Whether ``apply`` builds W and makes one F.linear when W is small (``BUILD_BELOW``).
+    build_when_small: bool = False
 
     def __init__(self, name: str, *, require_parameters: bool = True, enable_bias: bool = False,
                  device=None, backend: str | None = None):
@@ -300,7 +303,11 @@ class Reconciliation(nn.Module):
             if tuple(bias.shape) != (n,):
                 raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
         batch = x.shape[:-1]
-        y = self._apply_flat(x.reshape(-1, D), w2, n, bias, self._backend(backend))
+        backend = self._backend(backend)
+        if self.build_when_small and n * D < BUILD_BELOW and _builds_small(self.op, x, backend):
+            y = _linear(x.reshape(-1, D), self._build(n, D, w2, backend), bias)
+        else:
+            y = self._apply_flat(x.reshape(-1, D), w2, n, bias, backend)
         y = y.reshape(y.shape[0], *batch, n)
         return y if keep else y[0]
 
@@ -341,6 +348,26 @@ class Reconciliation(nn.Module):
             raise ValueError(f"w has 0 channels (shape {tuple(w.shape)}); give at least one row of l = {l}")
         w2 = w.reshape(1, l) if w.dim() == 1 else w
         return w2, w.dim() == 2 and w.shape[0] > 1
+
+
+# Below this many entries of W (n*D), ``apply`` of a function with ``build_when_small`` builds W
+# with the backend's build and makes one F.linear, where the torch and cpu backends run the apply:
+# a structured apply's extra ops cost more than the GEMM with W there (measured, tiny shape n=6,
+# D=12: bench/results/cpu-2core-2026-12-01-tiny). Tests set it to 0 to reach the structured applies.
+BUILD_BELOW = 4096
+
+
+def _builds_small(op: str, x: torch.Tensor, backend) -> bool:
+    """Whether the apply of ``op`` on ``x`` runs on a backend whose small applies are a build and
+    F.linear (torch, cpu); Triton and CUDA keep their own ops (their first-order refusals included)."""
+    return dispatch.resolve(f"{op}_apply", x.device.type, backend) in ("torch", "cpu")
+
+
+def _linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W[c]^T + bias`` for x (N, D) and W (C, n, D): (C, N, n); one F.linear for one channel."""
+    if W.shape[0] == 1:
+        return F.linear(x, W[0], bias)[None]
+    return add_bias(torch.matmul(x, W.transpose(1, 2)), bias)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
