@@ -2,7 +2,7 @@
 fp32), fwd (no_grad) and train (grads of w and bias), per structured function; and what the first
 call imports (torch._dynamo, sympy). One fresh process per (function, op).
 
-    python bench/first_call.py [--functions ...] [--repeat 1]
+    python bench/first_call.py [--functions ...] [--ops fwd train] [--preimport]
 """
 import argparse
 import json
@@ -14,6 +14,8 @@ import sys, time, torch
 import tinyrecon as tr
 from tinyrecon.benchmark.cases import make_function
 fn, op = sys.argv[1], sys.argv[2]
+if sys.argv[3] == "1":   # what torch.autograd.grad imports on its first call with a grad_output tensor
+    import torch.fx.experimental.symbolic_shapes
 n, D, N = 64, 615440, 64
 g = torch.Generator().manual_seed(0)
 x = torch.randn(N, D, generator=g)
@@ -52,10 +54,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--functions", nargs="*", default=FUNCS)
     ap.add_argument("--ops", nargs="*", default=("fwd", "train"))
+    ap.add_argument("--preimport", action="store_true",
+                    help="import torch.fx.experimental.symbolic_shapes (sympy) before the clock starts")
     args = ap.parse_args()
     for f in args.functions:
         for op in args.ops:
-            out = subprocess.run([sys.executable, "-c", CODE, f, op], capture_output=True, text=True)
+            out = subprocess.run([sys.executable, "-c", CODE, f, op, str(int(args.preimport))], capture_output=True, text=True)
             if out.returncode:
                 print(f, op, "failed:", out.stderr.strip().splitlines()[-1])
                 continue

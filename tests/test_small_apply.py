@@ -30,7 +30,7 @@ def test_the_structured_families_build_when_small():
 @pytest.mark.parametrize("size", list(SIZES), ids=str)
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("batch", [(5,), (0,), (2, 3)], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", [None] + CPU_BACKENDS)
 @pytest.mark.parametrize("family", sorted(SMALL))
 def test_values_and_gradients_match_the_reference(family, backend, dtype, batch, channels, size, monkeypatch):

@@ -175,6 +175,8 @@ def channel_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     Bit-identical to tinyBIG's 2-D ``torch.matmul`` of each channel's factors; a batched matmul
     can round differently (it does with MKL on AVX-512), and ``layout="tinybig"`` promises the same bits.
     """
+    if len(A) == 1:   # the usual one channel: the same matmul without splitting and stacking
+        return (A[0] @ B[0])[None]
     return torch.stack([a @ b for a, b in zip(A, B)]) if len(A) else torch.matmul(A, B)
 
 
@@ -352,8 +354,10 @@ class Reconciliation(nn.Module):
 
 # Below this many entries of W (n*D), ``apply`` of a function with ``build_when_small`` builds W
 # with the backend's build and makes one F.linear, where the torch and cpu backends run the apply:
-# a structured apply's extra ops cost more than the GEMM with W there (measured, tiny shape n=6,
-# D=12: bench/results/cpu-2core-2026-12-01-tiny). Tests set it to 0 to reach the structured applies.
+# a structured apply's extra ops cost more than the GEMM with W there. Measured on the 2-core VM
+# (bench/small_w_sweep.py, bench/results/cpu-2core-2026-12-01-tiny): the build is 1.3-2.9x faster
+# fwd up to n*D = 16384 and slower for some functions at 65536; 4096 keeps a margin (train gains
+# less: 0.9-3x, noisy). Tests set it to 0 to reach the structured applies.
 BUILD_BELOW = 4096
 
 
