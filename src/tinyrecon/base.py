@@ -307,7 +307,10 @@ class Reconciliation(nn.Module):
         batch = x.shape[:-1]
         backend = self._backend(backend)
         if self.build_when_small and n * D < BUILD_BELOW and _builds_small(self.op, x, backend):
-            y = _linear(x.reshape(-1, D), self._build(n, D, w2, backend), bias)
+            W = self._build(n, D, w2, backend)
+            if not keep:   # one channel: F.linear takes x's batch dimensions as they are
+                return F.linear(x, W[0], bias)
+            y = add_bias(torch.matmul(x.reshape(-1, D), W.transpose(1, 2)), bias)
         else:
             y = self._apply_flat(x.reshape(-1, D), w2, n, bias, backend)
         y = y.reshape(y.shape[0], *batch, n)
@@ -365,13 +368,6 @@ def _builds_small(op: str, x: torch.Tensor, backend) -> bool:
     """Whether the apply of ``op`` on ``x`` runs on a backend whose small applies are a build and
     F.linear (torch, cpu); Triton and CUDA keep their own ops (their first-order refusals included)."""
     return dispatch.resolve(f"{op}_apply", x.device.type, backend) in ("torch", "cpu")
-
-
-def _linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ W[c]^T + bias`` for x (N, D) and W (C, n, D): (C, N, n); one F.linear for one channel."""
-    if W.shape[0] == 1:
-        return F.linear(x, W[0], bias)[None]
-    return add_bias(torch.matmul(x, W.transpose(1, 2)), bias)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
