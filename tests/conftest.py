@@ -26,10 +26,13 @@ DTYPES = list(TOL)
 
 @pytest.fixture(autouse=True)
 def cpu_kernels_at_every_size(monkeypatch):
-    """The CPU library's kernels take only x big enough to pay for them (``cpu_ops._MIN_ELEMENTS``);
-    tests use small shapes, so they run the kernels at every size (test_kron checks the rule itself)."""
-    from tinyrecon import cpu_ops
+    """The CPU library's kernels take only x big enough to pay for them (``cpu_ops._MIN_ELEMENTS``),
+    and a small W is built for one F.linear (``base.BUILD_BELOW``); tests use small shapes, so they
+    run the structured applies and the kernels at every size (test_kron and test_small_apply check
+    the rules themselves)."""
+    from tinyrecon import base, cpu_ops
     monkeypatch.setattr(cpu_ops, "_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(base, "BUILD_BELOW", 0)
 
 
 def assert_close(actual, expected, dtype=None):

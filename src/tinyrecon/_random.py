@@ -21,6 +21,7 @@ import threading
 from collections import OrderedDict
 
 import torch
+from torch.utils import _python_dispatch
 
 from . import cpu_lib
 
@@ -184,9 +185,19 @@ def check_cost(count: int, what: str) -> None:
             f"function's sizes, or set TINYRECON_MAX_RANDOM={count} to run it anyway")
 
 
-# One opaque op, so torch.compile neither traces the 10 Philox rounds nor breaks the graph.
-@torch.library.custom_op("tinyrecon::philox_values", mutates_args=())
+def eager(*tensors: torch.Tensor) -> bool:
+    """Whether a custom op's function can be called as a plain function: real tensors, nothing
+    tracing them. The custom ops are for torch.compile and tracers; called eagerly they cost a
+    dispatch, and their first call imports torch._dynamo (seconds, more than the call itself)."""
+    return (not torch.compiler.is_compiling() and _python_dispatch._get_current_dispatch_mode() is None
+            and all(type(t) is torch.Tensor for t in tensors))
+
+
 def _values(seed: int, start: int, numel: int, device: torch.device, kind: str) -> torch.Tensor:
+    return (_draw if eager() else _values_op)(seed, start, numel, device, kind)
+
+
+def _draw(seed: int, start: int, numel: int, device: torch.device, kind: str) -> torch.Tensor:
     if device.type == "meta":   # shapes only: nothing to draw
         return torch.empty(numel, dtype=torch.float32, device=device)
     check_cost(numel, "this random matrix")
@@ -232,7 +243,11 @@ def kept_slices(seed: int, slices, kind: str) -> list | None:
     return None if any(t is None for t in kept) else kept
 
 
-@_values.register_fake
+# One opaque op, so torch.compile neither traces the 10 Philox rounds nor breaks the graph.
+_values_op = torch.library.custom_op("tinyrecon::philox_values", _draw, mutates_args=())
+
+
+@_values_op.register_fake
 def _(seed, start, numel, device, kind):
     return torch.empty(numel, dtype=torch.float32, device=device)
 
@@ -253,11 +268,14 @@ def mask_bits(seed: int, rows: int, cols: int, p: float) -> torch.Tensor | None:
     return _kept(("mask_bits", seed, rows, cols, float(p)), rows * words * 8, make)
 
 
-@torch.library.custom_op("tinyrecon::philox_block", mutates_args=())
 def block(seed: int, start: int, rows: int, cols: int, stride: int, kind: str) -> torch.Tensor:
     """Rows ``[0, rows)`` and columns ``[0, cols)`` of the row-major CPU matrix with row length ``stride``
     whose element ``(i, j)`` is number ``start + i*stride + j`` ("rand" or "randn"): a column
     block, generated where a kernel consumes it (not cached)."""
+    return (_block if eager() else _block_op)(seed, start, rows, cols, stride, kind)
+
+
+def _block(seed: int, start: int, rows: int, cols: int, stride: int, kind: str) -> torch.Tensor:
     out = torch.empty(rows, cols)
     if cpu_lib.load_error():
         for i in range(rows):
@@ -268,7 +286,10 @@ def block(seed: int, start: int, rows: int, cols: int, stride: int, kind: str) -
     return out
 
 
-@block.register_fake
+_block_op = torch.library.custom_op("tinyrecon::philox_block", _block, mutates_args=())
+
+
+@_block_op.register_fake
 def _(seed, start, rows, cols, stride, kind):
     return torch.empty(rows, cols)
 

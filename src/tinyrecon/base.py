@@ -9,6 +9,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from . import _random, dispatch
 
@@ -174,6 +175,8 @@ def channel_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     Bit-identical to tinyBIG's 2-D ``torch.matmul`` of each channel's factors; a batched matmul
     can round differently (it does with MKL on AVX-512), and ``layout="tinybig"`` promises the same bits.
     """
+    if len(A) == 1:   # the usual one channel: the same matmul without splitting and stacking
+        return (A[0] @ B[0])[None]
     return torch.stack([a @ b for a, b in zip(A, B)]) if len(A) else torch.matmul(A, B)
 
 
@@ -198,6 +201,8 @@ class Reconciliation(nn.Module):
 
     # Prefix of this function's dispatch ops, "<op>_build" and "<op>_apply" (None: it has none).
     op: str | None = None
+    # Whether ``apply`` builds W and makes one F.linear when W is small (``BUILD_BELOW``).
+    build_when_small: bool = False
 
     def __init__(self, name: str, *, require_parameters: bool = True, enable_bias: bool = False,
                  device=None, backend: str | None = None):
@@ -300,7 +305,14 @@ class Reconciliation(nn.Module):
             if tuple(bias.shape) != (n,):
                 raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
         batch = x.shape[:-1]
-        y = self._apply_flat(x.reshape(-1, D), w2, n, bias, self._backend(backend))
+        backend = self._backend(backend)
+        if self.build_when_small and n * D < BUILD_BELOW and _builds_small(self.op, x, backend):
+            W = self._build(n, D, w2, backend)
+            if not keep:   # one channel: F.linear takes x's batch dimensions as they are
+                return F.linear(x, W[0], bias)
+            y = add_bias(torch.matmul(x.reshape(-1, D), W.transpose(1, 2)), bias)
+        else:
+            y = self._apply_flat(x.reshape(-1, D), w2, n, bias, backend)
         y = y.reshape(y.shape[0], *batch, n)
         return y if keep else y[0]
 
@@ -341,6 +353,21 @@ class Reconciliation(nn.Module):
             raise ValueError(f"w has 0 channels (shape {tuple(w.shape)}); give at least one row of l = {l}")
         w2 = w.reshape(1, l) if w.dim() == 1 else w
         return w2, w.dim() == 2 and w.shape[0] > 1
+
+
+# Below this many entries of W (n*D), ``apply`` of a function with ``build_when_small`` builds W
+# with the backend's build and makes one F.linear, where the torch and cpu backends run the apply:
+# a structured apply's extra ops cost more than the GEMM with W there. Measured on the 2-core VM
+# (bench/small_w_sweep.py, bench/results/cpu-2core-2026-12-01-tiny): the build is 1.3-2.9x faster
+# fwd up to n*D = 16384 and slower for some functions at 65536; 4096 keeps a margin (train gains
+# less: 0.9-3x, noisy). Tests set it to 0 to reach the structured applies.
+BUILD_BELOW = 4096
+
+
+def _builds_small(op: str, x: torch.Tensor, backend) -> bool:
+    """Whether the apply of ``op`` on ``x`` runs on a backend whose small applies are a build and
+    F.linear (torch, cpu); Triton and CUDA keep their own ops (their first-order refusals included)."""
+    return dispatch.resolve(f"{op}_apply", x.device.type, backend) in ("torch", "cpu")
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:

@@ -20,7 +20,6 @@ import functools
 
 import torch
 from torch import Tensor
-from torch.utils import _python_dispatch
 
 from . import _random, cpu_lib, ops
 from .base import _HALF, XOps, add_bias, reference, torch_expand, torch_passes
@@ -130,14 +129,7 @@ def _worth_it(numel: int, itemsize: int, rank: int, M: int, K: int) -> bool:
             and (rank * K * itemsize <= _FACTOR_BYTES or rank <= M))
 
 
-def _eager(*tensors: Tensor) -> bool:
-    """Whether the kernels can be called as plain functions: real tensors, nothing tracing them.
-
-    The custom ops are for torch.compile and tracers; called eagerly they cost a dispatch, and
-    their first call imports torch._dynamo (seconds, more than the call itself).
-    """
-    return (not torch.compiler.is_compiling() and _python_dispatch._get_current_dispatch_mode() is None
-            and all(type(t) is Tensor for t in tensors))
+_eager = _random.eager   # the kernels' custom ops are for tracers only
 
 
 def _kernel_passes(x, Ar, Br, want_u: bool, want_v: bool):

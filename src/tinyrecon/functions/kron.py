@@ -158,6 +158,7 @@ def tinybig_outer_apply(x, a, b, n, bias):
 class _KronBase(Reconciliation):
     """Shared by hm, lphm and dual_lphm: p, q resolution, layout, and the two ops."""
     op = "kron"
+    build_when_small = True
 
     def __init__(self, name, p=None, q=None, layout="kron", **kwargs):
         super().__init__(name, **kwargs)

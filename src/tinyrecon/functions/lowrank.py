@@ -57,6 +57,7 @@ for _ref in (lorr_build, lorr_apply, random_matrix_adaption_build, random_matrix
 class lorr_reconciliation(Reconciliation):
     """W = A @ B with A (n x r), B (r x D) read from w; l = r*(n+D)."""
     op = "lorr"
+    build_when_small = True
 
     def __init__(self, name="low_rank_reconciliation", r=2, **kwargs):
         super().__init__(name, **kwargs)
@@ -85,6 +86,7 @@ class lorr_reconciliation(Reconciliation):
 class random_matrix_adaption_reconciliation(Seeded, Reconciliation):
     """W = diag(l1) @ A @ diag(l2) @ B^T; l = n + r; A, B frozen N(0, 1) from ``seed``."""
     op = "random_matrix_adaption"
+    build_when_small = True
 
     def __init__(self, name="random_matrix_adaption_reconciliation", r=2, seed=None, **kwargs):
         super().__init__(name, **kwargs)

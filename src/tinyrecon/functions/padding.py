@@ -64,6 +64,7 @@ ops.implement("duplicated_diagonal_padding_apply", "torch", duplicated_diagonal_
 class duplicated_padding_reconciliation(Reconciliation):
     """W = ones(p, q) kron reshape(w, s, t); l = s*t. ``q=None`` means q = p."""
     op = "duplicated_padding"
+    build_when_small = True
 
     def __init__(self, name="duplicated_padding_reconciliation", p=2, q=None, layout="kron", **kwargs):
         super().__init__(name, **kwargs)

@@ -1,0 +1,28 @@
+"""An eager first call imports nothing a tracer needs: torch._dynamo costs seconds to import, more
+than the call itself (the custom ops are reached only under tracing)."""
+import subprocess
+import sys
+
+import pytest
+
+CODE = """
+import sys, torch, tinyrecon as tr
+assert "torch._dynamo" not in sys.modules, "imported by tinyrecon itself"
+rec = tr.reconciliation(sys.argv[1], **eval(sys.argv[2]))
+x = torch.randn(3, 4096)
+w = torch.randn(rec.calculate_l(8, 4096))
+rec(8, 4096, w=w)
+rec.apply(x, w, n=8)
+print("torch._dynamo" in sys.modules)
+"""
+
+
+# The structured families (masking's and the hypernets' CPU applies are generated custom ops: they
+# still import it on first use).
+@pytest.mark.parametrize("family, kwargs", [("random_matrix_adaption", "dict(r=2, seed=1)"), ("lorr", "dict(r=2)"),
+                                            ("dual_lphm", "dict(r=2)"), ("duplicated_padding", "dict(p=2)")])
+def test_eager_first_call_does_not_import_dynamo(family, kwargs):
+    out = subprocess.run([sys.executable, "-c", CODE, family, kwargs], capture_output=True, text=True,
+                         env={k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
