@@ -10,17 +10,19 @@ import sys, torch, tinyrecon as tr
 assert "torch._dynamo" not in sys.modules, "imported by tinyrecon itself"
 rec = tr.reconciliation(sys.argv[1], **eval(sys.argv[2]))
 x = torch.randn(3, 4096)
-w = torch.randn(rec.calculate_l(8, 4096))
+w = torch.randn(rec.calculate_l(8, 4096), requires_grad=True)
 rec(8, 4096, w=w)
-rec.apply(x, w, n=8)
+rec.apply(x, w, n=8).sum().backward()
 print("torch._dynamo" in sys.modules)
 """
 
 
-# The structured families (masking's and the hypernets' CPU applies are generated custom ops: they
-# still import it on first use).
+# One function of each kind of CPU apply: the references with the library's passes over x, and the
+# generated ops (tinyrecon.ops) of masking and the hypernets, forward and backward.
 @pytest.mark.parametrize("family, kwargs", [("random_matrix_adaption", "dict(r=2, seed=1)"), ("lorr", "dict(r=2)"),
-                                            ("dual_lphm", "dict(r=2)"), ("duplicated_padding", "dict(p=2)")])
+                                            ("dual_lphm", "dict(r=2)"), ("duplicated_padding", "dict(p=2)"),
+                                            ("masking", "dict(seed=1)"), ("hypernet", "dict(l=4, hidden_dim=3, seed=1)"),
+                                            ("random_matrix_hypernet", "dict(r=2, l=4, hidden_dim=3, seed=1)")])
 def test_eager_first_call_does_not_import_dynamo(family, kwargs):
     out = subprocess.run([sys.executable, "-c", CODE, family, kwargs], capture_output=True, text=True,
                          env={k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"})

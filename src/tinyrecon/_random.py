@@ -21,9 +21,8 @@ import threading
 from collections import OrderedDict
 
 import torch
-from torch.utils import _python_dispatch
 
-from . import cpu_lib
+from . import cpu_lib, dispatch
 
 _M32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -185,16 +184,8 @@ def check_cost(count: int, what: str) -> None:
             f"function's sizes, or set TINYRECON_MAX_RANDOM={count} to run it anyway")
 
 
-def eager(*tensors: torch.Tensor) -> bool:
-    """Whether a custom op's function can be called as a plain function: real tensors, nothing
-    tracing them. The custom ops are for torch.compile and tracers; called eagerly they cost a
-    dispatch, and their first call imports torch._dynamo (seconds, more than the call itself)."""
-    return (not torch.compiler.is_compiling() and _python_dispatch._get_current_dispatch_mode() is None
-            and all(type(t) is torch.Tensor for t in tensors))
-
-
 def _values(seed: int, start: int, numel: int, device: torch.device, kind: str) -> torch.Tensor:
-    return (_draw if eager() else _values_op)(seed, start, numel, device, kind)
+    return (_draw if dispatch.eager() else _values_op)(seed, start, numel, device, kind)
 
 
 def _draw(seed: int, start: int, numel: int, device: torch.device, kind: str) -> torch.Tensor:
@@ -272,7 +263,7 @@ def block(seed: int, start: int, rows: int, cols: int, stride: int, kind: str) -
     """Rows ``[0, rows)`` and columns ``[0, cols)`` of the row-major CPU matrix with row length ``stride``
     whose element ``(i, j)`` is number ``start + i*stride + j`` ("rand" or "randn"): a column
     block, generated where a kernel consumes it (not cached)."""
-    return (_block if eager() else _block_op)(seed, start, rows, cols, stride, kind)
+    return (_block if dispatch.eager() else _block_op)(seed, start, rows, cols, stride, kind)
 
 
 def _block(seed: int, start: int, rows: int, cols: int, stride: int, kind: str) -> torch.Tensor:

@@ -150,9 +150,8 @@ def factor_pass(x: torch.Tensor, f: torch.Tensor, x_ops: XOps = TORCH_X_OPS) -> 
     return _FactorPass.apply(x, f, x_ops)
 
 
-def register_first_order(op, backward, setup_context, backend: str) -> None:
-    """``op.register_autograd(backward, setup_context=...)`` for a custom op of ``backend`` whose
-    backward launches kernels that autograd cannot differentiate again.
+def first_order_only(backward, qualname: str, backend: str):
+    """``backward`` of a custom op of ``backend`` whose kernels autograd cannot differentiate again.
 
     Autograd runs a backward with grad mode on only under ``create_graph=True`` (double backward,
     gradient penalties); that is refused here with a message naming the op and what to do, instead
@@ -161,12 +160,11 @@ def register_first_order(op, backward, setup_context, backend: str) -> None:
     def first_order_backward(ctx, *grads):
         if torch.is_grad_enabled():
             raise RuntimeError(
-                f"{op._qualname} (the {backend} backend) has a first-order backward only: it cannot be "
+                f"{qualname} (the {backend} backend) has a first-order backward only: it cannot be "
                 f"differentiated again (create_graph=True, double backward). Use backend='torch' for "
                 f"higher-order gradients")
         return backward(ctx, *grads)
-
-    op.register_autograd(first_order_backward, setup_context=setup_context)
+    return first_order_backward
 
 
 def channel_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

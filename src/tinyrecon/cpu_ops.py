@@ -21,7 +21,7 @@ import functools
 import torch
 from torch import Tensor
 
-from . import _random, cpu_lib, ops
+from . import _random, cpu_lib, dispatch, ops
 from .base import _HALF, XOps, add_bias, reference, torch_expand, torch_passes
 from .functions import hypernet as _hypernet_ref
 from .functions import kron as _kron_ref
@@ -129,16 +129,15 @@ def _worth_it(numel: int, itemsize: int, rank: int, M: int, K: int) -> bool:
             and (rank * K * itemsize <= _FACTOR_BYTES or rank <= M))
 
 
-_eager = _random.eager   # the kernels' custom ops are for tracers only
 
 
 def _kernel_passes(x, Ar, Br, want_u: bool, want_v: bool):
-    U, V = (_pass if _eager(x, Ar, Br) else kron_pass)(x, Ar, Br, want_u, want_v)
+    U, V = (_pass if dispatch.eager(x, Ar, Br) else kron_pass)(x, Ar, Br, want_u, want_v)
     return (U if want_u else None), (V if want_v else None)
 
 
 def _kernel_expand(G, Ar):
-    return (_expand_x if _eager(G, Ar) else kron_expand)(G, Ar)
+    return (_expand_x if dispatch.eager(G, Ar) else kron_expand)(G, Ar)
 
 
 def _passes(x, Ar, Br, want_u: bool, want_v: bool):

@@ -15,6 +15,9 @@ import importlib.util
 import os
 import threading
 
+import torch
+from torch.utils import _python_dispatch
+
 BACKENDS = ("torch", "triton", "cuda", "cpu")
 
 # device type -> backends tried by "auto", best first ("cpu" is the C++ library of csrc/*.cpp,
@@ -35,6 +38,14 @@ MODULES = {"torch": "tinyrecon.functions.{family}", "triton": "tinyrecon.kernels
 # backend -> what runs an op it has no implementation for: the CPU library covers every op, the
 # ones without a kernel (the builds, which read no x) by the torch reference. Others refuse.
 FALLBACK = {"cpu": "torch"}
+
+
+def eager(*tensors: torch.Tensor) -> bool:
+    """Whether an op can run as plain Python on these tensors: real tensors, nothing tracing or
+    transforming them. Custom ops are for torch.compile and tracers; called eagerly they cost a
+    dispatch, and the first call of one imports torch._dynamo (seconds, more than the call itself)."""
+    return (not torch.compiler.is_compiling() and _python_dispatch._get_current_dispatch_mode() is None
+            and not torch._C._are_functorch_transforms_active() and all(type(t) is torch.Tensor for t in tensors))
 
 
 class BackendUnavailable(RuntimeError):

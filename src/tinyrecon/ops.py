@@ -21,7 +21,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .base import add_bias, bias_grad, register_first_order
+from .base import add_bias, bias_grad, first_order_only
+from .dispatch import eager
 
 
 class Op(NamedTuple):
@@ -50,22 +51,25 @@ def implement(name: str, backend: str, forward: Callable, backward: Callable | N
     if backward is None:
         entry = forward
     else:
-        entry = torch.library.custom_op(f"tinyrecon::{backend}_{name}", forward, mutates_args=(), schema=op.schema)
-        entry.register_fake(op.fake)
-        _wire_autograd(op, entry, backend, backward, first_order)
+        custom = torch.library.custom_op(f"tinyrecon::{backend}_{name}", forward, mutates_args=(), schema=op.schema)
+        custom.register_fake(op.fake)
+        entry = _with_autograd(op, custom, forward, backend, backward, first_order)
     if not tinybig and name.endswith("_apply") and any(p == "layout" for p, _ in op.params):
         entry = _tinybig_as_build(op, backend, entry)
     op.impls[backend] = entry
     return entry
 
 
-def _wire_autograd(op: Op, entry, backend: str, backward: Callable, first_order: bool) -> None:
+def _with_autograd(op: Op, custom, forward: Callable, backend: str, backward: Callable, first_order: bool):
+    """The dispatch entry of a custom op with a backward: the custom op, autograd registered, for
+    tracers; for eager calls the same forward and backward in an autograd.Function, which skips the
+    op machinery (a dispatch per call, and an import of torch._dynamo at an op's first call)."""
     names = [p for p, _ in op.params]
     tensors = [i for i, (_, t) in enumerate(op.params) if t.startswith("Tensor")]
     computed = [names.index(g) for g in op.grads if g != "bias"]
     bias = names.index("bias") if "bias" in op.grads else None
 
-    if first_order:   # the backward is an op of its own: it may launch kernels, and traces as one op
+    if first_order:   # the backward is an op of its own when traced: it may launch kernels
         def impl(dy, *rest):
             *args, needs = rest
             return [g.to(args[i].dtype).contiguous() if need else dy.new_empty(0)
@@ -79,34 +83,37 @@ def _wire_autograd(op: Op, entry, backend: str, backward: Callable, first_order:
                                       schema=f"(Tensor dy, {op.schema[1: op.schema.index(') ->')]}, bool[] needs)"
                                              " -> Tensor[]")
         bwd.register_fake(fake)
-
-        def run(dy, needs, args):
-            return bwd(dy, *args, needs)
+        traced, plain = (lambda dy, needs, args: bwd(dy, *args, needs)), (lambda dy, needs, args: impl(dy, *args, needs))
     else:
-        def run(dy, needs, args):
-            return backward(dy, needs, *args)
+        traced = plain = (lambda dy, needs, args: backward(dy, needs, *args))
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*(inputs[i] for i in tensors))
         ctx.inputs = [None if i in tensors else v for i, v in enumerate(inputs)]
 
-    def autograd_backward(ctx, dy):
-        args = list(ctx.inputs)
-        for i, t in zip(tensors, ctx.saved_tensors):
-            args[i] = t
-        needs = [bool(ctx.needs_input_grad[i]) and args[i] is not None for i in computed]
-        grads = [None] * len(args)
-        if any(needs):
-            for i, need, g in zip(computed, needs, run(dy, needs, args)):
-                grads[i] = g.to(args[i].dtype) if need else None
-        if bias is not None and ctx.needs_input_grad[bias]:
-            grads[bias] = bias_grad(dy, args[bias])
-        return tuple(grads)
+    def autograd_backward(run):
+        def autograd_backward(ctx, dy):
+            args = list(ctx.inputs)
+            for i, t in zip(tensors, ctx.saved_tensors):
+                args[i] = t
+            needs = [bool(ctx.needs_input_grad[i]) and args[i] is not None for i in computed]
+            grads = [None] * len(args)
+            if any(needs):
+                for i, need, g in zip(computed, needs, run(dy, needs, args)):
+                    grads[i] = g.to(args[i].dtype) if need else None
+            if bias is not None and ctx.needs_input_grad[bias]:
+                grads[bias] = bias_grad(dy, args[bias])
+            return tuple(grads)
+        return first_order_only(autograd_backward, custom._qualname, backend) if first_order else autograd_backward
 
-    if first_order:
-        register_first_order(entry, autograd_backward, setup_context, backend)
-    else:
-        entry.register_autograd(autograd_backward, setup_context=setup_context)
+    custom.register_autograd(autograd_backward(traced), setup_context=setup_context)
+    eager_apply = type(f"{backend}_{op.name}", (torch.autograd.Function,), dict(
+        forward=staticmethod(forward), setup_context=staticmethod(setup_context),
+        backward=staticmethod(autograd_backward(plain)))).apply
+
+    def entry(*args):
+        return (eager_apply if eager(*(a for a in args if isinstance(a, torch.Tensor))) else custom)(*args)
+    return entry
 
 
 def _tinybig_as_build(op: Op, backend: str, structured: Callable) -> Callable:
