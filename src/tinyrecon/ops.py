@@ -8,8 +8,9 @@ and gets the rest from the declaration: the ``torch.library`` custom op ``tinyre
 (one op to ``torch.compile``), its fake (the declared shape function), its autograd wiring (the
 bias gradient included) and its entry in the dispatch table. ``backward(dy, needs, *inputs)``
 returns the gradients of the declared inputs other than ``bias``, in order (None where not needed).
-It runs inside a generated op ``tinyrecon::<backend>_<op>_backward`` too, so it may launch kernels
-that autograd cannot follow, and the op refuses double backward by name; ``first_order=False`` says
+Traced, it runs inside a generated op ``tinyrecon::<backend>_<op>_backward``, so it may launch
+kernels that autograd cannot follow, and the op refuses double backward by name (eager calls run the
+same forward and backward in an autograd.Function, without the op machinery); ``first_order=False`` says
 the backward is made of differentiable ops, which then run as they are. An implementation without a
 backward (the torch reference, or code composed of ops autograd already follows) is registered as
 it is. Applies with a ``layout`` run ``layout="tinybig"`` as their build and one GEMM unless the
