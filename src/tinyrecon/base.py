@@ -305,10 +305,9 @@ class Reconciliation(nn.Module):
         batch = x.shape[:-1]
         backend = self._backend(backend)
         if self.build_when_small and n * D < BUILD_BELOW and _builds_small(self.op, x, backend):
-            W = self._build(n, D, w2, backend)
             if not keep:   # one channel: F.linear takes x's batch dimensions as they are
-                return F.linear(x, W[0], bias)
-            y = add_bias(torch.matmul(x.reshape(-1, D), W.transpose(1, 2)), bias)
+                return F.linear(x, self._build(n, D, w2, backend)[0], bias)
+            y = Reconciliation._apply_flat(self, x.reshape(-1, D), w2, n, bias, backend)   # build W, one GEMM
         else:
             y = self._apply_flat(x.reshape(-1, D), w2, n, bias, backend)
         y = y.reshape(y.shape[0], *batch, n)

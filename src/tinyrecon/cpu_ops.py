@@ -159,7 +159,7 @@ KERNEL_X_OPS = XOps(_kernel_passes, _kernel_expand)   # always the kernels (test
 X_OPS = XOps(_passes, _expand)                     # the kernels where they pay, else torch's GEMMs
 
 
-def _bf16_x_as_is(ref, when=lambda args: True):
+def _bf16_x_as_is(ref, when):
     """``ref`` (a @reference apply) with a bfloat16 x left as is: the kernels widen it as they read
     it, so no float32 copy of x is made; everything else is computed in float32 and rounded once at
     the end, as ``ref`` does. An x whose gradient is wanted, torch.func, or ``when(args)`` false

@@ -121,7 +121,6 @@ def _triton_installed() -> bool:
 def _no_cuda_device() -> str:
     """'' when torch sees a CUDA (or ROCm) device, else the most basic reason it does not."""
     if "cuda device" not in _STATUS:
-        import torch
         if torch.cuda.is_available():
             reason = ""
         elif torch.version.cuda is None and torch.version.hip is None:
@@ -237,7 +236,6 @@ def preload() -> None:
 
 
 def _cuda_device() -> bool:
-    import torch
     return torch.cuda.is_available()
 
 
@@ -251,7 +249,6 @@ def get(op: str, device_type: str, backend: str | None = None):
 def available(device_type: str = "cuda") -> dict:
     """backend -> '' (can run ``device_type`` tensors here) or the reason it cannot, for the
     backends that ever run such tensors (the CUDA library is not listed for CPU tensors)."""
-    import torch
     try:
         torch.device(device_type)
     except (RuntimeError, TypeError):
