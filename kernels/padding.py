@@ -163,28 +163,24 @@ def _launch_mm(inp, in_channel_stride, M, mk_mr, bias, C_out, channels, rows, G,
     return out
 
 
+def _blocks(N, in_blocks, out_blocks, diag):
+    """The row addressing of ``_blocked_mm`` from ``in_blocks`` input to ``out_blocks`` output blocks: diagonal,
+    one GEMM row per (batch row, output block), whose input block exists below ``in_blocks``; else one per row."""
+    if diag:
+        return dict(rows=N * out_blocks, G=out_blocks, in_blocks=1, in_valid=in_blocks, out_blocks=1)
+    return dict(rows=N, G=1, in_blocks=in_blocks, in_valid=1, out_blocks=out_blocks)
+
+
 def _forward(x, B, p, q, bias, diag):
-    C, s, t = B.shape
-    N = x.shape[0]
-    common = dict(C_out=C, channels=1, K=t, R=s, width=p * s)   # M[c, k, r] = B[c, r, k]
-    if diag:   # one GEMM row per (batch row, output block); input block i1 exists for i1 < q
-        return _launch_mm(x, 0, B, (B.stride(2), B.stride(1)), bias, rows=N * p, G=p,
-                          in_blocks=1, in_valid=q, out_blocks=1, **common)
-    return _launch_mm(x, 0, B, (B.stride(2), B.stride(1)), bias, rows=N, G=1,
-                      in_blocks=q, in_valid=1, out_blocks=p, **common)
+    C, s, t = B.shape   # M[c, k, r] = B[c, r, k]
+    return _launch_mm(x, 0, B, (B.stride(2), B.stride(1)), bias, C_out=C, channels=1, K=t, R=s, width=p * s,
+                      **_blocks(x.shape[0], q, p, diag))
 
 
 def _grad_x(dy, B, p, q, diag):
-    C, s, t = B.shape
-    N = dy.shape[1]
-    common = dict(C_out=1, channels=C, K=s, R=t, width=q * t)   # M[c, k, r] = B[c, k, r]
-    if diag:
-        gx = _launch_mm(dy, dy.stride(0), B, (B.stride(1), B.stride(2)), None, rows=N * q, G=q,
-                        in_blocks=1, in_valid=p, out_blocks=1, **common)
-    else:
-        gx = _launch_mm(dy, dy.stride(0), B, (B.stride(1), B.stride(2)), None, rows=N, G=1,
-                        in_blocks=p, in_valid=1, out_blocks=q, **common)
-    return gx[0]
+    C, s, t = B.shape   # M[c, k, r] = B[c, k, r]
+    return _launch_mm(dy, dy.stride(0), B, (B.stride(1), B.stride(2)), None, C_out=1, channels=C, K=s, R=t,
+                      width=q * t, **_blocks(dy.shape[1], p, q, diag))[0]
 
 
 def _grad_B(dy, x, p, q, diag):
