@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from ._common import acc_type, autotune, bias_stride, inner_dtype, mixed_precision, split_sum
+from ._common import acc_type, autotune, bias_stride, build_grid, build_tile, inner_dtype, mixed_precision, split_sum
 
 # Under the interpreter only the first config runs: small tiles, so tests cross tile edges.
 _MM_CONFIGS = [triton.Config({"BM": 16, "BR": 16, "BK": 16}, num_warps=1)] + [
@@ -122,13 +122,8 @@ def _blocked_mm_grad(DY, s_dc, s_dm, s_dk, X, s_xm, s_xk, GB, ROWS, G, S, T, DY_
 @autotune(_BUILD_CONFIGS, key=["n", "D", "MODE"])
 @triton.jit
 def _build(B, s_bc, s_bs, s_bt, W, n, D, s, t, MODE: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
-    """W[c] (n x D, contiguous) of one padding function, zeros included, in one pass.
-    Grid (tiles of n * tiles of D, C): no width reaches x's limit (2^31)."""
-    tiles_i = tl.cdiv(n, BI)
-    pid_i, pid_j, c = tl.program_id(0) % tiles_i, tl.program_id(0) // tiles_i, tl.program_id(1).to(tl.int64)
-    i = (pid_i.to(tl.int64) * BI + tl.arange(0, BI))[:, None]
-    j = (pid_j.to(tl.int64) * BJ + tl.arange(0, BJ))[None, :]
-    ok = (i < n) & (j < D)
+    """W[c] (n x D, contiguous) of one padding function, zeros included, in one pass."""
+    c, i, j, ok = build_tile(n, D, BI, BJ)
     if MODE == 1:   # tinyBIG: vec(B) tiled, W[i, j] = vec(B)[(i*D + j) % (s*t)]
         f = (i * D + j) % (s * t)
         src, keep = f // t * s_bs + f % t * s_bt, ok
@@ -144,8 +139,7 @@ def _launch_build(B, p, q, mode):
     C, s, t = B.shape
     W = torch.empty(C, p * s, q * t, dtype=B.dtype, device=B.device)
     if W.numel():
-        grid = lambda a: (triton.cdiv(p * s, a["BI"]) * triton.cdiv(q * t, a["BJ"]), C)  # noqa: E731
-        _build[grid](B, *B.stride(), W, p * s, q * t, s, t, MODE=mode)
+        _build[build_grid(p * s, q * t, C)](B, *B.stride(), W, p * s, q * t, s, t, MODE=mode)
     return W
 
 

@@ -52,10 +52,6 @@ def check_divides(what: str, factor: int, size_name: str, size: int) -> None:
                          f"divisors of {size}: {divisors(size)}")
 
 
-def check_rank(r, name: str = "r") -> int:
-    return positive_int(name, r)
-
-
 def reference(fn):
     """Mark a torch reference op: fp16/bf16 inputs are computed in fp32 and rounded once at the end."""
     @functools.wraps(fn)

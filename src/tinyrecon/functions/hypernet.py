@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import _random, ops
-from ..base import _HALF, Reconciliation, Seeded, add_bias, check_bool, check_rank, reference
+from ..base import _HALF, Reconciliation, Seeded, add_bias, check_bool, positive_int, reference
 
 _SLICE = 1 << 22   # random numbers generated per slice of W, to bound memory
 
@@ -85,7 +85,7 @@ class hypernet_reconciliation(Seeded, Reconciliation):
     def __init__(self, name="hypernet_reconciliation", l=64, hidden_dim=128, static=True, net=None,
                  seed=None, **kwargs):
         super().__init__(name, **kwargs)
-        self.l, self.hidden_dim = check_rank(l, "l"), check_rank(hidden_dim, "hidden_dim")
+        self.l, self.hidden_dim = positive_int("l", l), positive_int("hidden_dim", hidden_dim)
         self.static = check_bool("static", static)
         self._init_seed(seed)
         self.net = net
@@ -169,7 +169,8 @@ class random_matrix_hypernet_reconciliation(Seeded, Reconciliation):
     def __init__(self, name="random_matrix_hypernet_reconciliation", r=2, l=64, hidden_dim=128, seed=None,
                  **kwargs):
         super().__init__(name, **kwargs)
-        self.r, self.l, self.hidden_dim = check_rank(r), check_rank(l, "l"), check_rank(hidden_dim, "hidden_dim")
+        self.r, self.l = positive_int("r", r), positive_int("l", l)
+        self.hidden_dim = positive_int("hidden_dim", hidden_dim)
         self._init_seed(seed)
 
     def calculate_l(self, n=None, D=None):

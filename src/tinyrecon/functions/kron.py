@@ -17,7 +17,7 @@ import math
 import torch
 
 from .. import ops
-from ..base import (LAYOUTS, TORCH_X_OPS, Reconciliation, add_bias, channel_matmul, check_divides, check_rank,
+from ..base import (LAYOUTS, TORCH_X_OPS, Reconciliation, add_bias, channel_matmul, check_divides,
                     close_factor, positive_int, reference, traceable)
 
 
@@ -219,7 +219,7 @@ class lphm_reconciliation(_KronBase):
 
     def __init__(self, name="lphm_reconciliation", p=None, q=None, r=2, layout="kron", **kwargs):
         super().__init__(name, p, q, layout, **kwargs)
-        self.r = check_rank(r)
+        self.r = positive_int("r", r)
 
     def calculate_l(self, n, D):
         p, q = self.pq(n, D)
@@ -244,7 +244,7 @@ class dual_lphm_reconciliation(_KronBase):
 
     def __init__(self, name="dual_lphm_reconciliation", p=None, q=None, r=2, layout="kron", **kwargs):
         super().__init__(name, p, q, layout, **kwargs)
-        self.r = check_rank(r)
+        self.r = positive_int("r", r)
 
     def calculate_l(self, n, D):
         p, q = self.pq(n, D)

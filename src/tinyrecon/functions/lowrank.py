@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import _random, ops
-from ..base import TORCH_X_OPS, Reconciliation, Seeded, add_bias, channel_matmul, check_rank, factor_pass, reference
+from ..base import TORCH_X_OPS, Reconciliation, Seeded, add_bias, channel_matmul, factor_pass, positive_int, reference
 
 
 @reference
@@ -66,7 +66,7 @@ class lorr_reconciliation(Reconciliation):
 
     def __init__(self, name="low_rank_reconciliation", r=2, **kwargs):
         super().__init__(name, **kwargs)
-        self.r = check_rank(r)
+        self.r = positive_int("r", r)
 
     def calculate_l(self, n, D):
         return self.r * (n + D)
@@ -91,7 +91,7 @@ class random_matrix_adaption_reconciliation(Seeded, Reconciliation):
 
     def __init__(self, name="random_matrix_adaption_reconciliation", r=2, seed=None, **kwargs):
         super().__init__(name, **kwargs)
-        self.r = check_rank(r)
+        self.r = positive_int("r", r)
         self._init_seed(seed)
 
     def calculate_l(self, n, D):
