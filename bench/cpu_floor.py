@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import tinyrecon as tr
-from tinyrecon.benchmark import KWARGS, SHAPES
+from tinyrecon.benchmark.cases import SHAPES
 
 FUNCTIONS = ("hm", "lphm", "dual_lphm", "lorr", "random_matrix_adaption", "duplicated_padding",
              "duplicated_diagonal_padding")
@@ -33,7 +33,7 @@ LAYOUTED = ("hm", "lphm", "dual_lphm", "duplicated_padding")
 
 
 def make(name: str, layout: str):
-    kw = dict(KWARGS.get(name, {}))
+    kw = dict(tr.lookup(name).bench_args)
     if name in LAYOUTED:
         kw["layout"] = layout
     return tr.reconciliation(name, **kw)
@@ -80,9 +80,8 @@ def interleaved(fns: dict, rounds: int) -> dict:
 
 FIRST = """
 import time, torch, tinyrecon as tr
-from tinyrecon.benchmark import KWARGS
 f, op, layout, n, D, batch, dtype = {args!r}
-kw = dict(KWARGS.get(f, {{}}), **({{"layout": layout}} if f in {layouted!r} else {{}}))
+kw = dict(tr.lookup(f).bench_args, **({{"layout": layout}} if f in {layouted!r} else {{}}))
 rec = tr.reconciliation(f, **kw)
 dt = getattr(torch, dtype)
 x = torch.randn(batch, D).to(dt)

@@ -86,6 +86,23 @@ class _InTurn:
         return launch
 
 
+@triton.jit
+def build_tile(n, D, BI: tl.constexpr, BJ: tl.constexpr):
+    """``(c, i, j, ok)`` of a build program: its channel, the int64 rows (BI x 1) and columns (1 x BJ) of
+    its tile of W[c] (n x D), and which are inside. Grid ``build_grid``."""
+    tiles_i = tl.cdiv(n, BI)
+    pid_i, pid_j, c = tl.program_id(0) % tiles_i, tl.program_id(0) // tiles_i, tl.program_id(1).to(tl.int64)
+    i = (pid_i.to(tl.int64) * BI + tl.arange(0, BI))[:, None]
+    j = (pid_j.to(tl.int64) * BJ + tl.arange(0, BJ))[None, :]
+    return c, i, j, (i < n) & (j < D)
+
+
+def build_grid(n: int, D: int, C: int):
+    """The grid of a build kernel over W (C, n, D) (``build_tile``): the tiles in x, whose limit (2^31)
+    no width reaches."""
+    return lambda a: (triton.cdiv(n, a["BI"]) * triton.cdiv(D, a["BJ"]), C)
+
+
 def fewest_values(configs, values, limit: int):
     """The configs whose tiles hold at most ``limit`` fp32 values per thread (``values(config)``
     counts a program's), else the one holding fewest: more than ptxas fits in registers spills."""

@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from ._common import (acc_type, autotune, bias_stride, dot_dtype, fewest_values, inner_dtype, mixed_precision,
-                      precision, rank_block, split_sum)
+from ._common import (acc_type, autotune, bias_stride, build_grid, build_tile, dot_dtype, fewest_values, inner_dtype,
+                      mixed_precision, precision, rank_block, split_sum)
 
 
 def _cfg(bp, bm, bs, bt, warps, stages):
@@ -61,14 +61,8 @@ def _entry(F1, s1c, s1i, s1k, F2, s2c, s2k, s2j, c, i, j, ok, R, LOWRANK: tl.con
 def _kron_build(A1, sa1c, sa1i, sa1k, A2, sa2c, sa2k, sa2j, B1, sb1c, sb1i, sb1k, B2, sb2c, sb2k, sb2j,
                 W, n, D, Q, S, T, RA, RB, TINYBIG: tl.constexpr, A_LR: tl.constexpr, B_LR: tl.constexpr,
                 ACC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
-    """W[c] (n x D, contiguous) = A kron B, or tinyBIG's reshape(outer(vec A, vec B)), in one pass.
-
-    Grid (tiles of n * tiles of D, C): the tiles in x, whose limit (2^31) no width reaches."""
-    tiles_i = tl.cdiv(n, BI)
-    pid_i, pid_j, c = tl.program_id(0) % tiles_i, tl.program_id(0) // tiles_i, tl.program_id(1).to(tl.int64)
-    i = (pid_i.to(tl.int64) * BI + tl.arange(0, BI))[:, None]
-    j = (pid_j.to(tl.int64) * BJ + tl.arange(0, BJ))[None, :]
-    ok = (i < n) & (j < D)
+    """W[c] (n x D, contiguous) = A kron B, or tinyBIG's reshape(outer(vec A, vec B)), in one pass."""
+    c, i, j, ok = build_tile(n, D, BI, BJ)
     if TINYBIG:   # W[i, j] = vec(A)[f // (s*t)] * vec(B)[f % (s*t)], f = i*D + j
         f = i * D + j
         fa, fb = f // (S * T), f % (S * T)
@@ -208,8 +202,7 @@ def _launch_build(A1, A2, B1, B2, tinybig):
     W = torch.empty(C, P * S, Q * T, dtype=A1.dtype, device=A1.device)
     if not W.numel():
         return W
-    grid = lambda a: (triton.cdiv(P * S, a["BI"]) * triton.cdiv(Q * T, a["BJ"]), C)  # noqa: E731
-    _kron_build[grid](A1, *A1.stride(), A2, *_strides(A2), B1, *B1.stride(), B2, *_strides(B2),
+    _kron_build[build_grid(P * S, Q * T, C)](A1, *A1.stride(), A2, *_strides(A2), B1, *B1.stride(), B2, *_strides(B2),
                       W, P * S, Q * T, Q, S, T, RA, RB, TINYBIG=tinybig, A_LR=A2 is not None,
                       B_LR=B2 is not None, ACC=acc_type(A1.dtype))
     return W

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from ._common import acc_type, autotune, bias_stride, dot_dtype, precision
+from ._common import acc_type, autotune, bias_stride, build_grid, build_tile, dot_dtype, precision
 
 _MM_CONFIGS = [triton.Config({"BM": 16, "BR": 16, "BK": 16}, num_warps=1)] + [
     triton.Config({"BM": bm, "BR": br, "BK": bk}, num_warps=w, num_stages=st)
@@ -38,12 +38,8 @@ def _kept(seed, p, i, j, D):
 @autotune(_BUILD_CONFIGS, key=["n", "D"])
 @triton.jit
 def _build(Wp, s_c, s_n, s_d, OUT, n, D, seed, p, BI: tl.constexpr, BJ: tl.constexpr):
-    """OUT[c] (n x D, contiguous) = M * W[c]. Grid (tiles of n * tiles of D, C): no width reaches x's 2^31."""
-    tiles_i = tl.cdiv(n, BI)
-    pid_i, pid_j, c = tl.program_id(0) % tiles_i, tl.program_id(0) // tiles_i, tl.program_id(1).to(tl.int64)
-    i = (pid_i.to(tl.int64) * BI + tl.arange(0, BI))[:, None]
-    j = (pid_j.to(tl.int64) * BJ + tl.arange(0, BJ))[None, :]
-    ok = (i < n) & (j < D)
+    """OUT[c] (n x D, contiguous) = M * W[c]."""
+    c, i, j, ok = build_tile(n, D, BI, BJ)
     v = tl.load(Wp + c * s_c + i * s_n + j * s_d, mask=ok & _kept(seed, p, i, j, D), other=0.0)
     tl.store(OUT + c * n * D + i * D + j, v, mask=ok)
 
@@ -117,8 +113,7 @@ def _build_launch(w, seed, p):
     C, n, D = w.shape
     out = torch.empty(C, n, D, dtype=w.dtype, device=w.device)
     if out.numel():
-        grid = lambda a: (triton.cdiv(n, a["BI"]) * triton.cdiv(D, a["BJ"]), C)  # noqa: E731
-        _build[grid](w, *w.stride(), out, n, D, seed, p)
+        _build[build_grid(n, D, C)](w, *w.stride(), out, n, D, seed, p)
     return out
 
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from ._common import acc_type, autotune, bias_stride, inner_dtype, mixed_precision, split_sum
+from ._common import acc_type, autotune, bias_stride, build_grid, build_tile, inner_dtype, mixed_precision, split_sum
 
 # Under the interpreter only the first config runs: small tiles, so tests cross tile edges.
 _MM_CONFIGS = [triton.Config({"BM": 16, "BR": 16, "BK": 16}, num_warps=1)] + [
@@ -122,13 +122,8 @@ def _blocked_mm_grad(DY, s_dc, s_dm, s_dk, X, s_xm, s_xk, GB, ROWS, G, S, T, DY_
 @autotune(_BUILD_CONFIGS, key=["n", "D", "MODE"])
 @triton.jit
 def _build(B, s_bc, s_bs, s_bt, W, n, D, s, t, MODE: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
-    """W[c] (n x D, contiguous) of one padding function, zeros included, in one pass.
-    Grid (tiles of n * tiles of D, C): no width reaches x's limit (2^31)."""
-    tiles_i = tl.cdiv(n, BI)
-    pid_i, pid_j, c = tl.program_id(0) % tiles_i, tl.program_id(0) // tiles_i, tl.program_id(1).to(tl.int64)
-    i = (pid_i.to(tl.int64) * BI + tl.arange(0, BI))[:, None]
-    j = (pid_j.to(tl.int64) * BJ + tl.arange(0, BJ))[None, :]
-    ok = (i < n) & (j < D)
+    """W[c] (n x D, contiguous) of one padding function, zeros included, in one pass."""
+    c, i, j, ok = build_tile(n, D, BI, BJ)
     if MODE == 1:   # tinyBIG: vec(B) tiled, W[i, j] = vec(B)[(i*D + j) % (s*t)]
         f = (i * D + j) % (s * t)
         src, keep = f // t * s_bs + f % t * s_bt, ok
@@ -144,8 +139,7 @@ def _launch_build(B, p, q, mode):
     C, s, t = B.shape
     W = torch.empty(C, p * s, q * t, dtype=B.dtype, device=B.device)
     if W.numel():
-        grid = lambda a: (triton.cdiv(p * s, a["BI"]) * triton.cdiv(q * t, a["BJ"]), C)  # noqa: E731
-        _build[grid](B, *B.stride(), W, p * s, q * t, s, t, MODE=mode)
+        _build[build_grid(p * s, q * t, C)](B, *B.stride(), W, p * s, q * t, s, t, MODE=mode)
     return W
 
 
@@ -163,28 +157,24 @@ def _launch_mm(inp, in_channel_stride, M, mk_mr, bias, C_out, channels, rows, G,
     return out
 
 
+def _blocks(N, in_blocks, out_blocks, diag):
+    """The row addressing of ``_blocked_mm`` from ``in_blocks`` input to ``out_blocks`` output blocks: diagonal,
+    one GEMM row per (batch row, output block), whose input block exists below ``in_blocks``; else one per row."""
+    if diag:
+        return dict(rows=N * out_blocks, G=out_blocks, in_blocks=1, in_valid=in_blocks, out_blocks=1)
+    return dict(rows=N, G=1, in_blocks=in_blocks, in_valid=1, out_blocks=out_blocks)
+
+
 def _forward(x, B, p, q, bias, diag):
-    C, s, t = B.shape
-    N = x.shape[0]
-    common = dict(C_out=C, channels=1, K=t, R=s, width=p * s)   # M[c, k, r] = B[c, r, k]
-    if diag:   # one GEMM row per (batch row, output block); input block i1 exists for i1 < q
-        return _launch_mm(x, 0, B, (B.stride(2), B.stride(1)), bias, rows=N * p, G=p,
-                          in_blocks=1, in_valid=q, out_blocks=1, **common)
-    return _launch_mm(x, 0, B, (B.stride(2), B.stride(1)), bias, rows=N, G=1,
-                      in_blocks=q, in_valid=1, out_blocks=p, **common)
+    C, s, t = B.shape   # M[c, k, r] = B[c, r, k]
+    return _launch_mm(x, 0, B, (B.stride(2), B.stride(1)), bias, C_out=C, channels=1, K=t, R=s, width=p * s,
+                      **_blocks(x.shape[0], q, p, diag))
 
 
 def _grad_x(dy, B, p, q, diag):
-    C, s, t = B.shape
-    N = dy.shape[1]
-    common = dict(C_out=1, channels=C, K=s, R=t, width=q * t)   # M[c, k, r] = B[c, k, r]
-    if diag:
-        gx = _launch_mm(dy, dy.stride(0), B, (B.stride(1), B.stride(2)), None, rows=N * q, G=q,
-                        in_blocks=1, in_valid=p, out_blocks=1, **common)
-    else:
-        gx = _launch_mm(dy, dy.stride(0), B, (B.stride(1), B.stride(2)), None, rows=N, G=1,
-                        in_blocks=p, in_valid=1, out_blocks=q, **common)
-    return gx[0]
+    C, s, t = B.shape   # M[c, k, r] = B[c, k, r]
+    return _launch_mm(dy, dy.stride(0), B, (B.stride(1), B.stride(2)), None, C_out=1, channels=C, K=s, R=t,
+                      width=q * t, **_blocks(dy.shape[1], p, q, diag))[0]
 
 
 def _grad_B(dy, x, p, q, diag):

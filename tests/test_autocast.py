@@ -13,7 +13,7 @@ from conftest import DEVICE, assert_close
 from test_api import ALL, make
 
 DTYPES = [torch.bfloat16] if DEVICE == "cpu" else [torch.float16, torch.bfloat16]
-BACKENDS = ["torch", "cpu", "triton"] if DEVICE == "cpu" else ["torch", "triton", "cuda"]
+BACKENDS = [b for b in tr.dispatch.BACKENDS if tr.dispatch.accepts(b, DEVICE)]   # torch first
 
 
 def seeded(cls):

@@ -120,10 +120,11 @@ def test_skips_are_reported_with_their_reason(tmp_path, capsys, monkeypatch):
                      "--out", str(tmp_path)]) == 0
     rows = {r["backend"]: r for r in json.loads((tmp_path / "results.json").read_text())["results"]}
     assert rows["torch"]["status"] == "ok"
-    for b in ("triton", "cuda", "cpu"):
+    others = [b for b in dispatch.BACKENDS if b != "torch"]
+    for b in others:
         assert rows[b]["status"] == "skipped" and rows[b]["ms"] is None
         assert rows[b]["reason"] == "no kernels: plain torch code on every device"
-    assert "no kernels: plain torch code on every device (3 cases): identity\n" in capsys.readouterr().out
+    assert f"no kernels: plain torch code on every device ({len(others)} cases): identity\n" in capsys.readouterr().out
 
 
 def test_skip_reasons():

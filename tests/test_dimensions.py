@@ -3,6 +3,8 @@ tolerance, strided x and bias, empty-batch backward, full gradcheck of the Krone
 opcheck of every Triton and CPU custom op, inductor with dynamic shapes over the CPU library's ops
 and the torch backend, and 1 vs N threads in the CPU library's kernels.
 """
+import functools
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -265,15 +267,11 @@ def test_inductor_with_dynamic_shapes():
     _inductor_dynamic(tr.lphm_reconciliation(p=3, q=4, r=2), "cpu", train=True)
 
 
-# One function of each family (functions/<family>.py) on the torch backend: (function, with backward).
-INDUCTOR_TORCH = {
-    "basic": (lambda: tr.identity_reconciliation(), True),
-    "masking": (lambda: tr.masking_reconciliation(seed=3), False),
-    "padding": (lambda: tr.duplicated_diagonal_padding_reconciliation(p=3, q=4), False),
-    "lowrank": (lambda: tr.lorr_reconciliation(r=3), False),
-    "kron": (lambda: tr.lphm_reconciliation(p=3, q=4, r=2), False),
-    "hypernet": (lambda: tr.random_matrix_hypernet_reconciliation(r=2, l=5, hidden_dim=6, seed=3), True),
-}
+# One function of each family (functions/<family>.py) on the torch backend, the family's last in
+# docs/functions.md, with its example arguments at n = 9, D = 20; the backward only where it is cheap.
+INDUCTOR_TORCH = {cls.__module__.rsplit(".", 1)[-1]: functools.partial(cls, **cls.examples.get((9, 20), {}))
+                  for cls in tr.ALL}
+WITH_BACKWARD = ("basic", "hypernet")
 
 
 @pytest.mark.parametrize("family", INDUCTOR_TORCH)
@@ -287,5 +285,4 @@ def test_inductor_with_dynamic_shapes_on_the_torch_backend(family):
     above and their backward graphs for every function by aot_eager in test_compile.py. The other
     functions of each family are left out for the same reason (1-7 s each, forward alone).
     """
-    function, train = INDUCTOR_TORCH[family]
-    _inductor_dynamic(function(), "torch", train)
+    _inductor_dynamic(INDUCTOR_TORCH[family](), "torch", family in WITH_BACKWARD)

@@ -17,10 +17,11 @@ SCRIPT = os.path.join(ROOT, "bench", "gpu_compile_sweep.py")
 
 
 def _launched_kernels():
-    """Every kernel a launcher in kernels/*.py launches (``name[grid](...)`` or ``name[(...)](...)``)."""
+    """Every kernel a launcher in kernels/*.py launches (``name[grid](...)``, ``name[build_grid(...)](...)``
+    or ``name[(...)](...)``)."""
     names = set()
     for path in glob.glob(os.path.join(ROOT, "kernels", "*.py")):
-        names |= set(re.findall(r"\b(_\w+)\[(?:grid|\()", open(path).read()))
+        names |= set(re.findall(r"\b(_\w+)\[(?:grid|build_grid\(|\()", open(path).read()))
     return names
 
 

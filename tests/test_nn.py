@@ -172,7 +172,7 @@ def test_torch_compile_fullgraph(name):
 
 @pytest.mark.parametrize("name,op", [("lorr", "lorr_apply"), ("duplicated_padding", "duplicated_padding_apply"),
                                      ("dual_lphm", "kron_apply"), ("random_matrix_adaption", "random_matrix_adaption_apply")])
-@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("backend", dispatch.BACKENDS)
 def test_layer_runs_on_every_backend(name, op, backend):
     reason = dispatch.why_not(backend, op, torch.device(DEVICE).type)
     if reason:
@@ -215,12 +215,11 @@ def test_init_linear_starts_at_nn_linear_scale(cls, channels):
 
 
 @pytest.mark.parametrize("cls", TRAINABLE, ids=[c.__name__ for c in TRAINABLE])
-def test_init_linear_degree_table(cls):
-    """DEGREE[k] is psi's degree in w (psi(c w) = c^k psi(w)); None where there is none."""
-    from tinyrecon.nn import DEGREE
+def test_init_linear_degree(cls):
+    """``degree`` is psi's degree k in w (psi(c w) = c^k psi(w)); None where there is none."""
     rec = make(cls, **({"seed": 3} if cls in SEEDED else {}))
     w = torch.rand(rec.calculate_l(N, D), dtype=F64) + 0.5
-    k = DEGREE[cls.__name__]
+    k = cls.degree
     if k is None:
         assert not any(torch.allclose(rec(n=N, D=D, w=3 * w), 3 ** j * rec(n=N, D=D, w=w)) for j in range(6))
     else:

@@ -16,19 +16,14 @@ import yaml
 from torch.autograd import gradgradcheck
 
 import tinyrecon as tr
-from tinyrecon import dispatch
+from tinyrecon import dispatch, registry
 
 from conftest import DEVICE, backends_for
 
 N, D = 4, 6
 PQ_FAMILIES = ["hm", "lphm", "dual_lphm", "duplicated_padding", "duplicated_diagonal_padding"]
-SMALL = {   # a working instance of every family at n=4, D=6
-    "constant": dict(c=2.0), "zero": {}, "one": {}, "constant_eye": {}, "identity": {},
-    "masking": dict(p=0.5, seed=1), "duplicated_padding": dict(p=2), "duplicated_diagonal_padding": dict(p=2),
-    "lorr": dict(r=1), "hm": dict(p=2, q=3), "lphm": dict(p=2, q=3, r=1), "dual_lphm": dict(p=2, q=3, r=1),
-    "hypernet": dict(l=5, hidden_dim=3, seed=1), "random_matrix_adaption": dict(r=2, seed=1),
-    "random_matrix_hypernet": dict(r=2, l=5, hidden_dim=3, seed=1),
-}
+# a working instance of every function at n=4, D=6: its class's example arguments
+SMALL = {f: cls.examples.get((N, D), {}) for f, cls in registry.CLASSES.items()}
 WITH_W = [f for f in SMALL if tr.reconciliation(f, **SMALL[f]).calculate_l(N, D)]
 
 

@@ -5,6 +5,7 @@ thing. Under the interpreter, ``kernels._common.ALL_CONFIGS`` makes launches tak
 turn; rounds of apply (with gradients) and build of every function with Triton kernels run until
 every kernel has launched every config, each round checked against the torch reference.
 """
+import functools
 import importlib
 
 import pytest
@@ -32,17 +33,9 @@ def _kernels():
     return found
 
 
-
-
-# Every function with Triton kernels, at n = 9 and D = 20.
-FUNCTIONS = [
-    lambda: tr.masking_reconciliation(seed=3), lambda: tr.duplicated_padding_reconciliation(p=3, q=4),
-    lambda: tr.duplicated_diagonal_padding_reconciliation(p=3, q=4), lambda: tr.lorr_reconciliation(r=3),
-    lambda: tr.hm_reconciliation(p=3, q=2), lambda: tr.lphm_reconciliation(p=3, q=4, r=2),
-    lambda: tr.dual_lphm_reconciliation(p=3, q=4, r=2),
-    lambda: tr.hypernet_reconciliation(l=5, hidden_dim=6, seed=3),
-    lambda: tr.random_matrix_adaption_reconciliation(r=2, seed=3),
-    lambda: tr.random_matrix_hypernet_reconciliation(r=2, l=5, hidden_dim=6, seed=3)]
+# Every function with Triton kernels, at n = 9 and D = 20 (its class's example arguments there).
+FUNCTIONS = [functools.partial(cls, **cls.examples.get((9, 20), {})) for cls in tr.ALL
+             if cls.op and dispatch.implementation(f"{cls.op}_apply", "triton") is not None]
 
 
 def test_every_config_of_every_kernel(monkeypatch):

@@ -15,6 +15,7 @@ halves), so this runs on any torch device.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import threading
@@ -66,9 +67,7 @@ def _to_uniform(u: torch.Tensor) -> torch.Tensor:
 def _fill(seed: int, start: int, numel: int, device, kind: str) -> torch.Tensor:
     out = torch.empty(numel, dtype=torch.float32, device=device)
     if out.device.type == "cpu" and not cpu_lib.load_error():   # the same numbers, ~100x faster
-        cpu_lib.call("tinyrecon_cpu_philox_fill", int(kind == "randn"), torch.get_num_threads(), seed, start,
-                     1, numel, numel, out.data_ptr())
-        return out
+        return _block(seed, start, 1, numel, numel, kind)[0]
     return _torch_fill(out, seed, start, numel, kind)
 
 
@@ -287,8 +286,7 @@ def _(seed, start, rows, cols, stride, kind):
 
 def rand(seed: int, shape, device=None, dtype=torch.float32, start: int = 0) -> torch.Tensor:
     """U[0, 1) values equal to ``tl.rand(seed, start + arange(numel)).reshape(shape)``."""
-    shape = tuple(shape)
-    return _values(seed, start, _numel(shape), torch.device(device or "cpu"), "rand").reshape(shape).to(dtype)
+    return _matrix(seed, shape, device, dtype, start, "rand")
 
 
 def randn(seed: int, shape, device=None, dtype=torch.float32, start: int = 0) -> torch.Tensor:
@@ -296,8 +294,12 @@ def randn(seed: int, shape, device=None, dtype=torch.float32, start: int = 0) ->
 
     ``start`` selects rows of a larger matrix, so it can be generated in slices.
     """
-    shape = tuple(shape)
-    return _values(seed, start, _numel(shape), torch.device(device or "cpu"), "randn").reshape(shape).to(dtype)
+    return _matrix(seed, shape, device, dtype, start, "randn")
+
+
+def _matrix(seed: int, shape, device, dtype: torch.dtype, start: int, kind: str) -> torch.Tensor:
+    shape = tuple(int(s) for s in shape)
+    return _values(seed, start, math.prod(shape), torch.device(device or "cpu"), kind).reshape(shape).to(dtype)
 
 
 def derive_seed(seed: int, stream: int) -> int:
@@ -315,9 +317,3 @@ def new_seed() -> int:
     """A seed drawn from torch's global generator (so ``torch.manual_seed`` makes it repeatable)."""
     return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
 
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n

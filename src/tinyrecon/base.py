@@ -52,10 +52,6 @@ def check_divides(what: str, factor: int, size_name: str, size: int) -> None:
                          f"divisors of {size}: {divisors(size)}")
 
 
-def check_rank(r, name: str = "r") -> int:
-    return positive_int(name, r)
-
-
 def reference(fn):
     """Mark a torch reference op: fp16/bf16 inputs are computed in fp32 and rounded once at the end."""
     @functools.wraps(fn)
@@ -150,23 +146,6 @@ def factor_pass(x: torch.Tensor, f: torch.Tensor, x_ops: XOps = TORCH_X_OPS) -> 
     return _FactorPass.apply(x, f, x_ops)
 
 
-def first_order_only(backward, qualname: str, backend: str):
-    """``backward`` of a custom op of ``backend`` whose kernels autograd cannot differentiate again.
-
-    Autograd runs a backward with grad mode on only under ``create_graph=True`` (double backward,
-    gradient penalties); that is refused here with a message naming the op and what to do, instead
-    of torch's "no autograd formula" about an inner op at the second backward.
-    """
-    def first_order_backward(ctx, *grads):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                f"{qualname} (the {backend} backend) has a first-order backward only: it cannot be "
-                f"differentiated again (create_graph=True, double backward). Use backend='torch' for "
-                f"higher-order gradients")
-        return backward(ctx, *grads)
-    return first_order_backward
-
-
 def channel_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``A @ B`` for ``(C, m, k) @ (C, k, n)`` as one 2-D matmul per channel.
 
@@ -187,20 +166,38 @@ def bias_grad(dy: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return dy.sum((0, 1), dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32).to(bias.dtype)
 
 
+FUNCTIONS: list = []   # every class with a ``number``, registered when its module is imported
+
+
 class Reconciliation(nn.Module):
     """Base of all reconciliation functions: ``W = psi(w)`` of shape ``(n, D)``.
 
     ``w`` may be ``(l,)``, ``(1, l)`` (tinyBIG's shape) or ``(C, l)`` for ``C`` channels.
     The channel dimension is kept in results only when ``C > 1``.
 
-    Subclasses define ``calculate_l`` (plus ``l_formula`` for error messages), ``_build``
-    returning ``(C, n, D)`` and ``_apply_flat`` returning ``(C, N, n)`` for ``x`` of shape ``(N, D)``.
+    Subclasses define ``calculate_l`` (plus ``l_formula`` for error messages) and either ``op`` and
+    ``_op_args`` (its dispatch ops build and apply) or ``_build`` returning ``(C, n, D)`` and
+    ``_apply_flat`` returning ``(C, N, n)`` for ``x`` of shape ``(N, D)``.
     """
 
+    # Its number in docs/functions.md, which orders ``tinyrecon.ALL``; a class with one is a function
+    # of the package (``FUNCTIONS``), a shared base has none.
+    number: int | None = None
     # Prefix of this function's dispatch ops, "<op>_build" and "<op>_apply" (None: it has none).
     op: str | None = None
     # Whether ``apply`` builds W and makes one F.linear when W is small (``BUILD_BELOW``).
     build_when_small: bool = False
+    # Constructor arguments of working instances, for the tests and the benchmark that run every
+    # function: ``examples`` maps (n, D) to the arguments of one that works at that size (a size not
+    # listed takes the defaults; the tests use (4, 6) and, for functions with kernels, (9, 20));
+    # ``bench_args`` are the benchmark's (its shapes leave p and q to the defaults).
+    examples: dict = {}
+    bench_args: dict = {}
+    # psi(c * w) = c**degree * psi(w) (every factor of W a slice of w): ReconciledLinear's init="linear"
+    # scales w to give W nn.Linear's scale. None: no such degree (w goes through a sigmoid, or l = 0).
+    degree: int | None = None
+    # The attributes repr shows after ``name`` (the constructor's arguments of the same names).
+    repr_args: tuple = ()
 
     def __init__(self, name: str, *, require_parameters: bool = True, enable_bias: bool = False,
                  device=None, backend: str | None = None):
@@ -218,6 +215,8 @@ class Reconciliation(nn.Module):
         # Every calculate_l takes what forward and apply take: positive ints, numpy integers
         # included (as ints); hypernets' n and D may be omitted (their l does not depend on them).
         super().__init_subclass__(**kwargs)
+        if "number" in cls.__dict__:
+            FUNCTIONS.append(cls)
         own = cls.__dict__.get("calculate_l")
         if own is not None:
             @functools.wraps(own)
@@ -238,13 +237,29 @@ class Reconciliation(nn.Module):
     def setup(self, n: int, D: int) -> None:
         """Create any trainable state that depends on (n, D); called by layers at construction."""
 
-    def _build(self, n, D, w, backend):
+    def _op_args(self, n: int, D: int, w: torch.Tensor) -> tuple:
+        """A function with ops: the arguments its ops take other than x, bias, layout and D, from w
+        (C, l), in their declared order (``_run_op`` fills in those four by name)."""
         raise NotImplementedError
 
+    def _build(self, n, D, w, backend):
+        self.check_draws(n, D, w)
+        return self._run_op("build", w, backend, self._op_args(n, D, w), D=D)
+
     def _apply_flat(self, x, w, n, bias, backend):
+        if self.op is None:
+            return self._dense_apply(x, w, n, bias, backend)
+        self.check_draws(n, x.shape[-1], x)
+        return self._run_op("apply", x, backend, self._op_args(n, x.shape[-1], w), x=x, bias=bias)
+
+    def _dense_apply(self, x, w, n, bias, backend):
         # Functions without exploitable structure: build W once and use one GEMM.
         W = self._build(n, x.shape[-1], w, backend)
         return add_bias(torch.matmul(x, W.transpose(1, 2)), bias)
+
+    def check_draws(self, n: int, D: int, like: torch.Tensor) -> None:
+        """Refuse a call that would draw too many random numbers (``Seeded``; before ``_op_args``, so a
+        refused call uses up no mask seed); other functions draw none."""
 
     # ---- public API --------------------------------------------------------------
     def forward(self, n: int, D: int, w: torch.Tensor | None = None, device=None, backend=None,
@@ -307,19 +322,24 @@ class Reconciliation(nn.Module):
         if self.build_when_small and n * D < BUILD_BELOW and _builds_small(self.op, x, backend):
             if not keep:   # one channel: F.linear takes x's batch dimensions as they are
                 return F.linear(x, self._build(n, D, w2, backend)[0], bias)
-            y = Reconciliation._apply_flat(self, x.reshape(-1, D), w2, n, bias, backend)   # build W, one GEMM
+            y = self._dense_apply(x.reshape(-1, D), w2, n, bias, backend)
         else:
             y = self._apply_flat(x.reshape(-1, D), w2, n, bias, backend)
         y = y.reshape(y.shape[0], *batch, n)
         return y if keep else y[0]
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}"
+        return ", ".join(f"{k}={getattr(self, k)!r}" for k in ("name", *self.repr_args))
 
     # ---- helpers -----------------------------------------------------------------
-    def _op(self, what: str, like: torch.Tensor, backend):
-        """The dispatch entry of this function's op ``<op>_<what>`` for tensors like ``like``."""
-        return dispatch.get(f"{self.op}_{what}", like.device.type, backend)
+    def _run_op(self, what: str, like: torch.Tensor, backend, args: tuple, **named):
+        """This function's op ``<op>_<what>`` on the backend for tensors like ``like``, called with ``args``
+        and ``named`` (x, bias, D, and the function's layout) each where the op declares it."""
+        from .ops import OPS   # ops builds on this module
+        args, named = iter(args), {"layout": getattr(self, "layout", None), **named}
+        op = OPS[f"{self.op}_{what}"]
+        call = [named[p] if p in named else next(args) for p, _ in op.params]
+        return dispatch.get(op.name, like.device.type, backend)(*call)
 
     def _backend(self, backend):
         # Checked here, not only in dispatch: functions without ops (identity, constant, eye)

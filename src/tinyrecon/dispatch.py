@@ -75,13 +75,7 @@ def _load_library(backend: str) -> str:
         except Exception as e:  # ImportError, or a broken install raising anything
             return f"Triton does not import ({type(e).__name__}: {e}); pip install triton"
         return ""
-    if backend == "cuda":
-        from . import cuda_lib
-        return cuda_lib.load_error()
-    if backend == "cpu":
-        from . import cpu_lib
-        return cpu_lib.load_error()
-    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or 'auto'")
+    return importlib.import_module(f".{backend}_lib", __package__).load_error()   # cuda_lib, cpu_lib
 
 
 def why_not(backend: str, op: str | None, device_type: str) -> str:
@@ -228,15 +222,11 @@ def preload() -> None:
     compiled model's first call must find its ops already loaded.
     """
     from . import ops
-    device_types = {"cpu"} | ({"cuda"} if _cuda_device() else set())
+    device_types = {"cpu"} | ({"cuda"} if torch.cuda.is_available() else set())
     for op in ops.OPS:
         for backend in BACKENDS:
             if any(not why_not(backend, op, d) for d in device_types):
                 implementation(op, backend)
-
-
-def _cuda_device() -> bool:
-    return torch.cuda.is_available()
 
 
 def get(op: str, device_type: str, backend: str | None = None):

@@ -12,15 +12,6 @@ from .config import from_config, resolve
 FUSIONS = ("mean", "sum")
 INITS = ("linear", "tinybig")
 
-# psi(c * w) = c**k * psi(w): the degree k of each function in w (every factor is a slice of w).
-# init="linear" scales w by c to give W nn.Linear's scale; None: no such k (w goes through a
-# sigmoid), so the layer scales its output instead. Functions with l = 0 have nothing to scale.
-DEGREE = {
-    "identity_reconciliation": 1, "masking_reconciliation": 1, "duplicated_padding_reconciliation": 1,
-    "duplicated_diagonal_padding_reconciliation": 1, "lorr_reconciliation": 2, "hm_reconciliation": 2,
-    "random_matrix_adaption_reconciliation": 2, "lphm_reconciliation": 3, "dual_lphm_reconciliation": 4,
-    "hypernet_reconciliation": None, "random_matrix_hypernet_reconciliation": None,
-}
 
 
 class ReconciledLinear(nn.Module):
@@ -116,9 +107,8 @@ class ReconciledLinear(nn.Module):
         if not rms > 0 or not math.isfinite(rms):
             return
         gain = 1 / math.sqrt(3) / rms
-        degree = DEGREE.get(type(self.reconciliation).__name__)
-        if degree:
-            self.w.mul_(gain ** (1 / degree))
+        if self.reconciliation.degree:   # scale w so that W gets the gain
+            self.w.mul_(gain ** (1 / self.reconciliation.degree))
         else:
             self.output_scale = torch.tensor(gain, dtype=self.w.dtype, device=self.w.device)
 

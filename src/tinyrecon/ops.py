@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .base import add_bias, bias_grad, first_order_only
+from .base import add_bias, bias_grad
 from .dispatch import eager
 
 
@@ -30,7 +30,7 @@ class Op(NamedTuple):
     name: str
     family: str       # functions/<family>.py, kernels/<family>.py
     schema: str       # torch.library schema: "(Tensor x, ...) -> Tensor"
-    fake: Callable    # the inputs -> an empty output of the right shape
+    fake: Callable    # the inputs -> an empty output of the right shape (an apply's: from its build's)
     grads: tuple      # the inputs that get gradients
     params: tuple     # (name, type) of every input, from the schema
     impls: dict       # backend -> the function the dispatch table calls
@@ -39,10 +39,22 @@ class Op(NamedTuple):
 OPS: dict[str, Op] = {}
 
 
-def declare(name: str, family: str, schema: str, fake: Callable, grads: tuple) -> None:
+def declare(name: str, family: str, schema: str, grads: tuple, fake: Callable | None = None) -> None:
+    """Declare op ``name``; an apply (``<f>_apply``, declared after ``<f>_build``) has the fake
+    ``(C, N, n)`` from its build's ``(C, n, D)``, so only builds give one."""
     args = schema[schema.index("(") + 1: schema.index(") ->")]
     params = tuple((a.split()[1], a.split()[0]) for a in args.split(", "))
+    if fake is None:
+        def fake(x, *args):
+            W = OPS[name.replace("_apply", "_build")].fake(*_build_args(OPS[name], (x, *args)))
+            return x.new_empty(W.shape[0], x.shape[0], W.shape[1])
     OPS[name] = Op(name, family, schema, fake, tuple(grads), params, {})
+
+
+def _build_args(apply: Op, args) -> list:
+    """The arguments of an apply's build, from the apply's own by name (``D``: x's width)."""
+    named = dict(zip((p for p, _ in apply.params), args), D=args[0].shape[1])
+    return [named[p] for p, _ in OPS[apply.name.replace("_apply", "_build")].params]
 
 
 def implement(name: str, backend: str, forward: Callable, backward: Callable | None = None,
@@ -94,6 +106,13 @@ def _with_autograd(op: Op, custom, forward: Callable, backend: str, backward: Ca
 
     def autograd_backward(run):
         def autograd_backward(ctx, dy):
+            # Grad mode is on in a backward only under create_graph=True: refused by name here, rather than
+            # torch's "no autograd formula" about an inner op at the second backward.
+            if first_order and torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"{custom._qualname} (the {backend} backend) has a first-order backward only: it cannot be "
+                    f"differentiated again (create_graph=True, double backward). Use backend='torch' for "
+                    f"higher-order gradients")
             args = list(ctx.inputs)
             for i, t in zip(tensors, ctx.saved_tensors):
                 args[i] = t
@@ -105,7 +124,7 @@ def _with_autograd(op: Op, custom, forward: Callable, backend: str, backward: Ca
             if bias is not None and ctx.needs_input_grad[bias]:
                 grads[bias] = bias_grad(dy, args[bias])
             return tuple(grads)
-        return first_order_only(autograd_backward, custom._qualname, backend) if first_order else autograd_backward
+        return autograd_backward
 
     custom.register_autograd(autograd_backward(traced), setup_context=setup_context)
     eager_apply = type(f"{backend}_{op.name}", (torch.autograd.Function,), dict(
@@ -118,81 +137,61 @@ def _with_autograd(op: Op, custom, forward: Callable, backend: str, backward: Ca
 
 
 def _tinybig_as_build(op: Op, backend: str, structured: Callable) -> Callable:
-    """``layout="tinybig"``: ``x @ W^T`` with W from the same backend's build (build args: the apply's
-    without x and bias); the structured apply for the other layouts."""
+    """``layout="tinybig"``: ``x @ W^T`` with W from the same backend's build; the structured apply for
+    the other layouts."""
     build = OPS[op.name.replace("_apply", "_build")]
     b = [p for p, _ in op.params].index("bias")
 
     def apply(*args):
         if args[-1] != "tinybig":
             return structured(*args)
-        W = build.impls[backend](*args[1:b], *args[b + 1:])
+        W = build.impls[backend](*_build_args(op, args))
         return add_bias(torch.matmul(args[0], W.transpose(1, 2)), args[b])
     return apply
 
 
 # ---- the declarations: one per op ---------------------------------------------------------------
-def _square(F1, F2):
-    """(rows, columns) of ``F = F1 @ F2``, or of F1 when F2 is None."""
-    return F1.shape[1], (F1 if F2 is None else F2).shape[2]
-
-
 def _kron_build_fake(A1, A2, B1, B2, layout):
-    (p, q), (s, t) = _square(A1, A2), _square(B1, B2)
-    return A1.new_empty(A1.shape[0], p * s, q * t)
-
-
-def _kron_apply_fake(x, A1, A2, B1, B2, bias, layout):
-    return x.new_empty(A1.shape[0], x.shape[0], A1.shape[1] * B1.shape[1])
+    """(C, p*s, q*t) for ``A = A1 @ A2`` (p x q) and ``B = B1 @ B2`` (s x t), or A1, B1 when A2, B2 are None."""
+    q, t = (A1 if A2 is None else A2).shape[2], (B1 if B2 is None else B2).shape[2]
+    return A1.new_empty(A1.shape[0], A1.shape[1] * B1.shape[1], q * t)
 
 
 def _padding_build_fake(B, p, q, *layout):
     return B.new_empty(B.shape[0], p * B.shape[1], q * B.shape[2])
 
 
-def _padding_apply_fake(x, B, p, q, bias, *layout):
-    return x.new_empty(B.shape[0], x.shape[0], p * B.shape[1])
-
-
-def _apply_fake(x, v, n):
-    """(C, N, n) for C channels of v."""
-    return x.new_empty(v.shape[0], x.shape[0], n)
-
-
 _FACTORS = "Tensor A1, Tensor? A2, Tensor B1, Tensor? B2"
-declare("kron_build", "kron", f"({_FACTORS}, str layout) -> Tensor", _kron_build_fake, ("A1", "A2", "B1", "B2"))
-declare("kron_apply", "kron", f"(Tensor x, {_FACTORS}, Tensor? bias, str layout) -> Tensor", _kron_apply_fake,
+declare("kron_build", "kron", f"({_FACTORS}, str layout) -> Tensor", ("A1", "A2", "B1", "B2"), _kron_build_fake)
+declare("kron_apply", "kron", f"(Tensor x, {_FACTORS}, Tensor? bias, str layout) -> Tensor",
         ("x", "A1", "A2", "B1", "B2", "bias"))
-declare("duplicated_padding_build", "padding", "(Tensor B, SymInt p, SymInt q, str layout) -> Tensor",
-        _padding_build_fake, ("B",))
+declare("duplicated_padding_build", "padding", "(Tensor B, SymInt p, SymInt q, str layout) -> Tensor", ("B",),
+        _padding_build_fake)
 declare("duplicated_padding_apply", "padding",
-        "(Tensor x, Tensor B, SymInt p, SymInt q, Tensor? bias, str layout) -> Tensor", _padding_apply_fake,
-        ("x", "B", "bias"))
-declare("duplicated_diagonal_padding_build", "padding", "(Tensor B, SymInt p, SymInt q) -> Tensor",
-        _padding_build_fake, ("B",))
+        "(Tensor x, Tensor B, SymInt p, SymInt q, Tensor? bias, str layout) -> Tensor", ("x", "B", "bias"))
+declare("duplicated_diagonal_padding_build", "padding", "(Tensor B, SymInt p, SymInt q) -> Tensor", ("B",),
+        _padding_build_fake)
 declare("duplicated_diagonal_padding_apply", "padding", "(Tensor x, Tensor B, SymInt p, SymInt q, Tensor? bias) -> Tensor",
-        _padding_apply_fake, ("x", "B", "bias"))
-declare("lorr_build", "lowrank", "(Tensor A, Tensor B) -> Tensor",
-        lambda A, B: A.new_empty(A.shape[0], A.shape[1], B.shape[2]), ("A", "B"))
-declare("lorr_apply", "lowrank", "(Tensor x, Tensor A, Tensor B, Tensor? bias) -> Tensor",
-        lambda x, A, B, bias: _apply_fake(x, A, A.shape[1]), ("x", "A", "B", "bias"))
+        ("x", "B", "bias"))
+declare("lorr_build", "lowrank", "(Tensor A, Tensor B) -> Tensor", ("A", "B"),
+        lambda A, B: A.new_empty(A.shape[0], A.shape[1], B.shape[2]))
+declare("lorr_apply", "lowrank", "(Tensor x, Tensor A, Tensor B, Tensor? bias) -> Tensor", ("x", "A", "B", "bias"))
 declare("random_matrix_adaption_build", "lowrank",
-        "(Tensor l1, Tensor l2, SymInt seed_a, SymInt seed_b, SymInt D) -> Tensor",
-        lambda l1, l2, seed_a, seed_b, D: l1.new_empty(l1.shape[0], l1.shape[1], D), ("l1", "l2"))
+        "(Tensor l1, Tensor l2, SymInt seed_a, SymInt seed_b, SymInt D) -> Tensor", ("l1", "l2"),
+        lambda l1, l2, seed_a, seed_b, D: l1.new_empty(l1.shape[0], l1.shape[1], D))
 declare("random_matrix_adaption_apply", "lowrank",
         "(Tensor x, Tensor l1, Tensor l2, SymInt seed_a, SymInt seed_b, Tensor? bias) -> Tensor",
-        lambda x, l1, l2, seed_a, seed_b, bias: _apply_fake(x, l1, l1.shape[1]), ("x", "l1", "l2", "bias"))
-declare("masking_build", "masking", "(Tensor w, SymInt seed, float p) -> Tensor",
-        lambda w, seed, p: w.new_empty(w.shape), ("w",))
+        ("x", "l1", "l2", "bias"))
+declare("masking_build", "masking", "(Tensor w, SymInt seed, float p) -> Tensor", ("w",),
+        lambda w, seed, p: w.new_empty(w.shape))
 declare("masking_apply", "masking", "(Tensor x, Tensor w, SymInt seed, float p, Tensor? bias) -> Tensor",
-        lambda x, w, seed, p, bias: _apply_fake(x, w, w.shape[1]), ("x", "w", "bias"))
+        ("x", "w", "bias"))
 declare("hypernet_build", "hypernet", "(Tensor hvec, SymInt seed_w2, SymInt seed_b2, SymInt n, SymInt D) -> Tensor",
-        lambda hvec, seed_w2, seed_b2, n, D: hvec.new_empty(hvec.shape[0], n, D), ("hvec",))
+        ("hvec",), lambda hvec, seed_w2, seed_b2, n, D: hvec.new_empty(hvec.shape[0], n, D))
 declare("hypernet_apply", "hypernet",
         "(Tensor x, Tensor hvec, SymInt seed_w2, SymInt seed_b2, SymInt n, Tensor? bias) -> Tensor",
-        lambda x, hvec, seed_w2, seed_b2, n, bias: _apply_fake(x, hvec, n), ("x", "hvec", "bias"))
-declare("random_matrix_hypernet_build", "hypernet", "(Tensor z, SymInt seed_t, SymInt n, SymInt D) -> Tensor",
-        lambda z, seed_t, n, D: z.new_empty(z.shape[0], n, D), ("z",))
+        ("x", "hvec", "bias"))
+declare("random_matrix_hypernet_build", "hypernet", "(Tensor z, SymInt seed_t, SymInt n, SymInt D) -> Tensor", ("z",),
+        lambda z, seed_t, n, D: z.new_empty(z.shape[0], n, D))
 declare("random_matrix_hypernet_apply", "hypernet",
-        "(Tensor x, Tensor z, SymInt seed_t, SymInt n, Tensor? bias) -> Tensor",
-        lambda x, z, seed_t, n, bias: _apply_fake(x, z, n), ("x", "z", "bias"))
+        "(Tensor x, Tensor z, SymInt seed_t, SymInt n, Tensor? bias) -> Tensor", ("x", "z", "bias"))

@@ -38,11 +38,6 @@ FULL_ONLY = {("hypernet", "tall"): "draws 537M normals (64 x 65536 x hidden 128)
 FUNCTIONS = tuple(registry.CLASSES)   # short names, in docs/functions.md order
 FAMILY = {f: cls.__module__.rsplit(".", 1)[-1] for f, cls in registry.CLASSES.items()}
 FAMILIES = tuple(dict.fromkeys(FAMILY.values()))
-# Constructor arguments (the rest are tinyBIG's defaults). p and q default to the divisors
-# closest to sqrt(n), sqrt(D): at the mnist shape that is the headline p=8, q=784.
-KWARGS = {"lphm": dict(r=5), "dual_lphm": dict(r=5), "lorr": dict(r=5),
-          "random_matrix_adaption": dict(r=5, seed=0), "random_matrix_hypernet": dict(r=5, seed=0),
-          "masking": dict(seed=0), "hypernet": dict(seed=0)}
 
 # Functions whose frozen matrices are regenerated from the seed: their first call in a process pays
 # for what a cache keeps later, so when cold timings are asked for they are timed cold at every shape;
@@ -122,7 +117,9 @@ def select(functions=None, shapes=None, backends=None, ops=None, quick=True) -> 
 
 
 def make_function(name: str):
-    return registry.reconciliation(name, **KWARGS.get(name, {}))
+    """The function with its ``bench_args`` (the rest are tinyBIG's defaults; p and q default to the divisors
+    closest to sqrt(n), sqrt(D): at the mnist shape that is the headline p=8, q=784)."""
+    return registry.reconciliation(name, **registry.CLASSES[name].bench_args)
 
 
 def dispatch_op(case: Case) -> str | None:

@@ -1,16 +1,16 @@
-"""The 15 reconciliation functions of docs/functions.md, one module per family."""
-from .basic import (constant_eye_reconciliation, constant_reconciliation, identity_reconciliation,
-                    one_reconciliation, zero_reconciliation)
-from .hypernet import hypernet_reconciliation, random_matrix_hypernet_reconciliation
-from .kron import dual_lphm_reconciliation, hm_reconciliation, lphm_reconciliation
-from .lowrank import lorr_reconciliation, random_matrix_adaption_reconciliation
-from .masking import masking_reconciliation
-from .padding import duplicated_diagonal_padding_reconciliation, duplicated_padding_reconciliation
+"""The reconciliation functions of docs/functions.md, one module per family.
 
-ALL = (
-    constant_reconciliation, zero_reconciliation, one_reconciliation, constant_eye_reconciliation,
-    identity_reconciliation, masking_reconciliation, duplicated_padding_reconciliation,
-    duplicated_diagonal_padding_reconciliation, lorr_reconciliation, hm_reconciliation,
-    lphm_reconciliation, dual_lphm_reconciliation, hypernet_reconciliation,
-    random_matrix_adaption_reconciliation, random_matrix_hypernet_reconciliation,
-)
+Importing the package imports every module of it; each function's class registers itself by its
+``number`` (``base.FUNCTIONS``), so a new module or class needs no list here.
+"""
+import importlib
+import pkgutil
+
+from ..base import FUNCTIONS
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+ALL = tuple(sorted(FUNCTIONS, key=lambda cls: cls.number))   # docs/functions.md order
+globals().update({cls.__name__: cls for cls in ALL})
+__all__ = [cls.__name__ for cls in ALL]

@@ -12,6 +12,9 @@ from ..base import Reconciliation, add_bias
 
 class constant_reconciliation(Reconciliation):
     """W = c * ones(n, D); l = 0."""
+    number = 1
+    examples = {(4, 6): dict(c=2.0)}
+    repr_args = ("c",)
 
     def __init__(self, name="constant_c_reconciliation", c=1.0, **kwargs):
         kwargs.setdefault("require_parameters", False)
@@ -31,12 +34,10 @@ class constant_reconciliation(Reconciliation):
         y = (self.c * x.sum(-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))).to(x.dtype)
         return add_bias(y.expand(w.shape[0], -1, n).contiguous(), bias)   # a fresh tensor, not a stride-0 view
 
-    def extra_repr(self):
-        return f"name={self.name!r}, c={self.c}"
-
 
 class zero_reconciliation(constant_reconciliation):
     """W = zeros(n, D)."""
+    number, examples = 2, {}
 
     def __init__(self, name="zero_reconciliation", **kwargs):
         super().__init__(name, c=0.0, **kwargs)
@@ -44,6 +45,7 @@ class zero_reconciliation(constant_reconciliation):
 
 class one_reconciliation(constant_reconciliation):
     """W = ones(n, D)."""
+    number, examples = 3, {}
 
     def __init__(self, name="one_reconciliation", **kwargs):
         super().__init__(name, c=1.0, **kwargs)
@@ -51,6 +53,7 @@ class one_reconciliation(constant_reconciliation):
 
 class constant_eye_reconciliation(Reconciliation):
     """W = eye(n, D) (rectangular identity); l = 0."""
+    number = 4
 
     def __init__(self, name="constant_eye_reconciliation", **kwargs):
         kwargs.setdefault("require_parameters", False)
@@ -71,6 +74,8 @@ class constant_eye_reconciliation(Reconciliation):
 
 class identity_reconciliation(Reconciliation):
     """W = reshape(w, n, D); l = n*D."""
+    number = 5
+    degree = 1
 
     def __init__(self, name="identity_reconciliation", **kwargs):
         super().__init__(name, **kwargs)

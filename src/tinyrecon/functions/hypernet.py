@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import _random, ops
-from ..base import _HALF, Reconciliation, Seeded, add_bias, check_bool, check_rank, reference
+from ..base import _HALF, Reconciliation, Seeded, add_bias, check_bool, positive_int, reference
 
 _SLICE = 1 << 22   # random numbers generated per slice of W, to bound memory
 
@@ -76,12 +76,16 @@ class hypernet_reconciliation(Seeded, Reconciliation):
     0.2.1 created them lazily after the optimizer was built, so they never were. ``net``: your
     own module mapping w (C, l) to (C, n*D), used instead of the random one.
     """
+    number = 13
+    examples = {(4, 6): dict(l=5, hidden_dim=3, seed=1), (9, 20): dict(l=5, hidden_dim=6, seed=3)}
+    bench_args = dict(seed=0)
     op = "hypernet"
+    repr_args = ("l", "hidden_dim", "static", "seed")
 
     def __init__(self, name="hypernet_reconciliation", l=64, hidden_dim=128, static=True, net=None,
                  seed=None, **kwargs):
         super().__init__(name, **kwargs)
-        self.l, self.hidden_dim = check_rank(l, "l"), check_rank(hidden_dim, "hidden_dim")
+        self.l, self.hidden_dim = positive_int("l", l), positive_int("hidden_dim", hidden_dim)
         self.static = check_bool("static", static)
         self._init_seed(seed)
         self.net = net
@@ -143,27 +147,30 @@ class hypernet_reconciliation(Seeded, Reconciliation):
             if out.shape[-1] != n * D:
                 raise ValueError(f"the hypernet maps w to {out.shape[-1]} values per channel, not n*D = {n}*{D}")
             return out.reshape(-1, n, D)
-        self.check_draws(n, D, w)
-        return self._op("build", w, backend)(self._hvec(w), self.stream_seed(2), self.stream_seed(3), n, D)
+        return super()._build(n, D, w, backend)
 
     def _apply_flat(self, x, w, n, bias, backend):
         if self._trainable(n, x.shape[-1], w) is not None:
-            return super()._apply_flat(x, w, n, bias, backend)
-        self.check_draws(n, x.shape[-1], x)
-        return self._op("apply", x, backend)(x, self._hvec(w), self.stream_seed(2), self.stream_seed(3), n, bias)
+            return self._dense_apply(x, w, n, bias, backend)
+        return super()._apply_flat(x, w, n, bias, backend)
 
-    def extra_repr(self):
-        return f"name={self.name!r}, l={self.l}, hidden_dim={self.hidden_dim}, static={self.static}, seed={self.seed}"
+    def _op_args(self, n, D, w):
+        return self._hvec(w), self.stream_seed(2), self.stream_seed(3), n
 
 
 class random_matrix_hypernet_reconciliation(Seeded, Reconciliation):
     """W = reshape(((sigmoid((w @ P) @ Q^T) @ S) @ T^T), n, D); P, Q, S, T frozen N(0, 1)."""
+    number = 15
+    examples = {(4, 6): dict(r=2, l=5, hidden_dim=3, seed=1), (9, 20): dict(r=2, l=5, hidden_dim=6, seed=3)}
+    bench_args = dict(r=5, seed=0)
     op = "random_matrix_hypernet"
+    repr_args = ("r", "l", "hidden_dim", "seed")
 
     def __init__(self, name="random_matrix_hypernet_reconciliation", r=2, l=64, hidden_dim=128, seed=None,
                  **kwargs):
         super().__init__(name, **kwargs)
-        self.r, self.l, self.hidden_dim = check_rank(r), check_rank(l, "l"), check_rank(hidden_dim, "hidden_dim")
+        self.r, self.l = positive_int("r", r), positive_int("l", l)
+        self.hidden_dim = positive_int("hidden_dim", hidden_dim)
         self._init_seed(seed)
 
     def calculate_l(self, n=None, D=None):
@@ -186,13 +193,5 @@ class random_matrix_hypernet_reconciliation(Seeded, Reconciliation):
     def random_count(self, n, D):   # P, Q, S, then T of n*D rows
         return self.r * (self.l + 2 * self.hidden_dim + n * D)
 
-    def _build(self, n, D, w, backend):
-        self.check_draws(n, D, w)
-        return self._op("build", w, backend)(self._z(w), self.stream_seed(3), n, D)
-
-    def _apply_flat(self, x, w, n, bias, backend):
-        self.check_draws(n, x.shape[-1], x)
-        return self._op("apply", x, backend)(x, self._z(w), self.stream_seed(3), n, bias)
-
-    def extra_repr(self):
-        return f"name={self.name!r}, r={self.r}, l={self.l}, hidden_dim={self.hidden_dim}, seed={self.seed}"
+    def _op_args(self, n, D, w):
+        return self._z(w), self.stream_seed(3), n

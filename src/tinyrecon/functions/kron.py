@@ -17,7 +17,7 @@ import math
 import torch
 
 from .. import ops
-from ..base import (LAYOUTS, TORCH_X_OPS, Reconciliation, add_bias, channel_matmul, check_divides, check_rank,
+from ..base import (LAYOUTS, TORCH_X_OPS, Reconciliation, add_bias, channel_matmul, check_divides,
                     close_factor, positive_int, reference, traceable)
 
 
@@ -159,6 +159,7 @@ class _KronBase(Reconciliation):
     """Shared by hm, lphm and dual_lphm: p, q resolution, layout, and the two ops."""
     op = "kron"
     build_when_small = True
+    repr_args = ("p", "q", "layout")
 
     def __init__(self, name, p=None, q=None, layout="kron", **kwargs):
         super().__init__(name, **kwargs)
@@ -174,18 +175,9 @@ class _KronBase(Reconciliation):
         check_divides("q", q, "D", D)
         return p, q
 
-    def _factors(self, n, D, w):
+    def _op_args(self, n, D, w):
         """(A1, A2, B1, B2) views into w of shape (C, l)."""
         raise NotImplementedError
-
-    def _build(self, n, D, w, backend):
-        return self._op("build", w, backend)(*self._factors(n, D, w), self.layout)
-
-    def _apply_flat(self, x, w, n, bias, backend):
-        return self._op("apply", x, backend)(x, *self._factors(n, D=x.shape[-1], w=w), bias, self.layout)
-
-    def extra_repr(self):
-        return f"name={self.name!r}, p={self.p}, q={self.q}, layout={self.layout!r}"
 
 
 def _split(w, *shapes):
@@ -196,6 +188,9 @@ def _split(w, *shapes):
 
 class hm_reconciliation(_KronBase):
     """W = A kron B; w = [vec(A) (p*q), vec(B) (s*t)]."""
+    number = 10
+    degree = 2
+    examples = {(4, 6): dict(p=2, q=3), (9, 20): dict(p=3, q=2)}
 
     def __init__(self, name="hypercomplex_multiplication_reconciliation", p=None, q=None, layout="kron", **kwargs):
         super().__init__(name, p, q, layout, **kwargs)
@@ -208,7 +203,7 @@ class hm_reconciliation(_KronBase):
         p, q = self.pq(n, D)
         return f"p*q + s*t = {p}*{q} + {n // p}*{D // q} = {self.calculate_l(n, D)}"
 
-    def _factors(self, n, D, w):
+    def _op_args(self, n, D, w):
         p, q = self.pq(n, D)
         A, B = _split(w, (p, q), (n // p, D // q))
         return A, None, B, None
@@ -216,10 +211,15 @@ class hm_reconciliation(_KronBase):
 
 class lphm_reconciliation(_KronBase):
     """W = A kron (S @ T); w = [vec(A) (p*q), vec(S) (s*r), vec(T) (r*t)]."""
+    number = 11
+    degree = 3
+    examples = {(4, 6): dict(p=2, q=3, r=1), (9, 20): dict(p=3, q=4, r=2)}
+    bench_args = dict(r=5)
+    repr_args = ("p", "q", "layout", "r")
 
     def __init__(self, name="lphm_reconciliation", p=None, q=None, r=2, layout="kron", **kwargs):
         super().__init__(name, p, q, layout, **kwargs)
-        self.r = check_rank(r)
+        self.r = positive_int("r", r)
 
     def calculate_l(self, n, D):
         p, q = self.pq(n, D)
@@ -229,21 +229,22 @@ class lphm_reconciliation(_KronBase):
         p, q = self.pq(n, D)
         return f"p*q + r*(s+t) = {p}*{q} + {self.r}*({n // p}+{D // q}) = {self.calculate_l(n, D)}"
 
-    def _factors(self, n, D, w):
+    def _op_args(self, n, D, w):
         p, q = self.pq(n, D)
         A, S, T = _split(w, (p, q), (n // p, self.r), (self.r, D // q))
         return A, None, S, T
 
-    def extra_repr(self):
-        return super().extra_repr() + f", r={self.r}"
-
 
 class dual_lphm_reconciliation(_KronBase):
     """W = (P @ Q) kron (S @ T); w = [vec(P) (p*r), vec(Q) (r*q), vec(S) (s*r), vec(T) (r*t)]."""
+    number = 12
+    degree = 4
+    examples, bench_args = lphm_reconciliation.examples, lphm_reconciliation.bench_args
+    repr_args = ("p", "q", "layout", "r")
 
     def __init__(self, name="dual_lphm_reconciliation", p=None, q=None, r=2, layout="kron", **kwargs):
         super().__init__(name, p, q, layout, **kwargs)
-        self.r = check_rank(r)
+        self.r = positive_int("r", r)
 
     def calculate_l(self, n, D):
         p, q = self.pq(n, D)
@@ -253,11 +254,8 @@ class dual_lphm_reconciliation(_KronBase):
         p, q = self.pq(n, D)
         return f"r*(p+q+s+t) = {self.r}*({p}+{q}+{n // p}+{D // q}) = {self.calculate_l(n, D)}"
 
-    def _factors(self, n, D, w):
+    def _op_args(self, n, D, w):
         p, q = self.pq(n, D)
         r = self.r
         P, Q, S, T = _split(w, (p, r), (r, q), (n // p, r), (r, D // q))
         return P, Q, S, T
-
-    def extra_repr(self):
-        return super().extra_repr() + f", r={self.r}"

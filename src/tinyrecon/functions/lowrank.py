@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import _random, ops
-from ..base import TORCH_X_OPS, Reconciliation, Seeded, add_bias, channel_matmul, check_rank, factor_pass, reference
+from ..base import TORCH_X_OPS, Reconciliation, Seeded, add_bias, channel_matmul, factor_pass, positive_int, reference
 
 
 @reference
@@ -56,12 +56,17 @@ for _ref in (lorr_build, lorr_apply, random_matrix_adaption_build, random_matrix
 
 class lorr_reconciliation(Reconciliation):
     """W = A @ B with A (n x r), B (r x D) read from w; l = r*(n+D)."""
+    number = 9
+    degree = 2
+    examples = {(4, 6): dict(r=1), (9, 20): dict(r=3)}
+    bench_args = dict(r=5)
     op = "lorr"
     build_when_small = True
+    repr_args = ("r",)
 
     def __init__(self, name="low_rank_reconciliation", r=2, **kwargs):
         super().__init__(name, **kwargs)
-        self.r = check_rank(r)
+        self.r = positive_int("r", r)
 
     def calculate_l(self, n, D):
         return self.r * (n + D)
@@ -69,28 +74,24 @@ class lorr_reconciliation(Reconciliation):
     def l_formula(self, n, D):
         return f"r*(n+D) = {self.r}*({n}+{D}) = {self.calculate_l(n, D)}"
 
-    def _AB(self, n, D, w):
+    def _op_args(self, n, D, w):
         A, B = torch.split(w, [n * self.r, self.r * D], dim=1)
         return A.reshape(-1, n, self.r), B.reshape(-1, self.r, D)
-
-    def _build(self, n, D, w, backend):
-        return self._op("build", w, backend)(*self._AB(n, D, w))
-
-    def _apply_flat(self, x, w, n, bias, backend):
-        return self._op("apply", x, backend)(x, *self._AB(n, x.shape[-1], w), bias)
-
-    def extra_repr(self):
-        return f"name={self.name!r}, r={self.r}"
 
 
 class random_matrix_adaption_reconciliation(Seeded, Reconciliation):
     """W = diag(l1) @ A @ diag(l2) @ B^T; l = n + r; A, B frozen N(0, 1) from ``seed``."""
+    number = 14
+    degree = 2
+    examples = {(4, 6): dict(r=2, seed=1), (9, 20): dict(r=2, seed=3)}
+    bench_args = dict(r=5, seed=0)
     op = "random_matrix_adaption"
     build_when_small = True
+    repr_args = ("r", "seed")
 
     def __init__(self, name="random_matrix_adaption_reconciliation", r=2, seed=None, **kwargs):
         super().__init__(name, **kwargs)
-        self.r = check_rank(r)
+        self.r = positive_int("r", r)
         self._init_seed(seed)
 
     def calculate_l(self, n, D):
@@ -99,25 +100,14 @@ class random_matrix_adaption_reconciliation(Seeded, Reconciliation):
     def l_formula(self, n, D):
         return f"n + r = {n} + {self.r} = {self.calculate_l(n, D)}"
 
-    def _lambdas(self, n, w):
+    def _op_args(self, n, D, w):
         l1, l2 = torch.split(w, [n, self.r], dim=1)
         return l1, l2, self.stream_seed(0), self.stream_seed(1)
 
     def random_count(self, n, D):   # A and B
         return (n + D) * self.r
 
-    def _build(self, n, D, w, backend):
-        self.check_draws(n, D, w)
-        return self._op("build", w, backend)(*self._lambdas(n, w), D)
-
-    def _apply_flat(self, x, w, n, bias, backend):
-        self.check_draws(n, x.shape[-1], x)
-        return self._op("apply", x, backend)(x, *self._lambdas(n, w), bias)
-
     def matrices(self, n, D, device=None, dtype=torch.float32):
         """The frozen (A, B), for inspection and tests."""
         return random_matrix_adaption_matrices(self.stream_seed(0), self.stream_seed(1), n, D, self.r,
                             torch.empty(0, device=device, dtype=dtype))
-
-    def extra_repr(self):
-        return f"name={self.name!r}, r={self.r}, seed={self.seed}"

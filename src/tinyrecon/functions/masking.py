@@ -43,7 +43,12 @@ ops.implement("masking_apply", "torch", masking_apply)
 
 class masking_reconciliation(Seeded, Reconciliation):
     """W = M * reshape(w, n, D), M ~ Bernoulli(p) frozen (or redrawn per call); l = n*D."""
+    number = 6
+    degree = 1
+    examples = {(4, 6): dict(p=0.5, seed=1), (9, 20): dict(seed=3)}
+    bench_args = dict(seed=0)
     op = "masking"
+    repr_args = ("p", "fixed_mask", "seed")
 
     def __init__(self, name="masking_reconciliation", p=0.5, fixed_mask=True, seed=None, **kwargs):
         super().__init__(name, **kwargs)
@@ -71,13 +76,8 @@ class masking_reconciliation(Seeded, Reconciliation):
     def random_count(self, n, D):   # the mask
         return n * D
 
-    def _build(self, n, D, w, backend):
-        self.check_draws(n, D, w)   # before mask_seed: a refused call uses no mask
-        return self._op("build", w, backend)(w.reshape(-1, n, D), self.mask_seed(), self.p)
-
-    def _apply_flat(self, x, w, n, bias, backend):
-        self.check_draws(n, x.shape[-1], x)
-        return self._op("apply", x, backend)(x, w.reshape(-1, n, x.shape[-1]), self.mask_seed(), self.p, bias)
+    def _op_args(self, n, D, w):
+        return w.reshape(-1, n, D), self.mask_seed(), self.p
 
     def get_extra_state(self):
         return {"seed": self.seed, "calls": self._calls}
@@ -87,6 +87,3 @@ class masking_reconciliation(Seeded, Reconciliation):
         if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
             raise ValueError(f"the state_dict's mask call count must be a non-negative int, got {calls!r}")
         self.seed, self._calls = seed, calls
-
-    def extra_repr(self):
-        return f"name={self.name!r}, p={self.p}, fixed_mask={self.fixed_mask}, seed={self.seed}"

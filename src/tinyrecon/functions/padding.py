@@ -63,8 +63,12 @@ ops.implement("duplicated_diagonal_padding_apply", "torch", duplicated_diagonal_
 
 class duplicated_padding_reconciliation(Reconciliation):
     """W = ones(p, q) kron reshape(w, s, t); l = s*t. ``q=None`` means q = p."""
+    number = 7
+    degree = 1
+    examples = {(4, 6): dict(p=2), (9, 20): dict(p=3, q=4)}
     op = "duplicated_padding"
     build_when_small = True
+    repr_args = ("p", "q", "layout")
 
     def __init__(self, name="duplicated_padding_reconciliation", p=2, q=None, layout="kron", **kwargs):
         super().__init__(name, **kwargs)
@@ -86,18 +90,9 @@ class duplicated_padding_reconciliation(Reconciliation):
         p, q = self.pq(n, D)
         return f"s*t = {n // p}*{D // q} = {self.calculate_l(n, D)}"
 
-    def _B(self, n, D, w):
+    def _op_args(self, n, D, w):
         p, q = self.pq(n, D)
         return w.reshape(w.shape[0], n // p, D // q), p, q
-
-    def _build(self, n, D, w, backend):
-        return self._op("build", w, backend)(*self._B(n, D, w), self.layout)
-
-    def _apply_flat(self, x, w, n, bias, backend):
-        return self._op("apply", x, backend)(x, *self._B(n, x.shape[-1], w), bias, self.layout)
-
-    def extra_repr(self):
-        return f"name={self.name!r}, p={self.p}, q={self.q}, layout={self.layout!r}"
 
 
 class duplicated_diagonal_padding_reconciliation(duplicated_padding_reconciliation):
@@ -106,13 +101,8 @@ class duplicated_diagonal_padding_reconciliation(duplicated_padding_reconciliati
     tinyBIG 0.2.1 only runs this with p = q = n (then its W equals this one) and returns it as
     a sparse COO tensor; here W is always dense, and ``layout`` is accepted for symmetry only.
     """
+    number = 8
     op = "duplicated_diagonal_padding"
 
     def __init__(self, name="duplicated_diagonal_padding_reconciliation", p=2, q=None, layout="kron", **kwargs):
         super().__init__(name, p, q, layout, **kwargs)
-
-    def _build(self, n, D, w, backend):
-        return self._op("build", w, backend)(*self._B(n, D, w))
-
-    def _apply_flat(self, x, w, n, bias, backend):
-        return self._op("apply", x, backend)(x, *self._B(n, x.shape[-1], w), bias)
