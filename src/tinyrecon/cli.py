@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"short timings, {', '.join(cases.QUICK_SHAPES)} shapes plus the MNIST headline, "
                            "no cold calls, the cases that take minutes listed as skipped (the default)")
     mode.add_argument("--full", dest="quick", action="store_false",
-                      help="longer timings, every shape, slower cases allowed, cold calls timed")
+                      help="longer timings, every shape, cold calls timed")
     b.add_argument("--cold", action=argparse.BooleanOptionalAction,
                    help="time the first call in a fresh process too: the random families' at every shape, "
                         f"every function's at the {cases.COLD_SHAPE} shape (default: on with --full, off with --quick)")

@@ -31,9 +31,6 @@ SHAPES = {s.name: s for s in (
 QUICK_SHAPES = ("small", "tiny", "tall")
 # --quick also runs the headline cases: forward+backward of dual_lphm (p=8, q=784, r=5) on the MNIST layer.
 QUICK_EXTRA = (("dual_lphm", "mnist", "fwdbwd"), ("dual_lphm", "mnist", "train"))
-# Cases that take minutes each: --quick lists them as skipped, --full runs them.
-FULL_ONLY = {("hypernet", "tall"): "draws 537M normals (64 x 65536 x hidden 128) per call, about a minute "
-                                   "on 2 cores: run with --full"}
 
 FUNCTIONS = tuple(registry.CLASSES)   # short names, in docs/functions.md order
 FAMILY = {f: cls.__module__.rsplit(".", 1)[-1] for f, cls in registry.CLASSES.items()}
@@ -138,9 +135,8 @@ def _available_bytes() -> int | None:
     return None
 
 
-def skip_reason(case: Case, device: torch.device, dtype: torch.dtype, slow: bool = True) -> str:
-    """'' if the case can run here, else why not (shown in the results, never silently dropped);
-    without ``slow`` (``--quick``) the cases of FULL_ONLY do not run."""
+def skip_reason(case: Case, device: torch.device, dtype: torch.dtype) -> str:
+    """'' if the case can run here, else why not (shown in the results, never silently dropped)."""
     op = dispatch_op(case)
     if op is None:
         if case.backend != "torch":
@@ -152,8 +148,6 @@ def skip_reason(case: Case, device: torch.device, dtype: torch.dtype, slow: bool
     shape = SHAPES[case.shape]
     if case.backend == "triton" and device.type != "cuda" and case.shape != "small":
         return "the Triton interpreter (TRITON_INTERPRET=1) is for correctness checks: small shape only"
-    if not slow and (case.function, case.shape) in FULL_ONLY:
-        return FULL_ONLY[case.function, case.shape]
     # Peak memory, roughly: W, its gradient and the dense layer (+ grad) in dtype, W and dW of the
     # float64 reference; x and its gradient in dtype and in float64.
     size = torch.finfo(dtype).bits // 8

@@ -18,19 +18,17 @@ from .cases import SHAPES, Case, make_function
 
 @dataclass(frozen=True)
 class Mode:
-    """How hard to try: seconds of timed rounds per case, repeat bounds, what is too slow, whether
-    first calls in a fresh process are timed (``cases.times_cold`` says for which cases) and whether
-    the cases that take minutes (``cases.FULL_ONLY``) run."""
+    """How hard to try: seconds of timed rounds per case, repeat bounds, which calls are timed once
+    only, and whether first calls in a fresh process are timed (``cases.times_cold`` says for which)."""
     budget_s: float
     min_reps: int
     max_reps: int
-    max_call_s: float     # a call slower than this (after warmup) is not timed
+    max_call_s: float     # a case whose warm call is slower than this is timed by that one round
     cold: bool = False
-    slow: bool = False
 
 
 QUICK = Mode(budget_s=0.1, min_reps=3, max_reps=10, max_call_s=5.0)
-FULL = Mode(budget_s=1.5, min_reps=9, max_reps=50, max_call_s=10.0, cold=True, slow=True)
+FULL = Mode(budget_s=1.5, min_reps=9, max_reps=50, max_call_s=10.0, cold=True)
 
 
 def synchronize(device: torch.device) -> None:
@@ -47,21 +45,16 @@ def _once(fn, device, inner: int = 1) -> float:
     return (time.perf_counter() - t0) / inner
 
 
-class TooSlow(Exception):
-    """A case too slow to time in this mode."""
-
-
 def time_interleaved(fns: dict, device: torch.device, mode: Mode) -> dict:
     """Median seconds per call of each callable, timed in interleaved rounds (A B C A B C ...).
 
     One warmup call each sizes the run: calls shorter than 1 ms are looped so each sample
-    is about 1 ms, and the number of rounds fills ``mode.budget_s``. Raises TooSlow when a
-    warm call takes longer than ``mode.max_call_s``.
+    is about 1 ms, and the number of rounds fills ``mode.budget_s``. When a warm call takes longer
+    than ``mode.max_call_s``, that round is the measurement (shown with reps 1, never skipped).
     """
     warm = {name: _once(fn, device) for name, fn in fns.items()}
-    slowest = max(warm.values())
-    if slowest > mode.max_call_s:
-        raise TooSlow(f"one warm call takes {slowest:.1f} s (limit {mode.max_call_s:g} s in this mode)")
+    if max(warm.values()) > mode.max_call_s:
+        return warm | {"reps": 1}
     inner = {name: max(1, int(1e-3 / max(t, 1e-7))) for name, t in warm.items()}
     per_round = sum(warm[k] * inner[k] for k in fns)
     reps = int(min(mode.max_reps, max(mode.min_reps, mode.budget_s / max(per_round, 1e-9))))
