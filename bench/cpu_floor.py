@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import tinyrecon as tr
-from tinyrecon.benchmark import KWARGS, SHAPES
+from tinyrecon.benchmark.cases import KWARGS, SHAPES
 
 FUNCTIONS = ("hm", "lphm", "dual_lphm", "lorr", "random_matrix_adaption", "duplicated_padding",
              "duplicated_diagonal_padding")

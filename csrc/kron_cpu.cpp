@@ -73,8 +73,8 @@ TR_INLINE T hsum(vec<T> v) {
   return s;
 }
 
-// x as T: loaded as is, or bfloat16 (its bits, uint16_t) widened to float as it is read, so a
-// bfloat16 x is read once at half the bytes, never copied whole to float32.
+// x as T: loaded as is, or bfloat16 (its bits, uint16_t) widened to float, so a bfloat16 x is read
+// once at half the bytes, never copied whole to float32 (the pass widens a tile at a time: widen).
 typedef uint16_t bf16;
 template <typename T>
 TR_INLINE vec<T> load_x(const T* p) {
@@ -211,10 +211,67 @@ TR_INLINE void expand(const Job<T>& j) {
   }
 }
 
+// One tile of x (TILE rows x, n columns from k0, of batch b): its dot products with R's rows, added
+// to V, and its axpys into U's rows. pf: the next tile's rows (or null), fetched meanwhile.
+template <typename T, typename X, typename Y>
+TR_INLINE void tile(const Job<T, X>& j, const Y* const* x, const Y* const* pf, int rows, i64 n, i64 b, i64 i0, i64 k0,
+                    T* Ub) {
+  const i64 M = j.M, RA = j.U ? j.RA : 0, RB = j.V ? j.RB : 0, NM = j.N * M;
+  for (i64 r0 = 0; r0 < RB; r0 += GROUP) {
+    const T* f[GROUP];
+    const int nr = int(std::min<i64>(GROUP, RB - r0));
+    for (int r = 0; r < nr; ++r) f[r] = j.pack ? j.pack + (r0 + r) * n : j.R + (r0 + r) * j.r_row + k0;
+    T out[TILE][GROUP] = {};
+    switch (nr) {
+      case 1: dots<T, 1>(x, f, r0 ? nullptr : pf, n, out); break;
+      case 2: dots<T, 2>(x, f, r0 ? nullptr : pf, n, out); break;
+      case 3: dots<T, 3>(x, f, r0 ? nullptr : pf, n, out); break;
+      case 4: dots<T, 4>(x, f, r0 ? nullptr : pf, n, out); break;
+      case 5: dots<T, 5>(x, f, r0 ? nullptr : pf, n, out); break;
+      default: dots<T, 6>(x, f, r0 ? nullptr : pf, n, out); break;
+    }
+    for (int i = 0; i < rows; ++i)
+      for (int r = 0; r < nr; ++r) j.V[(r0 + r) * NM + b * M + i0 + i] += out[i][r];
+  }
+  for (i64 a0 = 0; a0 < RA; a0 += GROUP) {
+    T* u[GROUP];
+    T c[GROUP][TILE] = {};
+    const int na = int(std::min<i64>(GROUP, RA - a0));
+    for (int a = 0; a < na; ++a) {
+      u[a] = Ub + (a0 + a) * j.K + k0;
+      for (int i = 0; i < rows; ++i) c[a][i] = j.L[(a0 + a) * M + i0 + i];
+    }
+    switch (na) {
+      case 1: axpys<T, 1>(x, u, c, RB || a0 ? nullptr : pf, n); break;
+      case 2: axpys<T, 2>(x, u, c, RB || a0 ? nullptr : pf, n); break;
+      case 3: axpys<T, 3>(x, u, c, RB || a0 ? nullptr : pf, n); break;
+      case 4: axpys<T, 4>(x, u, c, RB || a0 ? nullptr : pf, n); break;
+      case 5: axpys<T, 5>(x, u, c, RB || a0 ? nullptr : pf, n); break;
+      default: axpys<T, 6>(x, u, c, RB || a0 ? nullptr : pf, n); break;
+    }
+  }
+}
+
+// bfloat16 rows widened to float into buf (TILE rows of n), once per tile: the dot products and
+// axpys then read float from L1 as for a float32 x, instead of widening each row once per group.
+TR_INLINE void widen(const bf16* const* x, const bf16* const* pf, i64 n, float* buf, const float** out) {
+  for (int i = 0; i < TILE; ++i) {
+    float* o = buf + i * n;
+    i64 k = 0;
+    for (; k + W<float> <= n; k += W<float>) {
+      if (pf) __builtin_prefetch(pf[i] + k, 0, 2);
+      store(o + k, load_x(x[i] + k));
+    }
+    for (; k < n; ++k) o[k] = x_at(x[i], k);
+    out[i] = o;
+  }
+}
+
 // Batches [b0, b1) and columns [k_begin, k_end) of a job; adds to V (zeroed by split).
 template <typename T, typename X>
 TR_INLINE void pass(const Job<T, X>& j) {
-  const i64 M = j.M, K = j.K, RA = j.U ? j.RA : 0, RB = j.V ? j.RB : 0, NM = j.N * M, kb = k_block<T>(RA + RB);
+  const i64 M = j.M, K = j.K, RA = j.U ? j.RA : 0, RB = j.V ? j.RB : 0, kb = k_block<T>(RA + RB);
+  alignas(64) T buf[std::is_same_v<T, X> ? 1 : L1_TILE / sizeof(T)];   // a widened tile (kb <= its row)
   for (i64 b = j.b0; b < j.b1; ++b) {
     T* Ub = RA ? j.U + b * RA * K : nullptr;
     for (i64 a = 0; a < RA; ++a) std::fill(Ub + a * K + j.k_begin, Ub + a * K + j.k_end, T(0));
@@ -240,38 +297,12 @@ TR_INLINE void pass(const Job<T, X>& j) {
                       std::min<i64>(i, M - 1) * K;
         else
           pf = nullptr;
-        for (i64 r0 = 0; r0 < RB; r0 += GROUP) {
-          const T* f[GROUP];
-          const int nr = int(std::min<i64>(GROUP, RB - r0));
-          for (int r = 0; r < nr; ++r) f[r] = j.pack ? j.pack + (r0 + r) * n : j.R + (r0 + r) * j.r_row + k0;
-          T out[TILE][GROUP] = {};
-          switch (nr) {
-            case 1: dots<T, 1>(x, f, r0 ? nullptr : pf, n, out); break;
-            case 2: dots<T, 2>(x, f, r0 ? nullptr : pf, n, out); break;
-            case 3: dots<T, 3>(x, f, r0 ? nullptr : pf, n, out); break;
-            case 4: dots<T, 4>(x, f, r0 ? nullptr : pf, n, out); break;
-            case 5: dots<T, 5>(x, f, r0 ? nullptr : pf, n, out); break;
-            default: dots<T, 6>(x, f, r0 ? nullptr : pf, n, out); break;
-          }
-          for (int i = 0; i < rows; ++i)
-            for (int r = 0; r < nr; ++r) j.V[(r0 + r) * NM + b * M + i0 + i] += out[i][r];
-        }
-        for (i64 a0 = 0; a0 < RA; a0 += GROUP) {
-          T* u[GROUP];
-          T c[GROUP][TILE] = {};
-          const int na = int(std::min<i64>(GROUP, RA - a0));
-          for (int a = 0; a < na; ++a) {
-            u[a] = Ub + (a0 + a) * K + k0;
-            for (int i = 0; i < rows; ++i) c[a][i] = j.L[(a0 + a) * M + i0 + i];
-          }
-          switch (na) {
-            case 1: axpys<T, 1>(x, u, c, RB || a0 ? nullptr : pf, n); break;
-            case 2: axpys<T, 2>(x, u, c, RB || a0 ? nullptr : pf, n); break;
-            case 3: axpys<T, 3>(x, u, c, RB || a0 ? nullptr : pf, n); break;
-            case 4: axpys<T, 4>(x, u, c, RB || a0 ? nullptr : pf, n); break;
-            case 5: axpys<T, 5>(x, u, c, RB || a0 ? nullptr : pf, n); break;
-            default: axpys<T, 6>(x, u, c, RB || a0 ? nullptr : pf, n); break;
-          }
+        if constexpr (std::is_same_v<T, X>) {
+          tile(j, x, pf, rows, n, b, i0, k0, Ub);
+        } else {
+          const T* xf[TILE];
+          widen(x, pf, n, buf, xf);
+          tile(j, xf, static_cast<const T* const*>(nullptr), rows, n, b, i0, k0, Ub);
         }
       }
     }
