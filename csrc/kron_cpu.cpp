@@ -7,6 +7,8 @@
 //         memory bound on some CPUs. Here x is read in tiles of 4 rows by one K block (kept in
 //         L1); each row of the tile is used for all RB dot products (4 x 6 accumulators in
 //         registers) and all RA axpys while it is there.
+// chain:  V[:, b*RA + a] = R @ (L @ X[b])[a]: a Kronecker apply's core for a thin L (duplicated_padding's
+//         ones(1, q) sums x's q column blocks), with R read once for all batches.
 // expand: dX[b] = L^T @ G[b] for G (N, RA, K): the backward's one write of dx.
 // K blocks keep the factor rows of a block in L2 however long K is. Batches are split over
 // pthreads (an OpenMP runtime beside torch's would fight it for the cores). Plain C ABI, loaded
@@ -161,7 +163,7 @@ struct Job {
   const T *L, *R;
   T *U, *V;             // expand: U is dx, the output
   i64 N, M, K, RA, RB, b0, b1, k_begin, k_end;   // this job's batches and columns
-  bool expand;
+  bool expand, chain;   // chain: V from the rows of L @ X[b], not of x (R contiguous)
   i64 r_row, r_col;     // R's strides
   T* pack;              // R's rows of a K block, when they are not contiguous (RB x the K block)
 };
@@ -309,9 +311,71 @@ TR_INLINE void pass(const Job<T, X>& j) {
   }
 }
 
-TR_CLONES void run_f32(const Job<float>& j) { j.expand ? expand(j) : pass(j); }
-TR_CLONES void run_f64(const Job<double>& j) { j.expand ? expand(j) : pass(j); }
-TR_CLONES void run_bf16(const Job<float, bf16>& j) { pass(j); }
+// chain: V[:, b*RA + a] = R @ (L @ X[b])[a], the core L X[b] R^T of a Kronecker apply whose left
+// factor is thin (duplicated_padding's ones(1, q): x's q column blocks summed), from one read of x
+// and one of R. Each tile of TILE rows of L @ X[b] (over batches and L's rows) is formed in L1 and
+// dotted with R's rows of the K block, which stay in L2 for all batches: R is read once, not once
+// per batch as in the pass. For columns [k_begin, k_end).
+template <typename T, typename X>
+TR_INLINE void chain(const Job<T, X>& j) {
+  const i64 M = j.M, K = j.K, RA = j.RA, RB = j.RB, rows_all = j.N * RA, kb = k_block<T>(RB);
+  alignas(64) T buf[L1_TILE / sizeof(T)];   // TILE rows of a K block (kb <= its row)
+  for (i64 k0 = j.k_begin; k0 < j.k_end; k0 += kb) {
+    const i64 n = std::min(kb, j.k_end - k0);
+    for (i64 c0 = 0; c0 < rows_all; c0 += TILE) {
+      const int rows = int(std::min<i64>(TILE, rows_all - c0));
+      const T* u[TILE];   // a short last tile repeats its last row; the repeats add nothing
+      for (int i = 0; i < rows; ++i) {
+        const i64 b = (c0 + i) / RA, a = (c0 + i) % RA;
+        // x's rows of the next tile's row i (or of this block's first batch), fetched meanwhile:
+        // its rows are short runs far apart, which the hardware prefetcher does not foresee.
+        const i64 bn = (c0 + TILE + i < rows_all ? c0 + TILE + i : i % rows_all) / RA;
+        const X* xb = j.x + b * M * K + k0;
+        const X* pf = j.x + bn * M * K + (c0 + TILE + i < rows_all ? k0 : k0 + kb);
+        const bool fetch = c0 + TILE + i < rows_all || k0 + kb < j.k_end;
+        T* out = buf + i * n;
+        const T* l = j.L + a * M;
+        i64 k = 0;
+        for (; k + W<T> <= n; k += W<T>) {
+          vec<T> acc{};
+          for (i64 m = 0; m < M; ++m) {
+            if (fetch) __builtin_prefetch(pf + m * K + k, 0, 2);
+            acc += l[m] * load_x(xb + m * K + k);
+          }
+          store(out + k, acc);
+        }
+        for (; k < n; ++k) {
+          T acc = 0;
+          for (i64 m = 0; m < M; ++m) acc += l[m] * x_at(xb + m * K, k);
+          out[k] = acc;
+        }
+        u[i] = out;
+      }
+      for (int i = rows; i < TILE; ++i) u[i] = u[rows - 1];
+      for (i64 r0 = 0; r0 < RB; r0 += GROUP) {
+        const T* f[GROUP];
+        const int nr = int(std::min<i64>(GROUP, RB - r0));
+        for (int r = 0; r < nr; ++r) f[r] = j.R + (r0 + r) * K + k0;
+        T out[TILE][GROUP] = {};
+        const T* const* none = nullptr;
+        switch (nr) {
+          case 1: dots<T, 1>(u, f, none, n, out); break;
+          case 2: dots<T, 2>(u, f, none, n, out); break;
+          case 3: dots<T, 3>(u, f, none, n, out); break;
+          case 4: dots<T, 4>(u, f, none, n, out); break;
+          case 5: dots<T, 5>(u, f, none, n, out); break;
+          default: dots<T, 6>(u, f, none, n, out); break;
+        }
+        for (int i = 0; i < rows; ++i)
+          for (int r = 0; r < nr; ++r) j.V[(r0 + r) * rows_all + c0 + i] += out[i][r];
+      }
+    }
+  }
+}
+
+TR_CLONES void run_f32(const Job<float>& j) { j.expand ? expand(j) : j.chain ? chain(j) : pass(j); }
+TR_CLONES void run_f64(const Job<double>& j) { j.expand ? expand(j) : j.chain ? chain(j) : pass(j); }
+TR_CLONES void run_bf16(const Job<float, bf16>& j) { j.chain ? chain(j) : pass(j); }
 
 // One thread's work: chunks of batches (or of K's columns) taken from a shared counter until none
 // is left, so a thread the OS leaves waiting (2 cores shared with other processes) costs only the
@@ -352,12 +416,12 @@ int split(int threads, const Job<T, X>& whole) {
   constexpr int MAX_THREADS = 256, CHUNKS_PER_THREAD = 8;
   const i64 N = whole.N, K = whole.K, cap = 1 + N * whole.M * K / (1 << 20);
   const int n = int(std::clamp<i64>(std::min<i64>(threads, cap), 1, MAX_THREADS));
-  const bool by_batch = N >= n;
+  const bool by_batch = N >= n && !whole.chain;   // a chain reads R once per K block for all batches
   const i64 per = by_batch ? (N + n * CHUNKS_PER_THREAD - 1) / (n * CHUNKS_PER_THREAD)
                            : (K + n * CHUNKS_PER_THREAD - 1) / (n * CHUNKS_PER_THREAD);
   const i64 size = by_batch ? std::max<i64>(per, 1) : (per + W<T> - 1) / W<T> * W<T>;   // whole vectors
   const i64 chunks = by_batch ? (N + size - 1) / size : (K + size - 1) / size;
-  const i64 v_size = whole.V ? whole.RB * N * whole.M : 0;
+  const i64 v_size = whole.V ? whole.RB * N * (whole.chain ? whole.RA : whole.M) : 0;
   if (whole.V) std::fill_n(whole.V, v_size, T(0));   // passes add to V
   std::vector<T> partial(by_batch ? 0 : size_t(v_size) * (n - 1));
   const i64 pack_size = whole.V && whole.r_col != 1 ? whole.RB * k_block<T>(whole.RA + whole.RB) : 0;
@@ -382,9 +446,9 @@ int split(int threads, const Job<T, X>& whole) {
 
 template <typename T, typename X = T>
 int dispatch(int threads, const void* x, const void* L, const void* R, void* U, void* V, i64 N, i64 M, i64 K, i64 RA,
-             i64 RB, bool expand, i64 r_row, i64 r_col) try {
+             i64 RB, bool expand, bool chain, i64 r_row, i64 r_col) try {
   return split<T, X>(threads, {static_cast<const X*>(x), static_cast<const T*>(L), static_cast<const T*>(R),
-                               static_cast<T*>(U), static_cast<T*>(V), N, M, K, RA, RB, 0, N, 0, K, expand, r_row,
+                               static_cast<T*>(U), static_cast<T*>(V), N, M, K, RA, RB, 0, N, 0, K, expand, chain, r_row,
                                r_col, nullptr});
 } catch (const std::bad_alloc&) {   // the per-thread buffers of a K split
   return 2;
@@ -397,18 +461,24 @@ int dispatch(int threads, const void* x, const void* L, const void* R, void* U, 
 
 // U (N, RA, K) and V (RB, N*M) from x (N, M, K), L (RA, M), R (RB, K) with strides (r_row, r_col)
 // (the others contiguous). U or V may be null (not wanted: L or R is then not read), not both.
+// dtype + 4 (CHAIN): V (RB, N*RA) = R @ U^T instead, the rows of U[b] = L @ X[b] dotted with R's
+// rows, U itself never stored (U null, V wanted, R contiguous).
+constexpr int CHAIN = 4;
 TR_EXPORT int tinyrecon_cpu_kron_pass(int dtype, int threads, const void* x, const void* L, const void* R, void* U,
                                       void* V, i64 N, i64 M, i64 K, i64 RA, i64 RB, i64 r_row, i64 r_col) {
+  const bool chain = dtype >= CHAIN;
+  dtype -= chain ? CHAIN : 0;
   if (N < 0 || M < 0 || K < 0 || RA < 0 || RB < 0 || (!U && !V) || dtype < 0 || dtype > 2) return 1;
-  return dtype == 0   ? dispatch<float>(threads, x, L, R, U, V, N, M, K, RA, RB, false, r_row, r_col)
-         : dtype == 1 ? dispatch<double>(threads, x, L, R, U, V, N, M, K, RA, RB, false, r_row, r_col)
-                      : dispatch<float, bf16>(threads, x, L, R, U, V, N, M, K, RA, RB, false, r_row, r_col);
+  if (chain && (U || !V || r_col != 1 || (RB > 1 && r_row != K))) return 1;
+  return dtype == 0   ? dispatch<float>(threads, x, L, R, U, V, N, M, K, RA, RB, false, chain, r_row, r_col)
+         : dtype == 1 ? dispatch<double>(threads, x, L, R, U, V, N, M, K, RA, RB, false, chain, r_row, r_col)
+                      : dispatch<float, bf16>(threads, x, L, R, U, V, N, M, K, RA, RB, false, chain, r_row, r_col);
 }
 
 // dx (N, M, K) = L^T @ G[b] for G (N, RA, K), L (RA, M); RA at most 64.
 TR_EXPORT int tinyrecon_cpu_kron_expand(int dtype, int threads, const void* G, const void* L, void* dx, i64 N, i64 M,
                                         i64 K, i64 RA) {
   if (N < 0 || M < 0 || K < 0 || RA < 0 || RA > 64 || (dtype != 0 && dtype != 1)) return 1;
-  return dtype == 0 ? dispatch<float>(threads, G, L, nullptr, dx, nullptr, N, M, K, RA, 0, true, 0, 1)
-                    : dispatch<double>(threads, G, L, nullptr, dx, nullptr, N, M, K, RA, 0, true, 0, 1);
+  return dtype == 0 ? dispatch<float>(threads, G, L, nullptr, dx, nullptr, N, M, K, RA, 0, true, false, 0, 1)
+                    : dispatch<double>(threads, G, L, nullptr, dx, nullptr, N, M, K, RA, 0, true, false, 0, 1);
 }

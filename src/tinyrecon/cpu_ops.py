@@ -11,8 +11,9 @@ hold an n x D W: masking's float32 GEMMs (``_masked_gemm``) read the mask bit-pa
 (``_random.mask_bits``) next to their tiles; the hypernets form W by column blocks of all its rows
 in one library pass (``_linear_block``) that reads M from the cache where it fits the budget and
 draws it there otherwise, each block consumed by a GEMM at once, in the forward and the backward.
-The Kronecker family and duplicated_padding (a
-Kronecker product with a rank-1 left factor) use both halves of the pass per batch; lorr,
+The Kronecker family uses both halves of the pass per batch; duplicated_padding's kron layout (a
+Kronecker product with the rank-1 left factor ones(p, q)) sums x's q column blocks and dots them with
+B in one pass that reads B once for all batches (``kron_chain``), its backward one pass for dB; lorr,
 random_matrix_adaption and duplicated_diagonal_padding fold x into one matrix (``factor_pass``),
 which the kernels split over threads by columns.
 """
@@ -80,6 +81,36 @@ def kron_pass(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool) -> tu
 @kron_pass.register_fake
 def _(x, L, R, want_u, want_v):
     return tuple(L.new_empty(s) for s in _pass_shapes(x, L, R, want_u, want_v))
+
+
+_CHAIN = 4   # added to the pass's dtype code: V from the rows of U = L @ X[b] (csrc/kron_cpu.cpp)
+
+
+def _chain(x: Tensor, L: Tensor, R: Tensor) -> Tensor:
+    _check_pass(x, L, R)
+    N, M, K = x.shape
+    if L.shape[1] != M or R.shape[1] != K:
+        raise ValueError(f"cpu_kron_chain: L {tuple(L.shape)} and R {tuple(R.shape)} do not fit x {tuple(x.shape)}")
+    RA, RB = L.shape[0], R.shape[0]
+    if x.numel() == 0 or RA == 0 or RB == 0:   # nothing to read or to dot (empty buffers have no address)
+        return torch.matmul(torch.matmul(L, x.to(L.dtype)), R.T)
+    x, L, R = x.contiguous(), L.contiguous(), R.contiguous()
+    V = L.new_empty(RB, N * RA)
+    cpu_lib.call("tinyrecon_cpu_kron_pass", _DTYPES.get(x.dtype, 2) + _CHAIN, torch.get_num_threads(), x.data_ptr(),
+                 L.data_ptr(), R.data_ptr(), None, V.data_ptr(), N, M, K, RA, RB, K, 1)
+    return V.view(RB, N, RA).permute(1, 2, 0)
+
+
+@torch.library.custom_op("tinyrecon::cpu_kron_chain", mutates_args=())
+def kron_chain(x: Tensor, L: Tensor, R: Tensor) -> Tensor:
+    """``core[b] = L @ X[b] @ R^T`` (N, RA, RB) for x (N, M, K), L (RA, M), R (RB, K), in the factors'
+    dtype, from one read of x and one of R (all batches use each block of R while it is in L2)."""
+    return _chain(x, L, R).contiguous()
+
+
+@kron_chain.register_fake
+def _(x, L, R):
+    return L.new_empty(x.shape[0], L.shape[0], R.shape[0])
 
 
 def _expand_x(G: Tensor, L: Tensor) -> Tensor:
@@ -176,16 +207,75 @@ def _bf16_x_as_is(ref, when):
     return apply
 
 
+class _Chain(torch.autograd.Function):
+    """``core[b] = L @ X[b] @ R^T`` (N, RA, RB) for x (N, M, K), a constant L (RA, M) and R (RB, K):
+    the chain kernel, one read of x and of R. The backward reads x once more for R's gradient, in
+    the pass (``dR = sum over b of dcore[b]^T @ L @ X[b]``, one GEMM of x folded to (N*M, K) with a
+    left factor of RB rows: faster than writing ``L @ X[b]`` in the forward and reading it back), and
+    writes ``dX[b] = L^T @ dcore[b] @ R`` once. A double backward and torch.func take torch's ops,
+    which autograd records (as the reference's ``_KronCore``)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, L, R):
+        if torch._C._are_functorch_transforms_active():
+            return torch.matmul(torch.matmul(L, x.to(R.dtype)), R.T)
+        return (_chain if dispatch.eager(x, L, R) else kron_chain)(x, L, R)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, dcore):
+        x, L, R = ctx.saved_tensors
+        N, M, K = x.shape
+        plain = torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
+        dx = dR = None
+        if ctx.needs_input_grad[2]:
+            if plain:
+                U = torch.matmul(L, x.to(dcore.dtype))   # (N, RA, K)
+                dR = torch.mm(dcore.reshape(-1, R.shape[0]).T, U.reshape(-1, K))
+            else:   # dcore[b]^T @ L as one (RB, N*M) factor of x folded to one batch
+                F = torch.matmul(dcore.transpose(1, 2), L).permute(1, 0, 2).reshape(R.shape[0], N * M)
+                dR = _passes(x.reshape(1, N * M, K), F, R.new_empty(0, K), True, False)[0][0]
+        if ctx.needs_input_grad[0]:
+            G = torch.matmul(dcore, R)   # (N, RA, K), small next to dx when RA < M
+            dx = torch.matmul(L.T, G) if plain else _expand(G, L)
+        return dx, None, dR
+
+
+def _chain_pays(x: Tensor, q: int, rows: int) -> bool:
+    """Where the chain beats the reference's kron path (its pass or GEMM dots x's q blocks with B one
+    by one: q times the work), measured at the MNIST shape (bench/results/cpu-2core-2026-12-01-kron-bf16):
+    a big x, q > 1 blocks to sum, and B's rows few enough for the dot products' registers to pay."""
+    return x.numel() >= _MIN_ELEMENTS and q > 1 and rows <= _MAX_RANK
+
+
+@reference
+def duplicated_padding_apply(x, B, p: int, q: int, bias, layout: str):
+    """The reference's, but with layout="kron" at kernel sizes: ``W = ones(p, q) kron B``, so
+    ``y[n]`` is p copies of ``B @ (sum of x[n]'s q column blocks)``, the chain with L = ones(1, q)."""
+    C, s, t = B.shape
+    if layout != "kron" or not _chain_pays(x, q, C * s):
+        return _padding_ref.duplicated_padding_apply.__wrapped__(x, B, p, q, bias, layout, x_ops=X_OPS)
+    N = x.shape[0]
+    core = _Chain.apply(x.reshape(N, q, t), B.new_ones(1, q), B.reshape(C * s, t))
+    Y = core.reshape(N, C, 1, s).permute(1, 0, 2, 3).expand(C, N, p, s)
+    return add_bias(Y.reshape(C, N, p * s), bias)
+
+
 # The applies are the references with the kernels' XOps (layout="tinybig" in the reference's torch),
 # a bfloat16 x read as is where the kernels take it (None: copied to float32, as the reference does);
 # builds read no x: the dispatch table falls back to the references (dispatch.FALLBACK).
 for _ref, _bf16 in ((_kron_ref.kron_apply, lambda args: args[5] == "kron"),
-                    (_padding_ref.duplicated_padding_apply, None),
                     (_padding_ref.duplicated_diagonal_padding_apply, lambda args: True),
                     (_lowrank_ref.lorr_apply, lambda args: True),
                     (_lowrank_ref.random_matrix_adaption_apply, lambda args: True)):
-    ops.implement(_ref.__name__, "cpu", functools.partial(_ref if _bf16 is None else _bf16_x_as_is(_ref, _bf16),
-                                                          x_ops=X_OPS), tinybig=True)
+    ops.implement(_ref.__name__, "cpu", functools.partial(_bf16_x_as_is(_ref, _bf16), x_ops=X_OPS), tinybig=True)
+# layout="tinybig" (and kron below kernel sizes) in the reference's own code: a float32 copy of a bfloat16 x
+ops.implement("duplicated_padding_apply", "cpu",
+              _bf16_x_as_is(duplicated_padding_apply, lambda args: args[4] == "kron"), tinybig=True)
 
 
 # Random families. A column block of W (all n rows, columns [j0, j1)) is ~_BLOCK_NUMBERS random
