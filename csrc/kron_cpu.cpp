@@ -165,8 +165,31 @@ struct Job {
   i64 N, M, K, RA, RB, b0, b1, k_begin, k_end;   // this job's batches and columns
   bool expand, chain;   // chain: V from the rows of L @ X[b], not of x (R contiguous)
   i64 r_row, r_col;     // R's strides
-  T* pack;              // R's rows of a K block, when they are not contiguous (RB x the K block)
+  T* pack;              // R's rows of a K block, when not contiguous or bfloat16 (RB x the K block)
+  const bf16* Rh;       // R as bfloat16 (then R is null), widened into pack a K block at a time
 };
+
+// R's rows of the K block [k0, k0 + n) into j.pack, read once in order: a transposed R (random_matrix_
+// adaption's B^T) or a bfloat16 one (widened here once, not once per tile of x).
+template <typename T, typename X>
+TR_INLINE void pack_block(const Job<T, X>& j, i64 k0, i64 n) {
+  if (j.Rh && j.r_col == 1) {
+    for (i64 r = 0; r < j.RB; ++r) {
+      const bf16* src = j.Rh + r * j.r_row + k0;
+      T* o = j.pack + r * n;
+      i64 k = 0;
+      if constexpr (std::is_same_v<T, float>)
+        for (; k + W<float> <= n; k += W<float>) store(o + k, load_x(src + k));
+      for (; k < n; ++k) o[k] = x_at(src, k);
+    }
+    return;
+  }
+  for (i64 k = 0; k < n; ++k)
+    for (i64 r = 0; r < j.RB; ++r) {
+      const i64 e = r * j.r_row + (k0 + k) * j.r_col;
+      j.pack[r * n + k] = j.Rh ? x_at(j.Rh, e) : j.R[e];
+    }
+}
 
 // K block: the factor rows of one block stay in L2, the 4 rows of x of a tile in L1.
 template <typename T>
@@ -279,10 +302,7 @@ TR_INLINE void pass(const Job<T, X>& j) {
     for (i64 a = 0; a < RA; ++a) std::fill(Ub + a * K + j.k_begin, Ub + a * K + j.k_end, T(0));
     for (i64 k0 = j.k_begin; k0 < j.k_end; k0 += kb) {
       const i64 n = std::min(kb, j.k_end - k0);
-      // A transposed R (random_matrix_adaption's B^T) is packed block by block, read once in order.
-      if (j.pack && RB)
-        for (i64 k = 0; k < n; ++k)
-          for (i64 r = 0; r < RB; ++r) j.pack[r * n + k] = j.R[r * j.r_row + (k0 + k) * j.r_col];
+      if (j.pack && RB) pack_block(j, k0, n);
       for (i64 i0 = 0; i0 < M; i0 += TILE) {
         const int rows = int(std::min<i64>(TILE, M - i0));
         const X* x[TILE];   // a short last tile repeats its last row; the repeats add nothing
@@ -322,6 +342,7 @@ TR_INLINE void chain(const Job<T, X>& j) {
   alignas(64) T buf[L1_TILE / sizeof(T)];   // TILE rows of a K block (kb <= its row)
   for (i64 k0 = j.k_begin; k0 < j.k_end; k0 += kb) {
     const i64 n = std::min(kb, j.k_end - k0);
+    if (j.pack) pack_block(j, k0, n);
     for (i64 c0 = 0; c0 < rows_all; c0 += TILE) {
       const int rows = int(std::min<i64>(TILE, rows_all - c0));
       const T* u[TILE];   // a short last tile repeats its last row; the repeats add nothing
@@ -355,7 +376,7 @@ TR_INLINE void chain(const Job<T, X>& j) {
       for (i64 r0 = 0; r0 < RB; r0 += GROUP) {
         const T* f[GROUP];
         const int nr = int(std::min<i64>(GROUP, RB - r0));
-        for (int r = 0; r < nr; ++r) f[r] = j.R + (r0 + r) * K + k0;
+        for (int r = 0; r < nr; ++r) f[r] = j.pack ? j.pack + (r0 + r) * n : j.R + (r0 + r) * K + k0;
         T out[TILE][GROUP] = {};
         const T* const* none = nullptr;
         switch (nr) {
@@ -424,7 +445,8 @@ int split(int threads, const Job<T, X>& whole) {
   const i64 v_size = whole.V ? whole.RB * N * (whole.chain ? whole.RA : whole.M) : 0;
   if (whole.V) std::fill_n(whole.V, v_size, T(0));   // passes add to V
   std::vector<T> partial(by_batch ? 0 : size_t(v_size) * (n - 1));
-  const i64 pack_size = whole.V && whole.r_col != 1 ? whole.RB * k_block<T>(whole.RA + whole.RB) : 0;
+  const i64 pack_size =
+      whole.V && (whole.r_col != 1 || whole.Rh) ? whole.RB * k_block<T>(whole.RB + (whole.chain ? 0 : whole.RA)) : 0;
   std::vector<T> packs(size_t(pack_size) * n);
   std::atomic<i64> next{0};
   Work<T, X> works[MAX_THREADS];
@@ -446,18 +468,19 @@ int split(int threads, const Job<T, X>& whole) {
 
 template <typename T, typename X = T>
 int dispatch(int threads, const void* x, const void* L, const void* R, void* U, void* V, i64 N, i64 M, i64 K, i64 RA,
-             i64 RB, bool expand, bool chain, i64 r_row, i64 r_col) try {
-  return split<T, X>(threads, {static_cast<const X*>(x), static_cast<const T*>(L), static_cast<const T*>(R),
-                               static_cast<T*>(U), static_cast<T*>(V), N, M, K, RA, RB, 0, N, 0, K, expand, chain, r_row,
-                               r_col, nullptr});
+             i64 RB, bool expand, bool chain, i64 r_row, i64 r_col, bool r_bf16 = false) try {
+  return split<T, X>(threads, {static_cast<const X*>(x), static_cast<const T*>(L),
+                               r_bf16 ? nullptr : static_cast<const T*>(R), static_cast<T*>(U), static_cast<T*>(V), N, M,
+                               K, RA, RB, 0, N, 0, K, expand, chain, r_row, r_col, nullptr,
+                               r_bf16 ? static_cast<const bf16*>(R) : nullptr});
 } catch (const std::bad_alloc&) {   // the per-thread buffers of a K split
   return 2;
 }
 
 }  // namespace
 
-// dtype: 0 float32, 1 float64, 2 (pass only) a bfloat16 x with float32 factors and outputs; buffers
-// contiguous unless said otherwise. threads: how many to use at most (the caller passes torch's setting).
+// dtype: 0 float32, 1 float64, 2 (pass only) a bfloat16 x with float32 factors and outputs, 3 the same
+// with a bfloat16 R (read as is); buffers contiguous unless said otherwise. threads: how many to use at most (the caller passes torch's setting).
 
 // U (N, RA, K) and V (RB, N*M) from x (N, M, K), L (RA, M), R (RB, K) with strides (r_row, r_col)
 // (the others contiguous). U or V may be null (not wanted: L or R is then not read), not both.
@@ -468,11 +491,12 @@ TR_EXPORT int tinyrecon_cpu_kron_pass(int dtype, int threads, const void* x, con
                                       void* V, i64 N, i64 M, i64 K, i64 RA, i64 RB, i64 r_row, i64 r_col) {
   const bool chain = dtype >= CHAIN;
   dtype -= chain ? CHAIN : 0;
-  if (N < 0 || M < 0 || K < 0 || RA < 0 || RB < 0 || (!U && !V) || dtype < 0 || dtype > 2) return 1;
+  if (N < 0 || M < 0 || K < 0 || RA < 0 || RB < 0 || (!U && !V) || dtype < 0 || dtype > 3) return 1;
   if (chain && (U || !V || r_col != 1 || (RB > 1 && r_row != K))) return 1;
   return dtype == 0   ? dispatch<float>(threads, x, L, R, U, V, N, M, K, RA, RB, false, chain, r_row, r_col)
          : dtype == 1 ? dispatch<double>(threads, x, L, R, U, V, N, M, K, RA, RB, false, chain, r_row, r_col)
-                      : dispatch<float, bf16>(threads, x, L, R, U, V, N, M, K, RA, RB, false, chain, r_row, r_col);
+                      : dispatch<float, bf16>(threads, x, L, R, U, V, N, M, K, RA, RB, false, chain, r_row, r_col,
+                                              dtype == 3);
 }
 
 // dx (N, M, K) = L^T @ G[b] for G (N, RA, K), L (RA, M); RA at most 64.

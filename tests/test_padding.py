@@ -177,16 +177,18 @@ needs_cpu_library = pytest.mark.skipif(bool(dispatch.why_not("cpu", "duplicated_
 
 
 @needs_cpu_library
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype,r_dtype", [(torch.float32, None), (torch.float64, None), (torch.bfloat16, None),
+                                           (torch.bfloat16, torch.bfloat16)], ids=str)
 @pytest.mark.parametrize("N,M,K,RA,RB", [(3, 2, 7, 1, 3), (5, 3, 4099, 1, 32), (2, 4, 140001, 1, 7),
                                          (37, 5, 1031, 3, 13), (0, 2, 9, 1, 3), (2, 1, 33, 1, 1)])
-def test_cpu_chain_matches_its_definition(N, M, K, RA, RB, dtype):
+def test_cpu_chain_matches_its_definition(N, M, K, RA, RB, dtype, r_dtype):
     """``core[b] = L @ X[b] @ R^T``: short tiles, K blocks and tails, K split over threads (x of 1.1M
-    elements), an empty batch, a non-contiguous x; a bfloat16 x is read as is with float32 factors."""
+    elements), an empty batch, a non-contiguous x; a bfloat16 x is read as is with a float32 L and a
+    float32 or (read as is) bfloat16 R."""
     from tinyrecon import cpu_ops
     fdt = torch.float32 if dtype == torch.bfloat16 else dtype
     x = torch.randn(N, M, 2 * K, dtype=fdt).to(dtype)[..., ::2]
-    L, R = torch.randn(RA, M, dtype=fdt), torch.randn(RB, K, dtype=fdt)
+    L, R = torch.randn(RA, M, dtype=fdt), torch.randn(RB, K, dtype=fdt).to(r_dtype or fdt)
     core = cpu_ops.kron_chain(x, L, R)   # the custom op (torch.compile's); applies call its eager body
     assert core.shape == (N, RA, RB) and core.dtype == fdt
     assert_close(core, L.double() @ x.double() @ R.double().T, fdt)
@@ -220,6 +222,11 @@ def test_cpu_duplicated_padding_kron_runs_the_chain(dtype, monkeypatch):
         calls.clear()
         y = rec.apply(x, w, n=n, bias=b, backend="cpu")
         assert (("pass", code + 4) in calls) == chained and all(c < 4 for _, c in calls if not chained)
+        if dtype == torch.bfloat16:   # a bfloat16 B that needs no gradient is read as is too (code 3)
+            calls.clear()
+            y_nograd = rec.apply(x, w.detach(), n=n, bias=b.detach(), backend="cpu")
+            assert (("pass", 7) in calls) == chained
+            assert torch.equal(y_nograd, y)
         y_ref = rec.apply(x.double(), w.double(), n=n, bias=b.double(), backend="torch")
         assert_close(y, y_ref, dtype)
         g = torch.randn_like(y)
