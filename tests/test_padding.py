@@ -194,6 +194,15 @@ def test_cpu_chain_matches_its_definition(N, M, K, RA, RB, dtype, r_dtype):
     assert_close(core, L.double() @ x.double() @ R.double().T, fdt)
 
 
+@needs_cpu_library
+@pytest.mark.parametrize("dtype,r_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)], ids=str)
+def test_cpu_chain_op_opcheck(dtype, r_dtype):
+    """The chain's custom op (what torch.compile traces): schema, fake kernel, dispatch."""
+    from tinyrecon import cpu_ops
+    x = torch.randn(5, 3, 7).to(dtype)
+    torch.library.opcheck(cpu_ops.kron_chain, (x, torch.ones(1, 3), torch.randn(4, 7).to(r_dtype)))
+
+
 def _library_calls(monkeypatch):
     from tinyrecon import cpu_lib
     calls = []
