@@ -7,6 +7,8 @@
 //         memory bound on some CPUs. Here x is read in tiles of 4 rows by one K block (kept in
 //         L1); each row of the tile is used for all RB dot products (4 x 6 accumulators in
 //         registers) and all RA axpys while it is there.
+// chain:  V[:, b*RA + a] = R @ (L @ X[b])[a]: a Kronecker apply's core for a thin L (duplicated_padding's
+//         ones(1, q) sums x's q column blocks), with R read once for all batches.
 // expand: dX[b] = L^T @ G[b] for G (N, RA, K): the backward's one write of dx.
 // K blocks keep the factor rows of a block in L2 however long K is. Batches are split over
 // pthreads (an OpenMP runtime beside torch's would fight it for the cores). Plain C ABI, loaded
@@ -73,8 +75,8 @@ TR_INLINE T hsum(vec<T> v) {
   return s;
 }
 
-// x as T: loaded as is, or bfloat16 (its bits, uint16_t) widened to float as it is read, so a
-// bfloat16 x is read once at half the bytes, never copied whole to float32.
+// x as T: loaded as is, or bfloat16 (its bits, uint16_t) widened to float, so a bfloat16 x is read
+// once at half the bytes, never copied whole to float32 (the pass widens a tile at a time: widen).
 typedef uint16_t bf16;
 template <typename T>
 TR_INLINE vec<T> load_x(const T* p) {
@@ -161,10 +163,33 @@ struct Job {
   const T *L, *R;
   T *U, *V;             // expand: U is dx, the output
   i64 N, M, K, RA, RB, b0, b1, k_begin, k_end;   // this job's batches and columns
-  bool expand;
+  bool expand, chain;   // chain: V from the rows of L @ X[b], not of x (R contiguous)
   i64 r_row, r_col;     // R's strides
-  T* pack;              // R's rows of a K block, when they are not contiguous (RB x the K block)
+  T* pack;              // R's rows of a K block, when not contiguous or bfloat16 (RB x the K block)
+  const bf16* Rh;       // R as bfloat16 (then R is null), widened into pack a K block at a time
 };
+
+// R's rows of the K block [k0, k0 + n) into j.pack, read once in order: a transposed R (random_matrix_
+// adaption's B^T) or a bfloat16 one (widened here once, not once per tile of x).
+template <typename T, typename X>
+TR_INLINE void pack_block(const Job<T, X>& j, i64 k0, i64 n) {
+  if (j.Rh && j.r_col == 1) {
+    for (i64 r = 0; r < j.RB; ++r) {
+      const bf16* src = j.Rh + r * j.r_row + k0;
+      T* o = j.pack + r * n;
+      i64 k = 0;
+      if constexpr (std::is_same_v<T, float>)
+        for (; k + W<float> <= n; k += W<float>) store(o + k, load_x(src + k));
+      for (; k < n; ++k) o[k] = x_at(src, k);
+    }
+    return;
+  }
+  for (i64 k = 0; k < n; ++k)
+    for (i64 r = 0; r < j.RB; ++r) {
+      const i64 e = r * j.r_row + (k0 + k) * j.r_col;
+      j.pack[r * n + k] = j.Rh ? x_at(j.Rh, e) : j.R[e];
+    }
+}
 
 // K block: the factor rows of one block stay in L2, the 4 rows of x of a tile in L1.
 template <typename T>
@@ -211,19 +236,73 @@ TR_INLINE void expand(const Job<T>& j) {
   }
 }
 
+// One tile of x (TILE rows x, n columns from k0, of batch b): its dot products with R's rows, added
+// to V, and its axpys into U's rows. pf: the next tile's rows (or null), fetched meanwhile.
+template <typename T, typename X, typename Y>
+TR_INLINE void tile(const Job<T, X>& j, const Y* const* x, const Y* const* pf, int rows, i64 n, i64 b, i64 i0, i64 k0,
+                    T* Ub) {
+  const i64 M = j.M, RA = j.U ? j.RA : 0, RB = j.V ? j.RB : 0, NM = j.N * M;
+  for (i64 r0 = 0; r0 < RB; r0 += GROUP) {
+    const T* f[GROUP];
+    const int nr = int(std::min<i64>(GROUP, RB - r0));
+    for (int r = 0; r < nr; ++r) f[r] = j.pack ? j.pack + (r0 + r) * n : j.R + (r0 + r) * j.r_row + k0;
+    T out[TILE][GROUP] = {};
+    switch (nr) {
+      case 1: dots<T, 1>(x, f, r0 ? nullptr : pf, n, out); break;
+      case 2: dots<T, 2>(x, f, r0 ? nullptr : pf, n, out); break;
+      case 3: dots<T, 3>(x, f, r0 ? nullptr : pf, n, out); break;
+      case 4: dots<T, 4>(x, f, r0 ? nullptr : pf, n, out); break;
+      case 5: dots<T, 5>(x, f, r0 ? nullptr : pf, n, out); break;
+      default: dots<T, 6>(x, f, r0 ? nullptr : pf, n, out); break;
+    }
+    for (int i = 0; i < rows; ++i)
+      for (int r = 0; r < nr; ++r) j.V[(r0 + r) * NM + b * M + i0 + i] += out[i][r];
+  }
+  for (i64 a0 = 0; a0 < RA; a0 += GROUP) {
+    T* u[GROUP];
+    T c[GROUP][TILE] = {};
+    const int na = int(std::min<i64>(GROUP, RA - a0));
+    for (int a = 0; a < na; ++a) {
+      u[a] = Ub + (a0 + a) * j.K + k0;
+      for (int i = 0; i < rows; ++i) c[a][i] = j.L[(a0 + a) * M + i0 + i];
+    }
+    switch (na) {
+      case 1: axpys<T, 1>(x, u, c, RB || a0 ? nullptr : pf, n); break;
+      case 2: axpys<T, 2>(x, u, c, RB || a0 ? nullptr : pf, n); break;
+      case 3: axpys<T, 3>(x, u, c, RB || a0 ? nullptr : pf, n); break;
+      case 4: axpys<T, 4>(x, u, c, RB || a0 ? nullptr : pf, n); break;
+      case 5: axpys<T, 5>(x, u, c, RB || a0 ? nullptr : pf, n); break;
+      default: axpys<T, 6>(x, u, c, RB || a0 ? nullptr : pf, n); break;
+    }
+  }
+}
+
+// bfloat16 rows widened to float into buf (TILE rows of n), once per tile: the dot products and
+// axpys then read float from L1 as for a float32 x, instead of widening each row once per group.
+TR_INLINE void widen(const bf16* const* x, const bf16* const* pf, i64 n, float* buf, const float** out) {
+  for (int i = 0; i < TILE; ++i) {
+    float* o = buf + i * n;
+    i64 k = 0;
+    for (; k + W<float> <= n; k += W<float>) {
+      if (pf) __builtin_prefetch(pf[i] + k, 0, 2);
+      store(o + k, load_x(x[i] + k));
+    }
+    for (; k < n; ++k) o[k] = x_at(x[i], k);
+    out[i] = o;
+  }
+}
+
 // Batches [b0, b1) and columns [k_begin, k_end) of a job; adds to V (zeroed by split).
 template <typename T, typename X>
 TR_INLINE void pass(const Job<T, X>& j) {
-  const i64 M = j.M, K = j.K, RA = j.U ? j.RA : 0, RB = j.V ? j.RB : 0, NM = j.N * M, kb = k_block<T>(RA + RB);
+  const i64 M = j.M, K = j.K, RA = j.U ? j.RA : 0, RB = j.V ? j.RB : 0, kb = k_block<T>(RA + RB);
+  alignas(64) T buf[std::is_same_v<T, X> ? 1 : L1_TILE / sizeof(T)];   // a widened tile (kb <= its row)
   for (i64 b = j.b0; b < j.b1; ++b) {
     T* Ub = RA ? j.U + b * RA * K : nullptr;
     for (i64 a = 0; a < RA; ++a) std::fill(Ub + a * K + j.k_begin, Ub + a * K + j.k_end, T(0));
     for (i64 k0 = j.k_begin; k0 < j.k_end; k0 += kb) {
       const i64 n = std::min(kb, j.k_end - k0);
-      // A transposed R (random_matrix_adaption's B^T) is packed block by block, read once in order.
-      if (j.pack && RB)
-        for (i64 k = 0; k < n; ++k)
-          for (i64 r = 0; r < RB; ++r) j.pack[r * n + k] = j.R[r * j.r_row + (k0 + k) * j.r_col];
+      if (j.pack && RB) pack_block(j, k0, n);
       for (i64 i0 = 0; i0 < M; i0 += TILE) {
         const int rows = int(std::min<i64>(TILE, M - i0));
         const X* x[TILE];   // a short last tile repeats its last row; the repeats add nothing
@@ -240,47 +319,84 @@ TR_INLINE void pass(const Job<T, X>& j) {
                       std::min<i64>(i, M - 1) * K;
         else
           pf = nullptr;
-        for (i64 r0 = 0; r0 < RB; r0 += GROUP) {
-          const T* f[GROUP];
-          const int nr = int(std::min<i64>(GROUP, RB - r0));
-          for (int r = 0; r < nr; ++r) f[r] = j.pack ? j.pack + (r0 + r) * n : j.R + (r0 + r) * j.r_row + k0;
-          T out[TILE][GROUP] = {};
-          switch (nr) {
-            case 1: dots<T, 1>(x, f, r0 ? nullptr : pf, n, out); break;
-            case 2: dots<T, 2>(x, f, r0 ? nullptr : pf, n, out); break;
-            case 3: dots<T, 3>(x, f, r0 ? nullptr : pf, n, out); break;
-            case 4: dots<T, 4>(x, f, r0 ? nullptr : pf, n, out); break;
-            case 5: dots<T, 5>(x, f, r0 ? nullptr : pf, n, out); break;
-            default: dots<T, 6>(x, f, r0 ? nullptr : pf, n, out); break;
-          }
-          for (int i = 0; i < rows; ++i)
-            for (int r = 0; r < nr; ++r) j.V[(r0 + r) * NM + b * M + i0 + i] += out[i][r];
-        }
-        for (i64 a0 = 0; a0 < RA; a0 += GROUP) {
-          T* u[GROUP];
-          T c[GROUP][TILE] = {};
-          const int na = int(std::min<i64>(GROUP, RA - a0));
-          for (int a = 0; a < na; ++a) {
-            u[a] = Ub + (a0 + a) * K + k0;
-            for (int i = 0; i < rows; ++i) c[a][i] = j.L[(a0 + a) * M + i0 + i];
-          }
-          switch (na) {
-            case 1: axpys<T, 1>(x, u, c, RB || a0 ? nullptr : pf, n); break;
-            case 2: axpys<T, 2>(x, u, c, RB || a0 ? nullptr : pf, n); break;
-            case 3: axpys<T, 3>(x, u, c, RB || a0 ? nullptr : pf, n); break;
-            case 4: axpys<T, 4>(x, u, c, RB || a0 ? nullptr : pf, n); break;
-            case 5: axpys<T, 5>(x, u, c, RB || a0 ? nullptr : pf, n); break;
-            default: axpys<T, 6>(x, u, c, RB || a0 ? nullptr : pf, n); break;
-          }
+        if constexpr (std::is_same_v<T, X>) {
+          tile(j, x, pf, rows, n, b, i0, k0, Ub);
+        } else {
+          const T* xf[TILE];
+          widen(x, pf, n, buf, xf);
+          tile(j, xf, static_cast<const T* const*>(nullptr), rows, n, b, i0, k0, Ub);
         }
       }
     }
   }
 }
 
-TR_CLONES void run_f32(const Job<float>& j) { j.expand ? expand(j) : pass(j); }
-TR_CLONES void run_f64(const Job<double>& j) { j.expand ? expand(j) : pass(j); }
-TR_CLONES void run_bf16(const Job<float, bf16>& j) { pass(j); }
+// chain: V[:, b*RA + a] = R @ (L @ X[b])[a], the core L X[b] R^T of a Kronecker apply whose left
+// factor is thin (duplicated_padding's ones(1, q): x's q column blocks summed), from one read of x
+// and one of R. Each tile of TILE rows of L @ X[b] (over batches and L's rows) is formed in L1 and
+// dotted with R's rows of the K block, which stay in L2 for all batches: R is read once, not once
+// per batch as in the pass. For columns [k_begin, k_end).
+template <typename T, typename X>
+TR_INLINE void chain(const Job<T, X>& j) {
+  const i64 M = j.M, K = j.K, RA = j.RA, RB = j.RB, rows_all = j.N * RA, kb = k_block<T>(RB);
+  alignas(64) T buf[L1_TILE / sizeof(T)];   // TILE rows of a K block (kb <= its row)
+  for (i64 k0 = j.k_begin; k0 < j.k_end; k0 += kb) {
+    const i64 n = std::min(kb, j.k_end - k0);
+    if (j.pack) pack_block(j, k0, n);
+    for (i64 c0 = 0; c0 < rows_all; c0 += TILE) {
+      const int rows = int(std::min<i64>(TILE, rows_all - c0));
+      const T* u[TILE];   // a short last tile repeats its last row; the repeats add nothing
+      for (int i = 0; i < rows; ++i) {
+        const i64 b = (c0 + i) / RA, a = (c0 + i) % RA;
+        // x's rows of the next tile's row i (or of this block's first batch), fetched meanwhile:
+        // its rows are short runs far apart, which the hardware prefetcher does not foresee.
+        const i64 bn = (c0 + TILE + i < rows_all ? c0 + TILE + i : i % rows_all) / RA;
+        const X* xb = j.x + b * M * K + k0;
+        const X* pf = j.x + bn * M * K + (c0 + TILE + i < rows_all ? k0 : k0 + kb);
+        const bool fetch = c0 + TILE + i < rows_all || k0 + kb < j.k_end;
+        T* out = buf + i * n;
+        const T* l = j.L + a * M;
+        i64 k = 0;
+        for (; k + W<T> <= n; k += W<T>) {
+          vec<T> acc{};
+          for (i64 m = 0; m < M; ++m) {
+            if (fetch) __builtin_prefetch(pf + m * K + k, 0, 2);
+            acc += l[m] * load_x(xb + m * K + k);
+          }
+          store(out + k, acc);
+        }
+        for (; k < n; ++k) {
+          T acc = 0;
+          for (i64 m = 0; m < M; ++m) acc += l[m] * x_at(xb + m * K, k);
+          out[k] = acc;
+        }
+        u[i] = out;
+      }
+      for (int i = rows; i < TILE; ++i) u[i] = u[rows - 1];
+      for (i64 r0 = 0; r0 < RB; r0 += GROUP) {
+        const T* f[GROUP];
+        const int nr = int(std::min<i64>(GROUP, RB - r0));
+        for (int r = 0; r < nr; ++r) f[r] = j.pack ? j.pack + (r0 + r) * n : j.R + (r0 + r) * K + k0;
+        T out[TILE][GROUP] = {};
+        const T* const* none = nullptr;
+        switch (nr) {
+          case 1: dots<T, 1>(u, f, none, n, out); break;
+          case 2: dots<T, 2>(u, f, none, n, out); break;
+          case 3: dots<T, 3>(u, f, none, n, out); break;
+          case 4: dots<T, 4>(u, f, none, n, out); break;
+          case 5: dots<T, 5>(u, f, none, n, out); break;
+          default: dots<T, 6>(u, f, none, n, out); break;
+        }
+        for (int i = 0; i < rows; ++i)
+          for (int r = 0; r < nr; ++r) j.V[(r0 + r) * rows_all + c0 + i] += out[i][r];
+      }
+    }
+  }
+}
+
+TR_CLONES void run_f32(const Job<float>& j) { j.expand ? expand(j) : j.chain ? chain(j) : pass(j); }
+TR_CLONES void run_f64(const Job<double>& j) { j.expand ? expand(j) : j.chain ? chain(j) : pass(j); }
+TR_CLONES void run_bf16(const Job<float, bf16>& j) { j.chain ? chain(j) : pass(j); }
 
 // One thread's work: chunks of batches (or of K's columns) taken from a shared counter until none
 // is left, so a thread the OS leaves waiting (2 cores shared with other processes) costs only the
@@ -321,15 +437,16 @@ int split(int threads, const Job<T, X>& whole) {
   constexpr int MAX_THREADS = 256, CHUNKS_PER_THREAD = 8;
   const i64 N = whole.N, K = whole.K, cap = 1 + N * whole.M * K / (1 << 20);
   const int n = int(std::clamp<i64>(std::min<i64>(threads, cap), 1, MAX_THREADS));
-  const bool by_batch = N >= n;
+  const bool by_batch = N >= n && !whole.chain;   // a chain reads R once per K block for all batches
   const i64 per = by_batch ? (N + n * CHUNKS_PER_THREAD - 1) / (n * CHUNKS_PER_THREAD)
                            : (K + n * CHUNKS_PER_THREAD - 1) / (n * CHUNKS_PER_THREAD);
   const i64 size = by_batch ? std::max<i64>(per, 1) : (per + W<T> - 1) / W<T> * W<T>;   // whole vectors
   const i64 chunks = by_batch ? (N + size - 1) / size : (K + size - 1) / size;
-  const i64 v_size = whole.V ? whole.RB * N * whole.M : 0;
+  const i64 v_size = whole.V ? whole.RB * N * (whole.chain ? whole.RA : whole.M) : 0;
   if (whole.V) std::fill_n(whole.V, v_size, T(0));   // passes add to V
   std::vector<T> partial(by_batch ? 0 : size_t(v_size) * (n - 1));
-  const i64 pack_size = whole.V && whole.r_col != 1 ? whole.RB * k_block<T>(whole.RA + whole.RB) : 0;
+  const i64 pack_size =
+      whole.V && (whole.r_col != 1 || whole.Rh) ? whole.RB * k_block<T>(whole.RB + (whole.chain ? 0 : whole.RA)) : 0;
   std::vector<T> packs(size_t(pack_size) * n);
   std::atomic<i64> next{0};
   Work<T, X> works[MAX_THREADS];
@@ -351,33 +468,41 @@ int split(int threads, const Job<T, X>& whole) {
 
 template <typename T, typename X = T>
 int dispatch(int threads, const void* x, const void* L, const void* R, void* U, void* V, i64 N, i64 M, i64 K, i64 RA,
-             i64 RB, bool expand, i64 r_row, i64 r_col) try {
-  return split<T, X>(threads, {static_cast<const X*>(x), static_cast<const T*>(L), static_cast<const T*>(R),
-                               static_cast<T*>(U), static_cast<T*>(V), N, M, K, RA, RB, 0, N, 0, K, expand, r_row,
-                               r_col, nullptr});
+             i64 RB, bool expand, bool chain, i64 r_row, i64 r_col, bool r_bf16 = false) try {
+  return split<T, X>(threads, {static_cast<const X*>(x), static_cast<const T*>(L),
+                               r_bf16 ? nullptr : static_cast<const T*>(R), static_cast<T*>(U), static_cast<T*>(V), N, M,
+                               K, RA, RB, 0, N, 0, K, expand, chain, r_row, r_col, nullptr,
+                               r_bf16 ? static_cast<const bf16*>(R) : nullptr});
 } catch (const std::bad_alloc&) {   // the per-thread buffers of a K split
   return 2;
 }
 
 }  // namespace
 
-// dtype: 0 float32, 1 float64, 2 (pass only) a bfloat16 x with float32 factors and outputs; buffers
-// contiguous unless said otherwise. threads: how many to use at most (the caller passes torch's setting).
+// dtype: 0 float32, 1 float64, 2 (pass only) a bfloat16 x with float32 factors and outputs, 3 the same
+// with a bfloat16 R (read as is); buffers contiguous unless said otherwise. threads: how many to use at most (the caller passes torch's setting).
 
 // U (N, RA, K) and V (RB, N*M) from x (N, M, K), L (RA, M), R (RB, K) with strides (r_row, r_col)
 // (the others contiguous). U or V may be null (not wanted: L or R is then not read), not both.
+// dtype + 4 (CHAIN): V (RB, N*RA) = R @ U^T instead, the rows of U[b] = L @ X[b] dotted with R's
+// rows, U itself never stored (U null, V wanted, R contiguous).
+constexpr int CHAIN = 4;
 TR_EXPORT int tinyrecon_cpu_kron_pass(int dtype, int threads, const void* x, const void* L, const void* R, void* U,
                                       void* V, i64 N, i64 M, i64 K, i64 RA, i64 RB, i64 r_row, i64 r_col) {
-  if (N < 0 || M < 0 || K < 0 || RA < 0 || RB < 0 || (!U && !V) || dtype < 0 || dtype > 2) return 1;
-  return dtype == 0   ? dispatch<float>(threads, x, L, R, U, V, N, M, K, RA, RB, false, r_row, r_col)
-         : dtype == 1 ? dispatch<double>(threads, x, L, R, U, V, N, M, K, RA, RB, false, r_row, r_col)
-                      : dispatch<float, bf16>(threads, x, L, R, U, V, N, M, K, RA, RB, false, r_row, r_col);
+  const bool chain = dtype >= CHAIN;
+  dtype -= chain ? CHAIN : 0;
+  if (N < 0 || M < 0 || K < 0 || RA < 0 || RB < 0 || (!U && !V) || dtype < 0 || dtype > 3) return 1;
+  if (chain && (U || !V || r_col != 1 || (RB > 1 && r_row != K))) return 1;
+  return dtype == 0   ? dispatch<float>(threads, x, L, R, U, V, N, M, K, RA, RB, false, chain, r_row, r_col)
+         : dtype == 1 ? dispatch<double>(threads, x, L, R, U, V, N, M, K, RA, RB, false, chain, r_row, r_col)
+                      : dispatch<float, bf16>(threads, x, L, R, U, V, N, M, K, RA, RB, false, chain, r_row, r_col,
+                                              dtype == 3);
 }
 
 // dx (N, M, K) = L^T @ G[b] for G (N, RA, K), L (RA, M); RA at most 64.
 TR_EXPORT int tinyrecon_cpu_kron_expand(int dtype, int threads, const void* G, const void* L, void* dx, i64 N, i64 M,
                                         i64 K, i64 RA) {
   if (N < 0 || M < 0 || K < 0 || RA < 0 || RA > 64 || (dtype != 0 && dtype != 1)) return 1;
-  return dtype == 0 ? dispatch<float>(threads, G, L, nullptr, dx, nullptr, N, M, K, RA, 0, true, 0, 1)
-                    : dispatch<double>(threads, G, L, nullptr, dx, nullptr, N, M, K, RA, 0, true, 0, 1);
+  return dtype == 0 ? dispatch<float>(threads, G, L, nullptr, dx, nullptr, N, M, K, RA, 0, true, false, 0, 1)
+                    : dispatch<double>(threads, G, L, nullptr, dx, nullptr, N, M, K, RA, 0, true, false, 0, 1);
 }

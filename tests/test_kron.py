@@ -441,12 +441,14 @@ def test_cpu_kernels_take_big_x_with_thin_factors(monkeypatch):
 
 
 @pytest.mark.skipif(bool(dispatch.why_not("cpu", "kron_apply", "cpu")), reason="no CPU library here")
+@pytest.mark.parametrize("r_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("N,M,K,RA,RB", [(3, 5, 7, 2, 3), (1, 33, 70001, 5, 6), (5, 33, 7001, 3, 2), (2, 17, 4099, 7, 0)])
-def test_kron_passes_read_bfloat16_x_as_is(N, M, K, RA, RB):
-    """A bfloat16 x with float32 factors: U and V in float32, as from x's exact float32 values
-    (K blocks, tails, thread splits by batch and by column, a non-contiguous x)."""
+def test_kron_passes_read_bfloat16_x_as_is(N, M, K, RA, RB, r_dtype):
+    """A bfloat16 x with a float32 L and a float32 or (read as is) bfloat16 R: U and V in float32,
+    as from the exact float32 values (K blocks, tails, thread splits by batch and by column, a
+    non-contiguous x)."""
     x = torch.randn(N, M, 2 * K).bfloat16()[..., ::2]
-    L, R = torch.randn(RA, M), torch.randn(max(RB, 1), K)
+    L, R = torch.randn(RA, M), torch.randn(max(RB, 1), K).to(r_dtype)
     U, V = _x_ops("cpu").passes(x, L, R, True, RB > 0)
     assert U.dtype == torch.float32
     assert_close(U, L.double() @ x.double())
@@ -479,3 +481,8 @@ def test_cpu_applies_read_bfloat16_x_as_is(rec, reads_bf16, monkeypatch):
     g = torch.randn_like(y)
     for a, e in zip(torch.autograd.grad(y, (w, b), g), torch.autograd.grad(y_ref, (w, b), g)):
         assert_close(a, e)
+    # no gradients: duplicated_diagonal_padding's B (as big as x's blocks) is read as is too, the
+    # others' small factors are copied to float32; the same values either way
+    codes.clear()
+    assert torch.equal(rec.apply(x, w.detach(), n=n, bias=b.detach(), backend="cpu"), y)
+    assert (3 in codes) == isinstance(rec, tr.duplicated_diagonal_padding_reconciliation)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import tinyrecon as tr
+from tinyrecon import dispatch
 from conftest import DEVICE, DTYPES, assert_close, backends_for, check_apply_layouts, check_compiles_to_one_op, check_grads_match_reference
 
 # (kind, op prefix): kind picks the class and layout; the op is what the backend column must provide.
@@ -168,3 +169,101 @@ def test_fp16_block_sums_do_not_overflow(backend):
     (gw_ref,) = torch.autograd.grad(y_ref.sum() * 1e-3, w)
     assert torch.isfinite(gw).all()
     assert_close(gw, gw_ref, torch.float16)
+
+
+# ---- the CPU library's chain: duplicated_padding's layout="kron" -------------------------------
+needs_cpu_library = pytest.mark.skipif(bool(dispatch.why_not("cpu", "duplicated_padding_apply", "cpu")),
+                                       reason="no CPU library here")
+
+
+@needs_cpu_library
+@pytest.mark.parametrize("dtype,r_dtype", [(torch.float32, None), (torch.float64, None), (torch.bfloat16, None),
+                                           (torch.bfloat16, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("N,M,K,RA,RB", [(3, 2, 7, 1, 3), (5, 3, 4099, 1, 32), (2, 4, 140001, 1, 7),
+                                         (37, 5, 1031, 3, 13), (0, 2, 9, 1, 3), (2, 1, 33, 1, 1)])
+def test_cpu_chain_matches_its_definition(N, M, K, RA, RB, dtype, r_dtype):
+    """``core[b] = L @ X[b] @ R^T``: short tiles, K blocks and tails, K split over threads (x of 1.1M
+    elements), an empty batch, a non-contiguous x; a bfloat16 x is read as is with a float32 L and a
+    float32 or (read as is) bfloat16 R."""
+    from tinyrecon import cpu_ops
+    fdt = torch.float32 if dtype == torch.bfloat16 else dtype
+    x = torch.randn(N, M, 2 * K, dtype=fdt).to(dtype)[..., ::2]
+    L, R = torch.randn(RA, M, dtype=fdt), torch.randn(RB, K, dtype=fdt).to(r_dtype or fdt)
+    core = cpu_ops.kron_chain(x, L, R)   # the custom op (torch.compile's); applies call its eager body
+    assert core.shape == (N, RA, RB) and core.dtype == fdt
+    assert_close(core, L.double() @ x.double() @ R.double().T, fdt)
+
+
+@needs_cpu_library
+@pytest.mark.parametrize("dtype,r_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)], ids=str)
+def test_cpu_chain_op_opcheck(dtype, r_dtype):
+    """The chain's custom op (what torch.compile traces): schema, fake kernel, dispatch."""
+    from tinyrecon import cpu_ops
+    x = torch.randn(5, 3, 7).to(dtype)
+    torch.library.opcheck(cpu_ops.kron_chain, (x, torch.ones(1, 3), torch.randn(4, 7).to(r_dtype)))
+
+
+def _library_calls(monkeypatch):
+    from tinyrecon import cpu_lib
+    calls = []
+    real_call = cpu_lib.call
+    monkeypatch.setattr(cpu_lib, "call", lambda name, *a: calls.append((name.rsplit("_", 1)[-1], a[0])) or
+                        real_call(name, *a))
+    return calls
+
+
+@needs_cpu_library
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_cpu_duplicated_padding_kron_runs_the_chain(dtype, monkeypatch):
+    """layout="kron" on the cpu backend: the forward is the chain (code + 4; a bfloat16 x read as is,
+    code 6), dB one pass over x, dx one expand; values and gradients match the torch backend.
+    layout="tinybig", q = 1 (no blocks to sum) and more than 32 rows of B keep the reference's path."""
+    calls = _library_calls(monkeypatch)
+    n, D, batch = 12, 3 * 1001, 37
+    x = torch.randn(batch, 2 * D, dtype=torch.float64)[:, ::2].to(dtype)   # not contiguous
+    code = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}[dtype]
+    for rec, channels, chained in ((tr.duplicated_padding_reconciliation(p=2, q=3), 2, True),
+                                   (tr.duplicated_padding_reconciliation(p=2, q=3, layout="tinybig"), 2, False),
+                                   (tr.duplicated_padding_reconciliation(p=2, q=1), 2, False),
+                                   (tr.duplicated_padding_reconciliation(p=1, q=3), 3, False)):   # 3 x 12 rows of B
+        w = torch.randn(channels, rec.calculate_l(n, D), dtype=torch.float64).to(dtype).requires_grad_()
+        b = torch.randn(n, dtype=torch.float64).to(dtype).requires_grad_()
+        calls.clear()
+        y = rec.apply(x, w, n=n, bias=b, backend="cpu")
+        assert (("pass", code + 4) in calls) == chained and all(c < 4 for _, c in calls if not chained)
+        if dtype == torch.bfloat16:   # a bfloat16 B that needs no gradient is read as is too (code 3)
+            calls.clear()
+            y_nograd = rec.apply(x, w.detach(), n=n, bias=b.detach(), backend="cpu")
+            assert (("pass", 7) in calls) == chained
+            assert torch.equal(y_nograd, y)
+        y_ref = rec.apply(x.double(), w.double(), n=n, bias=b.double(), backend="torch")
+        assert_close(y, y_ref, dtype)
+        g = torch.randn_like(y)
+        calls.clear()
+        grads = torch.autograd.grad(y, (w, b), g)
+        assert not chained or calls == [("pass", code)]   # dB: one pass over x
+        for a, e in zip(grads, torch.autograd.grad(y_ref, (w, b), g.double())):
+            assert_close(a, e, dtype)
+    if dtype != torch.bfloat16:   # (a bfloat16 x that needs its gradient is copied to float32)
+        rec = tr.duplicated_padding_reconciliation(p=2, q=3)
+        xg = x.detach().requires_grad_()
+        w = torch.randn(rec.calculate_l(n, D), dtype=dtype, requires_grad=True)
+        y = rec.apply(xg, w, n=n, backend="cpu")
+        calls.clear()
+        grads = torch.autograd.grad(y, (xg, w), torch.ones_like(y))
+        assert sorted(calls) == [("expand", code), ("pass", code)]   # dx written once, dB one pass
+        y_ref = rec.apply(xg.double(), w.double(), n=n, backend="torch")
+        for a, e in zip(grads, torch.autograd.grad(y_ref, (xg, w), torch.ones_like(y_ref))):
+            assert_close(a, e, dtype)
+
+
+def test_cpu_chain_pays_where_measured(monkeypatch):
+    """The chain takes duplicated_padding's kron layout at kernel sizes with blocks to sum and at
+    most 32 rows of B (the MNIST layer: x 64 x 615,440, p = q = 2, B 32 x 307,720)."""
+    from tinyrecon import cpu_ops
+    monkeypatch.setattr(cpu_ops, "_MIN_ELEMENTS", 1 << 20)
+    mnist = torch.empty(64, 1).expand(64, 615440)   # its size, without the memory
+    assert cpu_ops._chain_pays(mnist, 2, 32)
+    assert not cpu_ops._chain_pays(mnist, 1, 32)            # nothing to sum: the reference's one GEMM
+    assert not cpu_ops._chain_pays(mnist, 2, 33)
+    assert not cpu_ops._chain_pays(mnist[:1, :1 << 19], 2, 32)   # x below 1M elements

@@ -11,8 +11,9 @@ hold an n x D W: masking's float32 GEMMs (``_masked_gemm``) read the mask bit-pa
 (``_random.mask_bits``) next to their tiles; the hypernets form W by column blocks of all its rows
 in one library pass (``_linear_block``) that reads M from the cache where it fits the budget and
 draws it there otherwise, each block consumed by a GEMM at once, in the forward and the backward.
-The Kronecker family and duplicated_padding (a
-Kronecker product with a rank-1 left factor) use both halves of the pass per batch; lorr,
+The Kronecker family uses both halves of the pass per batch; duplicated_padding's kron layout (a
+Kronecker product with the rank-1 left factor ones(p, q)) sums x's q column blocks and dots them with
+B in one pass that reads B once for all batches (``kron_chain``), its backward one pass for dB; lorr,
 random_matrix_adaption and duplicated_diagonal_padding fold x into one matrix (``factor_pass``),
 which the kernels split over threads by columns.
 """
@@ -37,11 +38,13 @@ def _check(name: str, *tensors: Tensor) -> None:
         raise TypeError(f"{name} takes float32 or float64 tensors of one dtype, got {[t.dtype for t in tensors]}")
 
 
-def _check_pass(x: Tensor, L: Tensor, R: Tensor) -> None:
-    """A float32 or float64 x with factors of its dtype, or a bfloat16 x (read as is) with float32 ones."""
-    if x.dtype == torch.bfloat16 and L.dtype == R.dtype == torch.float32:
-        return
+def _check_pass(x: Tensor, L: Tensor, R: Tensor) -> int:
+    """The library's dtype code: a float32 or float64 x with factors of its dtype, or a bfloat16 x
+    (read as is) with a float32 L and a float32 or (read as is) bfloat16 R."""
+    if x.dtype == torch.bfloat16 and L.dtype == torch.float32 and R.dtype in (torch.float32, torch.bfloat16):
+        return 2 if R.dtype == torch.float32 else 3
     _check("cpu_kron_pass", x, L, R)
+    return _DTYPES[x.dtype]
 
 
 def _pass_shapes(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool):
@@ -50,7 +53,7 @@ def _pass_shapes(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool):
 
 
 def _pass(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool) -> tuple[Tensor, Tensor]:
-    _check_pass(x, L, R)
+    code = _check_pass(x, L, R)
     if not (want_u or want_v):
         raise ValueError("cpu_kron_pass: ask for U, V or both")
     N, M, K = x.shape
@@ -64,7 +67,7 @@ def _pass(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool) -> tuple[
     x, L = x.contiguous(), L.contiguous()
     if R.stride(1) != 1 and (R.stride(0) != 1 or R.shape[0] <= 1):
         R = R.contiguous()
-    cpu_lib.call("tinyrecon_cpu_kron_pass", _DTYPES.get(x.dtype, 2), torch.get_num_threads(), x.data_ptr(), L.data_ptr(),
+    cpu_lib.call("tinyrecon_cpu_kron_pass", code, torch.get_num_threads(), x.data_ptr(), L.data_ptr(),
                  R.data_ptr(), U.data_ptr() if want_u else None, V.data_ptr() if want_v else None,
                  N, M, K, L.shape[0], R.shape[0], R.stride(0), R.stride(1))
     return U, V
@@ -73,13 +76,43 @@ def _pass(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool) -> tuple[
 @torch.library.custom_op("tinyrecon::cpu_kron_pass", mutates_args=())
 def kron_pass(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool) -> tuple[Tensor, Tensor]:
     """``U[b] = L @ X[b]`` (N, RA, K) and ``V = R @ x.reshape(N*M, K)^T`` (RB, N*M) in one read of
-    x (N, M, K), in the factors' dtype; an unwanted one is returned empty."""
+    x (N, M, K), in L's dtype; an unwanted one is returned empty."""
     return _pass(x, L, R, want_u, want_v)
 
 
 @kron_pass.register_fake
 def _(x, L, R, want_u, want_v):
     return tuple(L.new_empty(s) for s in _pass_shapes(x, L, R, want_u, want_v))
+
+
+_CHAIN = 4   # added to the pass's dtype code: V from the rows of U = L @ X[b] (csrc/kron_cpu.cpp)
+
+
+def _chain(x: Tensor, L: Tensor, R: Tensor) -> Tensor:
+    code = _check_pass(x, L, R) + _CHAIN
+    N, M, K = x.shape
+    if L.shape[1] != M or R.shape[1] != K:
+        raise ValueError(f"cpu_kron_chain: L {tuple(L.shape)} and R {tuple(R.shape)} do not fit x {tuple(x.shape)}")
+    RA, RB = L.shape[0], R.shape[0]
+    if x.numel() == 0 or RA == 0 or RB == 0:   # nothing to read or to dot (empty buffers have no address)
+        return torch.matmul(torch.matmul(L, x.to(L.dtype)), R.T.to(L.dtype))
+    x, L, R = x.contiguous(), L.contiguous(), R.contiguous()
+    V = L.new_empty(RB, N * RA)
+    cpu_lib.call("tinyrecon_cpu_kron_pass", code, torch.get_num_threads(), x.data_ptr(),
+                 L.data_ptr(), R.data_ptr(), None, V.data_ptr(), N, M, K, RA, RB, K, 1)
+    return V.view(RB, N, RA).permute(1, 2, 0)
+
+
+@torch.library.custom_op("tinyrecon::cpu_kron_chain", mutates_args=())
+def kron_chain(x: Tensor, L: Tensor, R: Tensor) -> Tensor:
+    """``core[b] = L @ X[b] @ R^T`` (N, RA, RB) for x (N, M, K), L (RA, M), R (RB, K), in L's
+    dtype, from one read of x and one of R (all batches use each block of R while it is in L2)."""
+    return _chain(x, L, R).contiguous()
+
+
+@kron_chain.register_fake
+def _(x, L, R):
+    return L.new_empty(x.shape[0], L.shape[0], R.shape[0])
 
 
 def _expand_x(G: Tensor, L: Tensor) -> Tensor:
@@ -142,8 +175,8 @@ def _kernel_expand(G, Ar):
 
 def _passes(x, Ar, Br, want_u: bool, want_v: bool):
     N, M, K = x.shape
-    if not _worth_it(x.numel(), Br.element_size(), Ar.shape[0] * want_u + Br.shape[0] * want_v, M, K):
-        return torch_passes(x, Ar, Br, want_u, want_v)
+    if not _worth_it(x.numel(), Ar.element_size(), Ar.shape[0] * want_u + Br.shape[0] * want_v, M, K):
+        return torch_passes(x, Ar, Br.to(Ar.dtype), want_u, want_v)   # (a bfloat16 Br: in Ar's float32)
     return _kernel_passes(x, Ar, Br, want_u, want_v)
 
 
@@ -157,13 +190,19 @@ def _expand(G, Ar):
 
 KERNEL_X_OPS = XOps(_kernel_passes, _kernel_expand)   # always the kernels (tests)
 X_OPS = XOps(_passes, _expand)                     # the kernels where they pay, else torch's GEMMs
+# For a bfloat16 x and a bfloat16 factor Br that nothing differentiates: Br read as is, Ar (small)
+# and the outputs in float32.
+BF16_FACTOR_X_OPS = XOps(lambda x, Ar, Br, want_u, want_v: _passes(x, Ar.float(), Br, want_u, want_v), _expand)
 
 
-def _bf16_x_as_is(ref, when):
+def _bf16_x_as_is(ref, when, factors_as_is: bool = False):
     """``ref`` (a @reference apply) with a bfloat16 x left as is: the kernels widen it as they read
     it, so no float32 copy of x is made; everything else is computed in float32 and rounded once at
-    the end, as ``ref`` does. An x whose gradient is wanted, torch.func, or ``when(args)`` false
-    (another layout) take ``ref`` itself."""
+    the end, as ``ref`` does. With ``factors_as_is``, bfloat16 factors that need no gradient are
+    left as is too (``ref`` hands them only to the kernels, ``BF16_FACTOR_X_OPS``, or to float32
+    arithmetic that promotes them): duplicated_padding's B is a quarter of x's size at the MNIST
+    shape, and a float32 copy of it cost as much as the apply. An x whose gradient is wanted,
+    torch.func, or ``when(args)`` false (another layout) take ``ref`` itself."""
     inner = ref.__wrapped__
 
     @functools.wraps(ref)
@@ -171,21 +210,86 @@ def _bf16_x_as_is(ref, when):
         if (x.dtype != torch.bfloat16 or x.requires_grad or torch._C._are_functorch_transforms_active()
                 or not when(args)):
             return ref(x, *args, **kwargs)
+        if factors_as_is and not any(isinstance(a, Tensor) and a.requires_grad for a in args):
+            if "x_ops" in kwargs:
+                kwargs = dict(kwargs, x_ops=BF16_FACTOR_X_OPS)
+            return inner(x, *args, **kwargs).to(x.dtype)
         up = [a.float() if isinstance(a, Tensor) and a.dtype == x.dtype else a for a in args]
         return inner(x, *up, **kwargs).to(x.dtype)
     return apply
 
 
+class _Chain(torch.autograd.Function):
+    """``core[b] = L @ X[b] @ R^T`` (N, RA, RB) for x (N, M, K), a constant L (RA, M) and R (RB, K):
+    the chain kernel, one read of x and of R. The backward reads x once more for R's gradient, in
+    the pass (``dR = sum over b of dcore[b]^T @ L @ X[b]``, one GEMM of x folded to (N*M, K) with a
+    left factor of RB rows: faster than writing ``L @ X[b]`` in the forward and reading it back), and
+    writes ``dX[b] = L^T @ dcore[b] @ R`` once. A double backward and torch.func take torch's ops,
+    which autograd records (as the reference's ``_KronCore``)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, L, R):
+        if torch._C._are_functorch_transforms_active():
+            return torch.matmul(torch.matmul(L, x.to(L.dtype)), R.T.to(L.dtype))
+        return (_chain if dispatch.eager(x, L, R) else kron_chain)(x, L, R)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, dcore):
+        x, L, R = ctx.saved_tensors
+        N, M, K = x.shape
+        plain = torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
+        dx = dR = None
+        if ctx.needs_input_grad[2]:
+            if plain:
+                U = torch.matmul(L, x.to(dcore.dtype))   # (N, RA, K)
+                dR = torch.mm(dcore.reshape(-1, R.shape[0]).T, U.reshape(-1, K))
+            else:   # dcore[b]^T @ L as one (RB, N*M) factor of x folded to one batch
+                F = torch.matmul(dcore.transpose(1, 2), L).permute(1, 0, 2).reshape(R.shape[0], N * M)
+                dR = _passes(x.reshape(1, N * M, K), F, R.new_empty(0, K), True, False)[0][0]
+        if ctx.needs_input_grad[0]:
+            G = torch.matmul(dcore, R.to(dcore.dtype))   # (N, RA, K), small next to dx when RA < M
+            dx = torch.matmul(L.T, G) if plain else _expand(G, L)
+        return dx, None, dR
+
+
+def _chain_pays(x: Tensor, q: int, rows: int) -> bool:
+    """Where the chain beats the reference's kron path (its pass or GEMM dots x's q blocks with B one
+    by one: q times the work), measured at the MNIST shape (bench/results/cpu-2core-2026-12-01-kron-bf16):
+    a big x, q > 1 blocks to sum, and B's rows few enough for the dot products' registers to pay."""
+    return x.numel() >= _MIN_ELEMENTS and q > 1 and rows <= _MAX_RANK
+
+
+@reference
+def duplicated_padding_apply(x, B, p: int, q: int, bias, layout: str):
+    """The reference's, but with layout="kron" at kernel sizes: ``W = ones(p, q) kron B``, so
+    ``y[n]`` is p copies of ``B @ (sum of x[n]'s q column blocks)``, the chain with L = ones(1, q)."""
+    C, s, t = B.shape
+    if layout != "kron" or not _chain_pays(x, q, C * s):
+        return _padding_ref.duplicated_padding_apply.__wrapped__(x, B, p, q, bias, layout, x_ops=X_OPS)
+    N = x.shape[0]
+    ones = torch.ones(1, q, dtype=torch.promote_types(B.dtype, torch.float32), device=B.device)   # (B may be bfloat16)
+    core = _Chain.apply(x.reshape(N, q, t), ones, B.reshape(C * s, t))
+    Y = core.reshape(N, C, 1, s).permute(1, 0, 2, 3).expand(C, N, p, s)
+    return add_bias(Y.reshape(C, N, p * s), bias)
+
+
 # The applies are the references with the kernels' XOps (layout="tinybig" in the reference's torch),
 # a bfloat16 x read as is where the kernels take it (None: copied to float32, as the reference does);
 # builds read no x: the dispatch table falls back to the references (dispatch.FALLBACK).
-for _ref, _bf16 in ((_kron_ref.kron_apply, lambda args: args[5] == "kron"),
-                    (_padding_ref.duplicated_padding_apply, None),
-                    (_padding_ref.duplicated_diagonal_padding_apply, lambda args: True),
-                    (_lowrank_ref.lorr_apply, lambda args: True),
-                    (_lowrank_ref.random_matrix_adaption_apply, lambda args: True)):
-    ops.implement(_ref.__name__, "cpu", functools.partial(_ref if _bf16 is None else _bf16_x_as_is(_ref, _bf16),
-                                                          x_ops=X_OPS), tinybig=True)
+for _ref, _bf16, _factors in ((_kron_ref.kron_apply, lambda args: args[5] == "kron", False),
+                              (_padding_ref.duplicated_diagonal_padding_apply, lambda args: True, True),
+                              (_lowrank_ref.lorr_apply, lambda args: True, False),
+                              (_lowrank_ref.random_matrix_adaption_apply, lambda args: True, False)):
+    ops.implement(_ref.__name__, "cpu", functools.partial(_bf16_x_as_is(_ref, _bf16, _factors), x_ops=X_OPS),
+                  tinybig=True)
+# layout="tinybig" (and kron below kernel sizes) in the reference's own code: a float32 copy of a bfloat16 x
+ops.implement("duplicated_padding_apply", "cpu",
+              _bf16_x_as_is(duplicated_padding_apply, lambda args: args[4] == "kron", True), tinybig=True)
 
 
 # Random families. A column block of W (all n rows, columns [j0, j1)) is ~_BLOCK_NUMBERS random
