@@ -477,26 +477,33 @@ int dispatch(int threads, const void* x, const void* L, const void* R, void* U, 
   return 2;
 }
 
-}  // namespace
-
-// dtype: 0 float32, 1 float64, 2 (pass only) a bfloat16 x with float32 factors and outputs, 3 the same
-// with a bfloat16 R (read as is); buffers contiguous unless said otherwise. threads: how many to use at most (the caller passes torch's setting).
-
-// U (N, RA, K) and V (RB, N*M) from x (N, M, K), L (RA, M), R (RB, K) with strides (r_row, r_col)
-// (the others contiguous). U or V may be null (not wanted: L or R is then not read), not both.
-// dtype + 4 (CHAIN): V (RB, N*RA) = R @ U^T instead, the rows of U[b] = L @ X[b] dotted with R's
-// rows, U itself never stored (U null, V wanted, R contiguous).
-constexpr int CHAIN = 4;
-TR_EXPORT int tinyrecon_cpu_kron_pass(int dtype, int threads, const void* x, const void* L, const void* R, void* U,
-                                      void* V, i64 N, i64 M, i64 K, i64 RA, i64 RB, i64 r_row, i64 r_col) {
-  const bool chain = dtype >= CHAIN;
-  dtype -= chain ? CHAIN : 0;
+int pass_or_chain(bool chain, int dtype, int threads, const void* x, const void* L, const void* R, void* U, void* V,
+                  i64 N, i64 M, i64 K, i64 RA, i64 RB, i64 r_row, i64 r_col) {
   if (N < 0 || M < 0 || K < 0 || RA < 0 || RB < 0 || (!U && !V) || dtype < 0 || dtype > 3) return 1;
-  if (chain && (U || !V || r_col != 1 || (RB > 1 && r_row != K))) return 1;
   return dtype == 0   ? dispatch<float>(threads, x, L, R, U, V, N, M, K, RA, RB, false, chain, r_row, r_col)
          : dtype == 1 ? dispatch<double>(threads, x, L, R, U, V, N, M, K, RA, RB, false, chain, r_row, r_col)
                       : dispatch<float, bf16>(threads, x, L, R, U, V, N, M, K, RA, RB, false, chain, r_row, r_col,
                                               dtype == 3);
+}
+
+}  // namespace
+
+// dtype: 0 float32, 1 float64, 2 (pass and chain) a bfloat16 x with float32 factors and outputs, 3 the
+// same with a bfloat16 R (read as is); buffers contiguous unless said otherwise. threads: how many to use
+// at most (the caller passes torch's setting).
+
+// U (N, RA, K) and V (RB, N*M) from x (N, M, K), L (RA, M), R (RB, K) with strides (r_row, r_col)
+// (the others contiguous). U or V may be null (not wanted: L or R is then not read), not both.
+TR_EXPORT int tinyrecon_cpu_kron_pass(int dtype, int threads, const void* x, const void* L, const void* R, void* U,
+                                      void* V, i64 N, i64 M, i64 K, i64 RA, i64 RB, i64 r_row, i64 r_col) {
+  return pass_or_chain(false, dtype, threads, x, L, R, U, V, N, M, K, RA, RB, r_row, r_col);
+}
+
+// V (RB, N*RA) = R @ U^T: the rows of U[b] = L @ X[b] dotted with R's rows (R contiguous), U itself
+// never stored.
+TR_EXPORT int tinyrecon_cpu_kron_chain(int dtype, int threads, const void* x, const void* L, const void* R, void* V,
+                                       i64 N, i64 M, i64 K, i64 RA, i64 RB) {
+  return V ? pass_or_chain(true, dtype, threads, x, L, R, nullptr, V, N, M, K, RA, RB, K, 1) : 1;
 }
 
 // dx (N, M, K) = L^T @ G[b] for G (N, RA, K), L (RA, M); RA at most 64.

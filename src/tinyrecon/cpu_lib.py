@@ -16,6 +16,7 @@ _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 # Every entry point the Python glue calls, with its argument types; each returns 0 or an error code.
 ENTRY_POINTS = {
     "tinyrecon_cpu_kron_pass": [_INT, _INT] + [_P] * 5 + [_I64] * 7,
+    "tinyrecon_cpu_kron_chain": [_INT, _INT] + [_P] * 4 + [_I64] * 5,
     "tinyrecon_cpu_kron_expand": [_INT, _INT] + [_P] * 3 + [_I64] * 4,
     "tinyrecon_cpu_philox_fill": [_INT, _INT] + [_I64] * 5 + [_P],
     "tinyrecon_cpu_philox_mask": [_INT] + [_I64] * 5 + [ctypes.c_float, _P, _I64, _P, _I64],

@@ -85,11 +85,8 @@ def _(x, L, R, want_u, want_v):
     return tuple(L.new_empty(s) for s in _pass_shapes(x, L, R, want_u, want_v))
 
 
-_CHAIN = 4   # added to the pass's dtype code: V from the rows of U = L @ X[b] (csrc/kron_cpu.cpp)
-
-
 def _chain(x: Tensor, L: Tensor, R: Tensor) -> Tensor:
-    code = _check_pass(x, L, R) + _CHAIN
+    code = _check_pass(x, L, R)
     N, M, K = x.shape
     if L.shape[1] != M or R.shape[1] != K:
         raise ValueError(f"cpu_kron_chain: L {tuple(L.shape)} and R {tuple(R.shape)} do not fit x {tuple(x.shape)}")
@@ -98,8 +95,8 @@ def _chain(x: Tensor, L: Tensor, R: Tensor) -> Tensor:
         return torch.matmul(torch.matmul(L, x.to(L.dtype)), R.T.to(L.dtype))
     x, L, R = x.contiguous(), L.contiguous(), R.contiguous()
     V = L.new_empty(RB, N * RA)
-    cpu_lib.call("tinyrecon_cpu_kron_pass", code, torch.get_num_threads(), x.data_ptr(),
-                 L.data_ptr(), R.data_ptr(), None, V.data_ptr(), N, M, K, RA, RB, K, 1)
+    cpu_lib.call("tinyrecon_cpu_kron_chain", code, torch.get_num_threads(), x.data_ptr(), L.data_ptr(), R.data_ptr(),
+                 V.data_ptr(), N, M, K, RA, RB)
     return V.view(RB, N, RA).permute(1, 2, 0)
 
 
