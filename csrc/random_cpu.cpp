@@ -654,10 +654,65 @@ int linear(int threads, Linear<T> f, T* dv, Task task) {
 // y = x @ W[c]^T, dx = sum_c g[c] @ W[c] and dv[c] = sum_ij (g[c]^T x)_ij M[i*D + j, :] with the tiles
 // of W[c] = reshape(M @ v[c] (+ b), n, D) formed from M's rows inside the GEMM's loop, into the
 // scratch its micro-kernel reads: W never goes to memory, and x, M and dx cross it once per pass.
-// M is read split by rank (row i as k x D: M[i*D + j, q] at q*D + j, as the cache keeps it for this
-// kernel), so 16 columns of W are k FMAs on plain loads (sum_q v[q] G_q), and dv's terms dW * G_q
-// the same loads; drawn numbers come interleaved and are split in scratch first.
+// Each run of a row of M (k numbers a column, interleaved, as the cache keeps it for every backend)
+// is first split by rank in L1 (column j's q-th number at q * cap + j), so 16 columns of W are k
+// FMAs on plain loads (sum_q v[q] G_q), and dv's terms dW * G_q the same loads.
 constexpr int MAX_K = 8;
+
+// For splitting 16 columns (k vectors of 16 numbers): the q-th numbers come from the vector pair
+// (2p, 2p + 1) at index idx[q][p][l] (of 32) into the lanes l of pick[q][p].
+struct SplitTables {
+  int32_t idx[MAX_K][MAX_K / 2][LANES];
+  uint32_t pick[MAX_K][MAX_K / 2];
+};
+
+SplitTables split_tables(i64 k) {
+  SplitTables s = {};
+  for (i64 q = 0; q < k; ++q)
+    for (int l = 0; l < LANES; ++l) {
+      const i64 e = k * l + q, p = e / (2 * LANES);
+      s.idx[q][p][l] = int32_t(e % (2 * LANES));
+      s.pick[q][p] |= 1u << l;
+    }
+  return s;
+}
+
+// out[q * cap + j] = m[j * k + q] for j < len, q < k.
+void split_scalar(const float* m, i64 len, i64 k, float* out, i64 cap, const SplitTables&) {
+  for (i64 j = 0; j < len; ++j)
+    for (i64 q = 0; q < k; ++q) out[q * cap + j] = m[j * k + q];
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same with AVX-512's two-register permutes, merged by lane masks.
+__attribute__((target("avx512f"))) void split_avx512(const float* m, i64 len, i64 k, float* out, i64 cap,
+                                                     const SplitTables& s) {
+  const i64 pairs = (k + 1) / 2;
+  i64 j = 0;
+  for (; j + LANES <= len; j += LANES) {
+    __m512 a[MAX_K + 1];
+    for (i64 t = 0; t < k; ++t) a[t] = _mm512_loadu_ps(m + j * k + t * LANES);
+    a[k] = _mm512_setzero_ps();
+    for (i64 q = 0; q < k; ++q) {
+      __m512 g = _mm512_permutex2var_ps(a[0], _mm512_loadu_si512(s.idx[q][0]), a[1]);
+      for (i64 p = 1; p < pairs; ++p)
+        g = _mm512_mask_blend_ps(__mmask16(s.pick[q][p]), g,
+                                 _mm512_permutex2var_ps(a[2 * p], _mm512_loadu_si512(s.idx[q][p]), a[2 * p + 1]));
+      _mm512_storeu_ps(out + q * cap + j, g);
+    }
+  }
+  split_scalar(m + j * k, len - j, k, out + j, cap, s);
+}
+#endif
+
+typedef void (*SplitFn)(const float*, i64, i64, float*, i64, const SplitTables&);
+
+SplitFn pick_split() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (__builtin_cpu_supports("avx512f")) return split_avx512;
+#endif
+  return split_scalar;
+}
 
 struct Fused {
   uint64_t seed_m, seed_c;
@@ -671,28 +726,29 @@ struct Fused {
   float* out;                           // forward: per-thread y partials (C, N, n); backward: dx or null
   i64 out_stride;
   double* parts;                        // per thread (C, k) partial sums of dv, or null
-  const float* const* m_rows;           // M's split rows (each k x D) where the cache keeps them, else null
-  const float* const* c_rows;           // b's rows (each D), likewise
+  const float* const* m_rows;           // as in Linear
+  const float* const* c_rows;
+  SplitFn split;
+  SplitTables tables;
   float* scratch;
   i64 scratch_stride;
 };
 
-// M's rows i*D + col .. + len - 1 split by rank: G_q's numbers at m + q * ld. From the cache's split
-// rows (ld = D), else drawn into buf (interleaved, as counted) and split into split (ld = cap).
+// M's rows i*D + col .. + len - 1 split by rank: G_q's numbers at m + q * ld (ld = cap). Read from
+// the cache's rows, else drawn into buf.
 struct Run {
   const float* m;
   i64 ld;
 };
 
 TR_INLINE Run m_run(const Fused& f, float* buf, float* split, i64 cap, i64 i, i64 col, i64 len) {
-  if (f.m_rows) return {f.m_rows[i] + col, f.D};
+  const float* m = f.m_rows ? f.m_rows[i] + col * f.k : buf;
   const uint64_t start = (uint64_t(i) * uint64_t(f.D) + uint64_t(col)) * uint64_t(f.k);
-  for (i64 t = 0; t < len * f.k; t += LANES) {
+  for (i64 t = 0; !f.m_rows && t < len * f.k; t += LANES) {
     const f32v z = block(f.seed_m, start + uint64_t(t), true);
     std::memcpy(buf + t, &z, sizeof z);
   }
-  for (i64 j = 0; j < len; ++j)
-    for (i64 q = 0; q < f.k; ++q) split[q * cap + j] = buf[j * f.k + q];
+  f.split(m, len, f.k, split, cap, f.tables);
   return {split, cap};
 }
 
@@ -910,9 +966,8 @@ TR_EXPORT int tinyrecon_cpu_random_linear(int dtype, int threads, i64 seed_m, in
   return linear(threads, f, static_cast<double*>(dv), linear_f64);
 }
 
-// Hypernets' GEMMs (float32, rank 1 <= k <= 8) with W[c] = reshape(M @ v[c] (+ b), n, D) (M, b and
-// c_rows as in tinyrecon_cpu_random_linear; m_rows: n addresses of M's rows split by rank, row i as
-// k x D with M[i*D + j, q] at q*D + j, or null: drawn) formed tile by tile inside the GEMM, never
+// Hypernets' GEMMs (float32, rank 1 <= k <= 8) with W[c] = reshape(M @ v[c] (+ b), n, D) (M, b,
+// m_rows and c_rows as in tinyrecon_cpu_random_linear) formed tile by tile inside the GEMM, never
 // stored: op 0 out (C, N, n), contiguous, = x @ W[c]^T; op 1 out (N x D, row stride out_stride) =
 // sum_c g[c] @ W[c] when out is given, and dv (C, k) += sum_ij (g[c]^T @ x)_ij M[i*D + j, :] when
 // dv is given. x (N x D) has row stride x_stride, v (C, k) and g (C, N, n) are contiguous.
@@ -957,7 +1012,8 @@ TR_EXPORT int tinyrecon_cpu_random_gemm(int op, int threads, i64 seed_m, int has
   const Fused f = {uint64_t(seed_m), uint64_t(seed_c), has_c != 0, N, n, D, 0, k, C, N4, n4,
                    static_cast<const float*>(v), static_cast<const float*>(x), x_stride, gt, gx,
                    op == 0 ? partial : o, out_stride, op == 1 ? parts : nullptr,
-                   static_cast<const float* const*>(m_rows), static_cast<const float* const*>(c_rows), scratch, (stride + LANES - 1) / LANES * LANES};
+                   static_cast<const float* const*>(m_rows), static_cast<const float* const*>(c_rows), pick_split(),
+                   split_tables(k), scratch, (stride + LANES - 1) / LANES * LANES};
   if (op == 1 && o) hint_huge_pages(o, (N - 1) * out_stride * 4 + D * 4);
   parallel(nt, D, TILE, op == 0 ? fused_forward_task : fused_backward_task, &f);
   for (i64 e = 0; e < C * N * n && op == 0; ++e) {   // the threads' partial sums, in a fixed order

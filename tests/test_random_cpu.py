@@ -220,7 +220,7 @@ def _linear_reference(v, seed_m, seed_c, n, D):
     return W, M
 
 
-@pytest.mark.parametrize("budget", [None, 0])   # M split in the cache, or drawn (and split) in the kernel
+@pytest.mark.parametrize("budget", [None, 0])   # M kept in the cache, or drawn in the kernel
 @pytest.mark.parametrize("N, n, D, k, C, seed_c", [
     (5, 3, 37, 5, 1, None),      # one short chunk
     (7, 5, 1100, 3, 2, 7),       # odd n, two channels, b, columns past two chunks and a short tile
@@ -231,7 +231,7 @@ def _linear_reference(v, seed_m, seed_c, n, D):
 ])
 def test_fused_random_gemms(N, n, D, k, C, seed_c, budget, monkeypatch):
     """The hypernets' fused GEMMs (W formed inside them from M's rows) against float64 ones from the
-    definition: y, dx and dv, and dx or dv alone; from the cache's split rows and drawn."""
+    definition: y, dx and dv, and dx or dv alone; M read from the cache and drawn."""
     from tinyrecon import cpu_ops
     _random.clear_cache()
     if budget is not None:
@@ -251,12 +251,3 @@ def test_fused_random_gemms(N, n, D, k, C, seed_c, budget, monkeypatch):
     kept = _random.cache_info()["bytes"] >= n * D * k * 4
     assert kept == (budget is None)
 
-
-def test_split_rows_are_m_by_rank():
-    """The cache's split copy of M: [i, q, j] is M[i*D + j, q]; row addresses point into it."""
-    from tinyrecon import cpu_ops
-    _random.clear_cache()
-    n, D, k = 3, 70, 4
-    addresses, kept = cpu_ops._split_rows(9, n, D, k)
-    assert torch.equal(kept, _random._fill(9, 0, n * D * k, torch.device("cpu"), "randn").view(n, D, k).transpose(1, 2))
-    assert addresses.tolist() == [kept[i].data_ptr() for i in range(n)]

@@ -348,37 +348,14 @@ def _linear_block(v: Tensor, seed_m: int, seed_c, n: int, D: int, j0: int, j1: i
 _FUSED_MAX_RANK = 8
 
 
-def _split_rows(seed: int, n: int, D: int, k: int):
-    """(row addresses, tensor): M (n*D x k) = randn(seed) as the cache keeps it for the fused GEMMs,
-    split by rank: a (n, k, D) tensor with M[i*D + j, q] at [i, q, j], so their loads of 16 columns
-    need no shuffles; None when it does not fit the budget (they draw M where they use it then)."""
-    if not n * D:
-        return None
-
-    def make():
-        _random.check_cost(n * D * k, "this random matrix")
-        out = torch.empty(n, k, D)
-        step = _hypernet_ref._rows_per_slice(D, k)
-        for i0 in range(0, n, step):   # the reference's slices, drawn by the library and split
-            i1 = min(n, i0 + step)
-            drawn = _random._fill(seed, i0 * D * k, (i1 - i0) * D * k, torch.device("cpu"), "randn")
-            out[i0:i1].copy_(drawn.view(i1 - i0, D, k).transpose(1, 2))
-        return out
-    kept = _random._kept(("split", seed, n, D, k), n * D * k * 4, make)
-    if kept is None:
-        return None
-    return torch.tensor([kept.data_ptr() + 4 * i * k * D for i in range(n)], dtype=torch.int64), kept
-
-
 def _random_gemm(op: int, v: Tensor, x: Tensor, seed_m: int, seed_c, n: int, g: Tensor | None = None,
                  out: Tensor | None = None, dv: Tensor | None = None) -> None:
     """The library's GEMMs with W = reshape(M @ v^T (+ b), C, n, D) formed inside them from M's rows
-    (split by ``_split_rows`` when the cache keeps them, else drawn there): op 0 ``out (C, N, n) =
+    (``_frozen``'s, shared with the other backends, or drawn there): op 0 ``out (C, N, n) =
     x @ W^T``; op 1 ``out (N, D) = sum_c g[c] @ W[c]`` when out is given, ``dv += sum_ij (g[c]^T x)_ij
     M[i, j, :]`` when dv is given. float32, x with unit column stride, v and g contiguous."""
     (C, k), D = v.shape, x.shape[1]
-    m_rows, c_rows = (None if f is None else f[0] for f in (_split_rows(seed_m, n, D, k),
-                                                            _frozen(None, seed_c, n, D, k)[1]))
+    m_rows, c_rows = (None if f is None else f[0] for f in _frozen(seed_m, seed_c, n, D, k))
     ptr = (lambda t: t.data_ptr() if t is not None and t.numel() else None)
     cpu_lib.call("tinyrecon_cpu_random_gemm", op, torch.get_num_threads(), seed_m, int(seed_c is not None),
                  seed_c or 0, x.shape[0], n, D, k, C, ptr(v), ptr(x), x.stride(0), ptr(g), ptr(out),
