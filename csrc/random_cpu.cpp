@@ -391,11 +391,16 @@ struct Masked {
 };
 
 // The micro-kernels the masked GEMMs and the random linear GEMMs share.
-// Forward: acc (N4 x n4 vectors) += xs (N4 rows) * ws (n4 rows) lane by lane over `steps` vectors of
-// each row (rows KC apart); 4 x 4 tiles of 16-lane accumulators, reduced across lanes at the end.
-TR_INLINE void chunk_product(f32v* acc, const float* xs, const float* ws, i64 N4, i64 n4, i64 steps) {
-  for (i64 bt = 0; bt < N4; bt += 4)
-    for (i64 it = 0; it < n4; it += 4) {
+// Forward: acc (N4 x n4 vectors) += xs (N4 rows) * ws (n4 rows, those of [it0, it1) read) lane by
+// lane over `steps` vectors of each row (rows KC apart); 4 x 4 tiles of 16-lane accumulators, reduced
+// across lanes at the end. prefetch(tile, tiles) runs before each of the tiles of a row block: a
+// caller's reads for what comes next, spread over this arithmetic.
+template <typename Prefetch>
+TR_INLINE void chunk_product(f32v* acc, const float* xs, const float* ws, i64 N4, i64 n4, i64 steps, i64 it0,
+                             i64 it1, Prefetch prefetch) {
+  for (i64 it = it0; it < it1; it += 4)
+    for (i64 bt = 0; bt < N4; bt += 4) {
+      prefetch(bt / 4, N4 / 4);
       f32v s[4][4];
       for (int r = 0; r < 4; ++r)
         for (int c = 0; c < 4; ++c) s[r][c] = acc[(bt + r) * n4 + it + c];
@@ -468,7 +473,7 @@ TR_CLONES void masked_forward(const void* ctx, int thread, i64 begin, i64 end) {
                        mask16(a.bits + i * a.words, a.words, a.j0 + c0 + t * LANES);
         std::memcpy(ws + i * KC + t * LANES, &v, sizeof v);
       }
-    chunk_product(acc, xs, ws, a.N4, a.n4, steps);
+    chunk_product(acc, xs, ws, a.N4, a.n4, steps, 0, a.n4, [](i64, i64) {});
   }
   lane_sums(acc, a.N, a.n, a.n4, a.out + thread * a.N * a.n);
 }
@@ -787,20 +792,33 @@ TR_INLINE void fused_forward(const Fused& f, int thread, i64 begin, i64 end) {
   for (i64 c0 = begin; c0 < end; c0 += KC) {
     const i64 len = std::min(KC, end - c0), steps = (len + LANES - 1) / LANES;
     pack_rows(xs, KC, f.x + c0, f.x_stride, f.N, len, steps);
-    for (i64 i = 0; i < f.n; ++i) {
-      const Run m = m_run(f, mb, ms, KC, i, f.j0 + c0, len);
-      const float* c = c_run(f, cb, i, f.j0 + c0, len);
-      for (i64 t = 0; t < steps; ++t) {
-        f32v G[K];
-        for (int q = 0; q < K; ++q) G[q] = load16(m.m + q * m.ld + t * LANES, len - t * LANES);
-        const f32v cv = c ? load16(c + t * LANES, len - t * LANES) : f32v{};
-        for (i64 ch = 0; ch < C; ++ch) {
-          const f32v w = w_vector<K>(G, f.v + ch * K, cv);
-          std::memcpy(ws + (ch * n4 + i) * KC + t * LANES, &w, sizeof w);
+    for (i64 it = 0; it < n4; it += 4) {   // W's rows four at a time, each block's GEMM right after
+      for (i64 i = it; i < std::min(it + 4, f.n); ++i) {
+        const Run m = m_run(f, mb, ms, KC, i, f.j0 + c0, len);
+        const float* c = c_run(f, cb, i, f.j0 + c0, len);
+        for (i64 t = 0; t < steps; ++t) {
+          f32v G[K];
+          for (int q = 0; q < K; ++q) G[q] = load16(m.m + q * m.ld + t * LANES, len - t * LANES);
+          const f32v cv = c ? load16(c + t * LANES, len - t * LANES) : f32v{};
+          for (i64 ch = 0; ch < C; ++ch) {
+            const f32v w = w_vector<K>(G, f.v + ch * K, cv);
+            std::memcpy(ws + (ch * n4 + i) * KC + t * LANES, &w, sizeof w);
+          }
         }
       }
+      // the next block's runs of M (the next chunk's first after the last block) come into L2 while
+      // this block's GEMM runs: the hardware's prefetcher alone leaves the reads and the arithmetic
+      // in turns
+      const bool last = it + 4 >= f.n;
+      const i64 i0 = last ? 0 : it + 4, i1 = std::min(i0 + 4, f.n), col = last ? c0 + KC : c0;
+      const i64 lines = f.m_rows && col < end ? (std::min(KC, end - col) * K + LANES - 1) / LANES : 0;
+      const auto prefetch = [&](i64 tile, i64 tiles) {
+        for (i64 e = tile * (i1 - i0) * lines / tiles; e < (tile + 1) * (i1 - i0) * lines / tiles; ++e)
+          __builtin_prefetch(f.m_rows[i0 + e / lines] + (f.j0 + col) * K + e % lines * LANES, 0, 2);
+      };
+      for (i64 ch = 0; ch < C; ++ch)
+        chunk_product(acc + ch * N4 * n4, xs, ws + ch * n4 * KC, N4, n4, steps, it, it + 4, prefetch);
     }
-    for (i64 ch = 0; ch < C; ++ch) chunk_product(acc + ch * N4 * n4, xs, ws + ch * n4 * KC, N4, n4, steps);
   }
   for (i64 ch = 0; ch < C; ++ch) lane_sums(acc + ch * N4 * n4, f.N, f.n, n4, f.out + (thread * C + ch) * f.N * f.n);
 }
@@ -825,7 +843,13 @@ TR_INLINE void fused_backward(const Fused& f, int thread, i64 begin, i64 end) {
       pack_rows(xs, TILE, f.x + j, f.x_stride, f.N, len, TILE / LANES);
       std::memset(static_cast<void*>(dva), 0, sizeof(f32v) * size_t(C * K));
     }
+    const i64 next = std::min(TILE, end - j - TILE), blocks = (n + 3) / 4;
     for (i64 it = 0; it < n; it += 4) {
+      // the next tile's runs of M and rows of x come into L2 a row block at a time, a tile ahead
+      for (i64 i = it; i < std::min(it + 4, n) && f.m_rows && next > 0; ++i)
+        for (i64 e = 0; e < next * K; e += LANES) __builtin_prefetch(f.m_rows[i] + (f.j0 + j + TILE) * K + e, 0, 2);
+      for (i64 b = it / 4 * f.N / blocks; b < (it / 4 + 1) * f.N / blocks && want_dv && next > 0; ++b)
+        for (i64 e = 0; e < next; e += LANES) __builtin_prefetch(f.x + b * f.x_stride + j + TILE + e, 0, 2);
       for (i64 ch = 0; ch < C && want_dv; ++ch) {
         const Tile t = tile_product(f.gt + (ch * f.n4 + it) * f.N4, f.N4, xs, f.N);
         std::memcpy(dws + ch * 4 * TILE, &t, sizeof t);   // row r, vector v at r * TILE + v * LANES
