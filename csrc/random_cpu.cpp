@@ -390,6 +390,72 @@ struct Masked {
   i64 scratch_stride;
 };
 
+// The micro-kernels the masked GEMMs and the random linear GEMMs share.
+// Forward: acc (N4 x n4 vectors) += xs (N4 rows) * ws (n4 rows, those of [it0, it1) read) lane by
+// lane over `steps` vectors of each row (rows KC apart); 4 x 4 tiles of 16-lane accumulators, reduced
+// across lanes at the end. prefetch(tile, tiles) runs before each of the tiles of a row block: a
+// caller's reads for what comes next, spread over this arithmetic.
+template <typename Prefetch>
+TR_INLINE void chunk_product(f32v* acc, const float* xs, const float* ws, i64 N4, i64 n4, i64 steps, i64 it0,
+                             i64 it1, Prefetch prefetch) {
+  for (i64 it = it0; it < it1; it += 4)
+    for (i64 bt = 0; bt < N4; bt += 4) {
+      prefetch(bt / 4, N4 / 4);
+      f32v s[4][4];
+      for (int r = 0; r < 4; ++r)
+        for (int c = 0; c < 4; ++c) s[r][c] = acc[(bt + r) * n4 + it + c];
+      for (i64 t = 0; t < steps * LANES; t += LANES) {
+        f32v xv[4], wv[4];
+        for (int r = 0; r < 4; ++r) std::memcpy(&xv[r], xs + (bt + r) * KC + t, sizeof(f32v));
+        for (int c = 0; c < 4; ++c) std::memcpy(&wv[c], ws + (it + c) * KC + t, sizeof(f32v));
+        for (int r = 0; r < 4; ++r)
+          for (int c = 0; c < 4; ++c) s[r][c] += xv[r] * wv[c];
+      }
+      for (int r = 0; r < 4; ++r)
+        for (int c = 0; c < 4; ++c) acc[(bt + r) * n4 + it + c] = s[r][c];
+    }
+}
+
+// y (N x n) = the lane sums of acc (N4 x n4 vectors).
+TR_INLINE void lane_sums(const f32v* acc, i64 N, i64 n, i64 n4, float* y) {
+  for (i64 b = 0; b < N; ++b)
+    for (i64 i = 0; i < n; ++i) {
+      const f32v v = acc[b * n4 + i];
+      float t = 0;
+      for (int l = 0; l < LANES; ++l) t += v[l];
+      y[b * n + i] = t;
+    }
+}
+
+// `vectors` vectors of each of x's rows (the first len numbers, zeros after) into xs (rows xs_stride apart).
+TR_INLINE void pack_rows(float* xs, i64 xs_stride, const float* x, i64 x_stride, i64 rows, i64 len, i64 vectors) {
+  for (i64 b = 0; b < rows; ++b)
+    for (i64 t = 0; t < vectors; ++t) {
+      const f32v v = load16(x + b * x_stride + t * LANES, len - t * LANES);
+      std::memcpy(xs + b * xs_stride + t * LANES, &v, sizeof v);
+    }
+}
+
+// Backward: s[r][v] = sum_{d < depth} a[r * lda + d] * src[d * TILE + 16 v] for r, v < 4: four rows of
+// a, broadcast, against a TILE-wide panel of src (dx = g @ W: a = g, src = W's tile; dW = g^T @ x:
+// a = g^T, src = x's tile).
+struct Tile {
+  f32v s[4][4];
+};
+
+TR_INLINE Tile tile_product(const float* a, i64 lda, const float* src, i64 depth) {
+  Tile o = {};
+  for (i64 d = 0; d < depth; ++d) {
+    f32v sv[4];
+    for (int v = 0; v < 4; ++v) std::memcpy(&sv[v], src + d * TILE + v * LANES, sizeof(f32v));
+    for (int r = 0; r < 4; ++r) {
+      const f32v ab = f32v{} + a[r * lda + d];
+      for (int v = 0; v < 4; ++v) o.s[r][v] += ab * sv[v];
+    }
+  }
+  return o;
+}
+
 // Forward over columns [begin, end): per-thread y partial (N x n) summed by the caller.
 TR_CLONES void masked_forward(const void* ctx, int thread, i64 begin, i64 end) {
   const Masked& a = *static_cast<const Masked*>(ctx);
@@ -400,41 +466,16 @@ TR_CLONES void masked_forward(const void* ctx, int thread, i64 begin, i64 end) {
   std::memset(base, 0, sizeof(float) * size_t(a.scratch_stride));
   for (i64 c0 = begin; c0 < end; c0 += KC) {
     const i64 len = std::min(KC, end - c0), steps = (len + LANES - 1) / LANES;
-    for (i64 b = 0; b < a.N; ++b)
-      for (i64 t = 0; t < steps; ++t) {
-        const f32v v = load16(a.x + b * a.x_stride + c0 + t * LANES, len - t * LANES);
-        std::memcpy(xs + b * KC + t * LANES, &v, sizeof v);
-      }
+    pack_rows(xs, KC, a.x + c0, a.x_stride, a.N, len, steps);
     for (i64 i = 0; i < a.n; ++i)
       for (i64 t = 0; t < steps; ++t) {
         const f32v v = load16(a.w + i * a.w_stride + c0 + t * LANES, len - t * LANES) *
                        mask16(a.bits + i * a.words, a.words, a.j0 + c0 + t * LANES);
         std::memcpy(ws + i * KC + t * LANES, &v, sizeof v);
       }
-    for (i64 bt = 0; bt < a.N4; bt += 4)
-      for (i64 it = 0; it < a.n4; it += 4) {
-        f32v s[4][4];
-        for (int r = 0; r < 4; ++r)
-          for (int c = 0; c < 4; ++c) s[r][c] = acc[(bt + r) * a.n4 + it + c];
-        for (i64 t = 0; t < steps * LANES; t += LANES) {
-          f32v xv[4], wv[4];
-          for (int r = 0; r < 4; ++r) std::memcpy(&xv[r], xs + (bt + r) * KC + t, sizeof(f32v));
-          for (int c = 0; c < 4; ++c) std::memcpy(&wv[c], ws + (it + c) * KC + t, sizeof(f32v));
-          for (int r = 0; r < 4; ++r)
-            for (int c = 0; c < 4; ++c) s[r][c] += xv[r] * wv[c];
-        }
-        for (int r = 0; r < 4; ++r)
-          for (int c = 0; c < 4; ++c) acc[(bt + r) * a.n4 + it + c] = s[r][c];
-      }
+    chunk_product(acc, xs, ws, a.N4, a.n4, steps, 0, a.n4, [](i64, i64) {});
   }
-  float* y = a.out + thread * a.N * a.n;
-  for (i64 b = 0; b < a.N; ++b)
-    for (i64 i = 0; i < a.n; ++i) {
-      const f32v v = acc[b * a.n4 + i];
-      float t = 0;
-      for (int l = 0; l < LANES; ++l) t += v[l];
-      y[b * a.n + i] = t;
-    }
+  lane_sums(acc, a.N, a.n, a.n4, a.out + thread * a.N * a.n);
 }
 
 // dx[:, cols] (+)= g @ (w * M)[:, cols] over column tiles [begin, end).
@@ -451,22 +492,14 @@ TR_CLONES void masked_dx(const void* ctx, int thread, i64 begin, i64 end) {
         std::memcpy(ws + i * TILE + v * LANES, &m, sizeof m);
       }
     for (i64 bt = 0; bt < a.N; bt += 4) {
-      f32v s[4][4] = {};
-      for (i64 i = 0; i < a.n; ++i) {
-        f32v wv[4];
-        for (int v = 0; v < 4; ++v) std::memcpy(&wv[v], ws + i * TILE + v * LANES, sizeof(f32v));
-        for (int r = 0; r < 4; ++r) {
-          const f32v gb = f32v{} + a.gp[(bt + r) * a.n4 + i];
-          for (int v = 0; v < 4; ++v) s[r][v] += gb * wv[v];
-        }
-      }
+      const Tile t = tile_product(a.gp + bt * a.n4, a.n4, ws, a.n);
       for (int r = 0; r < 4 && bt + r < a.N; ++r) {
         float* o = a.out + (bt + r) * a.out_stride + j;
         for (int v = 0; v < 4 && v * LANES < len; ++v) {
           if (a.accumulate)
-            store16(o + v * LANES, load16(o + v * LANES, len - v * LANES) + s[r][v], len - v * LANES);
+            store16(o + v * LANES, load16(o + v * LANES, len - v * LANES) + t.s[r][v], len - v * LANES);
           else
-            store16_stream(o + v * LANES, s[r][v], len - v * LANES);
+            store16_stream(o + v * LANES, t.s[r][v], len - v * LANES);
         }
       }
     }
@@ -480,26 +513,14 @@ TR_CLONES void masked_dw(const void* ctx, int thread, i64 begin, i64 end) {
   float* xs = a.scratch + thread * a.scratch_stride;   // N x TILE
   for (i64 j = begin; j < end; j += TILE) {
     const i64 len = std::min(TILE, end - j);
-    for (i64 b = 0; b < a.N; ++b)
-      for (int v = 0; v < 4; ++v) {
-        const f32v m = load16(a.x + b * a.x_stride + j + v * LANES, len - v * LANES);
-        std::memcpy(xs + b * TILE + v * LANES, &m, sizeof m);
-      }
+    pack_rows(xs, TILE, a.x + j, a.x_stride, a.N, len, TILE / LANES);
     for (i64 it = 0; it < a.n; it += 4) {
-      f32v s[4][4] = {};
-      for (i64 b = 0; b < a.N; ++b) {
-        f32v xv[4];
-        for (int v = 0; v < 4; ++v) std::memcpy(&xv[v], xs + b * TILE + v * LANES, sizeof(f32v));
-        for (int r = 0; r < 4; ++r) {
-          const f32v gb = f32v{} + a.gp[(it + r) * a.N4 + b];
-          for (int v = 0; v < 4; ++v) s[r][v] += gb * xv[v];
-        }
-      }
+      const Tile t = tile_product(a.gp + it * a.N4, a.N4, xs, a.N);
       for (int r = 0; r < 4 && it + r < a.n; ++r) {
         float* o = a.out + (it + r) * a.out_stride + j;
         for (int v = 0; v < 4 && v * LANES < len; ++v)
           store16_stream(o + v * LANES,
-                         s[r][v] * mask16(a.bits + (it + r) * a.words, a.words, a.j0 + j + v * LANES),
+                         t.s[r][v] * mask16(a.bits + (it + r) * a.words, a.words, a.j0 + j + v * LANES),
                          len - v * LANES);
       }
     }
@@ -634,6 +655,261 @@ int linear(int threads, Linear<T> f, T* dv, Task task) {
   return 0;
 }
 
+// ---- random linear GEMMs (hypernets, float32, rank k <= MAX_K) ----------------------------------
+// y = x @ W[c]^T, dx = sum_c g[c] @ W[c] and dv[c] = sum_ij (g[c]^T x)_ij M[i*D + j, :] with the tiles
+// of W[c] = reshape(M @ v[c] (+ b), n, D) formed from M's rows inside the GEMM's loop, into the
+// scratch its micro-kernel reads: W never goes to memory, and x, M and dx cross it once per pass.
+// Each run of a row of M (k numbers a column, interleaved, as the cache keeps it for every backend)
+// is first split by rank in L1 (column j's q-th number at q * cap + j), so 16 columns of W are k
+// FMAs on plain loads (sum_q v[q] G_q), and dv's terms dW * G_q the same loads.
+constexpr int MAX_K = 8;
+
+// For splitting 16 columns (k vectors of 16 numbers): the q-th numbers come from the vector pair
+// (2p, 2p + 1) at index idx[q][p][l] (of 32) into the lanes l of pick[q][p].
+struct SplitTables {
+  int32_t idx[MAX_K][MAX_K / 2][LANES];
+  uint32_t pick[MAX_K][MAX_K / 2];
+};
+
+SplitTables split_tables(i64 k) {
+  SplitTables s = {};
+  for (i64 q = 0; q < k; ++q)
+    for (int l = 0; l < LANES; ++l) {
+      const i64 e = k * l + q, p = e / (2 * LANES);
+      s.idx[q][p][l] = int32_t(e % (2 * LANES));
+      s.pick[q][p] |= 1u << l;
+    }
+  return s;
+}
+
+// out[q * cap + j] = m[j * k + q] for j < len, q < k.
+void split_scalar(const float* m, i64 len, i64 k, float* out, i64 cap, const SplitTables&) {
+  for (i64 j = 0; j < len; ++j)
+    for (i64 q = 0; q < k; ++q) out[q * cap + j] = m[j * k + q];
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same with AVX-512's two-register permutes, merged by lane masks.
+__attribute__((target("avx512f"))) void split_avx512(const float* m, i64 len, i64 k, float* out, i64 cap,
+                                                     const SplitTables& s) {
+  const i64 pairs = (k + 1) / 2;
+  i64 j = 0;
+  for (; j + LANES <= len; j += LANES) {
+    __m512 a[MAX_K + 1];
+    for (i64 t = 0; t < k; ++t) a[t] = _mm512_loadu_ps(m + j * k + t * LANES);
+    a[k] = _mm512_setzero_ps();
+    for (i64 q = 0; q < k; ++q) {
+      __m512 g = _mm512_permutex2var_ps(a[0], _mm512_loadu_si512(s.idx[q][0]), a[1]);
+      for (i64 p = 1; p < pairs; ++p)
+        g = _mm512_mask_blend_ps(__mmask16(s.pick[q][p]), g,
+                                 _mm512_permutex2var_ps(a[2 * p], _mm512_loadu_si512(s.idx[q][p]), a[2 * p + 1]));
+      _mm512_storeu_ps(out + q * cap + j, g);
+    }
+  }
+  split_scalar(m + j * k, len - j, k, out + j, cap, s);
+}
+#endif
+
+typedef void (*SplitFn)(const float*, i64, i64, float*, i64, const SplitTables&);
+
+SplitFn pick_split() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (__builtin_cpu_supports("avx512f")) return split_avx512;
+#endif
+  return split_scalar;
+}
+
+struct Fused {
+  uint64_t seed_m, seed_c;
+  bool has_c;
+  i64 N, n, D, j0, k, C, N4, n4;
+  const float* v;                       // (C, k)
+  const float* x;                       // N x D, row stride x_stride
+  i64 x_stride;
+  const float* gt;                      // dv: g[c]^T, (C, n4, N4) zero padded
+  const float* gx;                      // dx: (N4, C*n) with gx[b, c*n + i] = g[c, b, i], zero padded
+  float* out;                           // forward: per-thread y partials (C, N, n); backward: dx or null
+  i64 out_stride;
+  double* parts;                        // per thread (C, k) partial sums of dv, or null
+  const float* const* m_rows;           // as in Linear
+  const float* const* c_rows;
+  SplitFn split;
+  SplitTables tables;
+  float* scratch;
+  i64 scratch_stride;
+};
+
+// M's rows i*D + col .. + len - 1 split by rank: G_q's numbers at m + q * ld (ld = cap). Read from
+// the cache's rows, else drawn into buf.
+struct Run {
+  const float* m;
+  i64 ld;
+};
+
+TR_INLINE Run m_run(const Fused& f, float* buf, float* split, i64 cap, i64 i, i64 col, i64 len) {
+  const float* m = f.m_rows ? f.m_rows[i] + col * f.k : buf;
+  const uint64_t start = (uint64_t(i) * uint64_t(f.D) + uint64_t(col)) * uint64_t(f.k);
+  for (i64 t = 0; !f.m_rows && t < len * f.k; t += LANES) {
+    const f32v z = block(f.seed_m, start + uint64_t(t), true);
+    std::memcpy(buf + t, &z, sizeof z);
+  }
+  f.split(m, len, f.k, split, cap, f.tables);
+  return {split, cap};
+}
+
+// b's numbers i*D + col .. + len - 1 likewise; null without b.
+TR_INLINE const float* c_run(const Fused& f, float* buf, i64 i, i64 col, i64 len) {
+  if (!f.has_c) return nullptr;
+  if (f.c_rows) return f.c_rows[i] + col;
+  const uint64_t start = uint64_t(i) * uint64_t(f.D) + uint64_t(col);
+  for (i64 t = 0; t < len; t += LANES) {
+    const f32v z = block(f.seed_c, start + uint64_t(t), true);
+    std::memcpy(buf + t, &z, sizeof z);
+  }
+  return buf;
+}
+
+// W[ch]'s vector from G (+ b's vector cv).
+template <int K>
+TR_INLINE f32v w_vector(const f32v G[K], const float* v, f32v cv) {
+  for (int q = 0; q < K; ++q) cv += v[q] * G[q];
+  return cv;
+}
+
+// Forward over columns [begin, end): per chunk of KC columns, x's chunk and W's (all n rows, every
+// channel) are packed, then the chunk GEMM; per-thread y partials (C, N, n) summed by the caller.
+template <int K>
+TR_INLINE void fused_forward(const Fused& f, int thread, i64 begin, i64 end) {
+  const i64 C = f.C, N4 = f.N4, n4 = f.n4;
+  float* base = f.scratch + thread * f.scratch_stride;
+  f32v* acc = reinterpret_cast<f32v*>(base);   // C x N4 x n4 vectors
+  float* xs = base + C * N4 * n4 * LANES;      // N4 x KC
+  float* ws = xs + N4 * KC;                    // C x n4 x KC
+  float* mb = ws + C * n4 * KC;                // KC * K (+ LANES) drawn numbers of M
+  float* ms = mb + KC * K + LANES;             // K x KC: them split
+  float* cb = ms + KC * K;                     // KC (+ LANES) of b
+  std::memset(base, 0, sizeof(float) * size_t(f.scratch_stride));
+  for (i64 c0 = begin; c0 < end; c0 += KC) {
+    const i64 len = std::min(KC, end - c0), steps = (len + LANES - 1) / LANES;
+    pack_rows(xs, KC, f.x + c0, f.x_stride, f.N, len, steps);
+    for (i64 it = 0; it < n4; it += 4) {   // W's rows four at a time, each block's GEMM right after
+      for (i64 i = it; i < std::min(it + 4, f.n); ++i) {
+        const Run m = m_run(f, mb, ms, KC, i, f.j0 + c0, len);
+        const float* c = c_run(f, cb, i, f.j0 + c0, len);
+        for (i64 t = 0; t < steps; ++t) {
+          f32v G[K];
+          for (int q = 0; q < K; ++q) G[q] = load16(m.m + q * m.ld + t * LANES, len - t * LANES);
+          const f32v cv = c ? load16(c + t * LANES, len - t * LANES) : f32v{};
+          for (i64 ch = 0; ch < C; ++ch) {
+            const f32v w = w_vector<K>(G, f.v + ch * K, cv);
+            std::memcpy(ws + (ch * n4 + i) * KC + t * LANES, &w, sizeof w);
+          }
+        }
+      }
+      // the next block's runs of M (the next chunk's first after the last block) come into L2 while
+      // this block's GEMM runs: the hardware's prefetcher alone leaves the reads and the arithmetic
+      // in turns
+      const bool last = it + 4 >= f.n;
+      const i64 i0 = last ? 0 : it + 4, i1 = std::min(i0 + 4, f.n), col = last ? c0 + KC : c0;
+      const i64 lines = f.m_rows && col < end ? (std::min(KC, end - col) * K + LANES - 1) / LANES : 0;
+      const auto prefetch = [&](i64 tile, i64 tiles) {
+        for (i64 e = tile * (i1 - i0) * lines / tiles; e < (tile + 1) * (i1 - i0) * lines / tiles; ++e)
+          __builtin_prefetch(f.m_rows[i0 + e / lines] + (f.j0 + col) * K + e % lines * LANES, 0, 2);
+      };
+      for (i64 ch = 0; ch < C; ++ch)
+        chunk_product(acc + ch * N4 * n4, xs, ws + ch * n4 * KC, N4, n4, steps, it, it + 4, prefetch);
+    }
+  }
+  for (i64 ch = 0; ch < C; ++ch) lane_sums(acc + ch * N4 * n4, f.N, f.n, n4, f.out + (thread * C + ch) * f.N * f.n);
+}
+
+// Backward over column tiles [begin, end): per tile, dW's rows (g^T @ x, four at a time) meet M's
+// split rows for dv, which also give W's tile for dx = sum_c g[c] @ W[c], streamed out once.
+template <int K>
+TR_INLINE void fused_backward(const Fused& f, int thread, i64 begin, i64 end) {
+  const i64 C = f.C, n = f.n, Cn = C * n;
+  const bool want_dv = f.parts != nullptr, want_dx = f.out != nullptr;
+  float* xs = f.scratch + thread * f.scratch_stride;   // N x TILE
+  float* ws = xs + f.N * TILE;                          // C*n x TILE
+  float* dws = ws + Cn * TILE;                          // C x 4 x TILE: four rows of dW
+  float* mb = dws + C * 4 * TILE;                       // TILE * K (+ LANES) drawn numbers of M
+  float* ms = mb + TILE * K + LANES;                    // K x TILE: them split
+  float* cb = ms + TILE * K;                            // TILE (+ LANES) of b
+  f32v* dva = reinterpret_cast<f32v*>(cb + TILE + LANES);   // C x K vectors: the tile's dv sums
+  double* parts = want_dv ? f.parts + thread * C * K : nullptr;
+  for (i64 j = begin; j < end; j += TILE) {
+    const i64 len = std::min(TILE, end - j);
+    if (want_dv) {
+      pack_rows(xs, TILE, f.x + j, f.x_stride, f.N, len, TILE / LANES);
+      std::memset(static_cast<void*>(dva), 0, sizeof(f32v) * size_t(C * K));
+    }
+    const i64 next = std::min(TILE, end - j - TILE), blocks = (n + 3) / 4;
+    for (i64 it = 0; it < n; it += 4) {
+      // the next tile's runs of M and rows of x come into L2 a row block at a time, a tile ahead
+      for (i64 i = it; i < std::min(it + 4, n) && f.m_rows && next > 0; ++i)
+        for (i64 e = 0; e < next * K; e += LANES) __builtin_prefetch(f.m_rows[i] + (f.j0 + j + TILE) * K + e, 0, 2);
+      for (i64 b = it / 4 * f.N / blocks; b < (it / 4 + 1) * f.N / blocks && want_dv && next > 0; ++b)
+        for (i64 e = 0; e < next; e += LANES) __builtin_prefetch(f.x + b * f.x_stride + j + TILE + e, 0, 2);
+      for (i64 ch = 0; ch < C && want_dv; ++ch) {
+        const Tile t = tile_product(f.gt + (ch * f.n4 + it) * f.N4, f.N4, xs, f.N);
+        std::memcpy(dws + ch * 4 * TILE, &t, sizeof t);   // row r, vector v at r * TILE + v * LANES
+      }
+      for (i64 r = 0; r < 4 && it + r < n; ++r) {
+        const i64 i = it + r;
+        const Run m = m_run(f, mb, ms, TILE, i, f.j0 + j, len);
+        const float* c = want_dx ? c_run(f, cb, i, f.j0 + j, len) : nullptr;
+        for (int vi = 0; vi < TILE / LANES; ++vi) {
+          const i64 left = len - vi * LANES;
+          f32v G[K];
+          for (int q = 0; q < K; ++q) G[q] = load16(m.m + q * m.ld + vi * LANES, left);
+          const f32v cv = c ? load16(c + vi * LANES, left) : f32v{};
+          for (i64 ch = 0; ch < C; ++ch) {
+            if (want_dv) {
+              f32v dW;
+              std::memcpy(&dW, dws + ch * 4 * TILE + r * TILE + vi * LANES, sizeof dW);
+              for (int q = 0; q < K; ++q) dva[ch * K + q] += dW * G[q];
+            }
+            if (want_dx) {
+              const f32v w = w_vector<K>(G, f.v + ch * K, cv);
+              std::memcpy(ws + (ch * n + i) * TILE + vi * LANES, &w, sizeof w);
+            }
+          }
+        }
+      }
+    }
+    for (i64 e = 0; e < C * K && want_dv; ++e) {   // float sums over one tile, then double across tiles
+      float t = 0;
+      for (int l = 0; l < LANES; ++l) t += dva[e][l];
+      parts[e] += double(t);
+    }
+    for (i64 bt = 0; bt < f.N && want_dx; bt += 4) {
+      const Tile t = tile_product(f.gx + bt * Cn, Cn, ws, Cn);
+      for (int r = 0; r < 4 && bt + r < f.N; ++r)
+        for (int vi = 0; vi < TILE / LANES && vi * LANES < len; ++vi)
+          store16_stream(f.out + (bt + r) * f.out_stride + j + vi * LANES, t.s[r][vi], len - vi * LANES);
+    }
+  }
+  stream_fence();
+}
+
+template <bool Forward>
+TR_INLINE void fused_any(const Fused& f, int t, i64 begin, i64 end) {
+  switch (f.k) {
+#define TR_RANK(K) \
+  case K:          \
+    return Forward ? fused_forward<K>(f, t, begin, end) : fused_backward<K>(f, t, begin, end);
+    TR_RANK(1) TR_RANK(2) TR_RANK(3) TR_RANK(4) TR_RANK(5) TR_RANK(6) TR_RANK(7) TR_RANK(8)
+#undef TR_RANK
+  }
+}
+
+TR_CLONES void fused_forward_task(const void* ctx, int t, i64 begin, i64 end) {
+  fused_any<true>(*static_cast<const Fused*>(ctx), t, begin, end);
+}
+TR_CLONES void fused_backward_task(const void* ctx, int t, i64 begin, i64 end) {
+  fused_any<false>(*static_cast<const Fused*>(ctx), t, begin, end);
+}
+
 }  // namespace
 
 // out[i * cols + j] = number (start + i * stride + j) of the stream of seed, for i < rows, j < cols
@@ -712,6 +988,71 @@ TR_EXPORT int tinyrecon_cpu_random_linear(int dtype, int threads, i64 seed_m, in
                             static_cast<const double*>(v), static_cast<double*>(W), static_cast<const double*>(dW),
                             static_cast<const float* const*>(m_rows), static_cast<const float* const*>(c_rows), nullptr, nullptr, 0, 0};
   return linear(threads, f, static_cast<double*>(dv), linear_f64);
+}
+
+// Hypernets' GEMMs (float32, rank 1 <= k <= 8) with W[c] = reshape(M @ v[c] (+ b), n, D) (M, b,
+// m_rows and c_rows as in tinyrecon_cpu_random_linear) formed tile by tile inside the GEMM, never
+// stored: op 0 out (C, N, n), contiguous, = x @ W[c]^T; op 1 out (N x D, row stride out_stride) =
+// sum_c g[c] @ W[c] when out is given, and dv (C, k) += sum_ij (g[c]^T @ x)_ij M[i*D + j, :] when
+// dv is given. x (N x D) has row stride x_stride, v (C, k) and g (C, N, n) are contiguous.
+// Returns 2 when the per-thread buffers find no memory.
+TR_EXPORT int tinyrecon_cpu_random_gemm(int op, int threads, i64 seed_m, int has_c, i64 seed_c, i64 N, i64 n, i64 D,
+                                        i64 k, i64 C, const void* v, const void* x, i64 x_stride, const void* g,
+                                        void* out, i64 out_stride, void* dv, const void* m_rows, const void* c_rows) {
+  const bool work = N && n && D && C;
+  if ((op != 0 && op != 1) || N < 0 || n < 0 || D < 0 || k < 1 || k > MAX_K || C < 0 || x_stride < 0 ||
+      out_stride < 0 || (op == 0 && N && n && C && !out) || (op == 1 && N && D && !out && !dv) ||
+      (work && (!v || (op == 1 && !g) || ((op == 0 || dv) && !x))))
+    return 1;
+  float* o = static_cast<float*>(out);
+  if (!work) {   // an empty sum: y or dx is zero, dv unchanged
+    if (op == 0 && o) std::memset(o, 0, sizeof(float) * size_t(C * N * n));
+    for (i64 b = 0; b < N && op == 1 && o; ++b) std::memset(o + b * out_stride, 0, sizeof(float) * size_t(D));
+    return 0;
+  }
+  const i64 N4 = (N + 3) / 4 * 4, n4 = (n + 3) / 4 * 4, Cn = C * n;
+  const int nt = split_count(threads, N * n * D * C, i64(1) << 20);
+  const i64 stride = op == 0 ? C * N4 * n4 * LANES + N4 * KC + C * n4 * KC + (KC * k + LANES) + KC * k + (KC + LANES)
+                             : N * TILE + Cn * TILE + C * 4 * TILE + (TILE * k + LANES) + TILE * k + (TILE + LANES) +
+                                   C * k * LANES;
+  const size_t padded = size_t(nt * ((stride + LANES - 1) / LANES * LANES)) * sizeof(float);
+  float* scratch = static_cast<float*>(std::aligned_alloc(64, padded));
+  float* gt = op == 1 && dv ? static_cast<float*>(std::calloc(size_t(C * n4 * N4), sizeof(float))) : nullptr;
+  float* gx = op == 1 && out ? static_cast<float*>(std::calloc(size_t(N4 * Cn), sizeof(float))) : nullptr;
+  float* partial = op == 0 ? static_cast<float*>(std::malloc(size_t(nt * C * N * n) * sizeof(float))) : nullptr;
+  double* parts = dv ? static_cast<double*>(std::calloc(size_t(nt * C * k), sizeof(double))) : nullptr;
+  if (!scratch || (op == 1 && dv && (!gt || !parts)) || (op == 1 && out && !gx) || (op == 0 && !partial)) {
+    std::free(scratch), std::free(gt), std::free(gx), std::free(partial), std::free(parts);
+    return 2;
+  }
+  const float* gs = static_cast<const float*>(g);
+  for (i64 c = 0; c < C && op == 1; ++c)
+    for (i64 b = 0; b < N; ++b)
+      for (i64 i = 0; i < n; ++i) {
+        const float t = gs[(c * N + b) * n + i];
+        if (gt) gt[(c * n4 + i) * N4 + b] = t;
+        if (gx) gx[b * Cn + c * n + i] = t;
+      }
+  const Fused f = {uint64_t(seed_m), uint64_t(seed_c), has_c != 0, N, n, D, 0, k, C, N4, n4,
+                   static_cast<const float*>(v), static_cast<const float*>(x), x_stride, gt, gx,
+                   op == 0 ? partial : o, out_stride, op == 1 ? parts : nullptr,
+                   static_cast<const float* const*>(m_rows), static_cast<const float* const*>(c_rows), pick_split(),
+                   split_tables(k), scratch, (stride + LANES - 1) / LANES * LANES};
+  if (op == 1 && o) hint_huge_pages(o, (N - 1) * out_stride * 4 + D * 4);
+  parallel(nt, D, TILE, op == 0 ? fused_forward_task : fused_backward_task, &f);
+  for (i64 e = 0; e < C * N * n && op == 0; ++e) {   // the threads' partial sums, in a fixed order
+    float t = 0;
+    for (int th = 0; th < nt; ++th) t += partial[th * C * N * n + e];
+    o[e] = t;
+  }
+  float* dvs = static_cast<float*>(dv);
+  for (i64 e = 0; e < C * k && dv; ++e) {
+    double s = 0;
+    for (int th = 0; th < nt; ++th) s += parts[th * C * k + e];
+    dvs[e] += float(s);
+  }
+  std::free(scratch), std::free(gt), std::free(gx), std::free(partial), std::free(parts);
+  return 0;
 }
 
 // Masking's GEMMs (float32) with the mask read from bits (tinyrecon_cpu_mask_bits' layout, words per

@@ -104,6 +104,18 @@ def test_each_isa_level_builds_clean_and_agrees(march, tmp_path, monkeypatch):
     assert lib.tinyrecon_cpu_masked_gemm(0, 2, bits.data_ptr(), 1, 0, 5, 3, 50, x.data_ptr(), 50, src.data_ptr(), 50,
                                          None, y.data_ptr(), 3, 0) == 0
     assert_close(y, x.double() @ (src * (u < 0.3).float()).double().T, dtype=torch.float32)
+    gemm = lib.tinyrecon_cpu_random_gemm   # the hypernets' fused GEMMs, M and b drawn in the kernel
+    gemm.argtypes = cpu_lib.ENTRY_POINTS["tinyrecon_cpu_random_gemm"]
+    v, x, g = torch.randn(1, 3), torch.randn(5, 70), torch.randn(1, 5, 4)
+    W, M = _linear_reference(v, 11, 7, 4, 70)
+    y, dx, dv = torch.empty(1, 5, 4), torch.empty(5, 70), torch.zeros(1, 3)
+    assert gemm(0, 2, 11, 1, 7, 5, 4, 70, 3, 1, v.data_ptr(), x.data_ptr(), 70, None, y.data_ptr(), 0, None, None,
+                None) == 0
+    assert gemm(1, 2, 11, 1, 7, 5, 4, 70, 3, 1, v.data_ptr(), x.data_ptr(), 70, g.data_ptr(), dx.data_ptr(), 70,
+                dv.data_ptr(), None, None) == 0
+    assert_close(y[0], x.double() @ W[0].T, dtype=torch.float32)
+    assert_close(dx, g[0].double() @ W[0], dtype=torch.float32)
+    assert_close(dv[0], torch.einsum("bi,bj,ijq->q", g[0].double(), x.double(), M), dtype=torch.float32)
 
 
 @pytest.mark.parametrize("kind", ["rand", "randn"])
@@ -196,3 +208,46 @@ def test_random_linear_reads_kept_rows_as_it_draws():
         W = cpu_ops._linear_block(v, seed_m, seed_c, n, D, 17, 67, frozen, True, dW, dv)
         assert_close(W, expected[:, :, 17:67])
         assert_close(dv, torch.einsum("cij,ijq->cq", dW.double(), M[:, 17:67].double()))
+
+
+def _linear_reference(v, seed_m, seed_c, n, D):
+    """W (C, n, D) = reshape(M @ v^T (+ b)) in float64, and M (n, D, k), from the definition."""
+    C, k = v.shape
+    M = _definition(seed_m, 0, n * D * k, 1).view(n, D, k).double()
+    W = torch.einsum("ijq,cq->cij", M, v.double())
+    if seed_c is not None:
+        W = W + _definition(seed_c, 0, n * D, 1).view(n, D).double()
+    return W, M
+
+
+@pytest.mark.parametrize("budget", [None, 0])   # M kept in the cache, or drawn in the kernel
+@pytest.mark.parametrize("N, n, D, k, C, seed_c", [
+    (5, 3, 37, 5, 1, None),      # one short chunk
+    (7, 5, 1100, 3, 2, 7),       # odd n, two channels, b, columns past two chunks and a short tile
+    (64, 9, 1300, 5, 1, None),   # a full batch tile, rows past a multiple of 4
+    (3, 1, 17, 1, 3, 5),         # rank 1, one row
+    (6, 4, 203, 8, 1, 2**40),    # the largest fused rank
+    (0, 3, 50, 2, 1, None),      # empty batch
+])
+def test_fused_random_gemms(N, n, D, k, C, seed_c, budget, monkeypatch):
+    """The hypernets' fused GEMMs (W formed inside them from M's rows) against float64 ones from the
+    definition: y, dx and dv, and dx or dv alone; M read from the cache and drawn."""
+    from tinyrecon import cpu_ops
+    _random.clear_cache()
+    if budget is not None:
+        monkeypatch.setattr(_random, "_budget", budget)
+    seed_m = 2**33 + 1
+    v, g = torch.randn(C, k), torch.randn(C, N, n)
+    x = torch.randn(N, D + 3)[:, :D]   # rows of a wider matrix
+    W, M = _linear_reference(v, seed_m, seed_c, n, D)
+    y = cpu_ops.random_linear_forward(x, v, seed_m, seed_c, n)
+    assert_close(y, torch.matmul(x.double(), W.transpose(1, 2)), dtype=torch.float32)
+    dx, dv = cpu_ops.random_linear_backward(g, x, v, seed_m, seed_c, n, True, True)
+    assert_close(dx, torch.einsum("cbi,cij->bj", g.double(), W), dtype=torch.float32)
+    assert_close(dv, torch.einsum("cbi,bj,ijq->cq", g.double(), x.double(), M), dtype=torch.float32)
+    only_dx, none = cpu_ops.random_linear_backward(g, x, v, seed_m, seed_c, n, True, False)
+    none2, only_dv = cpu_ops.random_linear_backward(g, x, v, seed_m, seed_c, n, False, True)
+    assert torch.equal(only_dx, dx) and torch.equal(only_dv, dv) and none.numel() == none2.numel() == 0
+    kept = _random.cache_info()["bytes"] >= n * D * k * 4
+    assert kept == (budget is None)
+

@@ -24,6 +24,7 @@ ENTRY_POINTS = {
     "tinyrecon_cpu_mask_apply": [_INT, _INT, _P] + [_I64] * 4 + [_P, _I64, _P, _I64],
     "tinyrecon_cpu_masked_gemm": [_INT, _INT, _P] + [_I64] * 5 + [_P, _I64, _P, _I64, _P, _P, _I64, _INT],
     "tinyrecon_cpu_random_linear": [_INT, _INT, _I64, _INT] + [_I64] * 7 + [_P] * 6,
+    "tinyrecon_cpu_random_gemm": [_INT, _INT, _I64, _INT] + [_I64] * 6 + [_P, _P, _I64, _P, _P, _I64] + [_P] * 3,
 }
 
 

@@ -444,16 +444,39 @@ def _linear_block(v: Tensor, seed_m: int, seed_c, n: int, D: int, j0: int, j1: i
     return W
 
 
+# The library's fused GEMMs take float32 and ranks up to this (random_matrix_hypernet's r; hypernet's
+# hidden_dim when that small); other calls form W block by block (_linear_block) for torch's GEMMs.
+_FUSED_MAX_RANK = 8
+
+
+def _random_gemm(op: int, v: Tensor, x: Tensor, seed_m: int, seed_c, n: int, g: Tensor | None = None,
+                 out: Tensor | None = None, dv: Tensor | None = None) -> None:
+    """The library's GEMMs with W = reshape(M @ v^T (+ b), C, n, D) formed inside them from M's rows
+    (``_frozen``'s, shared with the other backends, or drawn there): op 0 ``out (C, N, n) =
+    x @ W^T``; op 1 ``out (N, D) = sum_c g[c] @ W[c]`` when out is given, ``dv += sum_ij (g[c]^T x)_ij
+    M[i, j, :]`` when dv is given. float32, x with unit column stride, v and g contiguous."""
+    (C, k), D = v.shape, x.shape[1]
+    m_rows, c_rows = (None if f is None else f[0] for f in _frozen(seed_m, seed_c, n, D, k))
+    ptr = (lambda t: t.data_ptr() if t is not None and t.numel() else None)
+    cpu_lib.call("tinyrecon_cpu_random_gemm", op, torch.get_num_threads(), seed_m, int(seed_c is not None),
+                 seed_c or 0, x.shape[0], n, D, k, C, ptr(v), ptr(x), x.stride(0), ptr(g), ptr(out),
+                 out.stride(0) if op == 1 and out is not None else 0, ptr(dv), ptr(m_rows), ptr(c_rows))
+
+
 def random_linear_forward(x: Tensor, v: Tensor, seed_m: int, seed_c: int | None, n: int) -> Tensor:
     """``x @ W^T`` for ``W = reshape(M @ v^T (+ b), C, n, D)``, M (n*D x k) and b frozen N(0, 1)."""
     D = x.shape[1]
-    C = v.shape[0]
-    y = x.new_zeros(C, x.shape[0], n)
+    C, k = v.shape
     v = v.contiguous()
-    frozen = _frozen(seed_m, seed_c, n, D, v.shape[1])
     fp32 = x.dtype == torch.float32
     if fp32:
         x = _unit_columns(x)
+        if k <= _FUSED_MAX_RANK:
+            y = x.new_empty(C, x.shape[0], n)
+            _random_gemm(0, v, x, seed_m, seed_c, n, out=y)
+            return y
+    frozen = _frozen(seed_m, seed_c, n, D, k)
+    y = x.new_zeros(C, x.shape[0], n)
     for j0, j1 in _column_blocks(n, D, C):
         W = _linear_block(v, seed_m, seed_c, n, D, j0, j1, frozen)
         for c in range(C):
@@ -474,10 +497,15 @@ def random_linear_backward(g: Tensor, x: Tensor, v: Tensor, seed_m: int, seed_c:
     if want_dx and C == 0:
         dx.zero_()
     v = v.contiguous()
-    frozen = _frozen(seed_m, seed_c if want_dx else None, n, D, v.shape[1])
     fp32 = x.dtype == torch.float32
     if fp32:
         x, g = _unit_columns(x), g.contiguous()
+        if v.shape[1] <= _FUSED_MAX_RANK:   # dx and dv in one pass, each tile of M read once for both
+            if want_dx or want_dv:
+                _random_gemm(1, v, x, seed_m, seed_c if want_dx else None, n, g=g, out=dx if want_dx else None,
+                             dv=dv if want_dv else None)
+            return dx, dv
+    frozen = _frozen(seed_m, seed_c if want_dx else None, n, D, v.shape[1])
     for j0, j1 in _column_blocks(n, D, C):
         # dv[c] = sum_ij dW[c, i, j] M[i, j, :] with dW = g^T @ x
         dW = None
