@@ -3,7 +3,6 @@ F.linear, for the functions with ``build_when_small`` on the torch and cpu backe
 gradients against the float64 torch reference, for every function; bad input is still refused."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import tinyrecon as tr
 from tinyrecon import base, dispatch
