@@ -9,7 +9,10 @@ floor column is a dense F.linear of the same n x D (fwd, or its train: grads of 
 Everything of one table is timed interleaved (A B C ... A B C ...), each sample looped to >= 2 ms,
 so that a shared, noisy machine slows all alike. ``train``: y = apply(x), then grads of w and
 bias (x is data and does not require grad), as in an RPN's first layer. ``--first``: instead, each
-function's first call in a fresh process against its warm calls (median of 5), default backend.
+function's first call in a fresh process against its warm calls (median of 5), default backend, with a
+dense F.linear of the same size in the same harness; ``train`` is timed twice, the second time after
+one autograd.grad of a 1-element tensor made before the clock: torch's first autograd.grad with an
+explicit gradient imports torch.fx's symbolic shapes and sympy (~0.6 s), once per process for any model.
 """
 from __future__ import annotations
 
@@ -79,19 +82,27 @@ def interleaved(fns: dict, rounds: int) -> dict:
 
 
 FIRST = """
-import time, torch, tinyrecon as tr
-f, op, layout, n, D, batch, dtype = {args!r}
-kw = dict(tr.lookup(f).bench_args, **({{"layout": layout}} if f in {layouted!r} else {{}}))
-rec = tr.reconciliation(f, **kw)
+import time, torch, torch.nn.functional as F, tinyrecon as tr
+f, op, layout, n, D, batch, dtype, torch_warmed = {args!r}
 dt = getattr(torch, dtype)
 x = torch.randn(batch, D).to(dt)
-w = torch.randn(rec.calculate_l(n, D)).to(dt).requires_grad_(op == "train")
+if f == "dense":
+    w = torch.randn(n, D).to(dt).requires_grad_(op == "train")
+    apply = lambda x, w, n, bias: F.linear(x, w, bias)
+else:
+    kw = dict(tr.lookup(f).bench_args, **({{"layout": layout}} if f in {layouted!r} else {{}}))
+    rec = tr.reconciliation(f, **kw)
+    w = torch.randn(rec.calculate_l(n, D)).to(dt).requires_grad_(op == "train")
+    apply = rec.apply
 b = torch.randn(n).to(dt).requires_grad_(op == "train")
+if torch_warmed:
+    one = torch.ones(1, requires_grad=True)
+    torch.autograd.grad(one * 2, one, torch.ones(1))
 def call():
     if op == "fwd":
         with torch.no_grad():
-            return rec.apply(x, w, n=n, bias=b)
-    return torch.autograd.grad(rec.apply(x, w, n=n, bias=b), (w, b), torch.ones(batch, n, dtype=dt))
+            return apply(x, w, n=n, bias=b)
+    return torch.autograd.grad(apply(x, w, n=n, bias=b), (w, b), torch.ones(batch, n, dtype=dt))
 ts = []
 for _ in range(6):
     t0 = time.perf_counter(); call(); ts.append(time.perf_counter() - t0)
@@ -100,14 +111,18 @@ print(ts[0], sorted(ts[1:])[2])
 
 
 def first_calls(a, s, functions) -> None:
-    print("| function | op | first ms | warm ms | first / warm |\n|---|---|---|---|---|")
+    print("| function | op | first ms | warm ms | first / warm | first / warm, torch's autograd imported |\n"
+          "|---|---|---|---|---|---|")
     for op in a.ops.split(","):
-        for f in functions:
-            args = (f, op, "kron", s.n, s.D, s.batch, a.dtype)
-            out = subprocess.run([sys.executable, "-c", FIRST.format(args=args, layouted=LAYOUTED)],
-                                 capture_output=True, text=True, check=True).stdout.split()
-            first, warm = float(out[0]), float(out[1])
-            print(f"| {f} | {op} | {1e3 * first:.1f} | {1e3 * warm:.1f} | {first / warm:.2f} |", flush=True)
+        for f in [*functions, "dense"]:
+            runs = []
+            for torch_warmed in (False, True) if op == "train" else (False,):
+                args = (f, op, "kron", s.n, s.D, s.batch, a.dtype, torch_warmed)
+                out = subprocess.run([sys.executable, "-c", FIRST.format(args=args, layouted=LAYOUTED)],
+                                     capture_output=True, text=True, check=True).stdout.split()
+                runs.append((float(out[0]), float(out[1])))
+            (first, warm), warmed = runs[0], (f"{runs[1][0] / runs[1][1]:.2f}" if len(runs) > 1 else "-")
+            print(f"| {f} | {op} | {1e3 * first:.1f} | {1e3 * warm:.1f} | {first / warm:.2f} | {warmed} |", flush=True)
 
 
 def main(argv=None) -> None:
