@@ -236,15 +236,15 @@ TR_INLINE void expand(const Job<T>& j) {
   }
 }
 
-// One tile of x (TILE rows x, n columns from k0, of batch b): its dot products with R's rows, added
-// to V, and its axpys into U's rows. pf: the next tile's rows (or null), fetched meanwhile.
+// The dot products of a tile's rows x (TILE rows, n columns from k0) with R's rows of the K block,
+// added to V[r * v_stride + i] (V: the tile's first column). pf: the next tile's rows (or null),
+// fetched meanwhile.
 template <typename T, typename X, typename Y>
-TR_INLINE void tile(const Job<T, X>& j, const Y* const* x, const Y* const* pf, int rows, i64 n, i64 b, i64 i0, i64 k0,
-                    T* Ub) {
-  const i64 M = j.M, RA = j.U ? j.RA : 0, RB = j.V ? j.RB : 0, NM = j.N * M;
-  for (i64 r0 = 0; r0 < RB; r0 += GROUP) {
+TR_INLINE void dot_tile(const Job<T, X>& j, const Y* const* x, const Y* const* pf, int rows, i64 n, i64 k0, T* V,
+                        i64 v_stride) {
+  for (i64 r0 = 0; r0 < j.RB; r0 += GROUP) {
     const T* f[GROUP];
-    const int nr = int(std::min<i64>(GROUP, RB - r0));
+    const int nr = int(std::min<i64>(GROUP, j.RB - r0));
     for (int r = 0; r < nr; ++r) f[r] = j.pack ? j.pack + (r0 + r) * n : j.R + (r0 + r) * j.r_row + k0;
     T out[TILE][GROUP] = {};
     switch (nr) {
@@ -256,8 +256,17 @@ TR_INLINE void tile(const Job<T, X>& j, const Y* const* x, const Y* const* pf, i
       default: dots<T, 6>(x, f, r0 ? nullptr : pf, n, out); break;
     }
     for (int i = 0; i < rows; ++i)
-      for (int r = 0; r < nr; ++r) j.V[(r0 + r) * NM + b * M + i0 + i] += out[i][r];
+      for (int r = 0; r < nr; ++r) V[(r0 + r) * v_stride + i] += out[i][r];
   }
+}
+
+// One tile of x (TILE rows x, n columns from k0, of batch b): its dot products with R's rows, added
+// to V, and its axpys into U's rows. pf: the next tile's rows (or null), fetched meanwhile.
+template <typename T, typename X, typename Y>
+TR_INLINE void tile(const Job<T, X>& j, const Y* const* x, const Y* const* pf, int rows, i64 n, i64 b, i64 i0, i64 k0,
+                    T* Ub) {
+  const i64 M = j.M, RA = j.U ? j.RA : 0, RB = j.V ? j.RB : 0;
+  if (RB) dot_tile(j, x, pf, rows, n, k0, j.V + b * M + i0, j.N * M);
   for (i64 a0 = 0; a0 < RA; a0 += GROUP) {
     T* u[GROUP];
     T c[GROUP][TILE] = {};
@@ -373,23 +382,7 @@ TR_INLINE void chain(const Job<T, X>& j) {
         u[i] = out;
       }
       for (int i = rows; i < TILE; ++i) u[i] = u[rows - 1];
-      for (i64 r0 = 0; r0 < RB; r0 += GROUP) {
-        const T* f[GROUP];
-        const int nr = int(std::min<i64>(GROUP, RB - r0));
-        for (int r = 0; r < nr; ++r) f[r] = j.pack ? j.pack + (r0 + r) * n : j.R + (r0 + r) * K + k0;
-        T out[TILE][GROUP] = {};
-        const T* const* none = nullptr;
-        switch (nr) {
-          case 1: dots<T, 1>(u, f, none, n, out); break;
-          case 2: dots<T, 2>(u, f, none, n, out); break;
-          case 3: dots<T, 3>(u, f, none, n, out); break;
-          case 4: dots<T, 4>(u, f, none, n, out); break;
-          case 5: dots<T, 5>(u, f, none, n, out); break;
-          default: dots<T, 6>(u, f, none, n, out); break;
-        }
-        for (int i = 0; i < rows; ++i)
-          for (int r = 0; r < nr; ++r) j.V[(r0 + r) * rows_all + c0 + i] += out[i][r];
-      }
+      dot_tile(j, u, static_cast<const T* const*>(nullptr), rows, n, k0, j.V + c0, rows_all);
     }
   }
 }
