@@ -22,6 +22,7 @@ int fail_msg(const char* msg) {
 
 // The message of this thread's last failed call ("" if none failed).
 TR_EXPORT const char* tinyrecon_last_error() { return tr::last_error; }
+TR_ENTRY_POINT(tinyrecon_last_error)
 
 // Number of visible CUDA devices; fails (no driver, no device) with the CUDA message.
 TR_EXPORT int tinyrecon_device_count(int* count) {
@@ -29,3 +30,4 @@ TR_EXPORT int tinyrecon_device_count(int* count) {
   const cudaError_t err = cudaGetDeviceCount(count);
   return err == cudaSuccess ? 0 : tr::fail(err);
 }
+TR_ENTRY_POINT(tinyrecon_device_count)

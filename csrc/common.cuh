@@ -13,7 +13,7 @@
 
 #include <cstdint>
 
-#define TR_EXPORT extern "C" __attribute__((visibility("default")))
+#include "entry_points.h"
 
 namespace tr {
 

@@ -1,7 +1,7 @@
 // What every csrc/*.cpp file of the CPU library shares: its C ABI exports and ISA clones.
 #pragma once
 
-#define TR_EXPORT extern "C" __attribute__((visibility("default")))
+#include "entry_points.h"
 #define TR_INLINE inline __attribute__((always_inline))
 // One clone per ISA level, picked when the library loads: built once, right on any x86-64.
 // (TR_NO_CLONES builds one level, the compiler's -march: the tests check each level that way.)

@@ -68,6 +68,7 @@ TR_EXPORT int tinyrecon_kron_build(int device, void* stream, int dtype, int layo
     return tr::kron_build<T>(A, B, tr::View{.p = W}, layout, C, p, q, s, t, st);
   });
 }
+TR_ENTRY_POINT(tinyrecon_kron_build)
 
 // Gradients of kron_build with respect to A1, A2, B1, B2 (gA2 / gB2 ignored when A2 / B2 is null).
 TR_EXPORT int tinyrecon_kron_build_bwd(int device, void* stream, int dtype, int layout, const void* A1,
@@ -97,6 +98,7 @@ TR_EXPORT int tinyrecon_kron_build_bwd(int device, void* stream, int dtype, int 
     return tr::factor_grad<T>(gB, B1, B2, gB1, gB2, C, s, rB, t, st);
   });
 }
+TR_ENTRY_POINT(tinyrecon_kron_build_bwd)
 
 // y (C, N, p*s) = x (N, q*t) @ (A kron B)^T (+ bias (p*s)), layout "kron".
 TR_EXPORT int tinyrecon_kron_apply(int device, void* stream, int dtype, const void* x, const void* A1,
@@ -128,6 +130,7 @@ TR_EXPORT int tinyrecon_kron_apply(int device, void* stream, int dtype, const vo
     return tr::gemm<T>({.batch0 = C, .M = N * s, .Mi = s, .N = p, .K = q}, z, A, out, b, st);
   });
 }
+TR_ENTRY_POINT(tinyrecon_kron_apply)
 
 // Gradients of kron_apply ("kron") with respect to x, A1, A2, B1, B2 (the bias's is gy's sum).
 TR_EXPORT int tinyrecon_kron_apply_bwd(int device, void* stream, int dtype, const void* x, const void* A1,
@@ -192,3 +195,4 @@ TR_EXPORT int tinyrecon_kron_apply_bwd(int device, void* stream, int dtype, cons
     return tr::factor_grad<T>(gB, B1, B2, gB1, gB2, C, s, rB, t, st);
   });
 }
+TR_ENTRY_POINT(tinyrecon_kron_apply_bwd)

@@ -491,6 +491,7 @@ TR_EXPORT int tinyrecon_cpu_kron_pass(int dtype, int threads, const void* x, con
                                       void* V, i64 N, i64 M, i64 K, i64 RA, i64 RB, i64 r_row, i64 r_col) {
   return pass_or_chain(false, dtype, threads, x, L, R, U, V, N, M, K, RA, RB, r_row, r_col);
 }
+TR_ENTRY_POINT(tinyrecon_cpu_kron_pass)
 
 // V (RB, N*RA) = R @ U^T: the rows of U[b] = L @ X[b] dotted with R's rows (R contiguous), U itself
 // never stored.
@@ -498,6 +499,7 @@ TR_EXPORT int tinyrecon_cpu_kron_chain(int dtype, int threads, const void* x, co
                                        i64 N, i64 M, i64 K, i64 RA, i64 RB) {
   return V ? pass_or_chain(true, dtype, threads, x, L, R, nullptr, V, N, M, K, RA, RB, K, 1) : 1;
 }
+TR_ENTRY_POINT(tinyrecon_cpu_kron_chain)
 
 // dx (N, M, K) = L^T @ G[b] for G (N, RA, K), L (RA, M); RA at most 64.
 TR_EXPORT int tinyrecon_cpu_kron_expand(int dtype, int threads, const void* G, const void* L, void* dx, i64 N, i64 M,
@@ -506,3 +508,4 @@ TR_EXPORT int tinyrecon_cpu_kron_expand(int dtype, int threads, const void* G, c
   return dtype == 0 ? dispatch<float>(threads, G, L, nullptr, dx, nullptr, N, M, K, RA, 0, true, false, 0, 1)
                     : dispatch<double>(threads, G, L, nullptr, dx, nullptr, N, M, K, RA, 0, true, false, 0, 1);
 }
+TR_ENTRY_POINT(tinyrecon_cpu_kron_expand)

@@ -31,6 +31,7 @@ TR_EXPORT int tinyrecon_lorr_build(int device, void* stream, int dtype, const vo
     return tr::matmul<T>(tr::tensor(A), tr::tensor(B), tr::View{.p = W}, C, n, r, D, static_cast<cudaStream_t>(stream));
   });
 }
+TR_ENTRY_POINT(tinyrecon_lorr_build)
 
 // gA = gW @ B^T, gB = A^T @ gW.
 TR_EXPORT int tinyrecon_lorr_build_bwd(int device, void* stream, int dtype, const void* A, const void* B,
@@ -41,6 +42,7 @@ TR_EXPORT int tinyrecon_lorr_build_bwd(int device, void* stream, int dtype, cons
                               n, r, D, static_cast<cudaStream_t>(stream));
   });
 }
+TR_ENTRY_POINT(tinyrecon_lorr_build_bwd)
 
 // y (C, N, n) = x (N, D) @ (A[c] @ B[c])^T (+ bias (n)).
 TR_EXPORT int tinyrecon_lorr_apply(int device, void* stream, int dtype, const void* x, const void* A,
@@ -66,6 +68,7 @@ TR_EXPORT int tinyrecon_lorr_apply(int device, void* stream, int dtype, const vo
     return tr::gemm<T>({.batch0 = C, .M = N, .N = n, .K = r}, u, a, out, bv, st);
   });
 }
+TR_ENTRY_POINT(tinyrecon_lorr_apply)
 
 // Gradients of lorr_apply with respect to x, A and B (the bias's is gy's sum).
 TR_EXPORT int tinyrecon_lorr_apply_bwd(int device, void* stream, int dtype, const void* x, const void* A,
@@ -117,3 +120,4 @@ TR_EXPORT int tinyrecon_lorr_apply_bwd(int device, void* stream, int dtype, cons
     return tr::gemm_long_k<T>({.batch0 = C, .M = r, .N = D, .K = N}, v, a, out, gBs, st);
   });
 }
+TR_ENTRY_POINT(tinyrecon_lorr_apply_bwd)

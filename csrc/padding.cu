@@ -15,6 +15,7 @@ TR_EXPORT int tinyrecon_duplicated_diagonal_padding_build(int device, void* stre
                              static_cast<cudaStream_t>(stream));
   });
 }
+TR_ENTRY_POINT(tinyrecon_duplicated_diagonal_padding_build)
 
 // gB (C, s, t): the sum of gW's diagonal blocks.
 TR_EXPORT int tinyrecon_duplicated_diagonal_padding_build_bwd(int device, void* stream, int dtype, const void* gW, void* gB, i64 C,
@@ -25,6 +26,7 @@ TR_EXPORT int tinyrecon_duplicated_diagonal_padding_build_bwd(int device, void* 
                                   static_cast<cudaStream_t>(stream));
   });
 }
+TR_ENTRY_POINT(tinyrecon_duplicated_diagonal_padding_build_bwd)
 
 // y (C, N, p*s) = x (N, q*t) @ (eye(p, q) kron B)^T (+ bias (p*s)).
 TR_EXPORT int tinyrecon_duplicated_diagonal_padding_apply(int device, void* stream, int dtype, const void* x, const void* B,
@@ -44,6 +46,7 @@ TR_EXPORT int tinyrecon_duplicated_diagonal_padding_apply(int device, void* stre
     return tr::gemm<T>({.batch0 = C, .M = N * k, .Mi = k, .N = s, .K = t}, a, b, out, bv, st);
   });
 }
+TR_ENTRY_POINT(tinyrecon_duplicated_diagonal_padding_apply)
 
 // Gradients of duplicated_diagonal_padding_apply with respect to x and B (the bias's is gy's sum).
 TR_EXPORT int tinyrecon_duplicated_diagonal_padding_apply_bwd(int device, void* stream, int dtype, const void* x, const void* B,
@@ -76,3 +79,4 @@ TR_EXPORT int tinyrecon_duplicated_diagonal_padding_apply_bwd(int device, void* 
     return tr::gemm_long_k<T>({.batch0 = C, .M = s, .N = t, .K = N * k, .Ki = k}, g, a, out, gBs, st);
   });
 }
+TR_ENTRY_POINT(tinyrecon_duplicated_diagonal_padding_apply_bwd)

@@ -921,6 +921,7 @@ TR_EXPORT int tinyrecon_cpu_philox_fill(int kind, int threads, i64 seed, i64 sta
   return launch(threads, {uint64_t(seed), uint64_t(start), static_cast<float*>(out), cols, stride, kind == 1,
                           nullptr, 0, cols, 0.0f}, rows);
 }
+TR_ENTRY_POINT(tinyrecon_cpu_philox_fill)
 
 // Masking (float32): out[i * out_stride + j] = src[i * src_stride + j] * (u < p), u the uniform
 // number (start + i * stride + j), for i < rows, j < cols: a column block of w * mask in one pass.
@@ -932,6 +933,7 @@ TR_EXPORT int tinyrecon_cpu_philox_mask(int threads, i64 seed, i64 start, i64 ro
   return launch(threads, {uint64_t(seed), uint64_t(start), static_cast<float*>(out), cols, stride, false,
                           static_cast<const float*>(src), src_stride, out_stride, p}, rows);
 }
+TR_ENTRY_POINT(tinyrecon_cpu_philox_mask)
 
 // The rows x cols mask (u < p) of seed, bit-packed: out is rows x ceil(cols / 64) uint64 words.
 TR_EXPORT int tinyrecon_cpu_mask_bits(int threads, i64 seed, i64 rows, i64 cols, float p, void* out) {
@@ -941,6 +943,7 @@ TR_EXPORT int tinyrecon_cpu_mask_bits(int threads, i64 seed, i64 rows, i64 cols,
   if (total) parallel(split_count(threads, total * 64, MIN_NUMBERS_PER_THREAD), total, 1, mask_bits, &b);
   return 0;
 }
+TR_ENTRY_POINT(tinyrecon_cpu_mask_bits)
 
 // out[i * out_stride + j] = src[i * src_stride + j] * bit(i, j0 + j) for i < rows, j < cols, bits
 // as tinyrecon_cpu_mask_bits writes them (words per row); dtype 0 float32, 1 float64.
@@ -964,6 +967,7 @@ TR_EXPORT int tinyrecon_cpu_mask_apply(int dtype, int threads, const void* bits,
   }
   return 0;
 }
+TR_ENTRY_POINT(tinyrecon_cpu_mask_apply)
 
 // Hypernets: columns [j0, j0 + cols) of W[c] = reshape(M @ v[c] (+ b), n, D) (M = N(0, 1) n*D x k of
 // seed_m, b = N(0, 1) n*D of seed_c when has_c) into W (C, n, cols) when W is given, and
@@ -989,6 +993,7 @@ TR_EXPORT int tinyrecon_cpu_random_linear(int dtype, int threads, i64 seed_m, in
                             static_cast<const float* const*>(m_rows), static_cast<const float* const*>(c_rows), nullptr, nullptr, 0, 0};
   return linear(threads, f, static_cast<double*>(dv), linear_f64);
 }
+TR_ENTRY_POINT(tinyrecon_cpu_random_linear)
 
 // Hypernets' GEMMs (float32, rank 1 <= k <= 8) with W[c] = reshape(M @ v[c] (+ b), n, D) (M, b,
 // m_rows and c_rows as in tinyrecon_cpu_random_linear) formed tile by tile inside the GEMM, never
@@ -1054,6 +1059,7 @@ TR_EXPORT int tinyrecon_cpu_random_gemm(int op, int threads, i64 seed_m, int has
   std::free(scratch), std::free(gt), std::free(gx), std::free(partial), std::free(parts);
   return 0;
 }
+TR_ENTRY_POINT(tinyrecon_cpu_random_gemm)
 
 // Masking's GEMMs (float32) with the mask read from bits (tinyrecon_cpu_mask_bits' layout, words per
 // row; columns [j0, j0 + D) of it; null bits: no mask, for the hypernets' blocks): op 0 out (N x n)
@@ -1107,3 +1113,4 @@ TR_EXPORT int tinyrecon_cpu_masked_gemm(int op, int threads, const void* bits, i
   std::free(scratch), std::free(gp), std::free(partial);
   return 0;
 }
+TR_ENTRY_POINT(tinyrecon_cpu_masked_gemm)

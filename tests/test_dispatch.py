@@ -29,6 +29,28 @@ def test_cpu_library_is_built_where_a_compiler_is():
     assert cpu_lib.load_error() == ""
 
 
+@pytest.mark.skipif(bool(dispatch.why_not("cpu", None, "cpu")), reason="no CPU library here")
+def test_cpu_library_types_its_entry_points_from_their_c_signatures(monkeypatch):
+    """csrc/entry_points.h derives each entry point's ctypes types from its C++ signature; every
+    exported function is on that list, and a name the library lacks is refused, never called untyped."""
+    import ctypes
+    import subprocess
+
+    from tinyrecon import cpu_lib
+    lib = cpu_lib._load()[0]
+    nm = subprocess.run(["nm", "-D", "--defined-only", cpu_lib.library_path()], capture_output=True, text=True,
+                        check=True)
+    exported = {line.split()[-1] for line in nm.stdout.splitlines() if line.split()[1:2] in (["T"], ["W"])}
+    assert lib.entry_points | {"tinyrecon_entry_points"} == exported
+    expand = lib.tinyrecon_cpu_kron_expand   # (int dtype, int threads, 3 pointers, 4 int64)
+    assert expand.restype is ctypes.c_int
+    assert expand.argtypes == [ctypes.c_int] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
+    assert lib.tinyrecon_cpu_philox_mask.argtypes[6] is ctypes.c_float
+    monkeypatch.setattr(lib, "entry_points", lib.entry_points - {"tinyrecon_cpu_kron_expand"})
+    with pytest.raises(RuntimeError, match="no entry point tinyrecon_cpu_kron_expand: it was built from other"):
+        cpu_lib.call("tinyrecon_cpu_kron_expand", 0, 1, None, None, None, 0, 0, 0, 0)
+
+
 def test_every_op_has_a_torch_reference_with_that_name(monkeypatch):
     monkeypatch.setitem(dispatch._STATUS, "cuda device", "")   # as if a GPU and the library were here
     monkeypatch.setitem(dispatch._STATUS, "cuda", "")

@@ -393,13 +393,13 @@ def test_cpu_library_is_right_at_each_isa_level(march, tmp_path, monkeypatch):
 
     import build_libs
 
-    from tinyrecon import cpu_lib
+    from tinyrecon import _clib, cpu_lib
     out = str(tmp_path / f"lib-{march}.so")
     root = __file__.rsplit("/tests/", 1)[0]
     sources = sorted(glob.glob(f"{root}/csrc/*.cpp"))   # the whole library: it loads only with every entry point
     command = build_libs.cxx_command("g++", sources, out, werror=True) + ["-DTR_NO_CLONES", f"-march={march}"]
     assert subprocess.run(command, cwd=root).returncode == 0
-    monkeypatch.setattr(cpu_lib, "_load", lambda: (cpu_lib.open_library(out), ""))
+    monkeypatch.setattr(cpu_lib, "_load", lambda: (_clib.open_library(out), ""))
     for dtype in (torch.float32, torch.float64):
         for x_shape, RA, RB in (((3, 5, 7), 2, 3), ((2, 17, 1031), 5, 7)):
             x = torch.randn(*x_shape, dtype=dtype)

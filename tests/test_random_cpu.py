@@ -6,7 +6,7 @@ import build_libs
 import pytest
 import torch
 
-from tinyrecon import _random, cpu_lib
+from tinyrecon import _clib, _random, cpu_lib
 
 from conftest import assert_close, isa_levels
 
@@ -82,22 +82,18 @@ def test_each_isa_level_builds_clean_and_agrees(march, tmp_path, monkeypatch):
     command = build_libs.cxx_command("g++", ["csrc/random_cpu.cpp"], out, werror=True) + ["-DTR_NO_CLONES", f"-march={march}"]
     root = __file__.rsplit("/tests/", 1)[0]
     assert subprocess.run(command, cwd=root).returncode == 0
-    lib = __import__("ctypes").CDLL(out)
+    lib = _clib.open_library(out)   # typed by the list the library carries
     fn = lib.tinyrecon_cpu_philox_fill
-    fn.argtypes = cpu_lib.ENTRY_POINTS["tinyrecon_cpu_philox_fill"]
     for kind in (0, 1):
         for seed, start in ((2**32 + 1, 2**32 - 7), (_random.derive_seed(1, 2), 0)):
             got = torch.empty(1001)
             assert fn(kind, 2, seed, start, 1, got.numel(), got.numel(), got.data_ptr()) == 0
             assert _ulps(got, _definition(seed, start, got.numel(), kind)) <= kind
     mask = lib.tinyrecon_cpu_philox_mask   # masking's pass: a column block of src * (u < p)
-    mask.argtypes = cpu_lib.ENTRY_POINTS["tinyrecon_cpu_philox_mask"]
     src, got = torch.randn(3, 50), torch.empty(3, 21)
     assert mask(2, 7, 4, 3, 21, 50, 0.3, src[:, 4:].data_ptr(), 50, got.data_ptr(), 21) == 0
     u = _definition(7, 0, 150, 0).view(3, 50)
     assert torch.equal(got, src[:, 4:25] * (u[:, 4:25] < 0.3).float())
-    for name in ("tinyrecon_cpu_mask_bits", "tinyrecon_cpu_masked_gemm"):
-        getattr(lib, name).argtypes = cpu_lib.ENTRY_POINTS[name]
     bits = torch.empty(3, 1, dtype=torch.int64)   # the packed mask, and masking's forward GEMM reading it
     assert lib.tinyrecon_cpu_mask_bits(2, 7, 3, 50, 0.3, bits.data_ptr()) == 0
     x, y = torch.randn(5, 50), torch.empty(5, 3)
@@ -105,7 +101,6 @@ def test_each_isa_level_builds_clean_and_agrees(march, tmp_path, monkeypatch):
                                          None, y.data_ptr(), 3, 0) == 0
     assert_close(y, x.double() @ (src * (u < 0.3).float()).double().T, dtype=torch.float32)
     gemm = lib.tinyrecon_cpu_random_gemm   # the hypernets' fused GEMMs, M and b drawn in the kernel
-    gemm.argtypes = cpu_lib.ENTRY_POINTS["tinyrecon_cpu_random_gemm"]
     v, x, g = torch.randn(1, 3), torch.randn(5, 70), torch.randn(1, 5, 4)
     W, M = _linear_reference(v, 11, 7, 4, 70)
     y, dx, dv = torch.empty(1, 5, 4), torch.empty(5, 70), torch.zeros(1, 3)

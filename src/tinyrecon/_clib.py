@@ -1,12 +1,15 @@
 """The one ctypes loader of tinyrecon's two C libraries (``cpu_lib``, ``cuda_lib``; built by ``build_libs.py``).
 
 Each is a plain C ABI shared library placed inside the package by ``pip install``, loaded lazily
-on first use; an environment variable names another build instead.
+on first use; an environment variable names another build instead. A library lists its own entry
+points with their types (``csrc/entry_points.h``), so nothing here restates a C signature.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+
+_CTYPES = {"i": ctypes.c_int, "l": ctypes.c_int64, "f": ctypes.c_float, "p": ctypes.c_void_p, "s": ctypes.c_char_p}
 
 
 def library_path(lib_name: str, env: str) -> str:
@@ -14,21 +17,33 @@ def library_path(lib_name: str, env: str) -> str:
     return os.environ.get(env) or os.path.join(os.path.dirname(os.path.abspath(__file__)), lib_name)
 
 
-def open_library(path: str, entry_points: dict) -> ctypes.CDLL:
-    """The library at ``path`` with its entry points typed, each returning an int code (OSError or
-    AttributeError if it is not one)."""
+def open_library(path: str) -> ctypes.CDLL:
+    """The library at ``path`` with every entry point it lists typed; ``lib.entry_points`` holds their
+    names (OSError, AttributeError or ValueError if it is not such a library)."""
     lib = ctypes.CDLL(path)
-    for name, argtypes in entry_points.items():
+    lib.tinyrecon_entry_points.restype = ctypes.c_char_p
+    lib.entry_points = set()
+    for entry in lib.tinyrecon_entry_points().decode().split(";")[:-1]:
+        name, types = entry.split(":")
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+        fn.restype, fn.argtypes = _CTYPES[types[0]], [_CTYPES[t] for t in types[1:]]
+        lib.entry_points.add(name)
     return lib
 
 
-def load(path: str, what: str, entry_points: dict, how_to_build: str):
+def load(path: str, what: str, how_to_build: str):
     """(library, '') when it loads, else (None, why not)."""
     if not os.path.exists(path):
         return None, f"no {what} at {path}: {how_to_build}"
     try:
-        return open_library(path, entry_points), ""
-    except (OSError, AttributeError) as e:   # not loadable, or built from other sources
+        return open_library(path), ""
+    except (OSError, AttributeError, ValueError) as e:   # not loadable, older than the entry list, a bad list
         return None, f"the {what} {path} does not load: {e}"
+
+
+def entry_point(lib, name: str, path: str):
+    """``lib``'s typed function ``name``; a library built from other sources lacks it: say so."""
+    if name not in lib.entry_points:
+        raise RuntimeError(f"the library {path} has no entry point {name}: it was built from other sources "
+                           "(reinstall tinyrecon, or point the environment variable at a current build)")
+    return getattr(lib, name)

@@ -6,40 +6,21 @@ default auto: built when a compiler is found); ``TINYRECON_CPU_LIB=path`` loads 
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 
 from . import _clib
 
 LIB_NAME = "libtinyrecon_cpu.so"
-_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-# Every entry point the Python glue calls, with its argument types; each returns 0 or an error code.
-ENTRY_POINTS = {
-    "tinyrecon_cpu_kron_pass": [_INT, _INT] + [_P] * 5 + [_I64] * 7,
-    "tinyrecon_cpu_kron_chain": [_INT, _INT] + [_P] * 4 + [_I64] * 5,
-    "tinyrecon_cpu_kron_expand": [_INT, _INT] + [_P] * 3 + [_I64] * 4,
-    "tinyrecon_cpu_philox_fill": [_INT, _INT] + [_I64] * 5 + [_P],
-    "tinyrecon_cpu_philox_mask": [_INT] + [_I64] * 5 + [ctypes.c_float, _P, _I64, _P, _I64],
-    "tinyrecon_cpu_mask_bits": [_INT, _I64, _I64, _I64, ctypes.c_float, _P],
-    "tinyrecon_cpu_mask_apply": [_INT, _INT, _P] + [_I64] * 4 + [_P, _I64, _P, _I64],
-    "tinyrecon_cpu_masked_gemm": [_INT, _INT, _P] + [_I64] * 5 + [_P, _I64, _P, _I64, _P, _P, _I64, _INT],
-    "tinyrecon_cpu_random_linear": [_INT, _INT, _I64, _INT] + [_I64] * 7 + [_P] * 6,
-    "tinyrecon_cpu_random_gemm": [_INT, _INT, _I64, _INT] + [_I64] * 6 + [_P, _P, _I64, _P, _P, _I64] + [_P] * 3,
-}
 
 
 def library_path() -> str:
     return _clib.library_path(LIB_NAME, "TINYRECON_CPU_LIB")
 
 
-def open_library(path: str):
-    return _clib.open_library(path, ENTRY_POINTS)
-
-
 @functools.lru_cache(maxsize=None)
 def _load():
     """(library, '') when it loads, else (None, why not)."""
-    return _clib.load(library_path(), "CPU library", ENTRY_POINTS, "pip install builds it when a C++ compiler is found "
+    return _clib.load(library_path(), "CPU library", "pip install builds it when a C++ compiler is found "
                       "(TINYRECON_BUILD_CPU=1 makes a missing compiler an error)")
 
 
@@ -54,7 +35,7 @@ def call(name: str, *args) -> None:
     lib, reason = _load()
     if lib is None:
         raise RuntimeError(reason)
-    code = getattr(lib, name)(*args)
+    code = _clib.entry_point(lib, name, library_path())(*args)
     if code == 2:
         raise MemoryError(f"{name}: out of memory")
     if code != 0:

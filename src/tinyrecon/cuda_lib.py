@@ -15,28 +15,6 @@ from . import _clib
 
 LIB_NAME = "libtinyrecon_cuda.so"
 
-_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-_HEAD = [_INT, _P, _INT]                   # device, stream, dtype code
-_WORK = [_P, ctypes.POINTER(_I64)]         # workspace, size query (non-null: report the size only)
-_KRON_DIMS = [_I64] * 7                    # C, p, q, rA, s, t, rB
-# Every entry point the Python glue calls, with its argument types; each returns an int code.
-ENTRY_POINTS = {
-    "tinyrecon_kron_build": _HEAD + [_INT] + [_P] * 5 + _WORK + _KRON_DIMS,
-    "tinyrecon_kron_build_bwd": _HEAD + [_INT] + [_P] * 9 + _WORK + _KRON_DIMS,
-    "tinyrecon_kron_apply": _HEAD + [_P] * 7 + _WORK + [_I64] + _KRON_DIMS,
-    "tinyrecon_kron_apply_bwd": _HEAD + [_P] * 11 + _WORK + [_I64] + _KRON_DIMS,
-    "tinyrecon_duplicated_diagonal_padding_build": _HEAD + [_P] * 2 + [_I64] * 5,
-    "tinyrecon_duplicated_diagonal_padding_build_bwd": _HEAD + [_P] * 2 + [_I64] * 5,
-    "tinyrecon_duplicated_diagonal_padding_apply": _HEAD + [_P] * 4 + [_I64] * 6,
-    "tinyrecon_duplicated_diagonal_padding_apply_bwd": _HEAD + [_P] * 5 + _WORK + [_I64] * 6,
-    "tinyrecon_lorr_build": _HEAD + [_P] * 3 + [_I64] * 4,
-    "tinyrecon_lorr_build_bwd": _HEAD + [_P] * 5 + [_I64] * 4,
-    "tinyrecon_lorr_apply": _HEAD + [_P] * 5 + _WORK + [_I64] * 5,
-    "tinyrecon_lorr_apply_bwd": _HEAD + [_P] * 7 + _WORK + [_I64] * 5,
-    "tinyrecon_device_count": [ctypes.POINTER(_INT)],
-    "tinyrecon_last_error": [],   # returns the message (a char*), typed after loading
-}
-
 
 class CudaError(RuntimeError):
     """A call into the CUDA library failed; the message is the library's (a CUDA error string)."""
@@ -49,13 +27,12 @@ def library_path() -> str:
 @functools.lru_cache(maxsize=None)
 def _load():
     """(library, '') when it loads and sees a CUDA device, else (None, why not)."""
-    lib, reason = _clib.load(library_path(), "CUDA library", ENTRY_POINTS,
+    lib, reason = _clib.load(library_path(), "CUDA library",
                              "pip install builds it when nvcc and an NVIDIA driver are found "
                              "(TINYRECON_BUILD_CUDA=1 makes a missing nvcc an error)")
     if lib is None:
         return None, reason
-    lib.tinyrecon_last_error.restype = ctypes.c_char_p
-    count = _INT(0)
+    count = ctypes.c_int(0)
     if lib.tinyrecon_device_count(ctypes.byref(count)) != 0:
         message = _message(lib)
         if "cudaErrorInsufficientDriver" in message:   # what the runtime reports for no driver as well
@@ -84,6 +61,6 @@ def call(name: str, *args) -> None:
     lib, reason = _load()
     if lib is None:
         raise CudaError(reason)
-    if getattr(lib, name)(*args) != 0:
+    if _clib.entry_point(lib, name, library_path())(*args) != 0:
         raise CudaError(f"{name}: {_message(lib)}")
 
