@@ -21,9 +21,9 @@ def small_builds(monkeypatch):
     monkeypatch.setattr(base, "BUILD_BELOW", 1 << 12)
 
 
-def test_the_structured_families_build_when_small():
+def test_every_family_with_an_apply_builds_when_small():
     assert BUILDS_SMALL == {"hm", "lphm", "dual_lphm", "lorr", "random_matrix_adaption", "duplicated_padding",
-                            "duplicated_diagonal_padding"}
+                            "duplicated_diagonal_padding", "masking", "hypernet", "random_matrix_hypernet"}
 
 
 @pytest.mark.parametrize("size", list(SIZES), ids=str)
@@ -104,6 +104,7 @@ def test_a_backend_that_cannot_run_is_still_refused():
 @pytest.mark.parametrize("family", sorted(BUILDS_SMALL))
 def test_compiles_whole(family):
     """torch.compile(fullgraph=True) traces the small path, with the values and gradients of eager."""
+    torch._dynamo.reset()   # every family compiles the same lambda: no recompile limit across them
     rec = tr.reconciliation(family, **SMALL[family])
     x, b = torch.randn(3, 6), torch.randn(4, requires_grad=True)
     w = torch.randn(2, rec.calculate_l(4, 6), requires_grad=True)

@@ -132,6 +132,10 @@ class hypernet_reconciliation(Seeded, Reconciliation):
                             f"{param.device}; move the function with .to(...) (ReconciledLinear does it for you)")
         return self.net
 
+    @property
+    def build_when_small(self) -> bool:   # a trainable hypernet's apply is already its build and a GEMM
+        return self.static and self.net is None
+
     def _hvec(self, w):
         wf = w.float() if w.dtype in _HALF else w   # as in random_matrix_hypernet's _z
         W1, b1 = self.first_layer(wf)
@@ -164,6 +168,7 @@ class random_matrix_hypernet_reconciliation(Seeded, Reconciliation):
     examples = {(4, 6): dict(r=2, l=5, hidden_dim=3, seed=1), (9, 20): dict(r=2, l=5, hidden_dim=6, seed=3)}
     bench_args = dict(r=5, seed=0)
     op = "random_matrix_hypernet"
+    build_when_small = True
     repr_args = ("r", "l", "hidden_dim", "seed")
 
     def __init__(self, name="random_matrix_hypernet_reconciliation", r=2, l=64, hidden_dim=128, seed=None,

@@ -48,6 +48,7 @@ class masking_reconciliation(Seeded, Reconciliation):
     examples = {(4, 6): dict(p=0.5, seed=1), (9, 20): dict(seed=3)}
     bench_args = dict(seed=0)
     op = "masking"
+    build_when_small = True
     repr_args = ("p", "fixed_mask", "seed")
 
     def __init__(self, name="masking_reconciliation", p=0.5, fixed_mask=True, seed=None, **kwargs):
