@@ -156,6 +156,7 @@ def test_kept_w_follows_every_change_of_w(family):
     with torch.no_grad():
         for change in (lambda: None, lambda: w.mul_(1.5), lambda: w.data.__setitem__(0, 7.0),
                        lambda: w.data.copy_(torch.randn_like(w)), lambda: setattr(w, "data", torch.randn_like(w))):
+            rec.apply(x, w, n=4, bias=b)                       # W kept for w's values before the change
             change()
             assert_close(rec.apply(x, w, n=4, bias=b), _reference(rec, x, w, b))
             assert_close(rec.apply(x, w.clone(), n=4, bias=b), _reference(rec, x, w, b))   # a new tensor
@@ -172,9 +173,10 @@ def test_kept_w_follows_the_arguments_dtype_and_mode():
     assert not torch.allclose(rec.apply(x, w, n=4, bias=b), y)
     w64, x64, b64 = w.double(), x.double(), b.double()
     assert rec.apply(x64, w64, n=4, bias=b64).dtype == torch.float64
+    rec = tr.hm_reconciliation(p=2, q=3)
     with torch.inference_mode():
         rec.apply(x, w, n=4, bias=b)
-    xg = x.clone().requires_grad_()                            # W kept in inference mode is not reused here
+    xg = x.clone().requires_grad_()                            # W kept in inference mode cannot serve autograd
     y = rec.apply(xg, w, n=4, bias=b)
     assert_close(torch.autograd.grad(y.sum(), xg)[0], torch.ones(5, 4) @ rec(4, 6, w=w))
 
@@ -182,7 +184,7 @@ def test_kept_w_follows_the_arguments_dtype_and_mode():
 def test_kept_w_is_bounded_and_can_be_switched_off(monkeypatch):
     rec = tr.lorr_reconciliation(r=1)
     x = torch.randn(3, 6)
-    for n in range(1, 3 * base._SMALL_W_KEYS):
+    for n in range(1, base._SMALL_KEYS + 8):
         rec.apply(x, torch.randn(rec.calculate_l(n, 6)), n=n)
         checked, kept = base._small_state(rec)
         assert 1 <= len(kept) <= base._SMALL_W_KEYS and len(checked) <= base._SMALL_KEYS
