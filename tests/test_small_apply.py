@@ -188,6 +188,9 @@ def test_kept_w_is_bounded_and_can_be_switched_off(monkeypatch):
         rec.apply(x, torch.randn(rec.calculate_l(n, 6)), n=n)
         checked, kept = base._small_state(rec)
         assert 1 <= len(kept) <= base._SMALL_W_KEYS and len(checked) <= base._SMALL_KEYS
+    wide = tr.lorr_reconciliation(r=base.BUILD_BELOW // 10 + 1)   # W is 4 x 6 but w is not small: not kept
+    wide.apply(x, torch.randn(wide.calculate_l(4, 6)), n=4)
+    assert not base._small_state(wide)[1]
     monkeypatch.setattr(base, "CACHE_SMALL_W", False)
     w = torch.randn(rec.calculate_l(4, 6))
     builds = _counting(monkeypatch, rec, "_build")

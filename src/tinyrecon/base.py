@@ -338,7 +338,7 @@ class Reconciliation(nn.Module):
         if self.build_when_small and n * D < BUILD_BELOW and _builds_small(self.op, x, backend):
             if not keep:   # one channel: F.linear takes x's batch dimensions as they are
                 if key is None:
-                    return F.linear(x, self._build(n, D, w2, backend)[0], bias)
+                    return F.linear(x, self._build(n, D, w2, backend).squeeze(0), bias)
                 with _SMALL_LOCK:   # every check above passed: later calls with this key skip them
                     if len(state[0]) >= _SMALL_KEYS:
                         state[0].clear()
@@ -379,7 +379,7 @@ class Reconciliation(nn.Module):
     def _small_linear(self, x, w, n, bias, backend, key, state, reuse: bool):
         """The small-W path of a checked one-channel call: ``F.linear(x, W, bias)`` with W from the
         backend's build, kept for later calls with the same w values when ``reuse``."""
-        W = self._build(n, x.shape[-1], w.reshape(1, w.shape[-1]), backend)[0]
+        W = self._build(n, x.shape[-1], w.reshape(1, w.shape[-1]), backend).squeeze(0)
         if reuse:
             with _SMALL_LOCK:
                 if len(state[1]) >= _SMALL_W_KEYS and key not in state[1]:
@@ -438,8 +438,10 @@ BUILD_BELOW = 4096
 # Without gradients to W, the small-W path reuses the W it built last for the same w values: W
 # depends only on them and the function's arguments. Compared by value (``torch.equal`` with a copy
 # of w), as a write through ``w.data`` changes no version counter. CPU tensors only (comparing
-# a GPU tensor's values would wait for the device); off under torch.compile and torch.func.
-# Per instance at most _SMALL_W_KEYS entries, each a copy of w and one W below BUILD_BELOW entries.
+# a GPU tensor's values would wait for the device); off under tracing and torch.func. Per instance
+# at most _SMALL_W_KEYS entries, each a copy of w and one W, both below BUILD_BELOW entries; and at
+# most _SMALL_KEYS keys of checked calls. Reads are single dict lookups of immutable entries;
+# writes hold the lock.
 CACHE_SMALL_W = True
 _SMALL_KEYS, _SMALL_W_KEYS = 64, 8
 _SMALL_LOCK = threading.Lock()
@@ -447,9 +449,10 @@ _SMALL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # instance -> 
 
 
 def _reuses_w(w: torch.Tensor) -> bool:
-    """Whether the small-W path may take W from its cache: no gradient reaches W, and nothing
-    transforms the call (torch.func, a dispatch mode such as FakeTensorMode)."""
-    return (CACHE_SMALL_W and not (w.requires_grad and torch.is_grad_enabled())
+    """Whether the small-W path may take W from its cache: w is small too (its copy is kept), no
+    gradient reaches W, and nothing transforms the call (torch.func, a dispatch mode such as
+    FakeTensorMode)."""
+    return (CACHE_SMALL_W and w.numel() < BUILD_BELOW and not (w.requires_grad and torch.is_grad_enabled())
             and not torch._C._are_functorch_transforms_active()
             and _python_dispatch._get_current_dispatch_mode() is None)
 
