@@ -225,6 +225,7 @@ def test_bad_input_after_good_calls_is_refused(monkeypatch):
                            (dict(w=w.double()), TypeError, "w has dtype"), (dict(w=w[:9]), ValueError, "expects w of shape"),
                            (dict(n=True), ValueError, "n must be a positive int"), (dict(D=5), ValueError, "but D=5"),
                            (dict(x=x.int()), TypeError, "floating-point"), (dict(backend="nonsense"), ValueError, "unknown backend"),
+                           (dict(backend=["cpu"]), ValueError, "unknown backend"),
                            (dict(backend="cuda"), dispatch.BackendUnavailable, "cuda")]:
         with torch.no_grad(), pytest.raises(exc, match=phrase):
             good(**k)

@@ -364,6 +364,7 @@ class Reconciliation(nn.Module):
         function's own arguments (``repr_args``) and ``BUILD_BELOW``."""
         if (not self.build_when_small or type(x) is not torch.Tensor or type(w) is not torch.Tensor
                 or type(n) is not int or not (D is None or type(D) is int) or not x.is_cpu or not w.is_cpu
+                or not (backend is None or type(backend) is str) or not (self.backend is None or type(self.backend) is str)
                 or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing()):
             return None
         if bias is None:
