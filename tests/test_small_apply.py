@@ -163,6 +163,18 @@ def test_kept_w_follows_every_change_of_w(family):
             assert_close(rec.apply(x, w.detach() * 2, n=4, bias=b), _reference(rec, x, w * 2, b))
 
 
+def test_kept_w_is_built_from_the_copy_kept_with_it(monkeypatch):
+    """w written while its W is built (another thread's step): the kept pair still agrees."""
+    rec = tr.lorr_reconciliation(r=1)
+    x, w = torch.randn(5, 6), torch.randn(10)
+    build = type(rec)._build
+    monkeypatch.setattr(type(rec), "_build", lambda self, *a: (build(self, *a), w.add_(1))[0])
+    with torch.no_grad():
+        rec.apply(x, w, n=4)
+        monkeypatch.setattr(type(rec), "_build", build)
+        assert_close(rec.apply(x, w, n=4), _reference(rec, x, w, torch.zeros(4)))
+
+
 def test_kept_w_follows_the_arguments_dtype_and_mode():
     rec = tr.hm_reconciliation(p=2, q=3)
     x, b = torch.randn(5, 6), torch.randn(4)

@@ -358,13 +358,13 @@ class Reconciliation(nn.Module):
         """What ``apply``'s checks and its choice of the small-W path depend on, for a call on CPU
         tensors that can take that path; None where the checks run every time (anything but plain
         CPU tensors and an int n, autocast, tracing: a kept W must not enter a graph as a constant).
-        Everything checked is in it:
-        the dtypes and shapes (x's width, not its batch), n and D, each input of the backend's choice
-        (``dispatch.requested``: the argument, the instance's, the block's, the environment's), the
-        function's own arguments (``repr_args``) and ``BUILD_BELOW``."""
+        Everything checked is in it: the dtypes and shapes (x's width, not its batch), n and D, each
+        input of the backend's choice (``dispatch.requested``: the argument, the instance's, the
+        block's, the environment's), the function's own arguments (``repr_args``) and ``BUILD_BELOW``."""
         if (not self.build_when_small or type(x) is not torch.Tensor or type(w) is not torch.Tensor
                 or type(n) is not int or not (D is None or type(D) is int) or not x.is_cpu or not w.is_cpu
-                or not (backend is None or type(backend) is str) or not (self.backend is None or type(self.backend) is str)
+                or not (backend is None or type(backend) is str)
+                or not (self.backend is None or type(self.backend) is str)
                 or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing()):
             return None
         if bias is None:
@@ -380,12 +380,14 @@ class Reconciliation(nn.Module):
     def _small_linear(self, x, w, n, bias, backend, key, state, reuse: bool):
         """The small-W path of a checked one-channel call: ``F.linear(x, W, bias)`` with W from the
         backend's build, kept for later calls with the same w values when ``reuse``."""
+        if reuse:   # built from the copy it is kept with: the pair agrees even if w is written meanwhile
+            w = w.detach().clone()
         W = self._build(n, x.shape[-1], w.reshape(1, w.shape[-1]), backend).squeeze(0)
         if reuse:
             with _SMALL_LOCK:
                 if len(state[1]) >= _SMALL_W_KEYS and key not in state[1]:
                     state[1].clear()
-                state[1][key] = (w.detach().clone(), W, torch.is_inference_mode_enabled())
+                state[1][key] = (w, W, torch.is_inference_mode_enabled())
         return F.linear(x, W, bias)
 
     def _run_op(self, what: str, like: torch.Tensor, backend, args: tuple, **named):
