@@ -114,3 +114,174 @@ def test_compiles_whole(family):
     assert_close(y, ref)
     for a, e in zip(torch.autograd.grad(y.sum(), (w, b)), torch.autograd.grad(ref.sum(), (w, b))):
         assert_close(a, e)
+
+
+# ---- later calls: the checks done once per key, and W kept for the same w values (no gradient) ----
+def _reference(rec, x, w, b, n=4):
+    return x.double() @ rec(n, x.shape[-1], w=w.detach().double(), backend="torch").T + b.double()
+
+
+def _counting(monkeypatch, rec, name):
+    """Count calls of ``rec``'s method ``name`` from now on."""
+    calls = []
+    monkeypatch.setattr(type(rec), name, lambda self, *a, f=getattr(type(rec), name), **k: calls.append(1) or f(self, *a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("family", sorted(BUILDS_SMALL))
+def test_later_calls_skip_the_checks_and_keep_values_and_gradients(family, monkeypatch):
+    rec = tr.reconciliation(family, **SMALL[family])
+    x, b = torch.randn(5, 6, dtype=torch.float64), torch.randn(4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(rec.calculate_l(4, 6), dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 4, dtype=torch.float64)
+    w64 = w.detach().requires_grad_()
+    ref = x @ rec(4, 6, w=w64, backend="torch").T + b.detach()
+    ref_grads = torch.autograd.grad(ref, w64, g)[0], g.sum(0)
+    rec.apply(x, w, n=4, bias=b)
+    checks, builds = _counting(monkeypatch, rec, "_channels"), _counting(monkeypatch, rec, "_build")
+    for _ in range(2):
+        y = rec.apply(x, w, n=4, bias=b)                       # gradients wanted: W built each call
+        assert_close(y, ref)
+        for a, e in zip(torch.autograd.grad(y, (w, b), g), ref_grads):
+            assert_close(a, e)
+        with torch.no_grad():
+            assert_close(rec.apply(x, w, n=4, bias=b), ref)
+    assert not checks and len(builds) == 3   # no check again; W built for both grad calls, once no_grad
+
+
+@pytest.mark.parametrize("family", sorted(BUILDS_SMALL))
+def test_kept_w_follows_every_change_of_w(family):
+    rec = tr.reconciliation(family, **SMALL[family])
+    x, b = torch.randn(5, 6), torch.randn(4)
+    w = torch.randn(rec.calculate_l(4, 6), requires_grad=True)
+    with torch.no_grad():
+        for change in (lambda: None, lambda: w.mul_(1.5), lambda: w.data.__setitem__(0, 7.0),
+                       lambda: w.data.copy_(torch.randn_like(w)), lambda: setattr(w, "data", torch.randn_like(w))):
+            rec.apply(x, w, n=4, bias=b)                       # W kept for w's values before the change
+            change()
+            assert_close(rec.apply(x, w, n=4, bias=b), _reference(rec, x, w, b))
+            assert_close(rec.apply(x, w.clone(), n=4, bias=b), _reference(rec, x, w, b))   # a new tensor
+            assert_close(rec.apply(x, w.detach() * 2, n=4, bias=b), _reference(rec, x, w * 2, b))
+
+
+def test_a_mask_redrawn_per_call_is_never_kept(monkeypatch):
+    """masking with fixed_mask=False draws a new mask every call: each no-grad small call builds its
+    own W, the same sequence as with nothing kept."""
+    x, w = torch.randn(5, 6), torch.randn(24)
+    runs = []
+    for keep in (True, False):
+        monkeypatch.setattr(base, "CACHE_SMALL_W", keep)
+        rec = tr.masking_reconciliation(fixed_mask=False, seed=3)
+        with torch.no_grad():
+            runs.append([rec.apply(x, w, n=4) for _ in range(3)])
+    for a, e in zip(*runs):
+        assert torch.equal(a, e)
+    assert not torch.equal(runs[0][0], runs[0][1])
+
+
+def test_kept_w_is_built_from_the_copy_kept_with_it(monkeypatch):
+    """w written while its W is built (another thread's step): the kept pair still agrees."""
+    rec = tr.lorr_reconciliation(r=1)
+    x, w = torch.randn(5, 6), torch.randn(10)
+    build = type(rec)._build
+    monkeypatch.setattr(type(rec), "_build", lambda self, *a: (build(self, *a), w.add_(1))[0])
+    with torch.no_grad():
+        rec.apply(x, w, n=4)
+        monkeypatch.setattr(type(rec), "_build", build)
+        assert_close(rec.apply(x, w, n=4), _reference(rec, x, w, torch.zeros(4)))
+
+
+def test_kept_w_follows_the_arguments_dtype_and_mode():
+    rec = tr.hm_reconciliation(p=2, q=3)
+    x, b = torch.randn(5, 6), torch.randn(4)
+    w = torch.randn(rec.calculate_l(4, 6))
+    y = rec.apply(x, w, n=4, bias=b)
+    rec.layout = "tinybig"                                     # another W from the same w
+    assert_close(rec.apply(x, w, n=4, bias=b), _reference(rec, x, w, b))
+    assert not torch.allclose(rec.apply(x, w, n=4, bias=b), y)
+    w64, x64, b64 = w.double(), x.double(), b.double()
+    assert rec.apply(x64, w64, n=4, bias=b64).dtype == torch.float64
+    rec = tr.hm_reconciliation(p=2, q=3)
+    with torch.inference_mode():
+        rec.apply(x, w, n=4, bias=b)
+    xg = x.clone().requires_grad_()                            # W kept in inference mode cannot serve autograd
+    y = rec.apply(xg, w, n=4, bias=b)
+    assert_close(torch.autograd.grad(y.sum(), xg)[0], torch.ones(5, 4) @ rec(4, 6, w=w))
+
+
+def test_kept_w_is_bounded_and_can_be_switched_off(monkeypatch):
+    rec = tr.lorr_reconciliation(r=1)
+    x = torch.randn(3, 6)
+    for n in range(1, base._SMALL_KEYS + 8):
+        rec.apply(x, torch.randn(rec.calculate_l(n, 6)), n=n)
+        checked, kept = base._small_state(rec)
+        assert 1 <= len(kept) <= base._SMALL_W_KEYS and len(checked) <= base._SMALL_KEYS
+    wide = tr.lorr_reconciliation(r=base.BUILD_BELOW // 10 + 1)   # W is 4 x 6 but w is not small: not kept
+    wide.apply(x, torch.randn(wide.calculate_l(4, 6)), n=4)
+    assert not base._small_state(wide)[1]
+    monkeypatch.setattr(base, "CACHE_SMALL_W", False)
+    w = torch.randn(rec.calculate_l(4, 6))
+    builds = _counting(monkeypatch, rec, "_build")
+    for _ in range(2):
+        rec.apply(x, w, n=4)
+    assert len(builds) == 2
+
+
+def test_kept_w_from_many_threads():
+    """Threads calling one instance with different w (one w each): every result is its own w's."""
+    import concurrent.futures
+    rec = tr.dual_lphm_reconciliation(p=2, q=3, r=1)
+    x = torch.randn(5, 6)
+    ws = [torch.randn(rec.calculate_l(4, 6)) for _ in range(8)]
+    refs = [_reference(rec, x, w, torch.zeros(4)) for w in ws]
+
+    def run(i):
+        return all(torch.allclose(rec.apply(x, ws[i], n=4).double(), refs[i], atol=1e-5) for _ in range(200))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(run, [i % len(ws) for i in range(32)]))
+
+
+def test_bad_input_after_good_calls_is_refused(monkeypatch):
+    rec = tr.hm_reconciliation(p=2, q=3)
+    x, w, b = torch.randn(5, 6), torch.randn(10), torch.randn(4)
+    good = lambda **k: rec.apply(**{"x": x, "w": w, "n": 4, "bias": b, **k})   # noqa: E731
+    good()
+    with torch.no_grad():
+        good()
+    for k, exc, phrase in [(dict(bias=torch.randn(5)), ValueError, r"bias must have shape \(4,\)"),
+                           (dict(bias=b.double()), TypeError, "bias has dtype"),
+                           (dict(w=w.double()), TypeError, "w has dtype"), (dict(w=w[:9]), ValueError, "expects w of shape"),
+                           (dict(n=True), ValueError, "n must be a positive int"), (dict(D=5), ValueError, "but D=5"),
+                           (dict(x=x.int()), TypeError, "floating-point"), (dict(backend="nonsense"), ValueError, "unknown backend"),
+                           (dict(backend=["cpu"]), ValueError, "unknown backend"),
+                           (dict(backend="cuda"), dispatch.BackendUnavailable, "cuda")]:
+        with torch.no_grad(), pytest.raises(exc, match=phrase):
+            good(**k)
+    monkeypatch.setenv("TINYRECON_BACKEND", "nonsense")
+    with torch.no_grad(), pytest.raises(ValueError, match="unknown TINYRECON_BACKEND"):
+        good()
+    monkeypatch.delenv("TINYRECON_BACKEND")
+    rec.p = 3                                                  # 3 does not divide n=4
+    with torch.no_grad(), pytest.raises(ValueError, match="p=3 must be a positive divisor of n=4"):
+        good()
+    rec.p = 2
+    monkeypatch.setattr(base, "BUILD_BELOW", 0)                # the structured apply again
+    structured = _counting(monkeypatch, rec, "_apply_flat")
+    with torch.no_grad():
+        assert_close(good(), _reference(rec, x, w, b))
+    assert structured
+
+
+@pytest.mark.parametrize("family", ["hm", "lorr", "random_matrix_adaption"])
+def test_kept_w_stays_out_of_compiled_graphs(family):
+    """torch.compile traces the build, never a kept W: the compiled call follows w."""
+    rec = tr.reconciliation(family, **SMALL[family])
+    x, b = torch.randn(3, 6), torch.randn(4)
+    w = torch.randn(rec.calculate_l(4, 6))
+    fn = lambda x, w, b: rec.apply(x, w, n=4, bias=b)   # noqa: E731
+    with torch.no_grad():
+        fn(x, w, b)                                            # W kept for these values
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        assert_close(compiled(x, w, b), _reference(rec, x, w, b))
+        w.mul_(3)
+        assert_close(compiled(x, w, b), _reference(rec, x, w, b))

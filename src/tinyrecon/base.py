@@ -4,12 +4,17 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import operator
+import os
+import threading
+import weakref
 from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils import _python_dispatch
 
 from . import _random, dispatch
 
@@ -198,6 +203,9 @@ class Reconciliation(nn.Module):
     degree: int | None = None
     # The attributes repr shows after ``name`` (the constructor's arguments of the same names).
     repr_args: tuple = ()
+    # Whether W depends on w alone (no draw per call), so a no-grad small-W call may reuse it.
+    w_alone_sets_W: bool = True
+    _arguments = property(lambda self: ())
 
     def __init__(self, name: str, *, require_parameters: bool = True, enable_bias: bool = False,
                  device=None, backend: str | None = None):
@@ -212,6 +220,8 @@ class Reconciliation(nn.Module):
         self.backend = backend
 
     def __init_subclass__(cls, **kwargs):
+        if cls.repr_args:   # its arguments' values, in one attribute lookup (``_small_key``)
+            cls._arguments = property(operator.attrgetter(*cls.repr_args))
         # Every calculate_l takes what forward and apply take: positive ints, numpy integers
         # included (as ints); hypernets' n and D may be omitted (their l does not depend on them).
         super().__init_subclass__(**kwargs)
@@ -290,6 +300,14 @@ class Reconciliation(nn.Module):
         Under ``torch.autocast`` it follows F.linear: floating-point x, w and bias are cast to the
         autocast dtype of x's device type and the op runs in that dtype with autocast off.
         """
+        key = self._small_key(x, w, n, bias, backend, D)
+        if key is not None:
+            state, reuse = _small_state(self), self.w_alone_sets_W and _reuses_w(w)
+            kept = state[1].get(key) if reuse else None   # (w's values, W, inference mode), immutable
+            if kept is not None and kept[2] == torch.is_inference_mode_enabled() and torch.equal(kept[0], w):
+                return F.linear(x, kept[1], bias)   # kept by a call with the same key: checked
+            if key in state[0]:   # checked before: straight to the small-W path
+                return self._small_linear(x, w, n, bias, backend or self.backend, key, state, reuse)
         if callable(x) and not isinstance(x, torch.Tensor) and w is None and n is None:
             # nn.Module.apply(fn) (e.g. ``model.apply(init_weights)``) recurses into children,
             # this one included: keep that working.
@@ -321,7 +339,13 @@ class Reconciliation(nn.Module):
         backend = self._backend(backend)
         if self.build_when_small and n * D < BUILD_BELOW and _builds_small(self.op, x, backend):
             if not keep:   # one channel: F.linear takes x's batch dimensions as they are
-                return F.linear(x, self._build(n, D, w2, backend)[0], bias)
+                if key is None:
+                    return F.linear(x, self._build(n, D, w2, backend).squeeze(0), bias)
+                with _SMALL_LOCK:   # every check above passed: later calls with this key skip them
+                    if len(state[0]) >= _SMALL_KEYS:
+                        state[0].clear()
+                    state[0][key] = True
+                return self._small_linear(x, w, n, bias, backend, key, state, reuse)
             y = self._dense_apply(x.reshape(-1, D), w2, n, bias, backend)
         else:
             y = self._apply_flat(x.reshape(-1, D), w2, n, bias, backend)
@@ -332,12 +356,47 @@ class Reconciliation(nn.Module):
         return ", ".join(f"{k}={getattr(self, k)!r}" for k in ("name", *self.repr_args))
 
     # ---- helpers -----------------------------------------------------------------
+    def _small_key(self, x, w, n, bias, backend, D):
+        """What ``apply``'s checks and its choice of the small-W path depend on, for a call on CPU
+        tensors that can take that path; None where the checks run every time (anything but plain
+        CPU tensors and an int n, autocast, tracing: a kept W must not enter a graph as a constant).
+        Everything checked is in it: the dtypes and shapes (x's width, not its batch), n and D, each
+        input of the backend's choice (``dispatch.requested``: the argument, the instance's, the
+        block's, the environment's), the function's own arguments (``repr_args``) and ``BUILD_BELOW``."""
+        if (not self.build_when_small or type(x) is not torch.Tensor or type(w) is not torch.Tensor
+                or type(n) is not int or not (D is None or type(D) is int) or not x.is_cpu or not w.is_cpu
+                or not (backend is None or type(backend) is str)
+                or not (self.backend is None or type(self.backend) is str)
+                or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            return None
+        if bias is None:
+            b = None
+        elif type(bias) is torch.Tensor and bias.is_cpu:
+            b = (bias.dtype, bias.shape)
+        else:
+            return None
+        return (x.dtype, x.shape[-1:], w.dtype, w.shape, n, D, b, backend, self.backend,
+                getattr(dispatch._local, "backend", None), os.environ.get("TINYRECON_BACKEND"),
+                self._arguments, BUILD_BELOW)
+
+    def _small_linear(self, x, w, n, bias, backend, key, state, reuse: bool):
+        """The small-W path of a checked one-channel call: ``F.linear(x, W, bias)`` with W from the
+        backend's build, kept for later calls with the same w values when ``reuse``."""
+        if reuse:   # built from the copy it is kept with: the pair agrees even if w is written meanwhile
+            w = w.detach().clone()
+        W = self._build(n, x.shape[-1], w.reshape(1, w.shape[-1]), backend).squeeze(0)
+        if reuse:
+            with _SMALL_LOCK:
+                if len(state[1]) >= _SMALL_W_KEYS and key not in state[1]:
+                    state[1].clear()
+                state[1][key] = (w, W, torch.is_inference_mode_enabled())
+        return F.linear(x, W, bias)
+
     def _run_op(self, what: str, like: torch.Tensor, backend, args: tuple, **named):
         """This function's op ``<op>_<what>`` on the backend for tensors like ``like``, called with ``args``
         and ``named`` (x, bias, D, and the function's layout) each where the op declares it."""
-        from .ops import OPS   # ops builds on this module
         args, named = iter(args), {"layout": getattr(self, "layout", None), **named}
-        op = OPS[f"{self.op}_{what}"]
+        op = ops.OPS[f"{self.op}_{what}"]
         call = [named[p] if p in named else next(args) for p, _ in op.params]
         return dispatch.get(op.name, like.device.type, backend)(*call)
 
@@ -379,6 +438,37 @@ class Reconciliation(nn.Module):
 # fwd up to n*D = 16384 and slower for some functions at 65536; 4096 keeps a margin (train gains
 # less: 0.9-3x, noisy). Tests set it to 0 to reach the structured applies.
 BUILD_BELOW = 4096
+
+
+# Without gradients to W, the small-W path reuses the W it built last for the same w values: W
+# depends only on them and the function's arguments. Compared by value (``torch.equal`` with a copy
+# of w), as a write through ``w.data`` changes no version counter. CPU tensors only (comparing
+# a GPU tensor's values would wait for the device); off under tracing and torch.func. Per instance
+# at most _SMALL_W_KEYS entries, each a copy of w and one W, both below BUILD_BELOW entries; and at
+# most _SMALL_KEYS keys of checked calls. Reads are single dict lookups of immutable entries;
+# writes hold the lock.
+CACHE_SMALL_W = True
+_SMALL_KEYS, _SMALL_W_KEYS = 64, 8
+_SMALL_LOCK = threading.Lock()
+_SMALL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # instance -> (checked keys, kept Ws)
+
+
+def _reuses_w(w: torch.Tensor) -> bool:
+    """Whether the small-W path may take W from its cache: w is small too (its copy is kept), no
+    gradient reaches W, and nothing transforms the call (torch.func, a dispatch mode such as
+    FakeTensorMode)."""
+    return (CACHE_SMALL_W and w.numel() < BUILD_BELOW and not (w.requires_grad and torch.is_grad_enabled())
+            and not torch._C._are_functorch_transforms_active()
+            and _python_dispatch._get_current_dispatch_mode() is None)
+
+
+def _small_state(rec) -> tuple[dict, dict]:
+    """``rec``'s checked call keys and kept (w copy, W) pairs of the small-W path."""
+    state = _SMALL.get(rec)
+    if state is None:
+        with _SMALL_LOCK:
+            state = _SMALL.setdefault(rec, ({}, {}))
+    return state
 
 
 def _builds_small(op: str, x: torch.Tensor, backend) -> bool:
@@ -448,3 +538,6 @@ def _saved(state, key: str):
         raise ValueError(f"the state_dict's extra state of this function must be a dict with {key!r}, got {state!r}; "
                          "was it saved from the same function?")
     return state[key]
+
+
+from . import ops  # noqa: E402  (ops builds on this module, so it is imported last)

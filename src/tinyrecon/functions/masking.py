@@ -50,6 +50,7 @@ class masking_reconciliation(Seeded, Reconciliation):
     op = "masking"
     build_when_small = True
     repr_args = ("p", "fixed_mask", "seed")
+    w_alone_sets_W = property(lambda self: self.fixed_mask)   # fixed_mask=False: a new mask per call
 
     def __init__(self, name="masking_reconciliation", p=0.5, fixed_mask=True, seed=None, **kwargs):
         super().__init__(name, **kwargs)
