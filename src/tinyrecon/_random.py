@@ -244,8 +244,12 @@ def kept_slices(seed: int, slices, kind: str) -> list | None:
     return None if any(t is None for t in kept) else kept
 
 
+def _owned(seed: int, start: int, numel: int, device: torch.device, kind: str) -> torch.Tensor:
+    return _draw(seed, start, numel, device, kind)
+
+
 # One opaque op, so torch.compile neither traces the 10 Philox rounds nor breaks the graph.
-_values_op = torch.library.custom_op("tinyrecon::philox_values", _draw, mutates_args=())
+_values_op = torch.library.custom_op("tinyrecon::philox_values", _owned, mutates_args=())
 
 
 @_values_op.register_fake
