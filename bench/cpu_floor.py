@@ -8,11 +8,10 @@ Per (function, layout, op, backend) the median ms and its ratio to the floor; at
 floor column is a dense F.linear of the same n x D (fwd, or its train: grads of weight and bias).
 Everything of one table is timed interleaved (A B C ... A B C ...), each sample looped to >= 2 ms,
 so that a shared, noisy machine slows all alike. ``train``: y = apply(x), then grads of w and
-bias (x is data and does not require grad), as in an RPN's first layer. ``--first``: instead, each
-function's first call in a fresh process against its warm calls (median of 5), default backend, with a
-dense F.linear of the same size in the same harness; ``train`` is timed twice, the second time after
-one autograd.grad of a 1-element tensor made before the clock: torch's first autograd.grad with an
-explicit gradient imports torch.fx's symbolic shapes and sympy (~0.6 s), once per process for any model.
+bias (x is data and does not require grad), as in an RPN's first layer, of the scalar loss
+``(y * g).sum()`` (``benchmark.check.step_grads``, as ``tinyrecon bench``). ``--first``: instead,
+``bench/first_call.py``'s table: each function's first call in a fresh process against its warm calls
+(median of 5), the first of ``--backends``, with the benchmark's dense layer of the same size.
 """
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -29,6 +27,9 @@ import torch.nn.functional as F
 
 import tinyrecon as tr
 from tinyrecon.benchmark.cases import SHAPES
+from tinyrecon.benchmark.check import step_grads
+
+import first_call   # bench/, next to this file
 
 FUNCTIONS = ("hm", "lphm", "dual_lphm", "lorr", "random_matrix_adaption", "duplicated_padding",
              "duplicated_diagonal_padding")
@@ -49,7 +50,7 @@ def thunk(rec, x, n, op: str, backend: str, dtype):
     g = torch.randn(x.shape[0], n, generator=gen).to(dtype)
     if op == "fwd":
         return torch.no_grad()(lambda: rec.apply(x, w, n=n, bias=bias, backend=backend))
-    return lambda: torch.autograd.grad(rec.apply(x, w, n=n, bias=bias, backend=backend), (w, bias), g)
+    return lambda: step_grads(rec.apply(x, w, n=n, bias=bias, backend=backend), (w, bias), g)
 
 
 def dense_thunk(x, n, op: str, dtype):
@@ -59,7 +60,7 @@ def dense_thunk(x, n, op: str, dtype):
     g = torch.randn(x.shape[0], n, generator=gen).to(dtype)
     if op == "fwd":
         return torch.no_grad()(lambda: F.linear(x, W, b))
-    return lambda: torch.autograd.grad(F.linear(x, W, b), (W, b), g)
+    return lambda: step_grads(F.linear(x, W, b), (W, b), g)
 
 
 def _sample(fn, inner: int) -> float:
@@ -81,50 +82,6 @@ def interleaved(fns: dict, rounds: int) -> dict:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-FIRST = """
-import time, torch, torch.nn.functional as F, tinyrecon as tr
-f, op, layout, n, D, batch, dtype, torch_warmed = {args!r}
-dt = getattr(torch, dtype)
-x = torch.randn(batch, D).to(dt)
-if f == "dense":
-    w = torch.randn(n, D).to(dt).requires_grad_(op == "train")
-    apply = lambda x, w, n, bias: F.linear(x, w, bias)
-else:
-    kw = dict(tr.lookup(f).bench_args, **({{"layout": layout}} if f in {layouted!r} else {{}}))
-    rec = tr.reconciliation(f, **kw)
-    w = torch.randn(rec.calculate_l(n, D)).to(dt).requires_grad_(op == "train")
-    apply = rec.apply
-b = torch.randn(n).to(dt).requires_grad_(op == "train")
-if torch_warmed:
-    one = torch.ones(1, requires_grad=True)
-    torch.autograd.grad(one * 2, one, torch.ones(1))
-def call():
-    if op == "fwd":
-        with torch.no_grad():
-            return apply(x, w, n=n, bias=b)
-    return torch.autograd.grad(apply(x, w, n=n, bias=b), (w, b), torch.ones(batch, n, dtype=dt))
-ts = []
-for _ in range(6):
-    t0 = time.perf_counter(); call(); ts.append(time.perf_counter() - t0)
-print(ts[0], sorted(ts[1:])[2])
-"""
-
-
-def first_calls(a, s, functions) -> None:
-    print("| function | op | first ms | warm ms | first / warm | first / warm, torch's autograd imported |\n"
-          "|---|---|---|---|---|---|")
-    for op in a.ops.split(","):
-        for f in [*functions, "dense"]:
-            runs = []
-            for torch_warmed in (False, True) if op == "train" else (False,):
-                args = (f, op, "kron", s.n, s.D, s.batch, a.dtype, torch_warmed)
-                out = subprocess.run([sys.executable, "-c", FIRST.format(args=args, layouted=LAYOUTED)],
-                                     capture_output=True, text=True, check=True).stdout.split()
-                runs.append((float(out[0]), float(out[1])))
-            (first, warm), warmed = runs[0], (f"{runs[1][0] / runs[1][1]:.2f}" if len(runs) > 1 else "-")
-            print(f"| {f} | {op} | {1e3 * first:.1f} | {1e3 * warm:.1f} | {first / warm:.2f} | {warmed} |", flush=True)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="mnist", choices=SHAPES)
@@ -143,7 +100,9 @@ def main(argv=None) -> None:
         s = type(s)(s.name, s.n, s.D, a.batch)
     if a.first:
         print(f"# first calls, {a.shape} n={s.n} D={s.D} batch={s.batch} {a.dtype}; load average {os.getloadavg()[0]:.2f}\n")
-        return first_calls(a, s, a.functions.split(","))
+        if a.batch:
+            ap.error("--first times the shape's own batch (and each function's default layout)")
+        return first_call.table(a.functions.split(","), a.ops.split(","), a.shape, a.backends.split(",")[0], a.dtype)
     dtype = getattr(torch, a.dtype)
     x32 = torch.randn(s.batch, s.D, generator=torch.Generator().manual_seed(0))
     x = x32.to(dtype)

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 CODE = """
 import sys, torch, tinyrecon as tr
@@ -28,3 +29,21 @@ def test_eager_first_call_does_not_import_dynamo(family, kwargs):
                          env={k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("function", ["lorr", "random_matrix_adaption"])
+def test_benchmark_train_step_imports_no_sympy_and_takes_the_loss_gradients(function):
+    """The benchmark's train op (warm and first calls alike, ``check.prepare``) is a step on a scalar
+    loss: its first call imports neither torch.fx's symbolic shapes (sympy), which torch's autograd
+    imports when given a gradient tensor, nor torch._dynamo; and its gradients are those of y
+    with the gradient g."""
+    from tinyrecon.benchmark import cases, check, timing
+    case = cases.Case(function, "small", "train", "cpu")
+    r = timing.first_call(case, torch.float32, torch.device("cpu"), "candidate", warm=1)
+    assert not {"sympy", "torch.fx.experimental.symbolic_shapes", "torch._dynamo"} & set(r["imported"])
+    assert r["first_s"] > 0 and r["warm_s"] > 0
+    y = torch.randn(4, 3, requires_grad=True)
+    w = torch.randn(3, requires_grad=True)
+    g = torch.randn(4, 3)
+    assert all(torch.equal(a, b) for a, b in zip(check.step_grads(y * w, (y, w), g),
+                                                 torch.autograd.grad(y * w, (y, w), g)))

@@ -137,6 +137,35 @@ def test_random_matrix_adaption_matrices_are_frozen():
     assert not A.requires_grad and not B.requires_grad
 
 
+@pytest.mark.parametrize("n, D", [(5, 6), (16, 4096)])   # a small W built whole, and the structured apply
+def test_random_matrix_adaption_first_call_under_inference_mode_then_training(n, D):
+    """The frozen matrices kept by a first call under torch.inference_mode() are plain tensors:
+    a later training step saves them for its backward (the apply reads the cache's own tensors)."""
+    _random.clear_cache()
+    rec = RMA(r=2, seed=77)
+    x = torch.randn(3, D)
+    w = torch.randn(rec.calculate_l(n, D), requires_grad=True)
+    with torch.inference_mode():
+        y0 = rec.apply(x, w, n=n)
+    y = rec.apply(x, w, n=n)
+    y.sum().backward()
+    assert torch.equal(y.detach(), y0) and w.grad.abs().sum() > 0
+
+
+def test_random_matrix_adaption_matrices_are_the_callers_own():
+    """``matrices()`` hands out copies: writing to them changes neither what the apply reads nor the
+    next ``matrices()``."""
+    _random.clear_cache()
+    rec = RMA(r=2, seed=78)
+    n, D = 16, 4096
+    x, w = torch.randn(3, D), torch.randn(rec.calculate_l(n, D))
+    y = rec.apply(x, w, n=n)
+    A, B = rec.matrices(n, D)
+    A.zero_(), B.zero_()
+    assert torch.equal(rec.apply(x, w, n=n), y)
+    assert rec.matrices(n, D)[1].abs().sum() > 0
+
+
 triton_only = pytest.mark.skipif(bool(tr.dispatch.why_not("triton", "random_matrix_adaption_apply", torch.device(DEVICE).type)),
                                  reason="Triton cannot run here")
 

@@ -49,3 +49,16 @@ def test_cache_hands_out_private_copies_of_the_same_values():
     again = _random.randn(9, (4, 3))
     assert torch.equal(again, expected)
     assert torch.equal(again.flatten(), _random._fill(9, 0, 12, None, "randn"))
+
+
+def test_shared_draws_are_the_cached_plain_tensor():
+    """``shared=True`` returns the cache's tensor itself (no copy), a plain tensor even when drawn
+    under torch.inference_mode(); the default is a fresh copy of the same values."""
+    _random.clear_cache()
+    with torch.inference_mode():
+        first = _random.randn(19, (40, 3), shared=True)
+    assert not first.is_inference()
+    again = _random.randn(19, (40, 3), shared=True)
+    assert again.data_ptr() == first.data_ptr()
+    own = _random.randn(19, (40, 3))
+    assert own.data_ptr() != first.data_ptr() and torch.equal(own, first)

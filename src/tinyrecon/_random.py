@@ -183,17 +183,28 @@ def check_cost(count: int, what: str) -> None:
             f"function's sizes, or set TINYRECON_MAX_RANDOM={count} to run it anyway")
 
 
-def _values(seed: int, start: int, numel: int, device: torch.device, kind: str) -> torch.Tensor:
-    return (_draw if dispatch.eager() else _values_op)(seed, start, numel, device, kind)
+def _values(seed: int, start: int, numel: int, device: torch.device, kind: str, shared: bool = False) -> torch.Tensor:
+    # Traced calls take the op, whose output is always the caller's own: compiled graphs may reuse an
+    # op's output buffer.
+    return _draw(seed, start, numel, device, kind, shared) if dispatch.eager() else _values_op(seed, start, numel, device, kind)
 
 
-def _draw(seed: int, start: int, numel: int, device: torch.device, kind: str) -> torch.Tensor:
+def _draw(seed: int, start: int, numel: int, device: torch.device, kind: str, shared: bool = False) -> torch.Tensor:
     if device.type == "meta":   # shapes only: nothing to draw
         return torch.empty(numel, dtype=torch.float32, device=device)
     check_cost(numel, "this random matrix")
-    kept = _kept((seed, start, numel, device, kind), numel * 4, lambda: _fill(seed, start, numel, device, kind))
-    # callers own their copy; cached tensors are never written
-    return kept.clone() if kept is not None else _fill(seed, start, numel, device, kind)
+
+    def make():
+        # A plain tensor even when the first call runs under torch.inference_mode(): an inference
+        # tensor, once kept, could not be saved for a later call's backward.
+        with torch.inference_mode(False):
+            return _fill(seed, start, numel, device, kind)
+    kept = _kept((seed, start, numel, device, kind), numel * 4, make)
+    if kept is None:
+        return _fill(seed, start, numel, device, kind)
+    # shared: the cache's own tensor, for callers that only read it (a copy of random_matrix_adaption's
+    # B at the MNIST layer, 12 MB of fresh pages, cost a fifth of its apply); else the caller's own copy.
+    return kept if shared else kept.clone()
 
 
 def _kept(key, nbytes: int, make):
@@ -233,8 +244,12 @@ def kept_slices(seed: int, slices, kind: str) -> list | None:
     return None if any(t is None for t in kept) else kept
 
 
+def _owned(seed: int, start: int, numel: int, device: torch.device, kind: str) -> torch.Tensor:
+    return _draw(seed, start, numel, device, kind)
+
+
 # One opaque op, so torch.compile neither traces the 10 Philox rounds nor breaks the graph.
-_values_op = torch.library.custom_op("tinyrecon::philox_values", _draw, mutates_args=())
+_values_op = torch.library.custom_op("tinyrecon::philox_values", _owned, mutates_args=())
 
 
 @_values_op.register_fake
@@ -284,22 +299,24 @@ def _(seed, start, rows, cols, stride, kind):
     return torch.empty(rows, cols)
 
 
-def rand(seed: int, shape, device=None, dtype=torch.float32, start: int = 0) -> torch.Tensor:
+def rand(seed: int, shape, device=None, dtype=torch.float32, start: int = 0, shared: bool = False) -> torch.Tensor:
     """U[0, 1) values equal to ``tl.rand(seed, start + arange(numel)).reshape(shape)``."""
-    return _matrix(seed, shape, device, dtype, start, "rand")
+    return _matrix(seed, shape, device, dtype, start, "rand", shared)
 
 
-def randn(seed: int, shape, device=None, dtype=torch.float32, start: int = 0) -> torch.Tensor:
+def randn(seed: int, shape, device=None, dtype=torch.float32, start: int = 0, shared: bool = False) -> torch.Tensor:
     """N(0, 1) values equal to ``tl.randn(seed, start + arange(numel)).reshape(shape)``.
 
-    ``start`` selects rows of a larger matrix, so it can be generated in slices.
+    ``start`` selects rows of a larger matrix, so it can be generated in slices. ``shared``: for a
+    caller that never writes the result, the cached numbers themselves (float32) where they are
+    cached, instead of a copy.
     """
-    return _matrix(seed, shape, device, dtype, start, "randn")
+    return _matrix(seed, shape, device, dtype, start, "randn", shared)
 
 
-def _matrix(seed: int, shape, device, dtype: torch.dtype, start: int, kind: str) -> torch.Tensor:
+def _matrix(seed: int, shape, device, dtype: torch.dtype, start: int, kind: str, shared: bool) -> torch.Tensor:
     shape = tuple(int(s) for s in shape)
-    return _values(seed, start, math.prod(shape), torch.device(device or "cpu"), kind).reshape(shape).to(dtype)
+    return _values(seed, start, math.prod(shape), torch.device(device or "cpu"), kind, shared).reshape(shape).to(dtype)
 
 
 def derive_seed(seed: int, stream: int) -> int:

@@ -2,6 +2,7 @@
 environment the numbers were measured in."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -65,18 +66,42 @@ def time_interleaved(fns: dict, device: torch.device, mode: Mode) -> dict:
     return {name: statistics.median(s) for name, s in samples.items()} | {"reps": reps}
 
 
+_FIRST_CALL = """
+import json, statistics, sys, time, torch
+from tinyrecon.benchmark import cases, check, timing
+case, dt, dev = cases.Case(*sys.argv[1:5]), getattr(torch, sys.argv[5]), torch.device(sys.argv[6])
+fn = check.prepare(case, dt, dev)[0][sys.argv[7]]
+before, times = set(sys.modules), []
+for i in range(1 + int(sys.argv[8])):
+    timing.synchronize(dev)
+    t = time.perf_counter()
+    fn()
+    timing.synchronize(dev)
+    times.append(time.perf_counter() - t)
+    if i == 0:
+        imported = sorted(set(sys.modules) - before)
+print(json.dumps(dict(first_s=times[0], warm_s=statistics.median(times[1:]) if times[1:] else None,
+                      imported=imported)))
+"""
+
+
+def first_call(case: Case, dtype: torch.dtype, device: torch.device, which: str, warm: int = 0,
+               timeout_s: float = 600) -> dict:
+    """The first call of ``which`` ('candidate', 'tinybig' or 'dense', as ``check.prepare`` makes them)
+    in a fresh Python process, its inputs made before the clock starts, then ``warm`` more calls:
+    ``{'first_s', 'warm_s' (their median, None without), 'imported' (modules the first call imported)}``."""
+    args = [case.function, case.shape, case.op, case.backend, str(dtype).replace("torch.", ""), str(device), which,
+            str(warm)]
+    out = subprocess.run([sys.executable, "-c", _FIRST_CALL, *args], capture_output=True, text=True, timeout=timeout_s)
+    if out.returncode:
+        raise RuntimeError(f"cold {which} call failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def time_cold(case: Case, dtype: torch.dtype, device: torch.device, which: str, timeout_s: float = 600) -> float:
     """Seconds of the first call of ``which`` ('candidate' or 'tinybig') in a fresh Python process
     (inputs made before the clock starts)."""
-    code = ("import sys, time, torch; from tinyrecon.benchmark import cases, check, timing; "
-            "case = cases.Case(*sys.argv[1:5]); dt = getattr(torch, sys.argv[5]); dev = torch.device(sys.argv[6]); "
-            "fn = check.prepare(case, dt, dev)[0][sys.argv[7]]; timing.synchronize(dev); t = time.perf_counter(); "
-            "fn(); timing.synchronize(dev); print(time.perf_counter() - t)")
-    args = [case.function, case.shape, case.op, case.backend, str(dtype).replace("torch.", ""), str(device), which]
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout_s)
-    if out.returncode:
-        raise RuntimeError(f"cold {which} call failed: {out.stderr.strip().splitlines()[-1:]}")
-    return float(out.stdout.strip().splitlines()[-1])
+    return first_call(case, dtype, device, which, timeout_s=timeout_s)["first_s"]
 
 
 def traffic(case: Case, dtype: torch.dtype) -> tuple[float, float | None]:

@@ -30,10 +30,12 @@ def lorr_apply(x, A, B, bias, x_ops=TORCH_X_OPS):
     return add_bias(torch.matmul(U, A.transpose(1, 2)), bias)
 
 
-def random_matrix_adaption_matrices(seed_a: int, seed_b: int, n: int, D: int, r: int, like: torch.Tensor):
-    """The frozen A (n x r) and B (D x r) of random_matrix_adaption."""
-    A = _random.randn(seed_a, (n, r), device=like.device, dtype=like.dtype)
-    B = _random.randn(seed_b, (D, r), device=like.device, dtype=like.dtype)
+def random_matrix_adaption_matrices(seed_a: int, seed_b: int, n: int, D: int, r: int, like: torch.Tensor,
+                                    shared: bool = True):
+    """The frozen A (n x r) and B (D x r) of random_matrix_adaption; ``shared``: possibly the cache's
+    own tensors, which the caller must not write (``_random.randn``)."""
+    A = _random.randn(seed_a, (n, r), device=like.device, dtype=like.dtype, shared=shared)
+    B = _random.randn(seed_b, (D, r), device=like.device, dtype=like.dtype, shared=shared)
     return A, B
 
 
@@ -110,4 +112,4 @@ class random_matrix_adaption_reconciliation(Seeded, Reconciliation):
     def matrices(self, n, D, device=None, dtype=torch.float32):
         """The frozen (A, B), for inspection and tests."""
         return random_matrix_adaption_matrices(self.stream_seed(0), self.stream_seed(1), n, D, self.r,
-                            torch.empty(0, device=device, dtype=dtype))
+                            torch.empty(0, device=device, dtype=dtype), shared=False)

@@ -22,7 +22,7 @@ _calls_lock = threading.Lock()
 
 
 def mask(seed: int, n: int, D: int, p: float, like: torch.Tensor) -> torch.Tensor:
-    u = _random.rand(seed, (n, D), device=like.device)
+    u = _random.rand(seed, (n, D), device=like.device, shared=True)
     return (u < torch.tensor(p, dtype=torch.float32)).to(like.dtype)
 
 
