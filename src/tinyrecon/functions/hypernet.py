@@ -34,10 +34,11 @@ def _random_linear_build(v, seed_m: int, seed_c, n: int, D: int):
     step = _rows_per_slice(D, k)
     for i0 in range(0, n, step):
         i1 = min(n, i0 + step)
-        M = _random.randn(seed_m, ((i1 - i0) * D, k), v.device, v.dtype, start=i0 * D * k)
+        # read only: the cache's own numbers, not a copy (tinyBIG keeps its M as a tensor, too)
+        M = _random.randn(seed_m, ((i1 - i0) * D, k), v.device, v.dtype, start=i0 * D * k, shared=True)
         Wi = torch.matmul(v, M.T)
         if seed_c is not None:
-            Wi = Wi + _random.randn(seed_c, ((i1 - i0) * D,), v.device, v.dtype, start=i0 * D)
+            Wi = Wi + _random.randn(seed_c, ((i1 - i0) * D,), v.device, v.dtype, start=i0 * D, shared=True)
         rows.append(Wi.reshape(C, i1 - i0, D))
     return torch.cat(rows, dim=1)
 
