@@ -164,6 +164,20 @@ def test_kept_w_follows_every_change_of_w(family):
             assert_close(rec.apply(x, w.detach() * 2, n=4, bias=b), _reference(rec, x, w * 2, b))
 
 
+def test_kept_w_stays_out_of_torch_func():
+    """Under a torch.func transform w carries what the transform tracks (here a tangent): a kept W
+    would drop it."""
+    rec = tr.lorr_reconciliation(r=1)
+    x, w, t = torch.randn(5, 6), torch.randn(10), torch.randn(10)
+    with torch.no_grad():
+        rec.apply(x, w, n=4)                                   # keeps W for w's values
+    y, dy = torch.func.jvp(lambda w: rec.apply(x, w, n=4), (w,), (t,))
+    ref, dref = torch.func.jvp(lambda w: x @ rec(4, 6, w=w, backend="torch").T, (w,), (t,))
+    assert_close(y, ref)
+    assert_close(dy, dref)
+    assert dy.abs().sum() > 0
+
+
 def test_a_mask_redrawn_per_call_is_never_kept(monkeypatch):
     """masking with fixed_mask=False draws a new mask every call: each no-grad small call builds its
     own W, the same sequence as with nothing kept."""

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils import _python_dispatch
 
 from . import _random, dispatch
 
@@ -458,8 +457,7 @@ def _reuses_w(w: torch.Tensor) -> bool:
     gradient reaches W, and nothing transforms the call (torch.func, a dispatch mode such as
     FakeTensorMode)."""
     return (CACHE_SMALL_W and w.numel() < BUILD_BELOW and not (w.requires_grad and torch.is_grad_enabled())
-            and not torch._C._are_functorch_transforms_active()
-            and _python_dispatch._get_current_dispatch_mode() is None)
+            and dispatch.eager(w))
 
 
 def _small_state(rec) -> tuple[dict, dict]:
