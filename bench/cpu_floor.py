@@ -31,8 +31,6 @@ from tinyrecon.benchmark.check import step_grads
 
 import first_call   # bench/, next to this file
 
-FUNCTIONS = ("hm", "lphm", "dual_lphm", "lorr", "random_matrix_adaption", "duplicated_padding",
-             "duplicated_diagonal_padding")
 LAYOUTED = ("hm", "lphm", "dual_lphm", "duplicated_padding")
 
 
@@ -85,7 +83,7 @@ def interleaved(fns: dict, rounds: int) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="mnist", choices=SHAPES)
-    ap.add_argument("--functions", default=",".join(FUNCTIONS))
+    ap.add_argument("--functions", default=",".join(first_call.FUNCTIONS))
     ap.add_argument("--backends", default="cpu,torch")
     ap.add_argument("--layouts", default="kron,tinybig")
     ap.add_argument("--ops", default="fwd,train")

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import tinyrecon as tr
+
+from cpu_floor import interleaved   # bench/, next to this file
 
 
 def main() -> None:
@@ -50,15 +50,7 @@ def main() -> None:
     fns |= {"GEMM x @ W^T": torch.no_grad()(lambda: torch.addmm(bias, x, W.T)),
             "GEMM g^T @ x": torch.no_grad()(lambda: g.T @ x),
             "read T": torch.no_grad()(lambda: T.sum())}
-    for f in fns.values():
-        f()
-    samples = {k: [] for k in fns}
-    for _ in range(a.rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            samples[k].append(time.perf_counter() - t0)
-    ms = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+    ms = {k: v * 1e3 for k, v in interleaved(fns, a.rounds).items()}
     print(f"# random_matrix_hypernet r={a.r}, n={n} D={D} batch={N} float32; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}, {a.rounds} rounds\n")
     print("| what | ms |\n|---|---|")
