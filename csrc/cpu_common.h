@@ -1,4 +1,4 @@
-// What every csrc/*.cpp file of the CPU library shares: its C ABI exports and ISA clones.
+// What every csrc/*.cpp file of the CPU library shares: its C ABI exports, ISA clones and threads.
 #pragma once
 
 #include "entry_points.h"
@@ -10,3 +10,11 @@
 #else
 #define TR_CLONES
 #endif
+
+namespace tr_threads {
+// task(ctx, t) once for each t in [0, n), on up to n threads (csrc/threads_cpu.cpp): the team of
+// the OpenMP runtime torch runs on when the loader named it (tinyrecon_cpu_use_openmp), else
+// threads of its own. Each t runs on one thread, so per-t buffers need no locks; a thread that
+// could not start leaves its tasks to the others.
+void run_tasks(int n, void (*task)(void* ctx, int t), void* ctx);
+}  // namespace tr_threads

@@ -13,10 +13,9 @@
 // expand: dX[b] = L^T @ G[b] for G (N, RA, K): the backward's one write of dx.
 // A bfloat16 x is read as is: a tile is widened to float32 in L1 by its first reader; V alone from a
 // bfloat16 x and a bfloat16 R takes AVX-512 BF16's dot products where the CPU has them (no widening).
-// K blocks keep the factor rows of a block in L2 however long K is. Batches are split over
-// pthreads (an OpenMP runtime beside torch's would fight it for the cores). Plain C ABI, loaded
+// K blocks keep the factor rows of a block in L2 however long K is. Batches are split over the
+// library's threads (cpu_common.h: torch's OpenMP team where there is one). Plain C ABI, loaded
 // with ctypes; each entry point returns 0, 1 for bad arguments, or 2 when memory runs out.
-#include <pthread.h>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define TR_BF16_DOT 1
@@ -515,9 +514,9 @@ TR_CLONES void run_f32(const Job<float>& j) { j.expand ? expand(j) : j.chain ? c
 TR_CLONES void run_f64(const Job<double>& j) { j.expand ? expand(j) : j.chain ? chain(j) : pass(j); }
 TR_CLONES void run_bf16(const Job<float, bf16>& j) { j.chain ? chain(j) : pass(j); }
 
-// One thread's work: chunks of batches (or of K's columns) taken from a shared counter until none
-// is left, so a thread the OS leaves waiting (2 cores shared with other processes) costs only the
-// chunk it holds, not a fixed half of the work.
+// One thread's work (task t of run_tasks, with its own buffers): chunks of batches (or of K's
+// columns) taken from a shared counter until none is left, so a thread the OS leaves waiting (2
+// cores shared with other processes) costs only the chunk it holds, not a fixed half of the work.
 template <typename T, typename X>
 struct Work {
   Job<T, X> job;   // this thread's buffers; its range is set per chunk
@@ -527,8 +526,8 @@ struct Work {
 };
 
 template <typename T, typename X>
-void* run(void* work) {
-  const Work<T, X>& w = *static_cast<const Work<T, X>*>(work);
+void run(void* works, int t) {
+  const Work<T, X>& w = static_cast<const Work<T, X>*>(works)[t];
   for (i64 c; (c = w.next->fetch_add(1)) < w.chunks;) {
     Job<T, X> j = w.job;
     if (w.by_batch)
@@ -542,7 +541,6 @@ void* run(void* work) {
     else
       run_f64(j);
   }
-  return nullptr;
 }
 
 // Splits a job over up to `threads` threads: by batches when there are enough of them, else by
@@ -567,17 +565,12 @@ int split(int threads, const Job<T, X>& whole) {
   std::vector<T> packs(size_t(pack_size) * n);
   std::atomic<i64> next{0};
   Work<T, X> works[MAX_THREADS];
-  pthread_t ids[MAX_THREADS];
-  bool started[MAX_THREADS] = {};
   for (int t = 0; t < n; ++t) {
     works[t] = {whole, &next, chunks, size, by_batch};
     works[t].job.pack = pack_size ? packs.data() + t * pack_size : nullptr;
     if (!by_batch && t > 0 && whole.V) works[t].job.V = partial.data() + (t - 1) * v_size;
   }
-  for (int t = 1; t < n; ++t) started[t] = pthread_create(&ids[t], nullptr, run<T, X>, &works[t]) == 0;
-  run<T, X>(&works[0]);   // a thread that could not be started leaves its chunks to the others
-  for (int t = 1; t < n; ++t)
-    if (started[t]) pthread_join(ids[t], nullptr);
+  tr_threads::run_tasks(n, run<T, X>, works);
   for (int t = 1; t < n && !by_batch; ++t)
     for (i64 e = 0; e < v_size; ++e) whole.V[e] += partial[(t - 1) * v_size + e];
   return 0;

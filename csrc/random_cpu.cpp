@@ -155,17 +155,15 @@ constexpr int MAX_THREADS = 64;
 // each at least min_per_thread long (below that, starting a thread costs more than it saves).
 typedef void (*Task)(const void* ctx, int thread, i64 begin, i64 end);
 
-struct Job {
+struct Range {
   Task fn;
   const void* ctx;
-  int thread;
-  i64 begin, end;
+  i64 total, per;
 };
 
-void* run_job(void* arg) {
-  const Job& j = *static_cast<Job*>(arg);
-  j.fn(j.ctx, j.thread, j.begin, j.end);
-  return nullptr;
+void run_range(void* range, int t) {
+  const Range& r = *static_cast<Range*>(range);
+  r.fn(r.ctx, t, std::min(r.total, t * r.per), std::min(r.total, (t + 1) * r.per));
 }
 
 int split_count(int threads, i64 total, i64 min_per_thread) {
@@ -173,20 +171,8 @@ int split_count(int threads, i64 total, i64 min_per_thread) {
 }
 
 void parallel(int n, i64 total, i64 align, Task fn, const void* ctx) {
-  Job jobs[MAX_THREADS];
-  pthread_t ids[MAX_THREADS];
-  bool started[MAX_THREADS] = {};
-  const i64 per = (total / n + align - 1) / align * align;
-  for (int t = 0; t < n; ++t)
-    jobs[t] = {fn, ctx, t, std::min(total, t * per), t == n - 1 ? total : std::min(total, (t + 1) * per)};
-  for (int t = 1; t < n; ++t) started[t] = pthread_create(&ids[t], nullptr, run_job, &jobs[t]) == 0;
-  run_job(&jobs[0]);
-  for (int t = 1; t < n; ++t) {
-    if (started[t])
-      pthread_join(ids[t], nullptr);
-    else
-      run_job(&jobs[t]);
-  }
+  Range r{fn, ctx, total, (total / n + align - 1) / align * align};
+  tr_threads::run_tasks(n, run_range, &r);
 }
 
 // ---- fill and masking pass ----------------------------------------------------------------------

@@ -133,6 +133,21 @@ def check_grads_match_reference(rec, n: int, D: int, batch: int, backend: str, d
         assert_close(got, expected, dtype)
 
 
+@pytest.fixture(params=["torch's OpenMP", "own threads"])
+def runtime(request):
+    """The CPU library's threads: torch's OpenMP team (as loaded), or threads it starts itself."""
+    from tinyrecon import cpu_lib
+    if cpu_lib.load_error():
+        pytest.skip(cpu_lib.load_error())
+    lib = cpu_lib._load()[0]
+    if request.param == "own threads":
+        lib.tinyrecon_cpu_use_openmp(None)
+    elif cpu_lib.torch_openmp() is None:
+        pytest.skip("torch runs without OpenMP here")
+    yield
+    lib.tinyrecon_cpu_use_openmp(cpu_lib.torch_openmp())
+
+
 def isa_levels() -> list:
     """-march levels this CPU can run (x86-64 with GCC only: elsewhere the CPU library has no clones)."""
     import platform

@@ -4,6 +4,7 @@ opcheck of every Triton and CPU custom op, inductor with dynamic shapes over the
 and the torch backend, and 1 vs N threads in the CPU library's kernels.
 """
 import functools
+import sys
 
 import pytest
 import torch
@@ -175,10 +176,16 @@ def threads():
     torch.set_num_threads(saved)
 
 
+def test_cpu_library_runs_on_torchs_openmp_where_torch_has_it():
+    from tinyrecon import cpu_lib
+    if torch._C.has_openmp and sys.platform == "linux" and not cpu_lib.load_error():
+        assert cpu_lib.torch_openmp() is not None
+
+
 @pytest.mark.parametrize("N", [1, 2, 8])   # 1, 2: split by column blocks of K; 8: by batches
-def test_cpu_kernels_one_thread_equals_many(N, threads):
+def test_cpu_kernels_one_thread_equals_many(N, threads, runtime):
     """The CPU kernels with one thread and with four (x big enough for four: ~1M elements each) agree,
-    and both with the torch reference."""
+    and both with the torch reference, on either kind of threads."""
     if dispatch.why_not("cpu", "kron_apply", "cpu"):
         pytest.skip(dispatch.why_not("cpu", "kron_apply", "cpu"))
     M, K = 16, (1 << 22) // (16 * N) + 37

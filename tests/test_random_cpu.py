@@ -45,7 +45,7 @@ def test_library_equals_the_definition(seed, start):
     _check(seed, start, 4099)   # a short last block
 
 
-def test_every_length_and_thread_split():
+def test_every_length_and_thread_split(runtime):
     for numel in (0, 1, 15, 16, 17, 33):
         _check(7, 2**32 - 9, numel)
     _check(11, 5, (1 << 17) + 3, threads=3)   # big enough to be split over threads
@@ -79,7 +79,7 @@ def test_bad_arguments_are_refused():
 @pytest.mark.parametrize("march", isa_levels())
 def test_each_isa_level_builds_clean_and_agrees(march, tmp_path, monkeypatch):
     out = str(tmp_path / f"lib-{march}.so")
-    command = build_libs.cxx_command("g++", ["csrc/random_cpu.cpp"], out, werror=True) + ["-DTR_NO_CLONES", f"-march={march}"]
+    command = build_libs.cxx_command("g++", ["csrc/random_cpu.cpp", "csrc/threads_cpu.cpp"], out, werror=True) + ["-DTR_NO_CLONES", f"-march={march}"]
     root = __file__.rsplit("/tests/", 1)[0]
     assert subprocess.run(command, cwd=root).returncode == 0
     lib = _clib.open_library(out)   # typed by the list the library carries

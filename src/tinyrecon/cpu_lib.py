@@ -6,7 +6,9 @@ default auto: built when a compiler is found); ``TINYRECON_CPU_LIB=path`` loads 
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import os
 
 from . import _clib
 
@@ -19,9 +21,26 @@ def library_path() -> str:
 
 @functools.lru_cache(maxsize=None)
 def _load():
-    """(library, '') when it loads, else (None, why not)."""
-    return _clib.load(library_path(), "CPU library", "pip install builds it when a C++ compiler is found "
-                      "(TINYRECON_BUILD_CPU=1 makes a missing compiler an error)")
+    """(library, '') when it loads, else (None, why not); loaded, it runs on torch's OpenMP threads."""
+    lib, reason = _clib.load(library_path(), "CPU library", "pip install builds it when a C++ compiler is found "
+                             "(TINYRECON_BUILD_CPU=1 makes a missing compiler an error)")
+    if lib is not None:
+        lib.tinyrecon_cpu_use_openmp(torch_openmp())
+    return lib, reason
+
+
+def torch_openmp() -> int | None:
+    """The address of ``GOMP_parallel`` as torch's CPU library resolves it (the OpenMP runtime torch's
+    threads are, which the library then runs its work on: ``csrc/threads_cpu.cpp`` says why); None
+    where torch has no OpenMP or the symbol is not found (the library then starts threads of its own)."""
+    import torch
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    if not torch._C.has_openmp or not os.path.exists(path):
+        return None
+    try:   # (already loaded by torch: the same handle, whose symbol lookup follows its dependencies)
+        return ctypes.cast(ctypes.CDLL(path).GOMP_parallel, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
 
 
 def load_error() -> str:
