@@ -2,7 +2,7 @@
 
     python bench/cpu_floor.py [--shape mnist|tall|small] [--functions hm,lorr] [--backends cpu,torch]
                               [--layouts kron,tinybig] [--ops fwd,train] [--dtype float32|bfloat16]
-                              [--rounds 15] [--batch 64] [--first] [--json out.json]
+                              [--rounds 15] [--batch 64] [--own-threads] [--first] [--json out.json]
 
 Per (function, layout, op, backend) the median ms and its ratio to the floor; at the small shape the
 floor column is a dense F.linear of the same n x D (fwd, or its train: grads of weight and bias).
@@ -61,6 +61,20 @@ def dense_thunk(x, n, op: str, dtype):
     return lambda: step_grads(F.linear(x, W, b), (W, b), g)
 
 
+def own_threads(fn):
+    """``fn`` with the CPU library on threads it starts itself (csrc/threads_cpu.cpp), in the same rounds."""
+    from tinyrecon import cpu_lib
+    lib = cpu_lib._load()[0]
+
+    def run():
+        lib.tinyrecon_cpu_use_openmp(None)
+        try:
+            return fn()
+        finally:
+            lib.tinyrecon_cpu_use_openmp(cpu_lib.torch_openmp())
+    return run
+
+
 def _sample(fn, inner: int) -> float:
     t0 = time.perf_counter()
     for _ in range(inner):
@@ -90,6 +104,8 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float64"))
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--batch", type=int, help="rows of x (default: the shape's batch)")
+    ap.add_argument("--own-threads", action="store_true",
+                    help="also time the cpu backend with the library on threads of its own, not torch's OpenMP team")
     ap.add_argument("--first", action="store_true", help="first call in a fresh process vs warm calls")
     ap.add_argument("--json", help="also write the rows here")
     a = ap.parse_args(argv)
@@ -114,6 +130,8 @@ def main(argv=None) -> None:
             for layout in (a.layouts.split(",") if f in LAYOUTED else ["kron"]):
                 for b in a.backends.split(","):
                     fns[(f, layout, b)] = thunk(make(f, layout), x, s.n, op, b, dtype)
+                    if a.own_threads and b == "cpu":
+                        fns[(f, layout, "cpu, own threads")] = own_threads(fns[(f, layout, b)])
                     if dtype != torch.float32:   # the same apply on a float32 x, in the same rounds
                         fns[(f, layout, b + ", float32 x")] = thunk(make(f, layout), x32, s.n, op, b, torch.float32)
         t = interleaved(fns, a.rounds)

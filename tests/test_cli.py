@@ -325,6 +325,9 @@ def test_info(capsys):
     assert "  cuda " not in cpu_section                    # never runs CPU tensors: not listed
     if not torch.cuda.is_available():
         assert "backends for cuda tensors" not in out and "cuda: no CUDA device: " in out
+    from tinyrecon import cpu_lib
+    if not cpu_lib.load_error():
+        assert "CPU library's threads: " + ("torch's OpenMP team" if cpu_lib.torch_openmp() else "its own") in out
 
 
 def test_python_dash_m(capsys, monkeypatch):

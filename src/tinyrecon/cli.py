@@ -113,6 +113,9 @@ def _info() -> int:
         print("CPU library's Philox, one core: " + ", ".join(f"{k} {v / 1e6:.0f} M numbers/s" for k, v in rates.items()
                                                               if k != "memcpy")
               + f" (memcpy of the same float32 bytes: {rates['memcpy'] / 1e6:.0f} M/s)")
+        from . import cpu_lib
+        print("CPU library's threads: " + ("torch's OpenMP team" if cpu_lib.torch_openmp() else
+                                           "its own, started per call (torch runs without OpenMP here)"))
     return 0
 
 

@@ -29,6 +29,7 @@ def _load():
     return lib, reason
 
 
+@functools.lru_cache(maxsize=None)
 def torch_openmp() -> int | None:
     """The address of ``GOMP_parallel`` as torch's CPU library resolves it (the OpenMP runtime torch's
     threads are, which the library then runs its work on: ``csrc/threads_cpu.cpp`` says why); None
