@@ -216,6 +216,7 @@ TR_INLINE void generate_run(uint64_t seed, uint64_t start, float* out, i64 n) {
   const Keys k(seed);
   i64 i = 0;
   for (; i + 8 * WIDE <= n; i += 8 * WIDE) numbers<Isa, NORMAL, WIDE>(k, start + uint64_t(i), out + i);
+  for (; i + 16 <= n; i += 16) numbers<Isa, NORMAL, 2>(k, start + uint64_t(i), out + i);   // block()'s 16
   for (; i + 8 <= n; i += 8) numbers<Isa, NORMAL, 1>(k, start + uint64_t(i), out + i);
   if (i < n) {
     float last[8];
@@ -371,9 +372,14 @@ TR_CLONES void mask_bits(const void* ctx, int, i64 begin, i64 end) {
   for (i64 q = begin; q < end; ++q) {
     const i64 row = q / b.words, col = q % b.words * 64, valid = std::min<i64>(64, b.cols - col);
     const uint64_t counter = uint64_t(row) * uint64_t(b.cols) + uint64_t(col);
+    float u[64];
+    generate(b.seed, counter, false, u, valid);
+    std::fill(u + valid, u + 64, 0.0f);   // bits past valid are masked off below
     uint64_t word = 0;
     for (int s = 0; s * LANES < valid; ++s) {
-      const u32v set = (u32v)(block(b.seed, counter + uint64_t(s * LANES), false) < b.p) & weight;
+      f32v v;
+      std::memcpy(&v, u + s * LANES, sizeof v);
+      const u32v set = (u32v)(v < b.p) & weight;
       uint32_t m = 0;
       for (int l = 0; l < LANES; ++l) m |= set[l];
       word |= uint64_t(m) << (s * LANES);
