@@ -5,16 +5,18 @@
 // Philox runs on 8 counters per 64-byte vector, each 32-bit word in the low half of a 64-bit lane:
 // a round is then one 32x32->64 multiply per word pair (the high halves carry don't-care bits that
 // the multiply never reads). GCC does not emit that multiply from vector code (it multiplies all 64
-// bits: three multiplies and four shifts and adds without AVX-512DQ), so it is an intrinsic, and the
+// bits: three multiplies plus shifts and adds without AVX-512DQ), so it is an intrinsic, and the
 // generator is compiled once per ISA level and picked through a pointer when the library loads (the
-// TR_CLONES of the rest of the library cannot hold per-level intrinsics). Four vectors (32 counters)
-// go through each step side by side: their long dependency chains (ten multiplies, then log, sqrt
-// and the polynomials) would otherwise leave the out-of-order core idle.
+// TR_CLONES of the rest of the library cannot hold per-level intrinsics). Several vectors (32
+// counters with AVX-512) go through each step side by side: their long dependency chains (ten
+// multiplies, then log, sqrt and the polynomials) would otherwise leave the out-of-order core idle.
+// Callers hand the generator whole runs of counters (a row of a fill, a mask word's 64).
 // The uniform stage is integer arithmetic and one float32 multiply: bit-exact.
 // The normal stage is defined in float64 and rounded once (float32 steps would inherit torch's
-// own float32 log/sqrt/cos, which are not correctly rounded and differ between CPUs); log and cos
-// are polynomials here with relative error ~1e-15, so the result rounds as _random.py's does
-// except within ~1e-15 of a rounding boundary (then 1 ulp).
+// own float32 log/sqrt/cos, which are not correctly rounded and differ between CPUs); log, cos and
+// sin are polynomials fitted on their reduced ranges (approximation error ~1e-17, below float64
+// rounding), so the result rounds as _random.py's does except within a few 1e-16 of a rounding
+// boundary (then 1 ulp).
 // Plain C ABI, loaded with ctypes; the entry point returns 0, or 1 for bad arguments.
 #include <pthread.h>
 #include <sys/mman.h>
@@ -45,7 +47,7 @@ typedef int32_t i32h __attribute__((vector_size(32)));
 
 constexpr uint32_t ROUND_A = 0xD2511F53u, ROUND_B = 0xCD9E8D57u, KEY_A = 0x9E3779B9u, KEY_B = 0xBB67AE85u;
 constexpr uint64_t LO32 = 0xFFFFFFFFu;
-constexpr int ROUNDS = 10, WIDE = 4;   // vectors of 8 counters side by side in the generator's main loop
+constexpr int ROUNDS = 10;
 
 template <typename To, typename From>
 TR_INLINE To bitcast(From v) {
@@ -55,21 +57,27 @@ TR_INLINE To bitcast(From v) {
   return t;
 }
 
-// The 64-bit products of each lane's low 32 bits and b, per ISA level.
+// Per ISA level: mul, the 64-bit products of each lane's low 32 bits and b, and WIDE, the vectors
+// of 8 counters that go side by side through the generator's main loop (as many as the registers
+// hold: 4 in AVX-512's 32, fewer where a vector takes two or four registers).
 struct Generic {
+  static constexpr int WIDE = 1;
   static TR_INLINE u64h mul(u64h a, uint32_t b) { return (a & LO32) * uint64_t(b); }
 };
 #if defined(__x86_64__)
 struct Avx2 {
-  typedef uint64_t u64q __attribute__((vector_size(32)));
+  static constexpr int WIDE = 2;
   __attribute__((target("avx2"))) static inline u64h mul(u64h a, uint32_t b) {
     const __m256i c = _mm256_set1_epi64x(b);
-    const u64q lo = (u64q)_mm256_mul_epu32((__m256i)__builtin_shufflevector(a, a, 0, 1, 2, 3), c);
-    const u64q hi = (u64q)_mm256_mul_epu32((__m256i)__builtin_shufflevector(a, a, 4, 5, 6, 7), c);
-    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i h[2];   // the vector's two registers (shuffles of the 64-byte vector cost 8x in GCC 12)
+    std::memcpy(h, &a, sizeof a);
+    h[0] = _mm256_mul_epu32(h[0], c), h[1] = _mm256_mul_epu32(h[1], c);
+    std::memcpy(&a, h, sizeof a);
+    return a;
   }
 };
 struct Avx512 {
+  static constexpr int WIDE = 4;
   __attribute__((target("avx512f"))) static inline u64h mul(u64h a, uint32_t b) {
     // the all-lanes mask spelling: GCC 12's _mm512_mul_epu32 trips -Wmaybe-uninitialized
     return (u64h)_mm512_maskz_mul_epu32(0xFF, (__m512i)a, _mm512_set1_epi64(b));
@@ -87,8 +95,8 @@ struct Keys {
 };
 
 // First two Philox-4x32-10 words (r0, r1: low halves of the lanes) for the 8 H counters base + 0..8H-1.
-// The first round's c1, c2, c3 are zero and the last round's c2, c3 are not needed: two of the
-// twenty multiplies are left out.
+// The first round's c2 and c3 are zero (its B product is 0) and the last round's A product feeds
+// only words not returned: two of the twenty multiplies are left out.
 template <class Isa, int H>
 TR_INLINE void philox(const Keys& k, uint64_t base, u64h (&r0)[H], u64h (&r1)[H]) {
   u64h c0[H], c1[H], c2[H], c3[H];
@@ -124,8 +132,9 @@ TR_INLINE f32h uniform(u64h u) {
 
 // -2 log(u) in double for 8 H float32 u > 0 (normal numbers): u = m * 2^e with m in [sqrt(1/2),
 // sqrt(2)), log(m) = 2 atanh(s) = 2 s P(s^2), s = (m - 1) / (m + 1), |s| < 0.172. P = 1 + y Q(y) on
-// y = s^2 in [0, 0.0295], Q fitted in Chebyshev nodes (error below 1e-17 in P: the Taylor series
-// needs two terms more for 1e-15). The -2 and the 2 are folded into the coefficients (exact).
+// y = s^2 in [0, 0.0295], Q interpolated in Chebyshev nodes (mpmath.chebyfit, 7 nodes): relative
+// error 4e-18 in atanh (the Taylor series needs two terms more for 1e-15). The -2 and the 2 are
+// folded into the coefficients (exact).
 template <int H>
 TR_INLINE void minus_two_log(const f32h (&u)[H], f64h (&out)[H]) {
   static constexpr double P[] = {0.07309671726756307, 0.07665743617932867, 0.09091448091741543, 0.11111105518908294,
@@ -149,8 +158,9 @@ TR_INLINE void minus_two_log(const f32h (&u)[H], f64h (&out)[H]) {
 
 // cos(t) in double for 8 H t in [0, 8): t = k pi/2 + x, |x| <= pi/4, with pi/2 in two parts whose
 // first has 33 bits (k pi/2 is exact to ~1e-26 for k <= 5), then cos x = 1 - y/2 + y^2 C(y) or
-// sin x = x (1 + y S(y)), y = x^2 in [0, 0.62], C and S fitted in Chebyshev nodes (error below
-// 1e-17; the Taylor series needs a term more each).
+// sin x = x (1 + y S(y)), y = x^2 in [0, 0.62], C and S interpolated in Chebyshev nodes
+// (mpmath.chebyfit, 6 nodes each): relative error 1e-18 and 2e-17 (the Taylor series needs a term
+// more each).
 template <int H>
 TR_INLINE void cos_f64(f64h (&t)[H]) {
   static constexpr double C[] = {-1.138218421447753e-11,  2.0876140031390975e-09, -2.755731724172776e-07,
@@ -215,8 +225,9 @@ template <class Isa, bool NORMAL>
 TR_INLINE void generate_run(uint64_t seed, uint64_t start, float* out, i64 n) {
   const Keys k(seed);
   i64 i = 0;
-  for (; i + 8 * WIDE <= n; i += 8 * WIDE) numbers<Isa, NORMAL, WIDE>(k, start + uint64_t(i), out + i);
-  for (; i + 16 <= n; i += 16) numbers<Isa, NORMAL, 2>(k, start + uint64_t(i), out + i);   // block()'s 16
+  constexpr int W = Isa::WIDE;
+  for (; i + 8 * W <= n; i += 8 * W) numbers<Isa, NORMAL, W>(k, start + uint64_t(i), out + i);
+  for (; W > 2 && i + 16 <= n; i += 16) numbers<Isa, NORMAL, 2>(k, start + uint64_t(i), out + i);   // block()'s 16
   for (; i + 8 <= n; i += 8) numbers<Isa, NORMAL, 1>(k, start + uint64_t(i), out + i);
   if (i < n) {
     float last[8];
@@ -237,11 +248,15 @@ typedef void (*Generate)(uint64_t seed, uint64_t start, bool normal, float* out,
 
 // One generator per ISA level where the library has clones (as TR_CLONES decides: x86-64 GCC
 // without TR_NO_CLONES), picked by the CPU; else the build's own level (the tests build each).
+// flatten inlines the level's multiply here, where the target allows it (always_inline would try
+// it inside philox's own body first, compiled for the baseline, and fail).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(TR_NO_CLONES)
-__attribute__((target("avx512f"), flatten)) void generate_avx512(uint64_t seed, uint64_t start, bool normal, float* out, i64 n) {
+__attribute__((target("avx512f"), flatten)) void generate_avx512(uint64_t seed, uint64_t start, bool normal,
+                                                                 float* out, i64 n) {
   generate_isa<Avx512>(seed, start, normal, out, n);
 }
-__attribute__((target("avx2"), flatten)) void generate_avx2(uint64_t seed, uint64_t start, bool normal, float* out, i64 n) {
+__attribute__((target("avx2"), flatten)) void generate_avx2(uint64_t seed, uint64_t start, bool normal, float* out,
+                                                            i64 n) {
   generate_isa<Avx2>(seed, start, normal, out, n);
 }
 void generate_default(uint64_t seed, uint64_t start, bool normal, float* out, i64 n) {
@@ -249,7 +264,9 @@ void generate_default(uint64_t seed, uint64_t start, bool normal, float* out, i6
 }
 Generate pick_generate() {
   __builtin_cpu_init();   // this runs while the library loads, maybe before libgcc's own constructor
-  return __builtin_cpu_supports("avx512f") ? generate_avx512 : __builtin_cpu_supports("avx2") ? generate_avx2 : generate_default;
+  return __builtin_cpu_supports("avx512f") ? generate_avx512
+         : __builtin_cpu_supports("avx2")  ? generate_avx2
+                                           : generate_default;
 }
 const Generate generate = pick_generate();
 #else
