@@ -6,6 +6,7 @@
 // One clone per ISA level, picked when the library loads: built once, right on any x86-64.
 // (TR_NO_CLONES builds one level, the compiler's -march: the tests check each level that way.)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(TR_NO_CLONES)
+#define TR_HAS_CLONES 1
 #define TR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define TR_CLONES

@@ -2,14 +2,22 @@
 // by the 64-bit seed with counter (k_lo, k_hi, 0, 0), Triton's uint->uniform map and, for normals,
 // its Box-Muller transform on the first two output words.
 //
-// 16 counters per step, as two 64-byte vectors of 8 64-bit lanes (one AVX-512 register each, two
-// AVX2 or four SSE registers in the other clones). The uniform stage is integer arithmetic and one float32 multiply: bit-exact.
+// Philox runs on 8 counters per 64-byte vector, each 32-bit word in the low half of a 64-bit lane:
+// a round is then one 32x32->64 multiply per word pair (the high halves carry don't-care bits that
+// the multiply never reads). GCC does not emit that multiply from vector code (it multiplies all 64
+// bits: three multiplies plus shifts and adds without AVX-512DQ), so it is an intrinsic, and the
+// generator is compiled once per ISA level and picked through a pointer when the library loads (the
+// TR_CLONES of the rest of the library cannot hold per-level intrinsics). Several vectors (32
+// counters with AVX-512) go through each step side by side: their long dependency chains (ten
+// multiplies, then log, sqrt and the polynomials) would otherwise leave the out-of-order core idle.
+// Callers hand the generator whole runs of counters (a row of a fill, a mask word's 64).
+// The uniform stage is integer arithmetic and one float32 multiply: bit-exact.
 // The normal stage is defined in float64 and rounded once (float32 steps would inherit torch's
-// own float32 log/sqrt/cos, which are not correctly rounded and differ between CPUs); log and cos
-// are polynomials here with relative error ~1e-15, so the result rounds as _random.py's does
-// except within ~1e-15 of a rounding boundary (then 1 ulp).
+// own float32 log/sqrt/cos, which are not correctly rounded and differ between CPUs); log, cos and
+// sin are polynomials fitted on their reduced ranges (approximation error ~1e-17, below float64
+// rounding), so the result rounds as _random.py's does except within a few 1e-16 of a rounding
+// boundary (then 1 ulp).
 // Plain C ABI, loaded with ctypes; the entry point returns 0, or 1 for bad arguments.
-#include <pthread.h>
 #include <sys/mman.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -26,7 +34,7 @@
 namespace {
 
 using i64 = int64_t;
-constexpr int LANES = 16;   // counters per step; the float64 stage runs in two halves of 8
+constexpr int LANES = 16;   // floats per 64-byte vector (the applies' tiles); Philox runs 8 counters per vector
 typedef uint32_t u32v __attribute__((vector_size(64)));
 typedef int32_t i32v __attribute__((vector_size(64)));
 typedef float f32v __attribute__((vector_size(64)));
@@ -38,6 +46,7 @@ typedef int32_t i32h __attribute__((vector_size(32)));
 
 constexpr uint32_t ROUND_A = 0xD2511F53u, ROUND_B = 0xCD9E8D57u, KEY_A = 0x9E3779B9u, KEY_B = 0xBB67AE85u;
 constexpr uint64_t LO32 = 0xFFFFFFFFu;
+constexpr int ROUNDS = 10;
 
 template <typename To, typename From>
 TR_INLINE To bitcast(From v) {
@@ -47,22 +56,70 @@ TR_INLINE To bitcast(From v) {
   return t;
 }
 
-// First two Philox-4x32-10 words for the 8 counters base + 0..7, each word in the low half of a
-// 64-bit lane (the high halves carry don't-care bits): the 32x32->64 multiply reads only low
-// halves, so a round is two multiplies, two shifts and two three-way xors per 8 counters.
-TR_INLINE void philox(uint64_t seed, uint64_t base, u64h& r0, u64h& r1) {
-  const u64h counter = base + u64h{0, 1, 2, 3, 4, 5, 6, 7};
-  u64h c0 = counter, c1 = counter >> 32, c2 = {}, c3 = {};
-  uint64_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
-  for (int round = 0; round < 10; ++round) {
-    const u64h pb = (c2 & LO32) * uint64_t(ROUND_B), pa = (c0 & LO32) * uint64_t(ROUND_A);
-    c0 = (pb >> 32) ^ c1 ^ k0;
-    c1 = pb;
-    c2 = (pa >> 32) ^ c3 ^ k1;
-    c3 = pa;
-    k0 = uint32_t(k0 + KEY_A), k1 = uint32_t(k1 + KEY_B);
+// Per ISA level: mul, the 64-bit products of each lane's low 32 bits and b, and WIDE, the vectors
+// of 8 counters that go side by side through the generator's main loop (as many as the registers
+// hold: 4 in AVX-512's 32, fewer where a vector takes two or four registers).
+struct Generic {
+  static constexpr int WIDE = 1;
+  static TR_INLINE u64h mul(u64h a, uint32_t b) { return (a & LO32) * uint64_t(b); }
+};
+#if defined(__x86_64__)
+struct Avx2 {
+  static constexpr int WIDE = 2;
+  __attribute__((target("avx2"))) static inline u64h mul(u64h a, uint32_t b) {
+    const __m256i c = _mm256_set1_epi64x(b);
+    __m256i h[2];   // the vector's two registers (shuffles of the 64-byte vector cost 8x in GCC 12)
+    std::memcpy(h, &a, sizeof a);
+    h[0] = _mm256_mul_epu32(h[0], c), h[1] = _mm256_mul_epu32(h[1], c);
+    std::memcpy(&a, h, sizeof a);
+    return a;
   }
-  r0 = c0 & LO32, r1 = c1 & LO32;
+};
+struct Avx512 {
+  static constexpr int WIDE = 4;
+  __attribute__((target("avx512f"))) static inline u64h mul(u64h a, uint32_t b) {
+    // the all-lanes mask spelling: GCC 12's _mm512_mul_epu32 trips -Wmaybe-uninitialized
+    return (u64h)_mm512_maskz_mul_epu32(0xFF, (__m512i)a, _mm512_set1_epi64(b));
+  }
+};
+#endif
+
+// The round keys of a seed: (k0, k1) + r (KEY_A, KEY_B) for round r.
+struct Keys {
+  uint32_t k0[ROUNDS], k1[ROUNDS];
+  explicit Keys(uint64_t seed) {
+    for (int r = 0; r < ROUNDS; ++r)
+      k0[r] = uint32_t(seed) + uint32_t(r) * KEY_A, k1[r] = uint32_t(seed >> 32) + uint32_t(r) * KEY_B;
+  }
+};
+
+// First two Philox-4x32-10 words (r0, r1: low halves of the lanes) for the 8 H counters base + 0..8H-1.
+// The first round's c2 and c3 are zero (its B product is 0) and the last round's A product feeds
+// only words not returned: two of the twenty multiplies are left out.
+template <class Isa, int H>
+TR_INLINE void philox(const Keys& k, uint64_t base, u64h (&r0)[H], u64h (&r1)[H]) {
+  u64h c0[H], c1[H], c2[H], c3[H];
+  for (int h = 0; h < H; ++h) {
+    const u64h counter = base + uint64_t(8 * h) + u64h{0, 1, 2, 3, 4, 5, 6, 7};
+    const u64h pa = Isa::mul(counter, ROUND_A);
+    c0[h] = (counter >> 32) ^ k.k0[0];
+    c1[h] = u64h{};
+    c2[h] = (pa >> 32) ^ k.k1[0];
+    c3[h] = pa;
+  }
+  for (int r = 1; r < ROUNDS - 1; ++r)
+    for (int h = 0; h < H; ++h) {
+      const u64h pb = Isa::mul(c2[h], ROUND_B), pa = Isa::mul(c0[h], ROUND_A);
+      c0[h] = (pb >> 32) ^ c1[h] ^ k.k0[r];
+      c1[h] = pb;
+      c2[h] = (pa >> 32) ^ c3[h] ^ k.k1[r];
+      c3[h] = pa;
+    }
+  for (int h = 0; h < H; ++h) {
+    const u64h pb = Isa::mul(c2[h], ROUND_B);
+    r0[h] = (pb >> 32) ^ c1[h] ^ k.k0[ROUNDS - 1];
+    r1[h] = pb;
+  }
 }
 
 // Triton's uint_to_uniform_float: the word as int32, negatives mapped to ~s, times 2^-31 (rounded).
@@ -72,81 +129,156 @@ TR_INLINE f32h uniform(u64h u) {
   return __builtin_convertvector(s, f32h) * 4.6566127342e-10f;
 }
 
-// log(u) in double for 8 float32 u > 0 (normal numbers): u = m * 2^e with m in [sqrt(1/2), sqrt(2)),
-// log(m) = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172: nine odd terms reach 1e-16 relative.
-TR_INLINE f64h log_f64(f32h u) {
-  const i32h bits = bitcast<i32h>(u);
-  i32h e = ((bits >> 23) & 0xff) - 127;
-  f32h m = bitcast<f32h>((bits & 0x7fffff) | 0x3f800000);
-  const i32h big = m > 1.41421356f;   // all ones where m is above sqrt(2)
-  m = big ? m * 0.5f : m;
-  e -= big;
-  const f64h md = __builtin_convertvector(m, f64h);
-  const f64h s = (md - 1.0) / (md + 1.0), s2 = s * s;
-  f64h p = f64h{} + 1.0 / 17;
-  p = p * s2 + 1.0 / 15;
-  p = p * s2 + 1.0 / 13;
-  p = p * s2 + 1.0 / 11;
-  p = p * s2 + 1.0 / 9;
-  p = p * s2 + 1.0 / 7;
-  p = p * s2 + 1.0 / 5;
-  p = p * s2 + 1.0 / 3;
-  p = p * s2 + 1.0;
-  return __builtin_convertvector(e, f64h) * 0.69314718055994530942 + 2.0 * s * p;
-}
-
-// cos(t) in double for t in [0, 8): t = k pi/2 + x, |x| <= pi/4, with pi/2 in two parts whose first
-// has 33 bits (k pi/2 is exact to ~1e-26 for k <= 5), then the Taylor series of cos x or sin x
-// (truncation below 1e-16).
-TR_INLINE f64h cos_f64(f64h t) {
-  const double shifter = 6755399441055744.0;   // 1.5 * 2^52: adding it rounds to an integer
-  const f64h kr = t * 0.63661977236758134308 + shifter;
-  const i64h q = bitcast<i64h>(kr) & 3;   // k mod 4, from the low mantissa bits
-  const f64h k = kr - shifter;
-  const f64h x = (t - k * 1.57079632673412561417) - k * 6.07710050650619224932e-11, x2 = x * x;
-  f64h c = f64h{} + 1.0 / 20922789888000.0;   // 1/16!
-  c = c * x2 - 1.0 / 87178291200.0;
-  c = c * x2 + 1.0 / 479001600.0;
-  c = c * x2 - 1.0 / 3628800.0;
-  c = c * x2 + 1.0 / 40320.0;
-  c = c * x2 - 1.0 / 720.0;
-  c = c * x2 + 1.0 / 24.0;
-  c = c * x2 - 0.5;
-  c = c * x2 + 1.0;
-  f64h s = f64h{} + 1.0 / 1307674368000.0;   // 1/15!
-  s = s * x2 - 1.0 / 6227020800.0;
-  s = s * x2 + 1.0 / 39916800.0;
-  s = s * x2 - 1.0 / 362880.0;
-  s = s * x2 + 1.0 / 5040.0;
-  s = s * x2 - 1.0 / 120.0;
-  s = s * x2 + 1.0 / 6.0;
-  s = x - x * x2 * s;   // sin x
-  // cos(x + k pi/2) = cos x, -sin x, -cos x, sin x for k = 0, 1, 2, 3 (mod 4): selected and
-  // negated with bit operations (compilers turn vector compares of 64-bit lanes into scalar code)
-  const i64h odd = -(q & 1), sign = ((q + 1) & 2) << 62;
-  return bitcast<f64h>(((bitcast<i64h>(s) & odd) | (bitcast<i64h>(c) & ~odd)) ^ sign);
-}
-
-// Box-Muller for 8 pairs: sqrt(-2 log u1) cos(2 pi u2) in double, rounded once.
-TR_INLINE f32h box_muller(f32h u1, f32h u2) {
-  const f64h r2 = -2.0 * log_f64(u1 < 1.0e-7f ? 1.0e-7f : u1);
-  f64h r;
-  for (int l = 0; l < 8; ++l) r[l] = __builtin_sqrt(r2[l]);
-  return __builtin_convertvector(r * cos_f64(__builtin_convertvector(u2, f64h) * 6.283185307179586), f32h);
-}
-
-// 16 numbers for counters base + 0..15: U[0, 1) (normal == false) or N(0, 1).
-TR_INLINE f32v block(uint64_t seed, uint64_t base, bool normal) {
-  f32h z[2];
-  for (int h = 0; h < 2; ++h) {
-    u64h r0, r1;
-    philox(seed, base + uint64_t(8 * h), r0, r1);
-    z[h] = normal ? box_muller(uniform(r0), uniform(r1)) : uniform(r0);
+// -2 log(u) in double for 8 H float32 u > 0 (normal numbers): u = m * 2^e with m in [sqrt(1/2),
+// sqrt(2)), log(m) = 2 atanh(s) = 2 s P(s^2), s = (m - 1) / (m + 1), |s| < 0.172. P = 1 + y Q(y) on
+// y = s^2 in [0, 0.0295], Q interpolated in Chebyshev nodes (mpmath.chebyfit, 7 nodes): relative
+// error 4e-18 in atanh (the Taylor series needs two terms more for 1e-15). The -2 and the 2 are
+// folded into the coefficients (exact).
+template <int H>
+TR_INLINE void minus_two_log(const f32h (&u)[H], f64h (&out)[H]) {
+  static constexpr double P[] = {0.07309671726756307, 0.07665743617932867, 0.09091448091741543, 0.11111105518908294,
+                                 0.14285714313285103, 0.19999999999949095, 0.3333333333333335,  1.0};
+  f64h s[H], s2[H], p[H];
+  for (int h = 0; h < H; ++h) {
+    const i32h bits = bitcast<i32h>(u[h]);
+    i32h e = ((bits >> 23) & 0xff) - 127;
+    f32h m = bitcast<f32h>((bits & 0x7fffff) | 0x3f800000);
+    const i32h big = m > 1.41421356f;   // all ones where m is above sqrt(2)
+    m = big ? m * 0.5f : m;
+    e -= big;
+    const f64h md = __builtin_convertvector(m, f64h);
+    s[h] = (md - 1.0) / (md + 1.0), s2[h] = s[h] * s[h], p[h] = f64h{} + -4.0 * P[0];
+    out[h] = __builtin_convertvector(e, f64h) * (-2.0 * 0.69314718055994530942);
   }
-  f32v out;
-  std::memcpy(&out, z, sizeof out);
-  return out;
+  for (int j = 1; j < 8; ++j)
+    for (int h = 0; h < H; ++h) p[h] = p[h] * s2[h] + -4.0 * P[j];
+  for (int h = 0; h < H; ++h) out[h] += s[h] * p[h];
 }
+
+// cos(t) in double for 8 H t in [0, 8): t = k pi/2 + x, |x| <= pi/4, with pi/2 in two parts whose
+// first has 33 bits (k pi/2 is exact to ~1e-26 for k <= 5), then cos x = 1 - y/2 + y^2 C(y) or
+// sin x = x (1 + y S(y)), y = x^2 in [0, 0.62], C and S interpolated in Chebyshev nodes
+// (mpmath.chebyfit, 6 nodes each): relative error 1e-18 and 2e-17 (the Taylor series needs a term
+// more each).
+template <int H>
+TR_INLINE void cos_f64(f64h (&t)[H]) {
+  static constexpr double C[] = {-1.138218421447753e-11,  2.0876140031390975e-09, -2.755731724172776e-07,
+                                 2.48015872987077e-05,    -0.0013888888888887359, 0.041666666666666664,
+                                 -0.5,                    1.0};
+  static constexpr double S[] = {1.5917412836707387e-10, -2.5051121875169608e-08, 2.755731605459391e-06,
+                                 -0.0001984126983666588, 0.008333333333330887,    -0.16666666666666666};
+  const double shifter = 6755399441055744.0;   // 1.5 * 2^52: adding it rounds to an integer
+  f64h x[H], x2[H], c[H], s[H];
+  i64h q[H];
+  for (int h = 0; h < H; ++h) {
+    const f64h kr = t[h] * 0.63661977236758134308 + shifter;
+    q[h] = bitcast<i64h>(kr) & 3;   // k mod 4, from the low mantissa bits
+    const f64h k = kr - shifter;
+    x[h] = (t[h] - k * 1.57079632673412561417) - k * 6.07710050650619224932e-11, x2[h] = x[h] * x[h];
+    c[h] = f64h{} + C[0], s[h] = f64h{} + S[0];
+  }
+  for (int j = 1; j < 8; ++j)
+    for (int h = 0; h < H; ++h) {
+      c[h] = c[h] * x2[h] + C[j];
+      if (j < 6) s[h] = s[h] * x2[h] + S[j];
+    }
+  for (int h = 0; h < H; ++h) {
+    s[h] = x[h] + x[h] * x2[h] * s[h];   // sin x
+    // cos(x + k pi/2) = cos x, -sin x, -cos x, sin x for k = 0, 1, 2, 3 (mod 4): selected and
+    // negated with bit operations (compilers turn vector compares of 64-bit lanes into scalar code)
+    const i64h odd = -(q[h] & 1), sign = ((q[h] + 1) & 2) << 62;
+    t[h] = bitcast<f64h>(((bitcast<i64h>(s[h]) & odd) | (bitcast<i64h>(c[h]) & ~odd)) ^ sign);
+  }
+}
+
+// 8 H numbers for counters base + 0..8H-1 into out: U[0, 1), or N(0, 1) by Box-Muller,
+// sqrt(-2 log u1) cos(2 pi u2) in double, rounded once.
+template <class Isa, bool NORMAL, int H>
+TR_INLINE void numbers(const Keys& k, uint64_t base, float* out) {
+  u64h r0[H], r1[H];
+  philox<Isa, H>(k, base, r0, r1);
+  f32h z[H];
+  if (!NORMAL) {
+    for (int h = 0; h < H; ++h) z[h] = uniform(r0[h]);
+  } else {
+    f32h u1[H];
+    f64h r2[H], t[H];
+    for (int h = 0; h < H; ++h) {
+      u1[h] = uniform(r0[h]);
+      u1[h] = u1[h] < 1.0e-7f ? 1.0e-7f : u1[h];
+      t[h] = __builtin_convertvector(uniform(r1[h]), f64h) * 6.283185307179586;
+    }
+    minus_two_log(u1, r2);
+    cos_f64(t);
+    for (int h = 0; h < H; ++h) {
+      f64h r;
+      for (int l = 0; l < 8; ++l) r[l] = __builtin_sqrt(r2[h][l]);   // one vector square root
+      z[h] = __builtin_convertvector(r * t[h], f32h);
+    }
+  }
+  std::memcpy(out, z, sizeof z);
+}
+
+// out[i] = number start + i of seed's stream for i < n: uniform, or normal.
+template <class Isa, bool NORMAL>
+TR_INLINE void generate_run(uint64_t seed, uint64_t start, float* out, i64 n) {
+  const Keys k(seed);
+  i64 i = 0;
+  constexpr int W = Isa::WIDE;
+  for (; i + 8 * W <= n; i += 8 * W) numbers<Isa, NORMAL, W>(k, start + uint64_t(i), out + i);
+  for (; W > 2 && i + 16 <= n; i += 16) numbers<Isa, NORMAL, 2>(k, start + uint64_t(i), out + i);
+  for (; i + 8 <= n; i += 8) numbers<Isa, NORMAL, 1>(k, start + uint64_t(i), out + i);
+  if (i < n) {
+    float last[8];
+    numbers<Isa, NORMAL, 1>(k, start + uint64_t(i), last);
+    std::memcpy(out + i, last, sizeof(float) * size_t(n - i));
+  }
+}
+
+template <class Isa>
+TR_INLINE void generate_isa(uint64_t seed, uint64_t start, bool normal, float* out, i64 n) {
+  if (normal)
+    generate_run<Isa, true>(seed, start, out, n);
+  else
+    generate_run<Isa, false>(seed, start, out, n);
+}
+
+typedef void (*Generate)(uint64_t seed, uint64_t start, bool normal, float* out, i64 n);
+
+// One generator per ISA level where the library has clones (TR_HAS_CLONES), picked by the CPU;
+// else the build's own level (the tests build each).
+// flatten inlines the level's multiply here, where the target allows it (always_inline would try
+// it inside philox's own body first, compiled for the baseline, and fail).
+#ifdef TR_HAS_CLONES
+__attribute__((target("avx512f"), flatten)) void generate_avx512(uint64_t seed, uint64_t start, bool normal,
+                                                                 float* out, i64 n) {
+  generate_isa<Avx512>(seed, start, normal, out, n);
+}
+__attribute__((target("avx2"), flatten)) void generate_avx2(uint64_t seed, uint64_t start, bool normal, float* out,
+                                                            i64 n) {
+  generate_isa<Avx2>(seed, start, normal, out, n);
+}
+void generate_default(uint64_t seed, uint64_t start, bool normal, float* out, i64 n) {
+  generate_isa<Generic>(seed, start, normal, out, n);
+}
+Generate pick_generate() {
+  __builtin_cpu_init();   // this runs while the library loads, maybe before libgcc's own constructor
+  return __builtin_cpu_supports("avx512f") ? generate_avx512
+         : __builtin_cpu_supports("avx2")  ? generate_avx2
+                                           : generate_default;
+}
+const Generate generate = pick_generate();
+#else
+void generate(uint64_t seed, uint64_t start, bool normal, float* out, i64 n) {
+#if defined(__x86_64__) && defined(__AVX512F__)
+  generate_isa<Avx512>(seed, start, normal, out, n);
+#elif defined(__x86_64__) && defined(__AVX2__)
+  generate_isa<Avx2>(seed, start, normal, out, n);
+#else
+  generate_isa<Generic>(seed, start, normal, out, n);
+#endif
+}
+#endif
 
 // ---- threads ------------------------------------------------------------------------------------
 constexpr int MAX_THREADS = 64;
@@ -186,27 +318,26 @@ struct Fill {
   float p;
 };
 
-TR_INLINE void store(const Fill& f, float* out, const float* src, f32v v, i64 len) {
-  if (src) {   // src * 1 or src * 0, as the reference's w * mask (so inf and nan propagate alike)
-    f32v s;
-    std::memcpy(&s, src, sizeof(float) * size_t(len));
-    for (i64 l = 0; l < len; ++l) v[l] = s[l] * (v[l] < f.p ? 1.0f : 0.0f);
-  }
-  std::memcpy(out, &v, sizeof(float) * size_t(len));
-}
-
 // Elements e in [begin, end) of the rows x cols block: row e / cols, column e % cols.
 TR_CLONES void fill(const void* ctx, int, i64 begin, i64 end) {
   const Fill& f = *static_cast<const Fill*>(ctx);
+  constexpr i64 CHUNK = 256;   // masking: numbers drawn per pass over src
   for (i64 e = begin; e < end;) {
     const i64 row = e / f.cols, col = e % f.cols, len = std::min(f.cols - col, end - e);
     const uint64_t counter = f.start + uint64_t(row) * uint64_t(f.stride) + uint64_t(col);
     float* out = f.out + row * f.out_stride + col;
-    const float* src = f.src ? f.src + row * f.src_stride + col : nullptr;
-    i64 i = 0;
-    for (; i + LANES <= len; i += LANES)
-      store(f, out + i, src ? src + i : nullptr, block(f.seed, counter + uint64_t(i), f.normal), LANES);
-    if (i < len) store(f, out + i, src ? src + i : nullptr, block(f.seed, counter + uint64_t(i), f.normal), len - i);
+    if (!f.src) {
+      generate(f.seed, counter, f.normal, out, len);
+    } else {
+      const float* src = f.src + row * f.src_stride + col;
+      for (i64 i = 0; i < len; i += CHUNK) {
+        float u[CHUNK];
+        const i64 m = std::min(CHUNK, len - i);
+        generate(f.seed, counter + uint64_t(i), f.normal, u, m);
+        // src * 1 or src * 0, as the reference's w * mask (so inf and nan propagate alike)
+        for (i64 l = 0; l < m; ++l) out[i + l] = src[i + l] * (u[l] < f.p ? 1.0f : 0.0f);
+      }
+    }
     e += len;
   }
 }
@@ -236,9 +367,14 @@ TR_CLONES void mask_bits(const void* ctx, int, i64 begin, i64 end) {
   for (i64 q = begin; q < end; ++q) {
     const i64 row = q / b.words, col = q % b.words * 64, valid = std::min<i64>(64, b.cols - col);
     const uint64_t counter = uint64_t(row) * uint64_t(b.cols) + uint64_t(col);
+    float u[64];
+    generate(b.seed, counter, false, u, valid);
+    std::fill(u + valid, u + 64, 0.0f);   // bits past valid are masked off below
     uint64_t word = 0;
     for (int s = 0; s * LANES < valid; ++s) {
-      const u32v set = (u32v)(block(b.seed, counter + uint64_t(s * LANES), false) < b.p) & weight;
+      f32v v;
+      std::memcpy(&v, u + s * LANES, sizeof v);
+      const u32v set = (u32v)(v < b.p) & weight;
       uint32_t m = 0;
       for (int l = 0; l < LANES; ++l) m |= set[l];
       word |= uint64_t(m) << (s * LANES);
@@ -577,15 +713,8 @@ TR_INLINE void linear_block(const Linear<T>& f, int thread, i64 begin, i64 end) 
     const uint64_t element = uint64_t(row) * uint64_t(f.D) + uint64_t(f.j0 + col);
     const float* mr = f.m_rows ? f.m_rows[row] + (f.j0 + col) * k : m;
     const float* cr = f.c_rows ? f.c_rows[row] + f.j0 + col : c;
-    for (i64 t = 0; !f.m_rows && t < len * k; t += LANES) {
-      const f32v z = block(f.seed_m, element * uint64_t(k) + uint64_t(t), true);
-      std::memcpy(m + t, &z, sizeof z);
-    }
-    if (f.W && f.has_c && !f.c_rows)
-      for (i64 t = 0; t < len; t += LANES) {
-        const f32v z = block(f.seed_c, element + uint64_t(t), true);
-        std::memcpy(c + t, &z, sizeof z);
-      }
+    if (!f.m_rows) generate(f.seed_m, element * uint64_t(k), true, m, len * k);
+    if (f.W && f.has_c && !f.c_rows) generate(f.seed_c, element, true, c, len);
     for (i64 ch = 0; ch < C; ++ch) {
       const T* v = f.v + ch * k;
       const i64 at = (ch * f.n + row) * f.cols + col;
@@ -735,10 +864,7 @@ struct Run {
 TR_INLINE Run m_run(const Fused& f, float* buf, float* split, i64 cap, i64 i, i64 col, i64 len) {
   const float* m = f.m_rows ? f.m_rows[i] + col * f.k : buf;
   const uint64_t start = (uint64_t(i) * uint64_t(f.D) + uint64_t(col)) * uint64_t(f.k);
-  for (i64 t = 0; !f.m_rows && t < len * f.k; t += LANES) {
-    const f32v z = block(f.seed_m, start + uint64_t(t), true);
-    std::memcpy(buf + t, &z, sizeof z);
-  }
+  if (!f.m_rows) generate(f.seed_m, start, true, buf, len * f.k);
   f.split(m, len, f.k, split, cap, f.tables);
   return {split, cap};
 }
@@ -748,10 +874,7 @@ TR_INLINE const float* c_run(const Fused& f, float* buf, i64 i, i64 col, i64 len
   if (!f.has_c) return nullptr;
   if (f.c_rows) return f.c_rows[i] + col;
   const uint64_t start = uint64_t(i) * uint64_t(f.D) + uint64_t(col);
-  for (i64 t = 0; t < len; t += LANES) {
-    const f32v z = block(f.seed_c, start + uint64_t(t), true);
-    std::memcpy(buf + t, &z, sizeof z);
-  }
+  generate(f.seed_c, start, true, buf, len);
   return buf;
 }
 

@@ -46,7 +46,8 @@ def test_library_equals_the_definition(seed, start):
 
 
 def test_every_length_and_thread_split(runtime):
-    for numel in (0, 1, 15, 16, 17, 33):
+    # the generator's steps: 32 counters, then 16, then 8, then a short one; counters cross 2**32 in a step
+    for numel in (0, 1, 7, 8, 15, 16, 17, 24, 31, 32, 33, 40, 48, 56, 63, 64, 65, 95):
         _check(7, 2**32 - 9, numel)
     _check(11, 5, (1 << 17) + 3, threads=3)   # big enough to be split over threads
 
@@ -153,6 +154,16 @@ def test_applies_over_many_column_blocks(family, dtype, budget, monkeypatch):
 
 def _mask(seed, n, D, p):
     return (_definition(seed, 0, n * D, 0).view(n, D) < torch.tensor(p, dtype=torch.float32)).float()
+
+
+def test_masking_pass_over_long_rows():
+    """src * (u < p) for a column block of rows longer than the pass draws at once (256)."""
+    seed, start, rows, cols, stride, p = 2**40 + 5, 2**32 - 300, 3, 701, 777, 0.3
+    src, got = torch.randn(rows, cols + 4), torch.empty(rows, cols)
+    cpu_lib.call("tinyrecon_cpu_philox_mask", 2, seed, start, rows, cols, stride, p, src.data_ptr(), src.stride(0),
+                 got.data_ptr(), cols)
+    u = _definition(seed, start, rows * stride, 0).view(rows, stride)[:, :cols]
+    assert torch.equal(got, src[:, :cols] * (u < p).float())
 
 
 @pytest.mark.parametrize("n, D", [(1, 1), (3, 64), (5, 203), (2, 1000)])
