@@ -7,6 +7,8 @@
 // runtime all export), the spinning workers are the ones that take the work, and no thread is started
 // per call. The loader passes GOMP_parallel as torch's library resolves it (src/tinyrecon/cpu_lib.py);
 // without it (no OpenMP in torch, no such symbol) pthreads are started per call, as before.
+// A forked child starts its own threads too: an OpenMP team does not survive fork (GNU libgomp's
+// next parallel region in the child waits forever for the parent's workers, torch's own ops included).
 #include <pthread.h>
 
 #include <algorithm>
@@ -18,6 +20,9 @@ namespace {
 
 typedef void (*GompParallel)(void (*fn)(void*), void* data, unsigned threads, unsigned flags);
 std::atomic<GompParallel> gomp_parallel{nullptr};
+
+void forget_openmp_in_child() { gomp_parallel.store(nullptr, std::memory_order_relaxed); }
+[[maybe_unused]] const int at_fork = pthread_atfork(nullptr, nullptr, forget_openmp_in_child);
 
 struct Tasks {
   void (*task)(void*, int);

@@ -4,6 +4,7 @@ opcheck of every Triton and CPU custom op, inductor with dynamic shapes over the
 and the torch backend, and 1 vs N threads in the CPU library's kernels.
 """
 import functools
+import os
 import sys
 
 import pytest
@@ -201,6 +202,35 @@ def test_cpu_kernels_one_thread_equals_many(N, threads, runtime):
         assert_close(one, expected, torch.float32)
         assert_close(many, expected, torch.float32)
         assert_close(many, one, torch.float32)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_cpu_kernels_run_in_a_forked_child(runtime):
+    """A child forked after the kernels ran on torch's OpenMP team runs them on threads of its own:
+    the team does not survive fork (the next parallel region would wait forever for its workers)."""
+    import select
+    N, M, K = 2, 16, (1 << 20) // 16 + 37   # big enough for two threads
+    x, L, R = _pass_inputs(N, M, K, 3, 2)
+    U, V = cpu_ops.kron_pass(x, L, R, True, True)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: no torch op big enough for torch's own threads (they would hang)
+        try:
+            U2, V2 = cpu_ops.kron_pass(x, L, R, True, True)
+            same = all(a.numpy().tobytes() == b.numpy().tobytes() for a, b in ((U, U2), (V, V2)))
+            os.write(write, b"1" if same else b"0")
+        finally:   # leave without pytest's teardown
+            os._exit(0)
+    os.close(write)
+    try:
+        done = select.select([read], [], [], 60)[0]
+        assert done, "the kernels hung in a forked child"
+        assert os.read(read, 1) == b"1"
+    finally:
+        if not done:
+            os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        os.close(read)
 
 
 class _FirstCalls(TorchDispatchMode):
