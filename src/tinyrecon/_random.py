@@ -88,7 +88,7 @@ def _torch_fill(out: torch.Tensor, seed: int, start: int, numel: int, kind: str)
 
 
 # Regenerating costs more than the GEMM that uses it (~100 ns per number and core in torch ops;
-# ~10 ns for a normal in the CPU library, still several times a copy from the cache), so recently used
+# ~3.5 ns for a normal in the CPU library, still several times a copy from the cache), so recently used
 # matrices are kept per process, least recently used first out, within a byte budget
 # (TINYRECON_CACHE_BYTES, set_cache_budget). They are not module state: nothing is saved or moved
 # with a model. One lock guards the table: models are called from several threads (inference
@@ -161,11 +161,11 @@ def clear_cache() -> None:
         _stats.update(bytes=0, hits=0, misses=0)
 
 
-# Generating costs about 100 ns per number and CPU core in torch ops (about 10 ns for a normal in
+# Generating costs about 100 ns per number and CPU core in torch ops (about 3.5 ns for a normal in
 # the CPU library): 2**35 numbers take about an hour of one core in torch. A call asking for more
 # (hypernets at n = D = 2**16 would draw 2**39) is refused before any work starts, on every backend
 # (the functions check what a call draws before dispatch), unless TINYRECON_MAX_RANDOM raises the
-# limit. Below it, e.g. a hypernet at the MNIST layer (5e9 numbers, about 45 s on 2 cores), runs.
+# limit. Below it, e.g. a hypernet at the MNIST layer (5e9 numbers, about 10 s a forward on 2 cores), runs.
 _DEFAULT_MAX_NUMBERS = 1 << 35
 
 
