@@ -21,7 +21,12 @@ namespace {
 typedef void (*GompParallel)(void (*fn)(void*), void* data, unsigned threads, unsigned flags);
 std::atomic<GompParallel> gomp_parallel{nullptr};
 
-void forget_openmp_in_child() { gomp_parallel.store(nullptr, std::memory_order_relaxed); }
+std::atomic<bool> forked{false};   // this process is a forked child: never on an OpenMP team
+
+void forget_openmp_in_child() {
+  forked.store(true, std::memory_order_relaxed);
+  gomp_parallel.store(nullptr, std::memory_order_relaxed);
+}
 [[maybe_unused]] const int at_fork = pthread_atfork(nullptr, nullptr, forget_openmp_in_child);
 
 struct Tasks {
@@ -65,8 +70,10 @@ void tr_threads::run_tasks(int n, void (*task)(void*, int), void* ctx) {
     if (started[t]) pthread_join(ids[t], nullptr);
 }
 
-// GOMP_parallel of the OpenMP runtime to run on, or null for threads of the library's own.
+// GOMP_parallel of the OpenMP runtime to run on, or null for threads of the library's own (always
+// in a forked child: its team, if the parent had one, would never answer).
 TR_EXPORT int tinyrecon_cpu_use_openmp(void* gomp_parallel_fn) {
+  if (forked.load(std::memory_order_relaxed)) gomp_parallel_fn = nullptr;
   gomp_parallel.store(reinterpret_cast<GompParallel>(gomp_parallel_fn), std::memory_order_release);
   return 0;
 }

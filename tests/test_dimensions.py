@@ -212,16 +212,21 @@ def test_cpu_kernels_run_in_a_forked_child(runtime):
     N, M, K = 2, 16, (1 << 20) // 16 + 37   # big enough for two threads
     x, L, R = _pass_inputs(N, M, K, 3, 2)
     U, V = cpu_ops.kron_pass(x, L, R, True, True)
+    from tinyrecon import cpu_lib
+    lib = cpu_lib._load()[0]
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:   # the child: no torch op big enough for torch's own threads (they would hang)
         try:
             U2, V2 = cpu_ops.kron_pass(x, L, R, True, True)
-            same = all(a.numpy().tobytes() == b.numpy().tobytes() for a, b in ((U, U2), (V, V2)))
+            lib.tinyrecon_cpu_use_openmp(cpu_lib.torch_openmp())   # as a library loaded after the fork would
+            U3, V3 = cpu_ops.kron_pass(x, L, R, True, True)
+            same = all(a.numpy().tobytes() == b.numpy().tobytes() for a, b in ((U, U2), (V, V2), (U, U3), (V, V3)))
             os.write(write, b"1" if same else b"0")
         finally:   # leave without pytest's teardown
             os._exit(0)
     os.close(write)
+    done = []
     try:
         done = select.select([read], [], [], 60)[0]
         assert done, "the kernels hung in a forked child"
