@@ -141,17 +141,26 @@ TR_INLINE void dots(const X* const* x, const T* const* f, const X* const* pf, i6
   }
 }
 
+// f(std::integral_constant<int, N>()) with N = rows (1..GROUP): a register group's row count as a
+// compile-time constant. The callers' lambdas are always_inline (TR_INLINE_LAMBDA), so their
+// bodies compile inside the library's per-ISA clones, as every helper here does.
+#define TR_INLINE_LAMBDA __attribute__((always_inline))
+template <typename F>
+TR_INLINE void with_rows(int rows, F&& f) {
+  switch (rows) {
+    case 1: return f(std::integral_constant<int, 1>());
+    case 2: return f(std::integral_constant<int, 2>());
+    case 3: return f(std::integral_constant<int, 3>());
+    case 4: return f(std::integral_constant<int, 4>());
+    case 5: return f(std::integral_constant<int, 5>());
+    default: return f(std::integral_constant<int, GROUP>());
+  }
+}
+
 template <typename T, typename X, bool KEEP>
 TR_INLINE void dots_n(int nr, const X* const* x, const T* const* f, const X* const* pf, i64 n, T out[TILE][GROUP],
                       T* const* keep) {
-  switch (nr) {
-    case 1: dots<T, 1, X, KEEP>(x, f, pf, n, out, keep); break;
-    case 2: dots<T, 2, X, KEEP>(x, f, pf, n, out, keep); break;
-    case 3: dots<T, 3, X, KEEP>(x, f, pf, n, out, keep); break;
-    case 4: dots<T, 4, X, KEEP>(x, f, pf, n, out, keep); break;
-    case 5: dots<T, 5, X, KEEP>(x, f, pf, n, out, keep); break;
-    default: dots<T, 6, X, KEEP>(x, f, pf, n, out, keep); break;
-  }
+  with_rows(nr, [&](auto NR) TR_INLINE_LAMBDA { dots<T, decltype(NR)::value, X, KEEP>(x, f, pf, n, out, keep); });
 }
 
 // u_a += sum_i c[a][i] x_i over n elements, for NA rows u_a. The coefficients and pointers are
@@ -197,14 +206,7 @@ TR_INLINE void axpys(const X* const* xs, T* const* us, const T c[GROUP][TILE], c
 template <typename T, typename X, bool KEEP>
 TR_INLINE void axpys_n(int na, const X* const* x, T* const* u, const T c[GROUP][TILE], const X* const* pf, i64 n,
                        T* const* keep) {
-  switch (na) {
-    case 1: axpys<T, 1, X, KEEP>(x, u, c, pf, n, keep); break;
-    case 2: axpys<T, 2, X, KEEP>(x, u, c, pf, n, keep); break;
-    case 3: axpys<T, 3, X, KEEP>(x, u, c, pf, n, keep); break;
-    case 4: axpys<T, 4, X, KEEP>(x, u, c, pf, n, keep); break;
-    case 5: axpys<T, 5, X, KEEP>(x, u, c, pf, n, keep); break;
-    default: axpys<T, 6, X, KEEP>(x, u, c, pf, n, keep); break;
-  }
+  with_rows(na, [&](auto NA) TR_INLINE_LAMBDA { axpys<T, decltype(NA)::value, X, KEEP>(x, u, c, pf, n, keep); });
 }
 
 template <typename T, typename X = T>
@@ -395,7 +397,7 @@ TR_DOT_TARGET void dot_tile_bf16(const Job<float, bf16>& j, const bf16* const* x
     for (int r = 0; r < nr; ++r) f[r] = j.Rh + (r0 + r) * j.r_row + k0;
     float out[TILE][GROUP] = {};
     const bf16* const* p = r0 ? nullptr : pf;
-    switch (nr) {
+    switch (nr) {   // (not with_rows: a default-target function cannot inline this target's code)
       case 1: dots_bf16<1>(x, f, p, n, out); break;
       case 2: dots_bf16<2>(x, f, p, n, out); break;
       case 3: dots_bf16<3>(x, f, p, n, out); break;
@@ -514,47 +516,51 @@ TR_CLONES void run_f32(const Job<float>& j) { j.expand ? expand(j) : j.chain ? c
 TR_CLONES void run_f64(const Job<double>& j) { j.expand ? expand(j) : j.chain ? chain(j) : pass(j); }
 TR_CLONES void run_bf16(const Job<float, bf16>& j) { j.chain ? chain(j) : pass(j); }
 
-// One thread's work (task t of run_tasks, with its own buffers): chunks of batches (or of K's
-// columns) taken from a shared counter until none is left, so a thread the OS leaves waiting (2
-// cores shared with other processes) costs only the chunk it holds, not a fixed half of the work.
+// Task t of run_tasks, with its own buffers. By batches (disjoint outputs): chunks taken from a
+// shared counter until none is left, so a thread the OS leaves waiting (2 cores shared with other
+// processes) costs only the chunk it holds, not a fixed half of the work. By columns: chunk t alone,
+// summed into task t's own V, so the partial sums are added in one order, the same on every run.
 template <typename T, typename X>
 struct Work {
-  Job<T, X> job;   // this thread's buffers; its range is set per chunk
+  Job<T, X> job;   // this task's buffers; its range is set per chunk
   std::atomic<i64>* next;
   i64 chunks, size;
   bool by_batch;
 };
 
 template <typename T, typename X>
-void run(void* works, int t) {
-  const Work<T, X>& w = static_cast<const Work<T, X>*>(works)[t];
-  for (i64 c; (c = w.next->fetch_add(1)) < w.chunks;) {
-    Job<T, X> j = w.job;
-    if (w.by_batch)
-      j.b0 = c * w.size, j.b1 = std::min(j.N, (c + 1) * w.size);
-    else
-      j.k_begin = std::min(j.K, c * w.size), j.k_end = std::min(j.K, (c + 1) * w.size);
-    if constexpr (!std::is_same_v<T, X>)
-      run_bf16(j);
-    else if constexpr (sizeof(T) == 4)
-      run_f32(j);
-    else
-      run_f64(j);
-  }
+void run_chunk(const Work<T, X>& w, i64 c) {
+  Job<T, X> j = w.job;
+  if (w.by_batch)
+    j.b0 = c * w.size, j.b1 = std::min(j.N, (c + 1) * w.size);
+  else
+    j.k_begin = std::min(j.K, c * w.size), j.k_end = std::min(j.K, (c + 1) * w.size);
+  if constexpr (!std::is_same_v<T, X>)
+    run_bf16(j);
+  else if constexpr (sizeof(T) == 4)
+    run_f32(j);
+  else
+    run_f64(j);
 }
 
-// Splits a job over up to `threads` threads: by batches when there are enough of them, else by
-// column blocks of K (then each thread but the first sums its V into a buffer of its own, added
-// to V at the end); 8 chunks per thread. A thread costs tens of microseconds to start: each gets
-// ~1M elements of x.
+template <typename T, typename X>
+void run(void* works, int t) {
+  const Work<T, X>& w = static_cast<const Work<T, X>*>(works)[t];
+  if (!w.by_batch) return run_chunk(w, t);
+  for (i64 c; (c = w.next->fetch_add(1)) < w.chunks;) run_chunk(w, c);
+}
+
+// Splits a job over up to `threads` threads: by batches when there are enough of them, 8 chunks
+// per thread; else by column blocks of K, one per task (each task but the first sums its V into a
+// buffer of its own, added to V at the end in task order). A thread costs tens of microseconds to
+// start: each gets ~1M elements of x.
 template <typename T, typename X>
 int split(int threads, const Job<T, X>& whole) {
   constexpr int MAX_THREADS = 256, CHUNKS_PER_THREAD = 8;
   const i64 N = whole.N, K = whole.K, cap = 1 + N * whole.M * K / (1 << 20);
   const int n = int(std::clamp<i64>(std::min<i64>(threads, cap), 1, MAX_THREADS));
   const bool by_batch = N >= n && !whole.chain;   // a chain reads R once per K block for all batches
-  const i64 per = by_batch ? (N + n * CHUNKS_PER_THREAD - 1) / (n * CHUNKS_PER_THREAD)
-                           : (K + n * CHUNKS_PER_THREAD - 1) / (n * CHUNKS_PER_THREAD);
+  const i64 per = by_batch ? (N + n * CHUNKS_PER_THREAD - 1) / (n * CHUNKS_PER_THREAD) : (K + n - 1) / n;
   const i64 size = by_batch ? std::max<i64>(per, 1) : (per + W<T> - 1) / W<T> * W<T>;   // whole vectors
   const i64 chunks = by_batch ? (N + size - 1) / size : (K + size - 1) / size;
   const i64 v_size = whole.V ? whole.RB * N * (whole.chain ? whole.RA : whole.M) : 0;
