@@ -204,6 +204,16 @@ def test_cpu_kernels_one_thread_equals_many(N, threads, runtime):
         assert_close(many, one, torch.float32)
 
 
+def test_cpu_kernels_split_by_columns_give_the_same_bits_every_run(threads, runtime):
+    """Split by column blocks (one batch), each task sums its V into a buffer of its own; the buffers
+    are added in task order, not in the order threads happened to take the blocks."""
+    x, L, R = _pass_inputs(1, 24, (1 << 21) // 24 + 37, 3, 5)
+    threads(4)
+    first = cpu_ops.kron_pass(x, L, R, True, True)
+    for _ in range(20):
+        assert all(torch.equal(a, b) for a, b in zip(cpu_ops.kron_pass(x, L, R, True, True), first))
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_cpu_kernels_run_in_a_forked_child(runtime):
     """A child forked after the kernels ran on torch's OpenMP team runs them on threads of its own:
