@@ -489,7 +489,9 @@ def test_cpu_applies_read_bfloat16_x_as_is(rec, reads_bf16, monkeypatch):
     for a, e in zip(torch.autograd.grad(y, (w, b), g), torch.autograd.grad(y_ref, (w, b), g)):
         assert_close(a, e)
     # no gradients: duplicated_diagonal_padding's B (as big as x's blocks) is read as is too, the
-    # others' small factors are copied to float32; the same values either way
+    # others' small factors are copied to float32; equal to bfloat16 rounding (AVX-512 BF16's dot
+    # products add the exact products in another order than the float32 path's FMAs: about one
+    # input in 20 rounds one output the other way)
     codes.clear()
-    assert torch.equal(rec.apply(x, w.detach(), n=n, bias=b.detach(), backend="cpu"), y)
+    assert_close(rec.apply(x, w.detach(), n=n, bias=b.detach(), backend="cpu"), y)
     assert (3 in codes) == isinstance(rec, tr.duplicated_diagonal_padding_reconciliation)
