@@ -358,15 +358,16 @@ class Reconciliation(nn.Module):
     def _small_key(self, x, w, n, bias, backend, D):
         """What ``apply``'s checks and its choice of the small-W path depend on, for a call on CPU
         tensors that can take that path; None where the checks run every time (anything but plain
-        CPU tensors and an int n, autocast, tracing: a kept W must not enter a graph as a constant).
-        Everything checked is in it: the dtypes and shapes (x's width, not its batch), n and D, each
-        input of the backend's choice (``dispatch.requested``: the argument, the instance's, the
-        block's, the environment's), the function's own arguments (``repr_args``) and ``BUILD_BELOW``."""
+        CPU tensors and an int n, autocast, tracing, torch.func, a dispatch mode such as
+        FakeTensorMode: a kept W must not enter a graph as a constant). Everything checked is in it:
+        the dtypes and shapes (x's width, not its batch), n and D, the backend asked for (the first
+        given of ``dispatch.requested``'s sources: the argument, the instance's, the block's, the
+        environment's), the function's own arguments (``repr_args``) and ``BUILD_BELOW``."""
         if (not self.build_when_small or type(x) is not torch.Tensor or type(w) is not torch.Tensor
                 or type(n) is not int or not (D is None or type(D) is int) or not x.is_cpu or not w.is_cpu
                 or not (backend is None or type(backend) is str)
                 or not (self.backend is None or type(self.backend) is str)
-                or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+                or torch._C._is_any_autocast_enabled() or torch.jit.is_tracing() or not dispatch.eager()):
             return None
         if bias is None:
             b = None
@@ -374,9 +375,9 @@ class Reconciliation(nn.Module):
             b = (bias.dtype, bias.shape)
         else:
             return None
-        return (x.dtype, x.shape[-1:], w.dtype, w.shape, n, D, b, backend, self.backend,
-                getattr(dispatch._local, "backend", None), os.environ.get("TINYRECON_BACKEND"),
-                self._arguments, BUILD_BELOW)
+        choice = (backend or self.backend or getattr(dispatch._local, "backend", None)
+                  or os.environ.get("TINYRECON_BACKEND"))
+        return x.dtype, x.shape[-1:], w.dtype, w.shape, n, D, b, choice, self._arguments, BUILD_BELOW
 
     def _small_linear(self, x, w, n, bias, backend, key, state, reuse: bool):
         """The small-W path of a checked one-channel call: ``F.linear(x, W, bias)`` with W from the
@@ -453,11 +454,9 @@ _SMALL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # instance -> 
 
 
 def _reuses_w(w: torch.Tensor) -> bool:
-    """Whether the small-W path may take W from its cache: w is small too (its copy is kept), no
-    gradient reaches W, and nothing transforms the call (torch.func, a dispatch mode such as
-    FakeTensorMode)."""
-    return (CACHE_SMALL_W and w.numel() < BUILD_BELOW and not (w.requires_grad and torch.is_grad_enabled())
-            and dispatch.eager(w))
+    """Whether a call with a ``_small_key`` (nothing tracing or transforming it) may take W from the
+    cache: w is small too (its copy is kept) and no gradient reaches W."""
+    return CACHE_SMALL_W and w.numel() < BUILD_BELOW and not (w.requires_grad and torch.is_grad_enabled())
 
 
 def _small_state(rec) -> tuple[dict, dict]:
