@@ -4,7 +4,9 @@ and train (grads of w and bias), interleaved in one run, medians. ``structured``
 with the small-W path off (``base.BUILD_BELOW = 0``); ``no-keep`` with the W it keeps between no-grad
 calls off (``base.CACHE_SMALL_W = False``: W built every call, as train does); ``Function`` is one
 F.linear inside a minimal ``torch.autograd.Function`` (a two-op backward): the least a train path
-with its own Python backward costs.
+with its own Python backward costs; ``Function+C`` the same with what a path that builds W and its
+gradient of w in C would add, a fresh W and a fresh gradient each filled by one ctypes call (libc's
+memcpy stands in for the C code, whose arithmetic at this size is a few hundred FMAs).
 
     python bench/tiny_overhead.py [--repeat 3] [--threads N] [--clock thread]
 
@@ -14,6 +16,7 @@ shared machine a wall-clock sample also holds the time other processes ran; this
 call's own work.
 """
 import argparse
+import ctypes
 import statistics
 import time
 
@@ -52,15 +55,39 @@ class _Linear(torch.autograd.Function):
         return None, dy.T @ x, dy.sum(0)
 
 
+_memcpy = ctypes.CDLL(None).memcpy
+_memcpy.argtypes, _memcpy.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_void_p
+
+
+def _c_fill(src):
+    out = torch.empty_like(src)
+    _memcpy(out.data_ptr(), src.data_ptr(), src.numel() * src.element_size())
+    return out
+
+
+class _LinearC(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W, b):
+        ctx.save_for_backward(x)
+        return F.linear(x, _c_fill(W), b)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, = ctx.saved_tensors
+        return None, _c_fill(dy.T @ x), dy.sum(0)
+
+
 def f_linear(op, x, n, linear=F.linear):
     W = torch.randn(n, x.shape[-1], requires_grad=op == "train")
     b = torch.randn(n, requires_grad=op == "train")
     if op == "fwd":
         return torch.no_grad()(lambda: linear(x, W, b))
 
-    def train():
+    g = torch.randn(x.shape[0], n)
+
+    def train():   # the step the candidate and dense take (check.step_grads), so the columns compare
         y = linear(x, W, b)
-        return (y.detach(), *torch.autograd.grad(y, (W, b), torch.ones_like(y)))
+        return (y.detach(), *check.step_grads(y, (W, b), g))
     return train
 
 
@@ -91,10 +118,10 @@ def main():
         torch.set_num_threads(args.threads or 1)
     mode = timing.Mode(budget_s=0.3, min_reps=9, max_reps=60, max_call_s=5.0)
     dev = torch.device("cpu")
-    cols = ("candidate", "no-keep", "structured", "dense", "F.linear", "Function")
+    cols = ("candidate", "no-keep", "structured", "dense", "F.linear", "Function", "Function+C")
     print(f"torch threads {torch.get_num_threads()}; {args.clock} clock; us per call, median of {args.repeat} interleaved runs")
     print(f"{'function':28s} {'op':5s} " + " ".join(f"{c:>10s}" for c in cols)
-          + "  cand/dense no-keep/dense structured/dense Function/dense")
+          + "  cand/dense no-keep/dense structured/dense Function/dense Function+C/dense")
     for f in args.functions:
         for op in ("fwd", "train"):
             res = {c: [] for c in cols}
@@ -103,7 +130,8 @@ def main():
                 x = torch.randn(64, 12)
                 fns = {"candidate": fns["candidate"], "no-keep": patched(fns["candidate"], "CACHE_SMALL_W", False),
                        "structured": patched(fns["candidate"], "BUILD_BELOW", 0), "dense": fns["dense"],
-                       "F.linear": f_linear(op, x, 6), "Function": f_linear(op, x, 6, _Linear.apply)}
+                       "F.linear": f_linear(op, x, 6), "Function": f_linear(op, x, 6, _Linear.apply),
+                       "Function+C": f_linear(op, x, 6, _LinearC.apply)}
                 for fn in fns.values():   # time_interleaved sizes its loops by one call: make it a warm one
                     fn()
                 t = timing.time_interleaved(fns, dev, mode) if args.clock == "wall" else time_thread(fns)
@@ -111,7 +139,8 @@ def main():
                     res[c].append(t[c])
             med = {c: statistics.median(v) * 1e6 for c, v in res.items()}
             print(f"{f:28s} {op:5s} " + " ".join(f"{med[c]:10.1f}" for c in cols) + "  "
-                  + " ".join(f"{med[c] / med['dense']:{len(c) + 6}.2f}" for c in ("candidate", "no-keep", "structured", "Function")))
+                  + " ".join(f"{med[c] / med['dense']:{len(c) + 6}.2f}" for c in ("candidate", "no-keep", "structured", "Function",
+                                                                                "Function+C")))
 
 
 if __name__ == "__main__":
