@@ -8,15 +8,11 @@ import triton.language as tl
 
 # The interpreter (TRITON_INTERPRET=1) runs kernels on CPU tensors; autotuning there only costs time.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-# GPU test runs may skip tuning (TINYRECON_AUTOTUNE=first, set by bench/gpu_check.sh): tests use
-# many small shapes, each of which would compile and time every config.
+# GPU test runs may skip tuning (TINYRECON_AUTOTUNE=first, bench/gpu_check.sh): tests use many shapes.
 _FIRST_ONLY = os.environ.get("TINYRECON_AUTOTUNE", "") == "first"
 
 _TL = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
-# Tests (TINYRECON_ALL_CONFIGS=1, interpreter only): launches take every autotune config in turn,
-# so configs a GPU may pick are run and checked too, not only the first.
+# Tests (TINYRECON_ALL_CONFIGS=1, interpreter only): launches take every config in turn, so each is checked.
 ALL_CONFIGS = os.environ.get("TINYRECON_ALL_CONFIGS", "0") not in ("", "0")
 
 
@@ -34,7 +30,8 @@ class _Autotuner(triton.runtime.Autotuner):
         if len(self.configs) == 1:
             return super().run(*args, **kwargs)
         named = {**dict(zip(self.arg_names, args)), **kwargs}
-        key = tuple(_bucket(named[k]) if k in self.bucket else named[k] for k in self.keys if k in named)
+        key = tuple(triton.next_power_of_2(named[k]) if k in self.bucket and named[k] > 0 else named[k]
+                    for k in self.keys if k in named)
         key += tuple(str(a.dtype) for a in named.values() if hasattr(a, "dtype"))
         with self._lock:
             config = self._chosen.get(key)
@@ -47,19 +44,12 @@ class _Autotuner(triton.runtime.Autotuner):
         return self.fn.run(*args, **kwargs, **config.all_kwargs())
 
 
-def _bucket(v: int) -> int:
-    return triton.next_power_of_2(v) if v > 0 else v
-
-
 def autotune(configs, key, bucket=(), prune=None):
-    """``triton.autotune`` over ``configs`` on a GPU (the first config alone with
-    TINYRECON_AUTOTUNE=first). Under the interpreter autotuning only costs time: launches take the
-    first config, or with ``ALL_CONFIGS`` each config in turn.
-
-    Every constexpr a launcher passes must be in ``key`` (a config tuned for one value would be
-    reused for another with other resource needs); arguments in ``bucket`` (the batch size) enter
-    the key as the next power of two. ``prune(configs, named_args)`` drops configs that cannot
-    run on a GPU (e.g. too much shared memory for a rank tile); it must keep at least one."""
+    """``triton.autotune`` over ``configs`` on a GPU; under the interpreter launches take the first
+    config, or with ``ALL_CONFIGS`` each in turn. Every constexpr a launcher passes must be in ``key``
+    (a config tuned for one value would be reused for another); ``bucket`` arguments (the batch size)
+    enter it rounded up to a power of two. ``prune(configs, named_args)`` drops configs that cannot
+    run on a GPU (e.g. too much shared memory); it must keep at least one."""
     if INTERPRET:
         return lambda fn: _InTurn(fn, configs)
     configs = configs[:1] if _FIRST_ONLY else configs
@@ -88,8 +78,8 @@ class _InTurn:
 
 @triton.jit
 def build_tile(n, D, BI: tl.constexpr, BJ: tl.constexpr):
-    """``(c, i, j, ok)`` of a build program: its channel, the int64 rows (BI x 1) and columns (1 x BJ) of
-    its tile of W[c] (n x D), and which are inside. Grid ``build_grid``."""
+    """``(c, i, j, ok)`` of a build program (grid ``build_grid``): its channel, the int64 rows (BI x 1)
+    and columns (1 x BJ) of its tile of W[c] (n x D), and which are inside."""
     tiles_i = tl.cdiv(n, BI)
     pid_i, pid_j, c = tl.program_id(0) % tiles_i, tl.program_id(0) // tiles_i, tl.program_id(1).to(tl.int64)
     i = (pid_i.to(tl.int64) * BI + tl.arange(0, BI))[:, None]
@@ -98,8 +88,7 @@ def build_tile(n, D, BI: tl.constexpr, BJ: tl.constexpr):
 
 
 def build_grid(n: int, D: int, C: int):
-    """The grid of a build kernel over W (C, n, D) (``build_tile``): the tiles in x, whose limit (2^31)
-    no width reaches."""
+    """The grid of a build kernel over W (C, n, D): the tiles in x, whose limit (2^31) no width reaches."""
     return lambda a: (triton.cdiv(n, a["BI"]) * triton.cdiv(D, a["BJ"]), C)
 
 
@@ -147,8 +136,7 @@ def dot_dtype(dtype: torch.dtype):
 
 
 def _tf32_allowed() -> bool:
-    """Whether torch's own fp32 matmuls may use TF32 (``torch.backends.cuda.matmul.fp32_precision``,
-    or the legacy ``allow_tf32`` / ``torch.set_float32_matmul_precision``)."""
+    """Whether torch's own fp32 matmuls may use TF32 (the new ``fp32_precision`` or the legacy settings)."""
     mm = torch.backends.cuda.matmul
     new = getattr(mm, "fp32_precision", "none")
     if new != "none":
@@ -170,10 +158,9 @@ def precision(dtype: torch.dtype) -> str:
 
 
 def mixed_precision(dtype: torch.dtype) -> str:
-    """Precision of a dot whose operands are fp32 (``ACC``) in a kernel on ``dtype`` data, because one
-    operand is an fp32 intermediate (a sum, a product, random numbers) that would overflow or round
-    in the input's dtype: TF32 tensor cores for fp16/bf16 (TF32 keeps fp16's 10 mantissa bits and
-    fp32's range, and holds an fp16 or bf16 operand exactly), fp32 as ``precision``."""
+    """Precision of a dot on fp32 operands in a kernel on ``dtype`` data (one operand an fp32 intermediate
+    that would overflow or round in ``dtype``): TF32 for fp16/bf16 (it holds their operands exactly, with
+    fp32's range), fp32 as ``precision``."""
     return "tf32" if dtype in (torch.float16, torch.bfloat16) else precision(dtype)
 
 

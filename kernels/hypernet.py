@@ -1,16 +1,11 @@
 """Triton kernels for the hypernet family; the spec is ``tinyrecon/functions/hypernet.py``.
 
-Both functions are ``W_c = reshape(M @ v_c (+ m0), n, D)`` for a frozen random M (n*D x k), the
-vector ``v_c`` (hypernet: ``sigmoid(W1 w + b1)``, k = hidden_dim, plus ``m0 = b2``; random matrix
-hypernet: ``z``, k = r) and ``M[e, j] = tl.randn(seed_m, e*k + j)``, the counter layout of
-``tinyrecon._random.randn``. M is never stored (n=64, D=615,440, r=2 gives 79M values, and
-hidden_dim=128 gives 5G): every kernel generates the tile of W it needs in registers.
-
-The apply is W-stationary: a program generates one (BN x BK) tile of W once (k normals per
-element, which costs far more than the GEMM), multiplies it into all rows of x of its row chunk and
-adds its partial ``y`` tile with atomics (fp32, fp64 for fp64 data). The backward regenerates the
-tile, adds ``dy @ W`` into dx with atomics, and reduces ``dW = dy^T x`` (kept in registers) against
-M again for ``dv``. Registered with ``tinyrecon.ops``, so ``torch.compile`` sees one op.
+Both functions are ``W_c = reshape(M @ v_c (+ m0), n, D)`` with ``M[e, j] = tl.randn(seed_m, e*k + j)``
+(n*D x k, never stored: 5G values for hypernet at the MNIST layer), ``v_c`` = hypernet's
+``sigmoid(W1 w + b1)`` (k = hidden_dim, m0 = b2) or ``z`` (k = r). The apply is W-stationary: a
+program generates one tile of W once (k normals per element, far dearer than the GEMM), multiplies
+it into the rows of its chunk of x and adds its partial ``y`` with atomics. The backward regenerates
+the tile, adds ``dy @ W`` into dx with atomics, and reduces ``dW = dy^T x`` against M for ``dv``.
 """
 import torch
 import triton
@@ -24,8 +19,7 @@ _BM = 16 if INTERPRET else 32            # apply: rows of x per step (64 spills 
 
 
 def _tile(size: int, dtype: torch.dtype) -> int:
-    """Tile edge for n or D: a power of two in [16, 64], 32 at most for fp64 (shared memory), 16 under
-    the interpreter."""
+    """A power-of-two tile edge for n or D in [16, 64] (fp64: at most 32, shared memory; interpreted: 16)."""
     top = 32 if dtype == torch.float64 else 64
     return 16 if INTERPRET else min(top, max(16, triton.next_power_of_2(size)))
 

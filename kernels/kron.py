@@ -1,18 +1,12 @@
 """Triton kernels for the Kronecker family; the spec is ``tinyrecon/functions/kron.py``.
 
-With x viewed as X (N, q, t), ``W = A kron B`` gives ``y[m, i1*s + i2] = sum_j1 A[i1, j1] (X_j1 @ B^T)[m, i2]``.
-``_kron_mm`` computes that without W: a program owns rows m, a block of i1 and a block of i2;
-for each j1 it contracts its rows of X_j1 with B (``tl.dot``; with B = S @ T first with T, then
-the rank-r result with S) and adds ``A[i1, j1] * Z`` to a (i1, m, i2) accumulator, so x is read
-once per program and the tensor-core work is N*D*s per i1 block, not N*D*n. ``dx = dy @ W`` has the
-same structure with ``A^T, B^T`` (strides, no copies), run by the same kernel summing the channels.
-``_kron_grad`` gives ``dB[i2, j2] = sum_{m, j1} (sum_i1 A[i1, j1] dy[m, i1, i2]) X[m, j1, j2]``
-without dW; dA is the same sum with the roles of the two factors swapped (strides again).
-Low-rank factors enter the forward kernels as factors; the backward works on A = P @ Q and
-B = S @ T (p*q and s*t values) and applies the chain rule to the factors with torch matmuls.
-
-The build's gradient reduces dW in torch. ``layout="tinybig"`` applies by the build (``_kron_build``,
-one pass, low-rank products in the kernel) and one GEMM (``tinyrecon.ops``).
+With x viewed as X (N, q, t), ``y[m, i1*s + i2] = sum_j1 A[i1, j1] (X_j1 @ B^T)[m, i2]``. A
+``_kron_mm`` program owns rows m and blocks of i1 and i2; for each j1 it contracts X_j1 with B
+(``tl.dot``; through the rank-r factor when B = S @ T) and adds ``A[i1, j1] * Z`` to its accumulator,
+so x is read once per program. ``dx = dy @ W`` is the same kernel with ``A^T, B^T`` (strides), the
+channels summed. ``_kron_grad`` gives ``dB[i2, j2] = sum_{m, j1} (sum_i1 A[i1, j1] dy[m, i1, i2])
+X[m, j1, j2]`` without dW, and dA with the factors' roles swapped; the chain rule to low-rank
+factors is torch matmuls, and so is the build's gradient.
 """
 
 import torch
@@ -28,9 +22,7 @@ def _cfg(bp, bm, bs, bt, warps, stages):
     return triton.Config({"BP": bp, "BM": bm, "BS": bs, "BT": bt}, num_warps=warps, num_stages=stages)
 
 
-# The first config is the interpreter's: small tiles, so tests cross the edges of every tile. The
-# others hold the (BP, BM, BS) accumulator without register spills on sm_90 for fp16 and fp32
-# (ptxas -v on the AOT-compiled kernels; larger tiles spill).
+# First config: the interpreter's small tiles (tests cross every edge); the others fit sm_90 without spills (ptxas -v).
 _MM_CONFIGS = [_cfg(2, 16, 16, 16, 1, 1)] + [
     _cfg(bp, bm, bs, bt, w, 2) for bp, bm, bs, bt, w in [(2, 32, 32, 32, 4), (4, 32, 32, 32, 4), (8, 32, 32, 32, 4),
                                                          (8, 16, 32, 32, 4), (2, 64, 64, 32, 8), (4, 32, 64, 32, 8),
@@ -92,9 +84,8 @@ def _kron_mm(X, sxc, sxm, sxd, A1, sa1c, sa1i, sa1k, A2, sa2c, sa2k, sa2j,
              RPB: tl.constexpr, BP: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr):
     """Y[pid_c, m, i1*S + i2] = sum over CH channels c of sum_{j1, j2} A[c,i1,j1] X[c,m,j1*T+j2] B[c,i2,j2] (+ bias).
 
-    The forward runs CH = 1 with c = pid_c and X's channel stride 0; the input gradient runs one
-    output with CH = C. A = A1 @ A2 when A_LR (A1: P x RA), else A1 (P x Q); likewise B.
-    Grid (tiles of M * tiles of (P, S), channels): the tiles in x, whose limit (2^31) no width reaches.
+    The forward runs CH = 1 (X's channel stride 0), the input gradient one output with CH = C.
+    A = A1 @ A2 when A_LR, else A1; likewise B. Grid (tiles of M * tiles of (P, S), channels).
     """
     tiles_m = tl.cdiv(M, BM)
     pid_m, pid_ps, pid_c = tl.program_id(0) % tiles_m, tl.program_id(0) // tiles_m, tl.program_id(1)
@@ -152,12 +143,10 @@ def _kron_grad(DY, sdc, sdm, sd1, sd2, X, sxm, sx1, sx2, F, sfc, sf1, sf2, G, M,
                ACC: tl.constexpr, PREC: tl.constexpr,
                BPG: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr):
     """G[split, c] (S x T) = sum over the rows m and the j1 of this split of
-    (sum_i1 F[c,i1,j1] DY[c,m,i1,:])^T X[m,j1,:].
+    (sum_i1 F[c,i1,j1] DY[c,m,i1,:])^T X[m,j1,:], for DY (C, M, P, S), X (M, Q, T), F (C, P, Q).
 
-    DY is (C, M, P, S), X (M, Q, T), F (C, P, Q), all by strides. Split z takes row blocks
-    z % SPLIT_M, + SPLIT_M, ... and j1 in [z // SPLIT_M * QC, + QC): a small batch still gives
-    enough programs to fill the GPU. The inner sum over i1 is fp32, and so is the dot (TF32 for
-    half types): rounding it to fp16 could overflow.
+    Split z takes row blocks z % SPLIT_M, + SPLIT_M, ... and j1 in [z // SPLIT_M * QC, + QC), so a
+    small batch fills the GPU. The sum over i1 and the dot are fp32 (TF32 for half types): fp16 could overflow.
     """
     pid_st, split, c = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     tiles_t = tl.cdiv(T, BT)
@@ -209,7 +198,7 @@ def _launch_build(A1, A2, B1, B2, tinybig):
 
 
 def _launch_mm(inp, A1, A2, B1, B2, bias, C_out, CH):
-    """(C_out, M, P*S): inp is (C, M, Q*T) (channel stride 0 for a shared x); see ``_kron_mm``."""
+    """(C_out, M, P*S) for inp (C, M, Q*T) (channel stride 0 for a shared x): ``_kron_mm``."""
     P, RA = A1.shape[1:]
     S, RB = B1.shape[1:]
     Q = RA if A2 is None else A2.shape[2]
@@ -253,17 +242,11 @@ def _grad_x(dy, A1, A2, B1, B2):
 
 
 def _grad_factor(dy, x, F, of_a):
-    """For ``y = x @ (A kron B)^T``: dB given F = A, or dA given F = B (of_a), in fp32 (fp64)."""
-    if of_a:
-        s, t = F.shape[1:]
-        p, q = dy.shape[2] // s, x.shape[1] // t
-    else:
-        p, q = F.shape[1:]
-        s, t = dy.shape[2] // p, x.shape[1] // q
-    dy4, x3 = dy.unflatten(2, (p, s)), x.unflatten(1, (q, t))
+    """For ``y = x @ (A kron B)^T``: dB given F = A (p, q), or dA given F = B (s, t) (of_a), in fp32 (fp64)."""
+    rows, cols = F.shape[1:]
     if of_a:   # the same sum with the two factors' roles swapped
-        return _launch_grad(dy4.transpose(2, 3), x3.transpose(1, 2), F)
-    return _launch_grad(dy4, x3, F)
+        return _launch_grad(dy.unflatten(2, (-1, rows)).transpose(2, 3), x.unflatten(1, (-1, cols)).transpose(1, 2), F)
+    return _launch_grad(dy.unflatten(2, (rows, -1)), x.unflatten(1, (cols, -1)), F)
 
 
 def _factor(F1, F2, dtype):

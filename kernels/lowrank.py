@@ -1,15 +1,10 @@
 """Triton kernels for the low-rank family; the spec is ``tinyrecon/functions/lowrank.py``.
 
-The applies are fused: each program keeps the rank-r bottleneck ``U = x @ B^T`` (lorr) or
-``x @ B`` (random_matrix_adaption) of its rows in registers and writes only ``y``. RMA's
-frozen A (n x r) and B (D x r) are generated in registers with ``tl.randn(seed, row*r + col)``,
-the counter layout of ``tinyrecon._random.randn``.
-
-Backward passes are GEMMs on rank-r intermediates (N x r, n x r: small next to x), run by one
-batched GEMM kernel; RMA's backward materializes A and B ((n + D) * r values, as many as
-lorr's parameters) with the same ``tl.randn``, so they equal the forward's bit for bit.
-The ops are registered with ``tinyrecon.ops``; ``bmm`` and ``randn`` are custom ops of their own
-(``bmm`` differentiable again), so ``torch.compile`` sees one op, not a break.
+The applies are fused: a program keeps the rank-r bottleneck ``x @ B^T`` (lorr) or ``x @ B``
+(random_matrix_adaption, whose A and B are generated in registers with ``tl.randn(seed, row*r + col)``)
+of its rows in registers and writes only ``y``. Backward passes are GEMMs on rank-r intermediates,
+run by one batched GEMM kernel (``bmm``, a custom op differentiable again); RMA's backward
+materializes A and B with the same ``tl.randn``, equal to the forward's bit for bit.
 """
 import torch
 import triton
@@ -30,18 +25,13 @@ _GEMM_CONFIGS = [_cfg(16, 16, 16, 4), _cfg(64, 64, 32, 4), _cfg(128, 64, 32, 4),
 # Fused applies: BN tiles n, BK tiles D; the rank tile is fixed by r.
 _FUSED_CONFIGS = [_cfg(16, 16, 32, 4), _cfg(64, 64, 64, 4), _cfg(128, 64, 64, 4), _cfg(64, 32, 128, 4),
                   _cfg(128, 128, 64, 8), _cfg(32, 64, 64, 4)]
-
-
 _SMEM = 160 * 1024   # a little under sm_80's 163 KB of shared memory per block (sm_90: 227 KB)
 
 
 def _fits(configs, rp, itemsize):
-    """The configs that fit a rank tile of RP.
-
-    Shared memory: the pipelined tiles of x (BM x BK) and of the rank factor (BK x RP), plus the
-    fp32 (fp64) U (BM x RP) staged for the second dot, within _SMEM. Registers: the tiles a program
-    holds (U, the factor tiles BK x RP and RP x BN, x's BM x BK, the output BM x BN), at most 128
-    values per thread (ptxas -v: up to 6 KB of spills per thread at RP = 128 with more)."""
+    """The configs that fit a rank tile of RP: in shared memory, the pipelined tiles of x and of the
+    rank factor plus U staged for the second dot; in registers, the tiles a program holds, at most
+    128 values per thread (ptxas -v: up to 6 KB of spills per thread at RP = 128 with more)."""
     acc = max(4, itemsize)
     ok = [c for c in configs if (c.kwargs["BM"] + rp) * c.kwargs["BK"] * max(itemsize, 4) * c.num_stages
           + c.kwargs["BM"] * rp * acc <= _SMEM]

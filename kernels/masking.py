@@ -1,16 +1,12 @@
 """Triton kernels for masking_reconciliation (reference: ``tinyrecon/functions/masking.py``).
 
-``W = M * w`` with ``M[i, j] = tl.rand(seed, i*D + j) < p`` (int64 counters, the comparison in
-fp32, as the torch reference). Every kernel regenerates the mask of the tile it touches, so no
-``n x D`` mask exists anywhere, in the forward or the backward; dropped entries of w are not
-loaded (masked off).
+``W = M * w`` with ``M[i, j] = tl.rand(seed, i*D + j) < p``. Every kernel regenerates the mask of
+the tile it touches (no n x D mask exists) and loads no dropped entry of w.
 
     apply:   y  = x @ (M*w)^T + bias
     grad x:  dx = sum_c dy_c @ (M*w_c)        (one launch, channels summed in the program)
     grad w:  dw = M * (dy^T @ x)              (the mask applied to the GEMM's tile on store)
     build:   W  = M * w;  its gradient dw = M * dW is the same kernel
-
-Registered with ``tinyrecon.ops`` (``torch.compile`` sees one op each).
 """
 from __future__ import annotations
 
@@ -50,11 +46,9 @@ def _masked_mm(A, s_ac, s_am, s_ak, Wp, s_wc, s_wk, s_wr, BIAS, s_bias, OUT, s_o
                ROWS, K, R, CHANNELS, seed, p,
                TRANS: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
-    """OUT[c, m, r] = sum_{c'} sum_k A[c', m, k] * (M*w)[c'] at (k, r) (+ bias[r]).
-
-    TRANS: w's element (k, r) is w[r, k] (the apply: k runs over D) rather than w[k, r] (grad x).
-    Program (pid_m, pid_r, pid_c) sums channels pid_c .. pid_c + CHANNELS - 1; grid (tiles of ROWS *
-    tiles of R, channels): R may be D, so its tiles go in x (limit 2^31), not y (65,535).
+    """OUT[c, m, r] = sum_{c'} sum_k A[c', m, k] * (M*w)[c'] at (k, r) (+ bias[r]), channels
+    c' = pid_c .. pid_c + CHANNELS - 1. TRANS: w's (k, r) is w[r, k] (the apply) rather than w[k, r].
+    Grid (tiles of ROWS * tiles of R, channels): R may be D, so its tiles go in x (limit 2^31).
     """
     tiles_m = tl.cdiv(ROWS, BM)
     pid_m, pid_r, pid_c = tl.program_id(0) % tiles_m, tl.program_id(0) // tiles_m, tl.program_id(1)
@@ -87,8 +81,7 @@ def _masked_mm(A, s_ac, s_am, s_ak, Wp, s_wc, s_wk, s_wr, BIAS, s_bias, OUT, s_o
 def _grad_w(DY, s_dc, s_dm, s_dn, X, s_xm, s_xd, GW, N, n, D, seed, p,
             ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
             BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
-    """GW[c] (n x D, contiguous) = M * (DY[c]^T @ X); BM tiles n, BR tiles D, BK tiles the batch.
-    Grid (tiles of n * tiles of D, C)."""
+    """GW[c] (n x D) = M * (DY[c]^T @ X); BM tiles n, BR tiles D, BK the batch; grid (tiles of n * D, C)."""
     tiles_i = tl.cdiv(n, BM)
     pid_i, pid_j, c = tl.program_id(0) % tiles_i, tl.program_id(0) // tiles_i, tl.program_id(1).to(tl.int64)
     i = pid_i.to(tl.int64) * BM + tl.arange(0, BM)

@@ -5,15 +5,10 @@ Both functions are GEMMs whose operands are x and y cut into blocks of one width
     duplicated_padding  (W = ones(p, q) kron B):  y[:, i1*s + i2] = (sum_j1 x[:, j1*t : (j1+1)*t]) @ B^T
     duplicated_diagonal (W = eye(p, q) kron B):   y[:, i1*s + i2] = x[:, i1*t : (i1+1)*t] @ B^T  (0 for i1 >= q)
 
-``_blocked_mm`` computes both, and both input gradients, as one kernel: GEMM row ``m`` is batch
-row ``m // G``, block ``g = m % G`` (G = 1 for duplicated_padding, one row per diagonal block
-otherwise); its input is the sum of ``IN_BLOCKS`` consecutive input blocks starting at block g,
-and its result is written to ``OUT_BLOCKS`` consecutive output blocks starting at block g.
-``_blocked_mm_grad`` is the weight gradient ``dY_rows^T @ X_rows`` with the same row addressing.
-
-Both functions' builds and applies are registered with ``tinyrecon.ops``; ``layout="tinybig"`` applies
-by the build kernel and one GEMM (its W has no block structure to exploit here). The gradient of the
-builds w.r.t. B is a torch reduction of dW.
+``_blocked_mm`` computes both, and both input gradients: GEMM row ``m`` is batch row ``m // G``,
+block ``g = m % G`` (G = 1 for duplicated_padding, one row per diagonal block otherwise); its input
+is the sum of ``IN_BLOCKS`` input blocks from block g, its result written to ``OUT_BLOCKS`` output
+blocks from block g. ``_blocked_mm_grad``: the weight gradient ``dY_rows^T @ X_rows``, rows alike.
 """
 from __future__ import annotations
 
@@ -58,10 +53,9 @@ def _blocked_mm(IN, s_ic, s_im, s_ik, M, s_mc, s_mk, s_mr, BIAS, s_bias, OUT, s_
                 BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
     """OUT[c, m//G, (m%G + i)*R + r] = sum_c' (row-block sum of IN[c']) @ M[c'] (+ bias), i < OUT_BLOCKS.
 
-    Program (pid_m, pid_r, pid_c) sums channels c' = pid_c .. pid_c + CHANNELS - 1 (CHANNELS is 1
-    for the forward, where IN has channel stride 0, and C for the input gradient); grid (tiles of
-    ROWS * tiles of R, channels): R may be D, so its tiles go in x (limit 2^31). The block sum stays
-    fp32 into the dot (TF32 for half types): in fp16 a sum of many blocks could overflow.
+    Channels c' = pid_c .. pid_c + CHANNELS - 1 (1 for the forward, IN's channel stride 0; C for the
+    input gradient); grid (tiles of ROWS * tiles of R, channels). The block sum stays fp32 into the
+    dot (TF32 for half types): in fp16 a sum of many blocks could overflow.
     """
     tiles_m = tl.cdiv(ROWS, BM)
     pid_m, pid_r, pid_c = tl.program_id(0) % tiles_m, tl.program_id(0) // tiles_m, tl.program_id(1)
@@ -93,13 +87,9 @@ def _blocked_mm(IN, s_ic, s_im, s_ik, M, s_mc, s_mk, s_mr, BIAS, s_bias, OUT, s_
 def _blocked_mm_grad(DY, s_dc, s_dm, s_dk, X, s_xm, s_xk, GB, ROWS, G, S, T, DY_BLOCKS, X_BLOCKS, SPLIT_M, QC,
                      ACC: tl.constexpr, PREC: tl.constexpr,
                      BS: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr):
-    """GB[split, c] (S x T, contiguous) = sum over the rows m of this split of
-    (row-block sum of DY[c])^T (sum of this split's X blocks), in fp32 (the sums too, TF32 dots for
-    half types).
-
-    Grid (tiles of S * tiles of T, splits, C); split z takes row blocks z % SPLIT_M, + SPLIT_M, ...
-    and the X blocks [z // SPLIT_M * QC, + QC) (the sum is linear in them): a small S x T and
-    batch still give enough programs to fill the GPU.
+    """GB[split, c] (S x T) = sum over this split's rows m of (row-block sum of DY[c])^T (sum of this
+    split's X blocks), in fp32. Grid (tiles of S * tiles of T, splits, C); split z takes row blocks
+    z % SPLIT_M, + SPLIT_M, ... and X blocks [z // SPLIT_M * QC, + QC), so a small batch fills the GPU.
     """
     tiles_s = tl.cdiv(S, BS)
     pid_s, pid_t = tl.program_id(0) % tiles_s, tl.program_id(0) // tiles_s
@@ -180,11 +170,8 @@ def _grad_x(dy, B, p, q, diag):
 def _grad_B(dy, x, p, q, diag):
     C, N, n = dy.shape
     s, t = n // p, x.shape[1] // q
-    if diag:   # rows (batch row, diagonal block) for the min(p, q) blocks that exist
-        k = min(p, q)
-        rows, G, dy_blocks, x_blocks = N * k, k, 1, 1
-    else:
-        rows, G, dy_blocks, x_blocks = N, 1, p, q
+    k = min(p, q)   # diag: rows (batch row, diagonal block) for the k blocks that exist
+    rows, G, dy_blocks, x_blocks = (N * k, k, 1, 1) if diag else (N, 1, p, q)
     split_m, qc, split = split_sum(rows, x_blocks, triton.cdiv(s * t, 64 * 64) * C, x.device)
     part = torch.empty(split, C, s, t, dtype=inner_dtype(x.dtype), device=x.device)
     grid = lambda a: (triton.cdiv(s, a["BS"]) * triton.cdiv(t, a["BT"]), split, C)  # noqa: E731

@@ -1,8 +1,6 @@
-"""The one ctypes loader of tinyrecon's two C libraries (``cpu_lib``, ``cuda_lib``; built by ``build_libs.py``).
-
-Each is a plain C ABI shared library placed inside the package by ``pip install``, loaded lazily
-on first use; an environment variable names another build instead. A library lists its own entry
-points with their types (``csrc/entry_points.h``), so nothing here restates a C signature.
+"""The one ctypes loader of tinyrecon's two C libraries (``cpu_lib``, ``cuda_lib``): plain C ABI, placed in
+the package by ``pip install``. A library lists its entry points with their types (``csrc/entry_points.h``),
+so nothing here restates a C signature.
 """
 from __future__ import annotations
 

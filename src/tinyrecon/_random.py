@@ -1,17 +1,10 @@
-"""Counter-based random numbers that Triton kernels reproduce in registers.
+"""Counter-based random numbers that Triton kernels reproduce in registers (docs/seeds.md).
 
-Frozen random matrices (masks, random-matrix adaption, hypernets) are never
-stored: element ``k`` (row-major) of a matrix is a pure function of
-``(seed, k)``. The functions below compute, in torch integer ops, exactly what
-Triton's ``tl.randint(seed, k)``, ``tl.rand(seed, k)`` and ``tl.randn(seed, k)``
-compute: Philox-4x32-10 keyed by the 64-bit seed, counter ``(k_lo, k_hi, 0, 0)``,
-then Triton's int->uniform map and its Box-Muller transform. The uniform stage
-is bit-exact; the normal stage is evaluated in float64 and rounded once, so every
-float64-accurate implementation (the CPU library's) gives the same float32, and
-float32 ones (``tl.randn``) differ by their libm's few ulp.
-
-Every value fits in int64 without overflow (32-bit products are split in 16-bit
-halves), so this runs on any torch device.
+Element ``k`` (row-major) of a frozen random matrix is a pure function of ``(seed, k)``: what
+Triton's ``tl.rand(seed, k)`` and ``tl.randn(seed, k)`` compute (Philox-4x32-10, counter
+``(k_lo, k_hi, 0, 0)``, Triton's int->uniform map and Box-Muller), in torch integer ops that fit
+int64 on any device. Uniforms are bit-exact; normals are evaluated in float64 and rounded once, so
+float64-accurate implementations (the CPU library's) agree and ``tl.randn`` differs by a few ulp.
 """
 from __future__ import annotations
 
@@ -87,20 +80,12 @@ def _torch_fill(out: torch.Tensor, seed: int, start: int, numel: int, kind: str)
     return out
 
 
-# Regenerating costs more than the GEMM that uses it (~100 ns per number and core in torch ops;
-# ~3.5 ns for a normal in the CPU library, still several times a copy from the cache), so recently used
-# matrices are kept per process, least recently used first out, within a byte budget
-# (TINYRECON_CACHE_BYTES, set_cache_budget). They are not module state: nothing is saved or moved
-# with a model. One lock guards the table: models are called from several threads (inference
-# servers, data-parallel CPU workers); numbers are generated outside it, so threads still draw in
-# parallel (two threads missing on one key both generate it, and the values are equal).
-# 1 GiB: random_matrix_hypernet's frozen M at the MNIST layer (n*D x r float32: 300 MiB at r=2,
-# 751 MiB at the benchmark's r=5; drawing it costs ~0.35 s of a core per 1e8 normals on every
-# call, reading it in the cpu kernels a few times less), masks bit-packed (``mask_bits``, n*D/8
-# bytes: 4.7 MiB there), random_matrix_adaption's B (12 MiB there) and every small frozen matrix.
-# tinyBIG keeps all of these as module buffers for good; the cache holds them only while used.
-# What does not fit (hypernet's 20 GB second layer) is drawn block by block next to the GEMM that
-# uses it (``block`` and the library's fused passes).
+# Regenerating costs more than the GEMM that uses it (see _DEFAULT_MAX_NUMBERS; even the CPU library's
+# normals cost several copies from the cache), so recently used matrices are kept per process, least
+# recently used out first, within a byte budget (not module state). One lock guards the table; numbers
+# are generated outside it (two threads missing on one key both generate it, with equal values). 1 GiB
+# holds, at the MNIST layer, random_matrix_hypernet's M (751 MiB at r=5), the bit-packed mask and
+# random_matrix_adaption's B; hypernet's 20 GB second layer is drawn block by block where used.
 _DEFAULT_BUDGET = 1 << 30
 _lock = threading.Lock()
 _cache: OrderedDict = OrderedDict()   # key -> tensor (float32 numbers, or int64 mask bits)
@@ -135,11 +120,8 @@ def _evict_to(limit: int) -> None:
 
 
 def set_cache_budget(nbytes: int) -> None:
-    """Keep at most ``nbytes`` bytes of frozen random matrices per process (0: keep none).
-
-    The default is 1 GiB, or ``TINYRECON_CACHE_BYTES`` when set. Matrices bigger than the budget
-    are generated on every use.
-    """
+    """Keep at most ``nbytes`` bytes of frozen random matrices per process (0: none; default 1 GiB, or
+    ``TINYRECON_CACHE_BYTES``); bigger matrices are generated on every use."""
     global _budget
     nbytes = _check_budget(nbytes)
     with _lock:
@@ -161,11 +143,9 @@ def clear_cache() -> None:
         _stats.update(bytes=0, hits=0, misses=0)
 
 
-# Generating costs about 100 ns per number and CPU core in torch ops (about 3.5 ns for a normal in
-# the CPU library): 2**35 numbers take about an hour of one core in torch. A call asking for more
-# (hypernets at n = D = 2**16 would draw 2**39) is refused before any work starts, on every backend
-# (the functions check what a call draws before dispatch), unless TINYRECON_MAX_RANDOM raises the
-# limit. Below it, e.g. a hypernet at the MNIST layer (5e9 numbers, about 10 s a forward on 2 cores), runs.
+# Generating costs about 100 ns per number and core in torch ops (3.5 ns a normal in the CPU library):
+# 2**35 numbers are an hour of a core in torch. A call asking for more (hypernets at n = D = 2**16: 2**39)
+# is refused before any work unless TINYRECON_MAX_RANDOM raises the limit (MNIST's hypernet, 5e9, runs).
 _DEFAULT_MAX_NUMBERS = 1 << 35
 
 
@@ -184,8 +164,7 @@ def check_cost(count: int, what: str) -> None:
 
 
 def _values(seed: int, start: int, numel: int, device: torch.device, kind: str, shared: bool = False) -> torch.Tensor:
-    # Traced calls take the op, whose output is always the caller's own: compiled graphs may reuse an
-    # op's output buffer.
+    # Traced calls take the op, whose output is the caller's own: compiled graphs may reuse it.
     return _draw(seed, start, numel, device, kind, shared) if dispatch.eager() else _values_op(seed, start, numel, device, kind)
 
 
@@ -202,14 +181,12 @@ def _draw(seed: int, start: int, numel: int, device: torch.device, kind: str, sh
     kept = _kept((seed, start, numel, device, kind), numel * 4, make)
     if kept is None:
         return _fill(seed, start, numel, device, kind)
-    # shared: the cache's own tensor, for callers that only read it (a copy of random_matrix_adaption's
-    # B at the MNIST layer, 12 MB of fresh pages, cost a fifth of its apply); else the caller's own copy.
+    # shared: the cache's own tensor, for read-only callers (copying RMA's B cost a fifth of its apply).
     return kept if shared else kept.clone()
 
 
 def _kept(key, nbytes: int, make):
-    """The cache's tensor for ``key``, made by ``make()`` and kept on a miss; None when ``nbytes`` is
-    above the budget (nothing is made then). Made outside the lock, so threads draw in parallel."""
+    """The cache's tensor for ``key``, ``make()``'s on a miss (made outside the lock); None over the budget."""
     with _lock:
         hit = _cache.get(key)
         if hit is not None:
@@ -229,10 +206,8 @@ def _kept(key, nbytes: int, make):
 
 
 def kept_slices(seed: int, slices, kind: str) -> list | None:
-    """Numbers ``[start, start + numel)`` of seed for each ``(start, numel)`` of ``slices`` ("rand" or
-    "randn", float32 on the CPU) as the cache keeps them (the entries ``rand``/``randn`` with these
-    starts use): read-only tensors, not copies; None when together they do not fit the budget. For
-    kernels that read a frozen matrix many times (the hypernets' M, kept in the reference's slices)."""
+    """Numbers ``[start, start + numel)`` of seed for each ``(start, numel)`` of ``slices`` (float32, CPU):
+    the cache's own entries, read only; None when together they do not fit the budget."""
     if sum(numel for _, numel in slices) * 4 > cache_info()["budget"]:
         return None
     device = torch.device("cpu")
@@ -258,10 +233,9 @@ def _(seed, start, numel, device, kind):
 
 
 def mask_bits(seed: int, rows: int, cols: int, p: float) -> torch.Tensor | None:
-    """The rows x cols mask ``rand(seed) < p``, bit-packed by the CPU library (rows x ceil(cols/64)
-    int64 words, bit b of word q is column 64q + b) and kept in the cache: 1/32 of the float32
-    mask, so an n x D mask is drawn once and then read at memory speed. None when it does not fit
-    the budget (callers then draw the mask where they use it). Never written to."""
+    """The rows x cols mask ``rand(seed) < p``, bit-packed by the CPU library (bit b of int64 word q of
+    a row is column 64q + b) and kept in the cache (1/32 of the float32 mask); read only. None when it
+    does not fit the budget (callers then draw the mask where they use it)."""
     words = (cols + 63) // 64
 
     def make():
@@ -274,9 +248,7 @@ def mask_bits(seed: int, rows: int, cols: int, p: float) -> torch.Tensor | None:
 
 
 def block(seed: int, start: int, rows: int, cols: int, stride: int, kind: str) -> torch.Tensor:
-    """Rows ``[0, rows)`` and columns ``[0, cols)`` of the row-major CPU matrix with row length ``stride``
-    whose element ``(i, j)`` is number ``start + i*stride + j`` ("rand" or "randn"): a column
-    block, generated where a kernel consumes it (not cached)."""
+    """The (rows, cols) CPU block whose ``(i, j)`` is number ``start + i*stride + j``, made where used (not cached)."""
     return (_block if dispatch.eager() else _block_op)(seed, start, rows, cols, stride, kind)
 
 
@@ -305,12 +277,9 @@ def rand(seed: int, shape, device=None, dtype=torch.float32, start: int = 0, sha
 
 
 def randn(seed: int, shape, device=None, dtype=torch.float32, start: int = 0, shared: bool = False) -> torch.Tensor:
-    """N(0, 1) values equal to ``tl.randn(seed, start + arange(numel)).reshape(shape)``.
-
-    ``start`` selects rows of a larger matrix, so it can be generated in slices. ``shared``: for a
-    caller that never writes the result, the cached numbers themselves (float32) where they are
-    cached, instead of a copy.
-    """
+    """N(0, 1) values equal to ``tl.randn(seed, start + arange(numel)).reshape(shape)``. ``start``
+    selects rows of a larger matrix; ``shared``: the cached float32 numbers themselves, not a copy, for
+    a caller that never writes them."""
     return _matrix(seed, shape, device, dtype, start, "randn", shared)
 
 
@@ -320,10 +289,8 @@ def _matrix(seed: int, shape, device, dtype: torch.dtype, start: int, kind: str,
 
 
 def derive_seed(seed: int, stream: int) -> int:
-    """Independent seed for the ``stream``-th frozen matrix of one function (SplitMix64 finaliser).
-
-    Mixing, rather than ``seed + stream``, keeps neighbouring user seeds from sharing matrices.
-    """
+    """Independent seed for the ``stream``-th frozen matrix of one function (SplitMix64 finaliser:
+    unlike ``seed + stream``, neighbouring user seeds share no matrices)."""
     z = (seed + (stream + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF

@@ -64,22 +64,18 @@ def reference(fn):
                       and a.is_floating_point()), None)
         if dtype not in _HALF:
             return fn(*args, **kwargs)
-        up = [a.float() if isinstance(a, torch.Tensor) and a.dtype == dtype else a for a in args]
-        upk = {k: (v.float() if isinstance(v, torch.Tensor) and v.dtype == dtype else v)
-               for k, v in kwargs.items()}
-        return fn(*up, **upk).to(dtype)
+        def up(a):
+            return a.float() if isinstance(a, torch.Tensor) and a.dtype == dtype else a
+        return fn(*map(up, args), **{k: up(v) for k, v in kwargs.items()}).to(dtype)
     return wrapper
 
 
 def torch_passes(x, Ar, Br, want_u: bool, want_v: bool):
     """``(U, V)`` with ``U[b] = Ar @ X[b]`` (N, rA, t) and ``V = Br @ x.reshape(N*q, t)^T`` (rB, N*q),
-    each only when wanted (else None): every read of x a structured apply makes.
-
-    Two GEMMs with x on the right as one folded matrix, which MKL runs near the memory bound on
-    some CPUs; the CPU backend computes both in one read of x instead (``csrc/kron_cpu.cpp``).
-    """
+    each only when wanted (else None): every read of x a structured apply makes (two GEMMs here; the
+    CPU backend's one pass reads x once for both)."""
     N, q, t = x.shape
-    x = x.to(Br.dtype)   # a bfloat16 x the CPU kernels read as is (cpu_ops), here in the factors' dtype
+    x = x.to(Br.dtype)   # a bfloat16 x that the CPU kernels read as is
     U = torch.bmm(Ar.expand(N, Ar.shape[0], q), x) if want_u else None
     V = torch.mm(Br, x.reshape(N * q, t).T) if want_v else None
     return U, V
@@ -106,17 +102,11 @@ def traceable(x_ops: XOps) -> XOps:
 
 
 class _FactorPass(torch.autograd.Function):
-    """``Z[b] = f @ X[b]^T`` for a big ``x`` (B, M, K) and a factor ``f`` (R, K).
-
-    The one pass over x that the low-rank and block-diagonal applies make. x is folded into one
-    (B*M, K) matrix with x on the right (R = 5 and K = 615,440 at the MNIST layer: 2x faster than
-    ``x @ f.T`` with MKL on the Xeon VM; slower on the AMD one, where the CPU backend's kernel
-    takes it), and a large f (block-diagonal padding: 32 x 307,720) is read once. The
-    backward makes one more pass over x for ``df`` and writes ``dx`` once. All three are
-    ``x_ops`` (the V and U halves of its ``passes``, and its ``expand``) on the folded x.
-    A double backward (``create_graph=True``) and torch.func run the backward in torch's ops,
-    which autograd records.
-    """
+    """``Z[b] = f @ X[b]^T`` for a big ``x`` (B, M, K) and a factor ``f`` (R, K): the one pass over x
+    of the low-rank and block-diagonal applies, on x folded to (B*M, K) and on the right (at the MNIST
+    layer, R = 5: 2x faster than ``x @ f.T`` with MKL on the Xeon VM). The backward makes one more pass
+    for ``df`` and writes ``dx`` once, all three ``x_ops``. A double backward and torch.func run the
+    backward in torch's ops, which autograd records."""
     generate_vmap_rule = True
 
     @staticmethod
@@ -151,11 +141,8 @@ def factor_pass(x: torch.Tensor, f: torch.Tensor, x_ops: XOps = TORCH_X_OPS) -> 
 
 
 def channel_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``A @ B`` for ``(C, m, k) @ (C, k, n)`` as one 2-D matmul per channel.
-
-    Bit-identical to tinyBIG's 2-D ``torch.matmul`` of each channel's factors; a batched matmul
-    can round differently (it does with MKL on AVX-512), and ``layout="tinybig"`` promises the same bits.
-    """
+    """``A @ B`` for ``(C, m, k) @ (C, k, n)`` as one 2-D matmul per channel: the bits of tinyBIG's
+    (a batched matmul rounds differently with MKL on AVX-512), which ``layout="tinybig"`` promises."""
     if len(A) == 1:   # the usual one channel: the same matmul without splitting and stacking
         return (A[0] @ B[0])[None]
     return torch.stack([a @ b for a, b in zip(A, B)]) if len(A) else torch.matmul(A, B)
@@ -176,29 +163,22 @@ FUNCTIONS: list = []   # every class with a ``number``, registered when its modu
 class Reconciliation(nn.Module):
     """Base of all reconciliation functions: ``W = psi(w)`` of shape ``(n, D)``.
 
-    ``w`` may be ``(l,)``, ``(1, l)`` (tinyBIG's shape) or ``(C, l)`` for ``C`` channels.
-    The channel dimension is kept in results only when ``C > 1``.
-
-    Subclasses define ``calculate_l`` (plus ``l_formula`` for error messages) and either ``op`` and
-    ``_op_args`` (its dispatch ops build and apply) or ``_build`` returning ``(C, n, D)`` and
-    ``_apply_flat`` returning ``(C, N, n)`` for ``x`` of shape ``(N, D)``.
+    ``w`` may be ``(l,)``, ``(1, l)`` (tinyBIG's shape) or ``(C, l)`` for ``C`` channels, a dimension
+    results keep only when ``C > 1``. Subclasses define ``calculate_l`` (and ``l_formula``) and either
+    ``op`` and ``_op_args`` or ``_build`` -> ``(C, n, D)`` and ``_apply_flat`` -> ``(C, N, n)``.
     """
 
-    # Its number in docs/functions.md, which orders ``tinyrecon.ALL``; a class with one is a function
-    # of the package (``FUNCTIONS``), a shared base has none.
+    # Its number in docs/functions.md (orders ``tinyrecon.ALL``); a class with one registers in ``FUNCTIONS``.
     number: int | None = None
     # Prefix of this function's dispatch ops, "<op>_build" and "<op>_apply" (None: it has none).
     op: str | None = None
     # Whether ``apply`` builds W and makes one F.linear when W is small (``BUILD_BELOW``).
     build_when_small: bool = False
-    # Constructor arguments of working instances, for the tests and the benchmark that run every
-    # function: ``examples`` maps (n, D) to the arguments of one that works at that size (a size not
-    # listed takes the defaults; the tests use (4, 6) and, for functions with kernels, (9, 20));
-    # ``bench_args`` are the benchmark's (its shapes leave p and q to the defaults).
+    # Working constructor arguments for the tests and the benchmark: ``examples`` maps (n, D) to them
+    # (other sizes take the defaults; the tests use (4, 6) and, with kernels, (9, 20)).
     examples: dict = {}
     bench_args: dict = {}
-    # psi(c * w) = c**degree * psi(w) (every factor of W a slice of w): ReconciledLinear's init="linear"
-    # scales w to give W nn.Linear's scale. None: no such degree (w goes through a sigmoid, or l = 0).
+    # psi(c * w) = c**degree * psi(w), for init="linear"'s scaling; None: no such degree (sigmoid, l = 0).
     degree: int | None = None
     # The attributes repr shows after ``name`` (the constructor's arguments of the same names).
     repr_args: tuple = ()
@@ -221,8 +201,7 @@ class Reconciliation(nn.Module):
     def __init_subclass__(cls, **kwargs):
         if cls.repr_args:   # its arguments' values, in one attribute lookup (``_small_key``)
             cls._arguments = property(operator.attrgetter(*cls.repr_args))
-        # Every calculate_l takes what forward and apply take: positive ints, numpy integers
-        # included (as ints); hypernets' n and D may be omitted (their l does not depend on them).
+        # Every calculate_l checks n and D as forward and apply do (hypernets' may be omitted).
         super().__init_subclass__(**kwargs)
         if "number" in cls.__dict__:
             FUNCTIONS.append(cls)
@@ -247,8 +226,7 @@ class Reconciliation(nn.Module):
         """Create any trainable state that depends on (n, D); called by layers at construction."""
 
     def _op_args(self, n: int, D: int, w: torch.Tensor) -> tuple:
-        """A function with ops: the arguments its ops take other than x, bias, layout and D, from w
-        (C, l), in their declared order (``_run_op`` fills in those four by name)."""
+        """Its ops' arguments other than x, bias, layout and D (``_run_op`` adds those), from w (C, l)."""
         raise NotImplementedError
 
     def _build(self, n, D, w, backend):
@@ -267,16 +245,13 @@ class Reconciliation(nn.Module):
         return add_bias(torch.matmul(x, W.transpose(1, 2)), bias)
 
     def check_draws(self, n: int, D: int, like: torch.Tensor) -> None:
-        """Refuse a call that would draw too many random numbers (``Seeded``; before ``_op_args``, so a
-        refused call uses up no mask seed); other functions draw none."""
+        """Refuse a call drawing too many random numbers (``Seeded``), before ``_op_args`` uses a mask seed."""
 
     # ---- public API --------------------------------------------------------------
     def forward(self, n: int, D: int, w: torch.Tensor | None = None, device=None, backend=None,
                 *args, **kwargs) -> torch.Tensor:
-        """Build ``W = psi(w)``: ``(n, D)``, or ``(C, n, D)`` for ``C > 1`` channels.
-
-        Under ``torch.autocast`` W is built in the autocast dtype (w is cast to it, as F.linear
-        casts its weight)."""
+        """Build ``W = psi(w)``: ``(n, D)``, or ``(C, n, D)`` for ``C > 1`` channels; under
+        ``torch.autocast`` in the autocast dtype (w is cast as F.linear casts its weight)."""
         n, D = check_dims(n, D)
         device_type = w.device.type if isinstance(w, torch.Tensor) else torch.device(device or "cpu").type
         dtype = _autocast_dtype(device_type)
@@ -494,11 +469,7 @@ def _same(a: torch.Tensor, b: torch.Tensor, an: str, bn: str) -> None:
 
 
 class Seeded:
-    """Mixin for functions with frozen random matrices, regenerated from ``seed`` on use.
-
-    The seed is saved in ``state_dict`` (as extra state), so save/load, ``.to(device)`` and a
-    fresh process all give the same matrices; the matrices themselves are never stored.
-    """
+    """Mixin: frozen random matrices regenerated from ``seed`` (``state_dict``'s extra state), never stored."""
 
     def _init_seed(self, seed):
         self.seed = _random.new_seed() if seed is None else check_seed(seed)
@@ -511,8 +482,7 @@ class Seeded:
         raise NotImplementedError
 
     def check_draws(self, n: int, D: int, like: torch.Tensor) -> None:
-        """Refuse a call drawing more random numbers than allowed (``_random.check_cost``), before
-        dispatch, so the limit holds on every backend; tensors on ``meta`` draw nothing."""
+        """``_random.check_cost`` before dispatch, so the limit holds on every backend (meta draws nothing)."""
         if like.device.type != "meta":
             _random.check_cost(self.random_count(n, D), f"{type(self).__name__} at n={n}, D={D}")
 

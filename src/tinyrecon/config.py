@@ -7,11 +7,9 @@ Accepted forms (tinyBIG 0.2.1 spells the same thing three ways)::
     {'parameter_fabrication_class': ..., 'parameter_fabrication_parameters': {...}}   # head configs
     {'function_class': ..., 'function_parameters': {...}}                             # function_configs
 
-or any of these wrapped in ``parameter_reconciliation_configs`` / ``parameter_fabrication_configs``
-(the reconciliation tutorial's YAML) or in a head's ``head_parameters``. tinyBIG's extra keys
-(``name``, ``require_parameters``, ``enable_bias``, ``device``) are accepted. A ``layout`` key,
-next to the class or among the parameters, selects tinyBIG 0.2.1's matrices (``'tinybig'``)
-or the documented math (``'kron'``, the default).
+or any of these wrapped in one of ``WRAPPERS``. tinyBIG's extra keys (``name``, ``require_parameters``,
+``enable_bias``, ``device``) are accepted. A ``layout`` key, next to the class or among the parameters,
+selects tinyBIG 0.2.1's matrices (``'tinybig'``) or the documented math (``'kron'``, the default).
 """
 from __future__ import annotations
 
@@ -37,10 +35,8 @@ def load(path) -> dict:
 
 
 def from_config(config, **overrides) -> Reconciliation:
-    """The reconciliation function a tinyBIG config dict, or a YAML/JSON file path, describes.
-
-    ``overrides`` replace its parameters (e.g. ``layout="tinybig"``, ``backend="torch"``).
-    """
+    """The reconciliation function a tinyBIG config dict, or a YAML/JSON file path, describes;
+    ``overrides`` replace its parameters (e.g. ``layout="tinybig"``, ``backend="torch"``)."""
     if isinstance(config, (str, os.PathLike)):
         config = load(config)
     if not isinstance(config, dict):

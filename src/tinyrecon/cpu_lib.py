@@ -1,9 +1,5 @@
-"""The CPU library built from ``csrc/*.cpp`` (``build_libs.py``): its entry points, loaded lazily.
-
-``setup.py`` compiles every ``csrc/*.cpp`` into ONE shared library with a plain C ABI (no torch
-headers), placed inside the package as ``libtinyrecon_cpu.so`` (``TINYRECON_BUILD_CPU=0|1|auto``,
-default auto: built when a compiler is found); ``TINYRECON_CPU_LIB=path`` loads another build.
-"""
+"""The CPU library built from ``csrc/*.cpp`` (``build_libs.py``, ``TINYRECON_BUILD_CPU=0|1|auto``): its
+entry points, loaded lazily; ``TINYRECON_CPU_LIB=path`` loads another build."""
 from __future__ import annotations
 
 import ctypes
@@ -15,8 +11,7 @@ from . import _clib
 LIB_NAME = "libtinyrecon_cpu.so"
 
 
-def library_path() -> str:
-    return _clib.library_path(LIB_NAME, "TINYRECON_CPU_LIB")
+library_path = functools.partial(_clib.library_path, LIB_NAME, "TINYRECON_CPU_LIB")
 
 
 @functools.lru_cache(maxsize=None)
@@ -31,9 +26,8 @@ def _load():
 
 @functools.lru_cache(maxsize=None)
 def torch_openmp() -> int | None:
-    """The address of ``GOMP_parallel`` as torch's CPU library resolves it (the OpenMP runtime torch's
-    threads are, which the library then runs its work on: ``csrc/threads_cpu.cpp`` says why); None
-    where torch has no OpenMP or the symbol is not found (the library then starts threads of its own)."""
+    """The address of ``GOMP_parallel`` as torch's CPU library resolves it, so the library runs on
+    torch's OpenMP threads (``csrc/threads_cpu.cpp`` says why); None where not found (own threads)."""
     import torch
     path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
     if not torch._C.has_openmp or not os.path.exists(path):
@@ -50,8 +44,7 @@ def load_error() -> str:
 
 
 def call(name: str, *args) -> None:
-    """Call entry point ``name``: code 1 (bad arguments; the glue checks them first) raises
-    ValueError, code 2 (no memory for per-thread buffers) MemoryError."""
+    """Call entry point ``name``: code 1 (bad arguments) raises ValueError, 2 (no memory for buffers) MemoryError."""
     lib, reason = _load()
     if lib is None:
         raise RuntimeError(reason)

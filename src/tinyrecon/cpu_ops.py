@@ -1,21 +1,13 @@
-"""The CPU backend: structured applies with what reads and writes x in C++ (``csrc/kron_cpu.cpp``).
+"""The CPU backend: the torch references (``functions/``) with what reads and writes x in C++.
 
-Everything else is the torch reference's own code (``functions/``): the kernels replace its
-``base.TORCH_X_OPS``. ``kron_pass`` reads x once for both ``U`` and ``V`` (torch makes one GEMM, so
-one read, for each); ``kron_expand`` writes dx once. Both are ``torch.library`` custom ops, so
-``torch.compile`` traces them as ops, not graph breaks (eager calls skip the op machinery). float32
-and float64 run in the kernels, and a bfloat16 x is read as is (``_bf16_x_as_is``); otherwise
-float16 and bfloat16 run in float32, rounded once at the end (as the reference does). Building W
-reads no x, so the builds are the reference's. The random families (masking, the hypernets) never
-hold an n x D W: masking's float32 GEMMs (``_masked_gemm``) read the mask bit-packed from the cache
-(``_random.mask_bits``) next to their tiles; the hypernets form W by column blocks of all its rows
-in one library pass (``_linear_block``) that reads M from the cache where it fits the budget and
-draws it there otherwise, each block consumed by a GEMM at once, in the forward and the backward.
-The Kronecker family uses both halves of the pass per batch; duplicated_padding's kron layout (a
-Kronecker product with the rank-1 left factor ones(p, q)) sums x's q column blocks and dots them with
-B in one pass that reads B once for all batches (``kron_chain``), its backward one pass for dB; lorr,
-random_matrix_adaption and duplicated_diagonal_padding fold x into one matrix (``factor_pass``),
-which the kernels split over threads by columns.
+The kernels of ``csrc/kron_cpu.cpp`` replace ``base.TORCH_X_OPS``: ``kron_pass`` reads x once for
+both ``U`` and ``V`` (torch reads it once per GEMM), ``kron_expand`` writes dx once; custom ops, so
+``torch.compile`` traces them (eager calls skip the op machinery). float32 and float64 run in the
+kernels, a bfloat16 x is read as is (``_bf16_x_as_is``), other half-precision inputs run in float32,
+rounded once. Builds read no x: they are the references'. duplicated_padding's kron layout dots the
+sum of x's q column blocks with B, read once for all batches (``kron_chain``). The random families
+never hold an n x D W: masking's GEMMs read the cached bit-packed mask (``_masked_gemm``), the
+hypernets form W by column blocks (``_linear_block``), each consumed by a GEMM at once.
 """
 import functools
 
@@ -38,13 +30,18 @@ def _check(name: str, *tensors: Tensor) -> None:
         raise TypeError(f"{name} takes float32 or float64 tensors of one dtype, got {[t.dtype for t in tensors]}")
 
 
-def _check_pass(x: Tensor, L: Tensor, R: Tensor) -> int:
+def _check_pass(name: str, x: Tensor, L: Tensor, R: Tensor) -> int:
     """The library's dtype code: a float32 or float64 x with factors of its dtype, or a bfloat16 x
-    (read as is) with a float32 L and a float32 or (read as is) bfloat16 R."""
+    (read as is) with a float32 L and a float32 or (read as is) bfloat16 R. Checks the shapes too."""
     if x.dtype == torch.bfloat16 and L.dtype == torch.float32 and R.dtype in (torch.float32, torch.bfloat16):
-        return 2 if R.dtype == torch.float32 else 3
-    _check("cpu_kron_pass", x, L, R)
-    return _DTYPES[x.dtype]
+        code = 2 if R.dtype == torch.float32 else 3
+    else:
+        _check("cpu_kron_pass", x, L, R)
+        code = _DTYPES[x.dtype]
+    N, M, K = x.shape
+    if L.shape[1] != M or R.shape[1] != K:
+        raise ValueError(f"{name}: L {tuple(L.shape)} and R {tuple(R.shape)} do not fit x {tuple(x.shape)}")
+    return code
 
 
 def _pass_shapes(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool):
@@ -53,12 +50,10 @@ def _pass_shapes(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool):
 
 
 def _pass(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool) -> tuple[Tensor, Tensor]:
-    code = _check_pass(x, L, R)
+    code = _check_pass("cpu_kron_pass", x, L, R)
     if not (want_u or want_v):
         raise ValueError("cpu_kron_pass: ask for U, V or both")
     N, M, K = x.shape
-    if L.shape[1] != M or R.shape[1] != K:
-        raise ValueError(f"cpu_kron_pass: L {tuple(L.shape)} and R {tuple(R.shape)} do not fit x {tuple(x.shape)}")
     U, V = (L.new_empty(s) for s in _pass_shapes(x, L, R, want_u, want_v))
     if x.numel() == 0:   # nothing to read (and empty buffers have no address to pass)
         return U.zero_(), V.zero_()
@@ -86,10 +81,8 @@ def _(x, L, R, want_u, want_v):
 
 
 def _chain(x: Tensor, L: Tensor, R: Tensor) -> Tensor:
-    code = _check_pass(x, L, R)
+    code = _check_pass("cpu_kron_chain", x, L, R)
     N, M, K = x.shape
-    if L.shape[1] != M or R.shape[1] != K:
-        raise ValueError(f"cpu_kron_chain: L {tuple(L.shape)} and R {tuple(R.shape)} do not fit x {tuple(x.shape)}")
     RA, RB = L.shape[0], R.shape[0]
     if x.numel() == 0 or RA == 0 or RB == 0:   # nothing to read or to dot (empty buffers have no address)
         return torch.matmul(torch.matmul(L, x.to(L.dtype)), R.T.to(L.dtype))
@@ -141,14 +134,12 @@ def _(G, L):
     return G.new_empty(G.shape[0], L.shape[1], G.shape[2])
 
 
-# When the kernels pay, measured pass by pass against torch's GEMMs (bench/cpu_dispatch.py; data in
-# bench/results/cpu-2core-2026-12-01-floor/dispatch.md, a shared 2-core machine: +-2x between runs
-# near the thresholds): x of at least 1M elements (at 262K, 64 batches of 64 x 64, torch's GEMMs
-# run from cache 2x faster; at 1M the forward of batches of 128 x 128 measured 0.53x and 0.85x);
-# up to 32 factor rows (the most measured: 1.6-2.8x faster than torch at rank 32); and factor rows,
-# which the kernels stream once per batch, that stay in L2 or are at most x's M rows per batch
-# (lorr's B at rank 32 against M = 64: 1.9-2.6x faster; duplicated_padding's B, 32 x 307,720
-# against M = 2: 2.4-2.8x slower).
+# When the kernels pay, measured pass by pass against torch's GEMMs (bench/cpu_dispatch.py,
+# bench/results/cpu-2core-2026-12-01-floor/dispatch.md; a shared 2-core machine, +-2x near the
+# thresholds): x of at least 1M elements (at 262K torch's GEMMs run from cache 2x faster); up to 32
+# factor rows (the most measured: 1.6-2.8x faster at rank 32); factor rows, streamed once per batch,
+# that stay in L2 or are at most x's M rows per batch (lorr's B at rank 32, M = 64: 1.9-2.6x faster;
+# duplicated_padding's B, 32 x 307,720, M = 2: 2.4-2.8x slower).
 _MIN_ELEMENTS = 1 << 20
 _MAX_RANK = 32
 _FACTOR_BYTES = 256 * 1024
@@ -157,8 +148,6 @@ _FACTOR_BYTES = 256 * 1024
 def _worth_it(numel: int, itemsize: int, rank: int, M: int, K: int) -> bool:
     return (numel >= _MIN_ELEMENTS and rank <= _MAX_RANK
             and (rank * K * itemsize <= _FACTOR_BYTES or rank <= M))
-
-
 
 
 def _kernel_passes(x, Ar, Br, want_u: bool, want_v: bool):
@@ -187,19 +176,16 @@ def _expand(G, Ar):
 
 KERNEL_X_OPS = XOps(_kernel_passes, _kernel_expand)   # always the kernels (tests)
 X_OPS = XOps(_passes, _expand)                     # the kernels where they pay, else torch's GEMMs
-# For a bfloat16 x and a bfloat16 factor Br that nothing differentiates: Br read as is, Ar (small)
-# and the outputs in float32.
+# A bfloat16 x and a bfloat16 Br that nothing differentiates: Br read as is, Ar and the outputs in float32.
 BF16_FACTOR_X_OPS = XOps(lambda x, Ar, Br, want_u, want_v: _passes(x, Ar.float(), Br, want_u, want_v), _expand)
 
 
 def _bf16_x_as_is(ref, when, factors_as_is: bool = False):
-    """``ref`` (a @reference apply) with a bfloat16 x left as is: the kernels widen it as they read
-    it, so no float32 copy of x is made; everything else is computed in float32 and rounded once at
-    the end, as ``ref`` does. With ``factors_as_is``, bfloat16 factors that need no gradient are
-    left as is too (``ref`` hands them only to the kernels, ``BF16_FACTOR_X_OPS``, or to float32
-    arithmetic that promotes them): duplicated_padding's B is a quarter of x's size at the MNIST
-    shape, and a float32 copy of it cost as much as the apply. An x whose gradient is wanted,
-    torch.func, or ``when(args)`` false (another layout) take ``ref`` itself."""
+    """``ref`` (a @reference apply) with a bfloat16 x left as is (the kernels widen it as they read
+    it), the rest in float32, rounded once at the end. ``factors_as_is`` also leaves bfloat16 factors
+    that need no gradient as is (``BF16_FACTOR_X_OPS``): a float32 copy of duplicated_padding's B cost
+    as much as the apply at the MNIST shape. A gradient for x, torch.func, or ``when(args)`` false
+    (another layout) take ``ref`` itself."""
     inner = ref.__wrapped__
 
     @functools.wraps(ref)
@@ -217,12 +203,10 @@ def _bf16_x_as_is(ref, when, factors_as_is: bool = False):
 
 
 class _Chain(torch.autograd.Function):
-    """``core[b] = L @ X[b] @ R^T`` (N, RA, RB) for x (N, M, K), a constant L (RA, M) and R (RB, K):
-    the chain kernel, one read of x and of R. The backward reads x once more for R's gradient, in
-    the pass (``dR = sum over b of dcore[b]^T @ L @ X[b]``, one GEMM of x folded to (N*M, K) with a
-    left factor of RB rows: faster than writing ``L @ X[b]`` in the forward and reading it back), and
-    writes ``dX[b] = L^T @ dcore[b] @ R`` once. A double backward and torch.func take torch's ops,
-    which autograd records (as the reference's ``_KronCore``)."""
+    """``core[b] = L @ X[b] @ R^T`` for a constant L: the chain kernel, one read of x and of R. The
+    backward reads x once more for dR, in the pass (x folded to (N*M, K): faster than keeping
+    ``L @ X[b]`` from the forward), and writes dX once. A double backward and torch.func take
+    torch's ops (as the reference's ``_KronCore``)."""
     generate_vmap_rule = True
 
     @staticmethod
@@ -255,9 +239,8 @@ class _Chain(torch.autograd.Function):
 
 
 def _chain_pays(x: Tensor, q: int, rows: int) -> bool:
-    """Where the chain beats the reference's kron path (its pass or GEMM dots x's q blocks with B one
-    by one: q times the work), measured at the MNIST shape (bench/results/cpu-2core-2026-12-01-kron-bf16):
-    a big x, q > 1 blocks to sum, and B's rows few enough for the dot products' registers to pay."""
+    """Where the chain beats the reference's kron path, which dots x's q blocks with B one by one, at
+    the MNIST shape (bench/results/cpu-2core-2026-12-01-kron-bf16): a big x, q > 1, few rows of B."""
     return x.numel() >= _MIN_ELEMENTS and q > 1 and rows <= _MAX_RANK
 
 
@@ -275,9 +258,7 @@ def duplicated_padding_apply(x, B, p: int, q: int, bias, layout: str):
     return add_bias(Y.reshape(C, N, p * s), bias)
 
 
-# The applies are the references with the kernels' XOps (layout="tinybig" in the reference's torch),
-# a bfloat16 x read as is where the kernels take it (None: copied to float32, as the reference does);
-# builds read no x: the dispatch table falls back to the references (dispatch.FALLBACK).
+# The applies: the references with the kernels' XOps; the builds fall back to them (dispatch.FALLBACK).
 for _ref, _bf16, _factors in ((_kron_ref.kron_apply, lambda args: args[5] == "kron", False),
                               (_padding_ref.duplicated_diagonal_padding_apply, lambda args: True, True),
                               (_lowrank_ref.lorr_apply, lambda args: True, False),
@@ -410,10 +391,9 @@ ops.implement("masking_apply", "cpu", reference(lambda x, w, seed, p, bias: add_
 
 
 def _frozen(seed_m: int, seed_c, n: int, D: int, k: int):
-    """(M rows, b rows): int64 tensors of the n row addresses of the frozen matrices where the cache
-    keeps them (in the reference's slices, so both backends share one copy; read, never written),
-    with the tensors that hold them; each None when it does not fit the budget (then drawn block
-    by block where used)."""
+    """(M rows, b rows): int64 tensors of the row addresses of the frozen matrices in the cache (the
+    reference's slices, shared, read only), with the tensors that hold them; each None where they do
+    not fit the budget (then drawn block by block)."""
     step = _hypernet_ref._rows_per_slice(D, k)
 
     def rows(seed, width):
@@ -430,10 +410,9 @@ def _frozen(seed_m: int, seed_c, n: int, D: int, k: int):
 
 def _linear_block(v: Tensor, seed_m: int, seed_c, n: int, D: int, j0: int, j1: int, frozen, want_W: bool = True,
                   dW: Tensor | None = None, dv: Tensor | None = None) -> Tensor | None:
-    """Columns [j0, j1) of the reference's ``reshape(M @ v^T (+ b), C, n, D)`` (functions/hypernet.py)
-    as (C, n, j1 - j0) when ``want_W``; and ``dv[c] += sum_ij dW[c, i, j] M[i, j, :]`` for the block
-    dW when given. One pass of the library reads M's block (``frozen``, from ``_frozen``) or draws
-    it, once for both, and stores none of it."""
+    """Columns [j0, j1) of the reference's ``reshape(M @ v^T (+ b), C, n, D)`` when ``want_W``, and
+    ``dv[c] += sum_ij dW[c, i, j] M[i, j, :]`` for a block dW when given: one library pass reads M's
+    block (``frozen``) or draws it, once for both."""
     C, k = v.shape
     W = v.new_empty(C, n, j1 - j0) if want_W else None
     ptr = (lambda t: t.data_ptr() if t is not None else None)
@@ -444,17 +423,15 @@ def _linear_block(v: Tensor, seed_m: int, seed_c, n: int, D: int, j0: int, j1: i
     return W
 
 
-# The library's fused GEMMs take float32 and ranks up to this (random_matrix_hypernet's r; hypernet's
-# hidden_dim when that small); other calls form W block by block (_linear_block) for torch's GEMMs.
+# The library's fused GEMMs take float32 and ranks up to this; others form W by blocks for torch's GEMMs.
 _FUSED_MAX_RANK = 8
 
 
 def _random_gemm(op: int, v: Tensor, x: Tensor, seed_m: int, seed_c, n: int, g: Tensor | None = None,
                  out: Tensor | None = None, dv: Tensor | None = None) -> None:
-    """The library's GEMMs with W = reshape(M @ v^T (+ b), C, n, D) formed inside them from M's rows
-    (``_frozen``'s, shared with the other backends, or drawn there): op 0 ``out (C, N, n) =
-    x @ W^T``; op 1 ``out (N, D) = sum_c g[c] @ W[c]`` when out is given, ``dv += sum_ij (g[c]^T x)_ij
-    M[i, j, :]`` when dv is given. float32, x with unit column stride, v and g contiguous."""
+    """The library's GEMMs with W = reshape(M @ v^T (+ b), C, n, D) formed inside them (M from
+    ``_frozen`` or drawn): op 0 ``out (C, N, n) = x @ W^T``; op 1 ``out (N, D) = sum_c g[c] @ W[c]``
+    and/or ``dv += sum_ij (g[c]^T x)_ij M[i, j, :]``. float32, x unit column stride, v and g contiguous."""
     (C, k), D = v.shape, x.shape[1]
     m_rows, c_rows = (None if f is None else f[0] for f in _frozen(seed_m, seed_c, n, D, k))
     ptr = (lambda t: t.data_ptr() if t is not None and t.numel() else None)
@@ -465,8 +442,7 @@ def _random_gemm(op: int, v: Tensor, x: Tensor, seed_m: int, seed_c, n: int, g: 
 
 def random_linear_forward(x: Tensor, v: Tensor, seed_m: int, seed_c: int | None, n: int) -> Tensor:
     """``x @ W^T`` for ``W = reshape(M @ v^T (+ b), C, n, D)``, M (n*D x k) and b frozen N(0, 1)."""
-    D = x.shape[1]
-    C, k = v.shape
+    (C, k), D = v.shape, x.shape[1]
     v = v.contiguous()
     fp32 = x.dtype == torch.float32
     if fp32:
@@ -490,8 +466,7 @@ def random_linear_forward(x: Tensor, v: Tensor, seed_m: int, seed_c: int | None,
 def random_linear_backward(g: Tensor, x: Tensor, v: Tensor, seed_m: int, seed_c: int | None, n: int,
                            want_dx: bool, want_dv: bool) -> tuple[Tensor, Tensor]:
     """(dx, dv) for the upstream g (C, N, n), M's blocks drawn once for both; an unwanted one is empty."""
-    D = x.shape[1]
-    C = v.shape[0]
+    D, C = x.shape[1], v.shape[0]
     dx = x.new_empty(x.shape if want_dx else (0,))
     dv = v.new_zeros(v.shape if want_dv else (0,))
     if want_dx and C == 0:

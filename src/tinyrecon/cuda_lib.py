@@ -1,11 +1,6 @@
-"""The optional CUDA library built from ``csrc/*.cu`` (``build_libs.py``): its entry points, loaded lazily.
-
-``setup.py`` compiles every ``csrc/*.cu`` with nvcc into ONE shared library with a plain C ABI
-(no torch headers or C++ ABI), placed inside the package as ``libtinyrecon_cuda.so``
-(``TINYRECON_BUILD_CUDA=0|1|auto``); ``TINYRECON_CUDA_LIB=path`` loads another build instead.
-Every entry point returns 0 or an error code, turned into :class:`CudaError` carrying the
-library's message (``tinyrecon_last_error``).
-"""
+"""The optional CUDA library built from ``csrc/*.cu`` (``build_libs.py``, ``TINYRECON_BUILD_CUDA=0|1|auto``):
+its entry points, loaded lazily; ``TINYRECON_CUDA_LIB=path`` loads another build. An error code
+becomes :class:`CudaError` with the library's message."""
 from __future__ import annotations
 
 import ctypes
@@ -20,8 +15,7 @@ class CudaError(RuntimeError):
     """A call into the CUDA library failed; the message is the library's (a CUDA error string)."""
 
 
-def library_path() -> str:
-    return _clib.library_path(LIB_NAME, "TINYRECON_CUDA_LIB")
+library_path = functools.partial(_clib.library_path, LIB_NAME, "TINYRECON_CUDA_LIB")
 
 
 @functools.lru_cache(maxsize=None)

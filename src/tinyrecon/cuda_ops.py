@@ -1,10 +1,6 @@
-"""The CUDA backend: forward and backward of the hot families' ops over the C library.
-
-Registered with :mod:`tinyrecon.ops` (which makes each a custom op, so ``torch.compile`` sees one
-op per call); forward and backward are launches of ``csrc/`` kernels (through
-:mod:`tinyrecon.cuda_lib`) on the caller's current stream. Inputs are made contiguous here; the
-library takes raw pointers.
-"""
+"""The CUDA backend: launches of ``csrc/*.cu`` kernels (:mod:`tinyrecon.cuda_lib`) on the caller's
+current stream, forward and backward, for the hot families' ops. The library takes raw pointers to
+contiguous tensors."""
 import ctypes
 from typing import Optional
 
@@ -22,18 +18,13 @@ def _ptr(t: Optional[Tensor]) -> Optional[int]:
 
 
 def _c(t: Optional[Tensor]) -> Optional[Tensor]:
-    # The entry points take dense row-major buffers: no strides in the C ABI. A strided bias (apply
-    # passes views through) is copied here too rather than given a stride argument: its n values
-    # cost nothing next to the GEMM, and the ABI and kernels of csrc/ keep one dense contract.
+    # No strides in the C ABI: even a strided bias is copied (its n values cost nothing next to the GEMM).
     return None if t is None else t.contiguous()
 
 
 def _launch(name: str, like: Tensor, args: list, dims: list, workspace: bool = False) -> None:
-    """Run entry point ``name`` for tensors like ``like`` on its device's current stream.
-
-    ``workspace``: the entry takes (work, work_bytes) between ``args`` and ``dims``; it is asked
-    for the size first and given that many bytes from torch's caching allocator.
-    """
+    """Run entry point ``name`` for tensors like ``like`` on its device's current stream. ``workspace``:
+    it takes (work, work_bytes) between ``args`` and ``dims``, asked for the size first."""
     if like.dtype not in _DTYPES:
         raise TypeError(f"the CUDA backend supports {list(_DTYPES)}, got {like.dtype}")
     if like.is_cuda:
@@ -110,8 +101,7 @@ ops.implement("kron_apply", "cuda", _kron_apply, _kron_apply_bwd)   # layout="ti
 
 # ---- duplicated_diagonal_padding --------------------------------------------------------------------
 def _block_dims(B: Tensor, p: int, q: int) -> list:
-    C, s, t = B.shape
-    return [C, p, q, s, t]
+    return [B.shape[0], p, q, *B.shape[1:]]
 
 
 def _ddp_build(B, p, q):

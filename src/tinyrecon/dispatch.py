@@ -1,11 +1,9 @@
 """The one dispatch table: which backend runs an op, and why another cannot.
 
-A backend runs an op when it is *available* (its library imports) and it
-*accepts the device* of the tensors. ``backend="auto"`` (the default) tries the
-device's preference list in order; a user picks one per call (``backend=``),
-per block (``with tr.use_backend("triton"):``) or per process
-(``TINYRECON_BACKEND=torch|triton|cuda|cpu``), in that order of precedence.
-Asking for a backend that cannot run raises :class:`BackendUnavailable` saying why.
+``backend="auto"`` (the default) takes the first backend of the device's list that can run the op;
+a user picks one per call (``backend=``), per block (``with tr.use_backend("triton"):``) or per
+process (``TINYRECON_BACKEND``), in that order of precedence. One that cannot run raises
+:class:`BackendUnavailable` saying why.
 """
 from __future__ import annotations
 
@@ -20,10 +18,7 @@ from torch.utils import _python_dispatch
 
 BACKENDS = ("torch", "triton", "cuda", "cpu")
 
-# device type -> backends tried by "auto", best first ("cpu" is the C++ library of csrc/*.cpp,
-# which covers every op). Per-op exceptions for CUDA
-# devices (where the committed GPU benchmarks show the CUDA library faster) live
-# in AUTO_CUDA_OPS; everything else on a GPU goes to Triton.
+# device type -> backends "auto" tries, best first; AUTO_CUDA_OPS: ops the CUDA library runs first on a GPU.
 AUTO = {
     "cuda": ("triton", "torch"),
     "cpu": ("cpu", "torch"),
@@ -31,19 +26,17 @@ AUTO = {
 }
 AUTO_CUDA_OPS: frozenset = frozenset()
 
-# Where each backend registers its implementations (``ops.implement``): the torch reference in
-# functions/<family>.py, Triton in kernels/<family>.py, the C libraries' glue in one module each.
+# Where each backend registers its implementations (``ops.implement``).
 MODULES = {"torch": "tinyrecon.functions.{family}", "triton": "tinyrecon.kernels.{family}",
            "cuda": "tinyrecon.cuda_ops", "cpu": "tinyrecon.cpu_ops"}
-# backend -> what runs an op it has no implementation for: the CPU library covers every op, the
-# ones without a kernel (the builds, which read no x) by the torch reference. Others refuse.
+# backend -> what runs the ops it has no kernel for (the CPU library's builds read no x); others refuse.
 FALLBACK = {"cpu": "torch"}
 
 
 def eager(*tensors: torch.Tensor) -> bool:
     """Whether an op can run as plain Python on these tensors: real tensors, nothing tracing or
-    transforming them. Custom ops are for torch.compile and tracers; called eagerly they cost a
-    dispatch, and the first call of one imports torch._dynamo (seconds, more than the call itself)."""
+    transforming them. (Called eagerly, a custom op costs a dispatch, and its first call imports
+    torch._dynamo: seconds.)"""
     return (not torch.compiler.is_compiling() and _python_dispatch._get_current_dispatch_mode() is None
             and not torch._C._are_functorch_transforms_active() and all(type(t) is torch.Tensor for t in tensors))
 
@@ -56,35 +49,29 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# backend -> '' or why its library does not load, plus "triton?" (installed) and "cuda device":
-# cached once, in a plain dict so dynamo reads it
+# backend -> '' or why its library does not load, plus "triton?" and "cuda device"; a plain dict so dynamo reads it
 _STATUS = {"torch": ""}
 
 
 def _library_status(backend: str) -> str:
-    if backend not in _STATUS:
-        _STATUS[backend] = _load_library(backend)
-    return _STATUS[backend]
-
-
-def _load_library(backend: str) -> str:
-    """'' when the backend's library loads, else the reason it does not."""
+    """'' when the backend's library loads, else the reason it does not (looked up once)."""
+    if backend in _STATUS:
+        return _STATUS[backend]
     if backend == "triton":
         try:
             import triton  # noqa: F401
+            reason = ""
         except Exception as e:  # ImportError, or a broken install raising anything
-            return f"Triton does not import ({type(e).__name__}: {e}); pip install triton"
-        return ""
-    return importlib.import_module(f".{backend}_lib", __package__).load_error()   # cuda_lib, cpu_lib
+            reason = f"Triton does not import ({type(e).__name__}: {e}); pip install triton"
+    else:
+        reason = importlib.import_module(f".{backend}_lib", __package__).load_error()   # cuda_lib, cpu_lib
+    _STATUS[backend] = reason
+    return reason
 
 
 def why_not(backend: str, op: str | None, device_type: str) -> str:
-    """'' if ``backend`` can run ``op`` (any op when None) on ``device_type`` tensors, else the reason.
-
-    The most basic missing thing comes first: the backend's software, then a device of that type,
-    then whether the backend takes that device, then whether its library loads, then whether it has
-    the op (its module, which registers its ops, is imported only then).
-    """
+    """'' if ``backend`` can run ``op`` (any op when None) on ``device_type`` tensors, else the reason:
+    the most basic missing thing first (software, device, library, then the op)."""
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; expected one of {BACKENDS} or 'auto'"
     if backend == "triton" and not _triton_installed():
@@ -96,10 +83,8 @@ def why_not(backend: str, op: str | None, device_type: str) -> str:
         return (f"Triton runs on CUDA/ROCm tensors, not {device_type} tensors"
                 + ("; for CPU tensors set TRITON_INTERPRET=1 (the test interpreter) before importing triton"
                    if device_type == "cpu" else ""))
-    if backend == "cuda" and device_type != "cuda":
-        return f"the CUDA library runs on CUDA tensors, not {device_type} tensors"
-    if backend == "cpu" and device_type != "cpu":
-        return f"the CPU library runs on CPU tensors, not {device_type} tensors"
+    if backend in ("cuda", "cpu") and device_type != backend:
+        return f"the {backend.upper()} library runs on {backend.upper()} tensors, not {device_type} tensors"
     reason = _library_status(backend)
     if not reason and op is not None and implementation(op, backend) is None:
         reason = f"the {backend} backend has no kernel for {op}"
@@ -206,21 +191,12 @@ def table(device_type: str = "cpu") -> dict:
     """op -> {backend: "kernel", "reference" (its FALLBACK runs it) or why it cannot run} for
     ``device_type`` tensors; e.g. ``table()["kron_build"]["cpu"] == "reference"``."""
     from . import ops
-    rows = {}
-    for op in ops.OPS:
-        rows[op] = {}
-        for b in BACKENDS:
-            reason = why_not(b, op, device_type)
-            rows[op][b] = reason or ("kernel" if b != "torch" and b in ops.OPS[op].impls else "reference")
-    return rows
+    return {name: {b: why_not(b, name, device_type) or ("kernel" if b != "torch" and b in op.impls else "reference")
+                   for b in BACKENDS} for name, op in ops.OPS.items()}
 
 
 def preload() -> None:
-    """Import every op of every backend that can run here, ahead of use.
-
-    Called when tinyrecon is imported: ``torch.compile`` cannot trace an import, so a
-    compiled model's first call must find its ops already loaded.
-    """
+    """Import the ops of every backend that can run here, at import: ``torch.compile`` cannot trace one."""
     from . import ops
     device_types = {"cpu"} | ({"cuda"} if torch.cuda.is_available() else set())
     for op in ops.OPS:

@@ -13,23 +13,18 @@ FUSIONS = ("mean", "sum")
 INITS = ("linear", "tinybig")
 
 
-
 class ReconciledLinear(nn.Module):
     """``y = x @ fuse_c(psi(w_c))^T + bias``: a drop-in for ``nn.Linear(in_features, out_features)``.
 
-    ``reconciliation``: a function instance, a short name (``"dual_lphm"``) or a tinyBIG config
-    dict / YAML path. It owns ``w`` of shape ``(channels, l)``; channels are fused by ``"mean"``
-    (tinyBIG's default) or ``"sum"``, and the bias is added once, after fusion. Training calls the
-    function's structured ``apply``, so the ``out_features x in_features`` matrix is never built;
-    ``weight`` builds it on demand.
+    ``reconciliation``: a function instance, a short name (``"dual_lphm"``) or a tinyBIG config dict /
+    YAML path. It owns ``w`` (channels, l); channels are fused by ``"mean"`` (tinyBIG's default) or
+    ``"sum"``, then the bias is added. Training calls the structured ``apply``; ``weight`` builds W.
 
-    ``init="linear"`` (the default) starts at nn.Linear's scale: the bias as nn.Linear's, and ``w``
-    drawn xavier-uniform then multiplied by the one factor that makes the layer's output on N(0, 1)
-    inputs as large as an nn.Linear's (RMS ``1/sqrt(3)``), measured on one small probe batch. For the
-    hypernets, whose W's scale w does not set, the layer multiplies its output by a fixed
-    ``output_scale`` (a buffer) instead. ``init="tinybig"`` is a tinyBIG head's init: xavier-uniform
-    over ``(channels, l)``, and over ``(1, out_features)`` for the bias. Either way the function
-    itself is unchanged: ``reconciliation.apply(x, w, ...)`` computes the same for the same ``w``.
+    ``init="linear"`` (the default) starts at nn.Linear's scale: its bias init, and ``w`` xavier-uniform
+    times the factor that makes the output's RMS on N(0, 1) inputs nn.Linear's (``1/sqrt(3)``, measured
+    on a probe batch); for the hypernets, whose W's scale w does not set, a fixed ``output_scale``
+    buffer multiplies the output instead. ``init="tinybig"`` is a tinyBIG head's: xavier-uniform over
+    ``(channels, l)`` and ``(1, out_features)``. The function itself is unchanged either way.
     """
 
     def __init__(self, in_features: int, out_features: int, reconciliation, bias: bool = True,
@@ -62,12 +57,9 @@ class ReconciledLinear(nn.Module):
     @classmethod
     def from_tinybig(cls, config, w: torch.Tensor, bias: torch.Tensor | None = None, *,
                      in_features: int, out_features: int, backend: str | None = None) -> "ReconciledLinear":
-        """The layer equal to a trained tinyBIG 0.2.1 head's ``x -> mean_c F.linear(x, psi(w_c), b)``.
-
-        ``config``: the head's reconciliation config (dict or YAML path, see ``tinyrecon.config``);
-        ``w``: its ``w`` of shape ``(channel_num, l)`` (e.g. ``state['layers.0.heads.0.w']``);
-        ``bias``: its ``b``; ``in_features``: D, the width after the head's data expansion;
-        ``out_features``: n. Built with ``layout="tinybig"`` so its outputs equal tinyBIG's.
+        """The layer equal to a trained tinyBIG 0.2.1 head's ``x -> mean_c F.linear(x, psi(w_c), b)``
+        (``layout="tinybig"``): ``config``, the head's reconciliation config (dict or YAML path); ``w``,
+        its ``(channel_num, l)`` w; ``bias``, its ``b``; ``in_features``: D after the data expansion.
         """
         rec = from_config(config, layout="tinybig")
         w = w.detach()
@@ -133,8 +125,7 @@ class ReconciledLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The fused ``(out_features, in_features)`` matrix ``fuse_c(psi(w_c))`` (times ``output_scale``
-        when set), built now (differentiable)."""
+        """The fused (out_features, in_features) matrix (times ``output_scale`` if set), built now, differentiable."""
         W = self.reconciliation(n=self.out_features, D=self.in_features, w=self.w, backend=self.backend)
         W = self._fuse(W) if self.w.shape[0] > 1 else W
         return W if self.output_scale is None else W * self.output_scale

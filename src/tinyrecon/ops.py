@@ -1,20 +1,14 @@
 """Every dispatch op, declared once: name, signature, output shape, and which inputs get gradients.
 
-A backend registers what it computes for an op with one call::
-
-    ops.implement("kron_apply", "triton", forward=..., backward=...)
-
-and gets the rest from the declaration: the ``torch.library`` custom op ``tinyrecon::<backend>_<op>``
-(one op to ``torch.compile``), its fake (the declared shape function), its autograd wiring (the
-bias gradient included) and its entry in the dispatch table. ``backward(dy, needs, *inputs)``
-returns the gradients of the declared inputs other than ``bias``, in order (None where not needed).
-Traced, it runs inside a generated op ``tinyrecon::<backend>_<op>_backward``, so it may launch
-kernels that autograd cannot follow, and the op refuses double backward by name (eager calls run the
-same forward and backward in an autograd.Function, without the op machinery); ``first_order=False`` says
-the backward is made of differentiable ops, which then run as they are. An implementation without a
-backward (the torch reference, or code composed of ops autograd already follows) is registered as
-it is. Applies with a ``layout`` run ``layout="tinybig"`` as their build and one GEMM unless the
-implementation says it computes that layout itself (``tinybig=True``).
+A backend registers what it computes with one call, ``ops.implement("kron_apply", "triton",
+forward=..., backward=...)``, and gets the rest from the declaration: the custom op
+``tinyrecon::<backend>_<op>``, its fake (the declared shape), its autograd wiring (the bias gradient
+included) and its dispatch entry. ``backward(dy, needs, *inputs)`` returns the gradients of the
+declared inputs other than ``bias``, in order (None where not needed); traced, it runs as an op of its
+own (so it may launch kernels) that refuses double backward by name. ``first_order=False`` says it is
+made of differentiable ops, which then run as they are; an implementation without a backward (the
+reference, or ops autograd follows) is registered as it is. Applies with a ``layout`` run
+``layout="tinybig"`` as their build and one GEMM unless the implementation computes it (``tinybig=True``).
 """
 from __future__ import annotations
 
@@ -40,8 +34,7 @@ OPS: dict[str, Op] = {}
 
 
 def declare(name: str, family: str, schema: str, grads: tuple, fake: Callable | None = None) -> None:
-    """Declare op ``name``; an apply (``<f>_apply``, declared after ``<f>_build``) has the fake
-    ``(C, N, n)`` from its build's ``(C, n, D)``, so only builds give one."""
+    """Declare op ``name``; only builds give a fake: an apply's, ``(C, N, n)``, comes from its build's."""
     args = schema[schema.index("(") + 1: schema.index(") ->")]
     params = tuple((a.split()[1], a.split()[0]) for a in args.split(", "))
     if fake is None:
@@ -74,9 +67,8 @@ def implement(name: str, backend: str, forward: Callable, backward: Callable | N
 
 
 def _with_autograd(op: Op, custom, forward: Callable, backend: str, backward: Callable, first_order: bool):
-    """The dispatch entry of a custom op with a backward: the custom op, autograd registered, for
-    tracers; for eager calls the same forward and backward in an autograd.Function, which skips the
-    op machinery (a dispatch per call, and an import of torch._dynamo at an op's first call)."""
+    """The dispatch entry of a custom op with a backward: the op, autograd registered, for tracers; for
+    eager calls the same functions in an autograd.Function, which skips the op machinery."""
     names = [p for p, _ in op.params]
     tensors = [i for i, (_, t) in enumerate(op.params) if t.startswith("Tensor")]
     computed = [names.index(g) for g in op.grads if g != "bias"]
@@ -106,8 +98,7 @@ def _with_autograd(op: Op, custom, forward: Callable, backend: str, backward: Ca
 
     def autograd_backward(run):
         def autograd_backward(ctx, dy):
-            # Grad mode is on in a backward only under create_graph=True: refused by name here, rather than
-            # torch's "no autograd formula" about an inner op at the second backward.
+            # Only create_graph=True turns grad mode on in a backward: refused here by name, not an inner op.
             if first_order and torch.is_grad_enabled():
                 raise RuntimeError(
                     f"{custom._qualname} (the {backend} backend) has a first-order backward only: it cannot be "
@@ -137,8 +128,7 @@ def _with_autograd(op: Op, custom, forward: Callable, backend: str, backward: Ca
 
 
 def _tinybig_as_build(op: Op, backend: str, structured: Callable) -> Callable:
-    """``layout="tinybig"``: ``x @ W^T`` with W from the same backend's build; the structured apply for
-    the other layouts."""
+    """``layout="tinybig"``: ``x @ W^T`` with W from the same backend's build; else the structured apply."""
     build = OPS[op.name.replace("_apply", "_build")]
     b = [p for p, _ in op.params].index("bias")
 

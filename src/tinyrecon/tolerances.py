@@ -1,9 +1,5 @@
-"""Per-dtype tolerances of a result against a float64 (or float32) reference, read by the tests
-(``tests/conftest.py``) and by the benchmark's correctness check alike.
-
-One rounding of the output in the dtype plus fp32 accumulation error; atol is scaled by the
-reference's largest magnitude where it is used.
-"""
+"""Per-dtype tolerances against a float64 (or float32) reference, for the tests and the benchmark: one
+rounding of the output plus fp32 accumulation error (atol is scaled by the reference's largest magnitude)."""
 import torch
 
 TOL = {

@@ -36,10 +36,7 @@ FUNCTIONS = tuple(registry.CLASSES)   # short names, in docs/functions.md order
 FAMILY = {f: cls.__module__.rsplit(".", 1)[-1] for f, cls in registry.CLASSES.items()}
 FAMILIES = tuple(dict.fromkeys(FAMILY.values()))
 
-# Functions whose frozen matrices are regenerated from the seed: their first call in a process pays
-# for what a cache keeps later, so when cold timings are asked for they are timed cold at every shape;
-# every other function is timed cold at COLD_SHAPE (the first call of a process there should cost
-# little more than a warm one).
+# Cold timings: functions whose first call fills the random-matrix cache at every shape, others at COLD_SHAPE.
 COLD_FUNCTIONS = ("masking", "random_matrix_adaption", "random_matrix_hypernet", "hypernet")
 COLD_SHAPE = "mnist"
 
@@ -85,8 +82,7 @@ def family_functions(family: str) -> list[str]:
 
 
 def function_names(names) -> list[str]:
-    """Short function names for function names, tinyBIG class names/paths or family names
-    (``kron``); a name that is both (``hypernet``, ``masking``) means the function."""
+    """Short names for function names, tinyBIG class names/paths or families; a name that is both means the function."""
     out = []
     for name in _split(names):
         try:
@@ -100,9 +96,8 @@ def function_names(names) -> list[str]:
 
 
 def select(functions=None, shapes=None, backends=None, ops=None, quick=True) -> list[Case]:
-    """The cases to run; ``None`` means the default (``--quick``: the small, tiny and tall shapes plus
-    the headline MNIST case; otherwise every shape). Unknown names raise ValueError listing valid ones.
-    ``functions`` may also be a list of short names (as :func:`function_names` returns)."""
+    """The cases to run; ``None`` means the default (``quick``: QUICK_SHAPES plus QUICK_EXTRA; otherwise
+    every shape). Unknown names raise ValueError listing valid ones."""
     fs = function_names(functions) if functions else list(FUNCTIONS)
     ss = _pick(shapes, SHAPES, "shape") if shapes else list(QUICK_SHAPES if quick else SHAPES)
     bs = _pick(backends, dispatch.BACKENDS, "backend") if backends else list(dispatch.BACKENDS)
@@ -148,8 +143,7 @@ def skip_reason(case: Case, device: torch.device, dtype: torch.dtype) -> str:
     shape = SHAPES[case.shape]
     if case.backend == "triton" and device.type != "cuda" and case.shape != "small":
         return "the Triton interpreter (TRITON_INTERPRET=1) is for correctness checks: small shape only"
-    # Peak memory, roughly: W, its gradient and the dense layer (+ grad) in dtype, W and dW of the
-    # float64 reference; x and its gradient in dtype and in float64.
+    # Peak memory, roughly: W, dW and the dense layer (+ grad) in dtype and W, dW in float64; x, dx alike.
     size = torch.finfo(dtype).bits // 8
     need = shape.n * shape.D * (4 * size + 2 * 8) + shape.batch * shape.D * (2 * size + 2 * 8)
     avail = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_bytes()

@@ -12,8 +12,7 @@ from .cases import SHAPES, Case, Shape, make_function
 
 
 def _thunks(rec, shape: Shape, op: str, x, w, bias, g, backend: str, baselines: bool):
-    """Callables for the candidate (``backend``), tinyBIG's algorithm and, with ``baselines``, a
-    dense layer of the same size and one read of x (``x.sum()``, the floor of any apply)."""
+    """Callables for the candidate (``backend``), tinyBIG's algorithm and (``baselines``) nn.Linear and ``x.sum()``."""
     n, D = shape.n, shape.D
 
     def tinybig():
@@ -45,17 +44,14 @@ def _with_grads(forward, inputs, g):
 
 
 def step_grads(y, inputs, g):
-    """The gradients of ``inputs`` that a training step takes: those of the scalar loss
-    ``(y * g).sum()`` (so dloss/dy = g), with no gradient tensor given, as ``loss.backward()`` does.
-    Every benchmark's train op goes through here, warm and first calls alike: torch's first
-    ``autograd.grad``/``backward`` given a gradient tensor imports torch.fx's symbolic shapes and sympy
-    (~0.5 s, any model), which a step on a scalar loss never pays."""
+    """The gradients of ``inputs`` for the scalar loss ``(y * g).sum()`` (dloss/dy = g), as a training
+    step's ``loss.backward()`` takes them: torch's first ``autograd.grad`` given a gradient tensor
+    imports sympy (~0.5 s, any model), which a step on a scalar loss never pays."""
     return torch.autograd.grad((y * g).sum(), inputs, materialize_grads=True)
 
 
 def prepare(case: Case, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    """``(fns, reference)``: the timed callables, and a callable computing the float64 reference
-    of the candidate's outputs (tinyBIG's algorithm with the torch backend)."""
+    """``(fns, reference)``: the timed callables, and one computing the candidate's float64 reference (tinyBIG's)."""
     shape = SHAPES[case.shape]
     rec = make_function(case.function)
     gen = torch.Generator().manual_seed(seed)

@@ -1,5 +1,4 @@
-"""Reporting: the results as a table (text or markdown) and a plot, saved and loaded as
-results.json, and two runs compared case by case."""
+"""Reporting: tables (text or markdown), a plot, results.json saved and loaded, two runs compared."""
 from __future__ import annotations
 
 import importlib.util
@@ -75,8 +74,7 @@ def header(meta: dict) -> str:
 
 
 def plot(data: dict, path) -> None:
-    """Speedup vs tinyBIG's algorithm per function and backend, one panel per op (log scale).
-    Needs matplotlib (the ``bench`` extra)."""
+    """Speedup vs tinyBIG's algorithm per function and backend, one panel per op; needs matplotlib."""
     if missing("matplotlib"):
         raise ImportError(f"the plot needs matplotlib: {missing('matplotlib')}")
     import matplotlib
@@ -118,8 +116,7 @@ def plot(data: dict, path) -> None:
 
 
 def save(data: dict, out_dir, with_plot: bool = True) -> list[Path]:
-    """Write results.json, results.md (header + markdown table) and, ``with_plot``, speedup.png
-    into ``out_dir``; returns the paths written."""
+    """Write results.json, results.md and (``with_plot``) speedup.png into ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "results.json", out / "results.md"]
@@ -154,8 +151,7 @@ def compare(a: dict, b: dict) -> list[dict]:
 
 
 def compare_table(rows: list[dict]) -> str:
-    """The rows of :func:`compare` as text; cases timed in neither run with nothing new to say
-    (skipped or absent on both sides, or the same failure) are counted, not listed."""
+    """The rows of :func:`compare` as text; cases timed in neither run with nothing new to say are counted."""
     head = ["function", "shape", "op", "backend", "dtype", "A ms", "B ms", "B vs A"]
     body = []
     same = [r for r in rows if r["status_a"] == r["status_b"] != "ok"

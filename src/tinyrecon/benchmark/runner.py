@@ -37,8 +37,7 @@ def _run_case(case, dtype, device, mode, copy_gbps) -> dict:
         used = check.tolerance_used(fns["candidate"](), expected, dtype)
         res["tol_used"] = check.finite(used)
         if not used <= 1.0:
-            # Half-precision gradients through a chain of ops (e.g. dw of the hypernets) can miss the
-            # one-rounding tolerance in tinyBIG's algorithm too: then no worse than twice its error passes.
+            # Half-precision gradients can miss the tolerance in tinyBIG's algorithm too: twice its error passes.
             base = check.tolerance_used(fns["tinybig"](), expected, dtype)
             res["tol_tinybig"] = check.finite(base)
             if not used <= 2 * base < math.inf:
@@ -47,7 +46,7 @@ def _run_case(case, dtype, device, mode, copy_gbps) -> dict:
                                   f"{base:.3g}x); not timed")
         del fns, reference, expected   # the cold calls' processes need the memory
         if mode.cold and times_cold(case):
-            res["cold_ms"], res["cold_ms_tinybig"] = (1e3 * timing.time_cold(case, dtype, device, w)
+            res["cold_ms"], res["cold_ms_tinybig"] = (1e3 * timing.first_call(case, dtype, device, w)["first_s"]
                                                       for w in ("candidate", "tinybig"))
         fns = check.prepare(case, dtype, device)[0]
         t = timing.time_interleaved(fns, device, mode)
@@ -77,12 +76,9 @@ def metadata(device: torch.device, dtypes, quick: bool, copy_gbps: float | None,
 
 
 def run(cases, dtype=torch.float32, device=None, quick=True, progress=None, cold=None) -> dict:
-    """Run cases and return ``{"meta": ..., "results": [...]}`` (what results.json holds).
-
-    ``dtype``: one dtype or several (each case runs in each, one after the other). ``cold``: time
-    first calls in a fresh process (None: the mode's default, on with ``--full``). ``progress``: wraps
-    the iterable of ``(case, dtype)`` pairs (e.g. with a progress bar).
-    """
+    """Run cases and return ``{"meta": ..., "results": [...]}`` (what results.json holds). ``dtype``:
+    one or several (each case runs in each); ``cold``: time first calls in a fresh process (None: the
+    mode's default); ``progress`` wraps the iterable of ``(case, dtype)`` pairs."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtypes = [dtype] if isinstance(dtype, torch.dtype) else list(dtype)
     mode = timing.QUICK if quick else timing.FULL

@@ -19,8 +19,7 @@ from .cases import SHAPES, Case, make_function
 
 @dataclass(frozen=True)
 class Mode:
-    """How hard to try: seconds of timed rounds per case, repeat bounds, which calls are timed once
-    only, and whether first calls in a fresh process are timed (``cases.times_cold`` says for which)."""
+    """How hard to try: seconds of timed rounds, repeat bounds, whether cold calls are timed (``cases.times_cold``)."""
     budget_s: float
     min_reps: int
     max_reps: int
@@ -47,12 +46,9 @@ def _once(fn, device, inner: int = 1) -> float:
 
 
 def time_interleaved(fns: dict, device: torch.device, mode: Mode) -> dict:
-    """Median seconds per call of each callable, timed in interleaved rounds (A B C A B C ...).
-
-    One warmup call each sizes the run: calls shorter than 1 ms are looped so each sample
-    is about 1 ms, and the number of rounds fills ``mode.budget_s``. When a warm call takes longer
-    than ``mode.max_call_s``, that round is the measurement (shown with reps 1, never skipped).
-    """
+    """Median seconds per call of each callable, timed in interleaved rounds (A B C A B C ...). A
+    warmup call each sizes the run: calls under 1 ms are looped to samples of about 1 ms, rounds fill
+    ``mode.budget_s``; a warm call over ``mode.max_call_s`` is the measurement (reps 1)."""
     warm = {name: _once(fn, device) for name, fn in fns.items()}
     if max(warm.values()) > mode.max_call_s:
         return warm | {"reps": 1}
@@ -87,9 +83,9 @@ print(json.dumps(dict(first_s=times[0], warm_s=statistics.median(times[1:]) if t
 
 def first_call(case: Case, dtype: torch.dtype, device: torch.device, which: str, warm: int = 0,
                timeout_s: float = 600) -> dict:
-    """The first call of ``which`` ('candidate', 'tinybig' or 'dense', as ``check.prepare`` makes them)
-    in a fresh Python process, its inputs made before the clock starts, then ``warm`` more calls:
-    ``{'first_s', 'warm_s' (their median, None without), 'imported' (modules the first call imported)}``."""
+    """The first call of ``which`` (a key of ``check.prepare``'s callables) in a fresh Python process,
+    inputs made before the clock starts, then ``warm`` more: ``{'first_s', 'warm_s' (their median or
+    None), 'imported' (modules the first call imported)}``."""
     args = [case.function, case.shape, case.op, case.backend, str(dtype).replace("torch.", ""), str(device), which,
             str(warm)]
     out = subprocess.run([sys.executable, "-c", _FIRST_CALL, *args], capture_output=True, text=True, timeout=timeout_s)
@@ -98,15 +94,8 @@ def first_call(case: Case, dtype: torch.dtype, device: torch.device, which: str,
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def time_cold(case: Case, dtype: torch.dtype, device: torch.device, which: str, timeout_s: float = 600) -> float:
-    """Seconds of the first call of ``which`` ('candidate' or 'tinybig') in a fresh Python process
-    (inputs made before the clock starts)."""
-    return first_call(case, dtype, device, which, timeout_s=timeout_s)["first_s"]
-
-
 def traffic(case: Case, dtype: torch.dtype) -> tuple[float, float | None]:
-    """(bytes, flops) of a case: the least memory traffic (each input read once, each output
-    written once), and the FLOPs of the dense GEMM it replaces (None for build)."""
+    """(bytes, flops): the least traffic (inputs read, outputs written once), the dense GEMM's FLOPs (None: build)."""
     s = SHAPES[case.shape]
     size = torch.finfo(dtype).bits // 8
     l = make_function(case.function).calculate_l(s.n, s.D)
@@ -131,8 +120,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28, reps: int = 10) 
 
 
 def generator_throughput(numel: int = 1 << 23) -> dict:
-    """Numbers per second per core of the CPU library's Philox (one thread; uniform and normal),
-    and of a memcpy of the same float32 bytes, for scale; {} without the library."""
+    """Numbers/s of the CPU library's Philox on one thread (rand, randn) and of a memcpy of as many floats, or {}."""
     from .. import cpu_lib
     if cpu_lib.load_error():
         return {}

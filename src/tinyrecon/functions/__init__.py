@@ -1,8 +1,5 @@
-"""The reconciliation functions of docs/functions.md, one module per family.
-
-Importing the package imports every module of it; each function's class registers itself by its
-``number`` (``base.FUNCTIONS``), so a new module or class needs no list here.
-"""
+"""The reconciliation functions of docs/functions.md, one module per family, all imported here; each
+class registers itself by its ``number`` (``base.FUNCTIONS``), so no list is kept here."""
 import importlib
 import pkgutil
 

@@ -1,7 +1,5 @@
 """Functions with no kernels: constant, zero, one, constant_eye, identity (docs/functions.md, 1-5).
-
-Their apply needs no matmul at all (constant, eye) or is the plain GEMM with w itself
-(identity), so they have no dispatch ops and run as torch code on every device.
+Their apply needs no matmul (constant, eye) or is the plain GEMM with w (identity): no dispatch ops.
 """
 from __future__ import annotations
 

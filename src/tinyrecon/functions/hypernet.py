@@ -6,11 +6,8 @@ hypernet:                ``W = reshape(W2 @ sigmoid(W1 @ w + b1) + b2, n, D)``; 
 random_matrix_hypernet:  ``W = reshape(T @ z, n, D)``, ``z = S^T sigmoid(Q P^T w)`` (r);
                          P (l x r), Q (h x r), S (h x r), T (n*D x r) frozen N(0, 1).
 
-Both W are dense random matrices with no structure to exploit, so the ops take the small
-vector the random matrix multiplies (``hvec`` = sigmoid(W1 w + b1), or ``z``) and generate
-W slice by slice; the fused kernels generate it in registers instead and never store it.
-Ops: ``hypernet_build(hvec, seed_w2, seed_b2, n, D)``, ``hypernet_apply(x, hvec, seed_w2, seed_b2, n, bias)``,
-``random_matrix_hypernet_build(z, seed_t, n, D)``, ``random_matrix_hypernet_apply(x, z, seed_t, n, bias)``. Triton: ``kernels/hypernet.py``.
+W has no structure to exploit: the ops take the vector the big random matrix multiplies (``hvec`` =
+sigmoid(W1 w + b1), or ``z``) and generate W slice by slice (the kernels: tile by tile, unstored).
 """
 from __future__ import annotations
 
@@ -18,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import _random, ops
-from ..base import _HALF, Reconciliation, Seeded, add_bias, check_bool, positive_int, reference
+from ..base import Reconciliation, Seeded, add_bias, check_bool, positive_int, reference
 
 _SLICE = 1 << 22   # random numbers generated per slice of W, to bound memory
 
@@ -73,9 +70,8 @@ class hypernet_reconciliation(Seeded, Reconciliation):
     """W = reshape(W2 @ sigmoid(W1 @ w + b1) + b2, n, D); l is the constructor's ``l``.
 
     ``static=False`` trains the hypernet: call ``setup(n, D)`` before building the optimizer
-    (``tinyrecon.nn.ReconciledLinear`` does), so its parameters exist and get trained; tinyBIG
-    0.2.1 created them lazily after the optimizer was built, so they never were. ``net``: your
-    own module mapping w (C, l) to (C, n*D), used instead of the random one.
+    (``ReconciledLinear`` does; tinyBIG 0.2.1 created the parameters after it, so they were never
+    trained). ``net``: your own module mapping w (C, l) to (C, n*D), used instead of the random one.
     """
     number = 13
     examples = {(4, 6): dict(l=5, hidden_dim=3, seed=1), (9, 20): dict(l=5, hidden_dim=6, seed=3)}
@@ -110,8 +106,7 @@ class hypernet_reconciliation(Seeded, Reconciliation):
             return
         _random.check_cost(self.random_count(n, D), f"hypernet_reconciliation.setup(n={n}, D={D}) "
                            f"with hidden_dim={self.hidden_dim}")
-        like = torch.empty(0)
-        W1, b1 = self.first_layer(like)
+        W1, b1 = self.first_layer(torch.empty(0))
         net = nn.Sequential(nn.Linear(self.l, self.hidden_dim), nn.Sigmoid(), nn.Linear(self.hidden_dim, n * D))
         with torch.no_grad():
             net[0].weight.copy_(W1)
@@ -137,10 +132,10 @@ class hypernet_reconciliation(Seeded, Reconciliation):
     def build_when_small(self) -> bool:   # a trainable hypernet's apply is already its build and a GEMM
         return self.static and self.net is None
 
+    @reference   # fp16/bf16: in fp32, rounded once
     def _hvec(self, w):
-        wf = w.float() if w.dtype in _HALF else w   # as in random_matrix_hypernet's _z
-        W1, b1 = self.first_layer(wf)
-        return torch.sigmoid(torch.matmul(wf, W1.T) + b1).to(w.dtype)
+        W1, b1 = self.first_layer(w)
+        return torch.sigmoid(torch.matmul(w, W1.T) + b1)
 
     def random_count(self, n, D):   # (W1, b1), then (W2, b2) of n*D rows
         return self.hidden_dim * (self.l + 1) + n * D * (self.hidden_dim + 1)
@@ -190,11 +185,10 @@ class random_matrix_hypernet_reconciliation(Seeded, Reconciliation):
         shapes = ((self.l, self.r), (self.hidden_dim, self.r), (self.hidden_dim, self.r))
         return [_random.randn(self.stream_seed(i), s, like.device, like.dtype) for i, s in enumerate(shapes)]
 
+    @reference   # fp16/bf16: the frozen matrices and the chain in fp32 (they are tiny), rounded once
     def _z(self, w):
-        # fp16/bf16: the frozen matrices and the chain in fp32, rounded once (they are tiny).
-        wf = w.float() if w.dtype in _HALF else w
-        P, Q, S = self.small_matrices(wf)
-        return torch.matmul(torch.sigmoid(torch.matmul(torch.matmul(wf, P), Q.T)), S).to(w.dtype)
+        P, Q, S = self.small_matrices(w)
+        return torch.matmul(torch.sigmoid(torch.matmul(torch.matmul(w, P), Q.T)), S)
 
     def random_count(self, n, D):   # P, Q, S, then T of n*D rows
         return self.r * (self.l + 2 * self.hidden_dim + n * D)

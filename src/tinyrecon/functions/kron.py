@@ -1,14 +1,9 @@
 """Kronecker family: hm, lphm, dual_lphm (docs/functions.md, 10-12).
 
-``W = A kron B`` with ``A`` (p x q) and ``B`` (s x t), ``s = n/p``, ``t = D/q``:
-hm reads A and B from w; lphm builds ``B = S @ T`` (rank r); dual_lphm also ``A = P @ Q``.
-``layout="tinybig"`` reproduces tinyBIG 0.2.1, which computes
-``W = reshape(outer(vec(A), vec(B)), n, D)`` instead (equal to A kron B iff s = 1 or q = 1).
-
-Ops (dispatch names): ``kron_build(A1, A2, B1, B2, layout) -> (C, n, D)`` and
-``kron_apply(x, A1, A2, B1, B2, bias, layout) -> (C, N, n)``, where ``A = A1 @ A2`` when
-``A2`` is given, else ``A = A1`` (likewise B). Triton: ``kernels/kron.py``; CUDA: ``csrc/kron.cu``;
-CPU: ``csrc/kron_cpu.cpp`` (what reads and writes x, see ``base.XOps``), glued in ``cpu_ops.py``.
+``W = A kron B`` with ``A`` (p x q) and ``B`` (s x t), ``s = n/p``, ``t = D/q``: hm reads A and B
+from w; lphm builds ``B = S @ T`` (rank r); dual_lphm also ``A = P @ Q``. The ops take
+``A = A1 @ A2`` when A2 is given, else A1 (likewise B). ``layout="tinybig"`` reproduces tinyBIG
+0.2.1's ``W = reshape(outer(vec(A), vec(B)), n, D)`` (equal to A kron B iff s = 1 or q = 1).
 """
 from __future__ import annotations
 
@@ -36,28 +31,20 @@ def kron_build(A1, A2, B1, B2, layout: str):
 
 
 def _thin(F1, F2):
-    """``(left, right)`` with ``F = left @ right`` and ``right`` as thin as it can be (left None: identity).
-
-    Only the right factor touches x, so a rank-r factor (r smaller than F's rows) saves work.
-    """
+    """``(left, right)`` with ``F = left @ right`` and ``right``, which touches x, thinnest (left None: identity)."""
     if F2 is not None and F2.shape[1] < F1.shape[1]:
         return F1, F2
     return None, _factor(F1, F2)
 
 
 class _KronCore(torch.autograd.Function):
-    """``core[b] = Ar @ X[b] @ Br^T`` for x (N, q, t): the only part of a Kronecker apply that reads x.
+    """``core[b] = Ar @ X[b] @ Br^T`` for x (N, q, t): the only part of a Kronecker apply that reads x
+    (through ``x_ops``).
 
-    When the factors need gradients the forward keeps ``U[b] = Ar @ X[b]`` (N x rA x t) for
-    ``dBr`` and ``V[b] = Br @ X[b]^T`` (stored rB x N x q) for ``dAr``, small next to x when the
-    factors are thin, so the backward never reads x again; ``dX[b] = Ar^T @ dcore[b] @ Br`` is
-    written once. Otherwise only one of U and V is formed: U unless V is less than half its size
-    (duplicated_padding's rank-1 left factor makes U (N, 1, t) huge next to V (s, N*q)).
-    ``x_ops`` reads and writes x (``TORCH_X_OPS``, or a backend's kernels with the same contract).
-    U and V leave the forward as extra outputs (empty when not kept), as torch.func requires of
-    what a backward reuses. A double backward (``create_graph=True``), torch.func, or a gradient
-    not planned for in the forward take the gradients from x itself (kept by reference, not
-    copied) in torch's ops, which autograd records.
+    When the factors need gradients the forward keeps ``U[b] = Ar @ X[b]`` for ``dBr`` and ``V[b] =
+    Br @ X[b]^T`` for ``dAr`` (small for thin factors; extra outputs, as torch.func requires), so the
+    backward writes dX without reading x again; otherwise it forms U unless V is less than half its
+    size. A double backward, torch.func, or a gradient not planned for take torch's ops on x.
     """
     generate_vmap_rule = True
 
@@ -135,12 +122,10 @@ ops.implement("kron_apply", "torch", kron_apply, tinybig=True)
 def tinybig_outer_apply(x, a, b, n, bias):
     """``x @ W^T`` for tinyBIG's ``W = reshape(outer(a, b), n, D)`` (a: (C, P), b: (C, K)).
 
-    W's rows (length D) and outer's rows (length K) both split into blocks of g = gcd(D, K):
-    W block (i, j) is flat block ``f = i*m + j`` (m = D/g), which equals
-    ``a[f // k] * (block f % k of b)`` (k = K/g). So contract x's m blocks with b's k blocks
-    once (``Z``: N x m x k), then one GEMM with the selector ``G[i, j, v] = a[f // k] [v == f % k]``
-    (n x m x k). When s divides q, k = 1 and G is just a reshaped slice pattern of a.
-    When that is dearer than a dense GEMM (k close to g or n), build W instead.
+    With g = gcd(D, K), m = D/g and k = K/g, W's block (i, j) of width g is flat block f = i*m + j,
+    ``a[f // k] * (block f % k of b)``: x's m blocks are contracted with b's k blocks once (Z), then
+    one GEMM with the selector ``G[i, j, v] = a[f // k] [v == f % k]``. Where that is dearer than a
+    dense GEMM, W is built instead.
     """
     C, K = b.shape
     N, D = x.shape
@@ -156,7 +141,7 @@ def tinybig_outer_apply(x, a, b, n, bias):
 
 
 class _KronBase(Reconciliation):
-    """Shared by hm, lphm and dual_lphm: p, q resolution, layout, and the two ops."""
+    """Shared by hm, lphm and dual_lphm: p, q, layout, and the ops (``_op_args``: views (A1, A2, B1, B2) of w)."""
     op = "kron"
     build_when_small = True
     repr_args = ("p", "q", "layout")
@@ -174,10 +159,6 @@ class _KronBase(Reconciliation):
         check_divides("p", p, "n", n)
         check_divides("q", q, "D", D)
         return p, q
-
-    def _op_args(self, n, D, w):
-        """(A1, A2, B1, B2) views into w of shape (C, l)."""
-        raise NotImplementedError
 
 
 def _split(w, *shapes):

@@ -1,15 +1,4 @@
-"""Low-rank family: lorr and random_matrix_adaption (docs/functions.md, 9 and 14).
-
-lorr:                    ``W = A @ B``; w = [vec(A) (n*r), vec(B) (r*D)].
-random_matrix_adaption:  ``W = diag(l1) @ A @ diag(l2) @ B^T``; w = [l1 (n), l2 (r)];
-                         A (n x r) and B (D x r) frozen N(0, 1), regenerated from the seed.
-
-Ops: ``lorr_build(A, B)``, ``lorr_apply(x, A, B, bias)`` (A: (C, n, r), B: (C, r, D));
-``random_matrix_adaption_build(l1, l2, seed_a, seed_b, D)``,
-``random_matrix_adaption_apply(x, l1, l2, seed_a, seed_b, bias)``
-(l1: (C, n), l2: (C, r)). Triton: ``kernels/lowrank.py``; CUDA: ``csrc/lowrank.cu``; CPU: the pass
-over x of ``csrc/kron_cpu.cpp`` (``cpu_ops.py``).
-"""
+"""Low-rank family: lorr and random_matrix_adaption (docs/functions.md, 9 and 14)."""
 from __future__ import annotations
 
 import torch
@@ -32,8 +21,7 @@ def lorr_apply(x, A, B, bias, x_ops=TORCH_X_OPS):
 
 def random_matrix_adaption_matrices(seed_a: int, seed_b: int, n: int, D: int, r: int, like: torch.Tensor,
                                     shared: bool = True):
-    """The frozen A (n x r) and B (D x r) of random_matrix_adaption; ``shared``: possibly the cache's
-    own tensors, which the caller must not write (``_random.randn``)."""
+    """The frozen A (n x r) and B (D x r); ``shared``: maybe the cache's own tensors (``_random.randn``)."""
     A = _random.randn(seed_a, (n, r), device=like.device, dtype=like.dtype, shared=shared)
     B = _random.randn(seed_b, (D, r), device=like.device, dtype=like.dtype, shared=shared)
     return A, B
@@ -57,7 +45,7 @@ for _ref in (lorr_build, lorr_apply, random_matrix_adaption_build, random_matrix
 
 
 class lorr_reconciliation(Reconciliation):
-    """W = A @ B with A (n x r), B (r x D) read from w; l = r*(n+D)."""
+    """W = A @ B; w = [vec(A) (n x r), vec(B) (r x D)]; l = r*(n+D)."""
     number = 9
     degree = 2
     examples = {(4, 6): dict(r=1), (9, 20): dict(r=3)}
@@ -82,7 +70,7 @@ class lorr_reconciliation(Reconciliation):
 
 
 class random_matrix_adaption_reconciliation(Seeded, Reconciliation):
-    """W = diag(l1) @ A @ diag(l2) @ B^T; l = n + r; A, B frozen N(0, 1) from ``seed``."""
+    """W = diag(l1) @ A @ diag(l2) @ B^T; w = [l1 (n), l2 (r)]; A (n x r), B (D x r) frozen N(0, 1) from ``seed``."""
     number = 14
     degree = 2
     examples = {(4, 6): dict(r=2, seed=1), (9, 20): dict(r=2, seed=3)}

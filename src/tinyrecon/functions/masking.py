@@ -1,11 +1,7 @@
 """masking_reconciliation (docs/functions.md, 6): ``W = M * reshape(w, n, D)``.
 
-``M[i, j] = 1`` where ``u[i, j] < p``, ``u = tl.rand(seed, i*D + j)``: the mask is regenerated
-from the seed wherever it is used and never stored. ``fixed_mask=False`` draws a new mask on
-every call (the seed of call k is derived from (seed, k)).
-
-Ops: ``masking_build(w, seed, p)`` and ``masking_apply(x, w, seed, p, bias)`` with w (C, n, D).
-Triton: ``kernels/masking.py``.
+``M[i, j] = 1`` where ``tl.rand(seed, i*D + j) < p``: regenerated from the seed wherever it is used,
+never stored. ``fixed_mask=False`` draws a new mask on every call (call k's seed derived from (seed, k)).
 """
 from __future__ import annotations
 
@@ -16,8 +12,7 @@ import torch
 from .. import _random, ops
 from ..base import Reconciliation, Seeded, _saved, add_bias, check_bool, check_seed, reference
 
-# Guards every instance's call counter: two threads calling one function must get two masks.
-# (Module level, not per instance: a lock cannot be deep-copied or pickled with the module.)
+# Guards every instance's call counter (two threads, two masks); module level: a lock cannot be pickled.
 _calls_lock = threading.Lock()
 
 

@@ -1,13 +1,4 @@
-"""Padding family: duplicated_padding and duplicated_diagonal_padding (docs/functions.md, 7-8).
-
-duplicated_padding:          ``W = ones(p, q) kron B``, ``B = reshape(w, s, t)``.
-duplicated_diagonal_padding: ``W = eye(p, q) kron B`` (block diagonal when p = q).
-
-Ops: ``duplicated_padding_build(B, p, q, layout)``, ``duplicated_padding_apply(x, B, p, q, bias, layout)``,
-``duplicated_diagonal_padding_build(B, p, q)``, ``duplicated_diagonal_padding_apply(x, B, p, q, bias)``; ``B`` is (C, s, t).
-Triton: ``kernels/padding.py``; CUDA: ``csrc/padding.cu``; CPU: the pass over x of
-``csrc/kron_cpu.cpp`` (``cpu_ops.py``).
-"""
+"""Padding family: duplicated_padding and duplicated_diagonal_padding (docs/functions.md, 7-8)."""
 from __future__ import annotations
 
 import torch
@@ -32,8 +23,8 @@ def duplicated_padding_apply(x, B, p: int, q: int, bias, layout: str, x_ops=TORC
     if layout == "tinybig":
         a = torch.ones(C, p * q, dtype=B.dtype, device=B.device)
         return tinybig_outer_apply(x, a, B.reshape(C, -1), p * B.shape[1], bias)
-    # ones(p, q) = ones(p, 1) @ ones(1, q): a Kronecker product with a rank-1 left factor, so
-    # x's q blocks are summed in the one pass and every block row repeats the same small GEMM.
+    # ones(p, q) = ones(p, 1) @ ones(1, q): a rank-1 left factor, so x's q blocks are summed in the
+    # one pass and every block row repeats the same small GEMM.
     return kron_apply(x, B.new_ones(C, p, 1), B.new_ones(C, 1, q), B, None, bias, "kron", x_ops)
 
 
@@ -96,11 +87,8 @@ class duplicated_padding_reconciliation(Reconciliation):
 
 
 class duplicated_diagonal_padding_reconciliation(duplicated_padding_reconciliation):
-    """W = eye(p, q) kron reshape(w, s, t); l = s*t.
-
-    tinyBIG 0.2.1 only runs this with p = q = n (then its W equals this one) and returns it as
-    a sparse COO tensor; here W is always dense, and ``layout`` is accepted for symmetry only.
-    """
+    """W = eye(p, q) kron reshape(w, s, t); l = s*t. tinyBIG 0.2.1 runs it only with p = q = n (the
+    same W), as a sparse COO tensor; here W is dense, and ``layout`` is accepted for symmetry only."""
     number = 8
     op = "duplicated_diagonal_padding"
 
