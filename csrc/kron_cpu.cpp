@@ -428,9 +428,60 @@ TR_INLINE bool bf16_dot(const Job<T, X>& j) {
   return false;
 }
 
+// U alone for many factor rows and few rows of x (the weight gradients of duplicated_padding and
+// duplicated_diagonal_padding at the MNIST shape: 32 rows of L, x folded to 128 rows): blocks of NA
+// rows of U by STRIP vectors of columns stay in registers over all M rows of x, so each output is
+// written once, where the tiles' axpys read and write their U rows once per tile of 4 rows of x, from
+// L2 when RA rows of a K block outgrow L1. One core, that pass: 50-53 ms against 59-61 (median of 7,
+// thread clock); with x's strip (M rows) beyond L1 it lost (M = 784: 3x slower). L: the block's first
+// row of L (rows of M). pf: the same strip OUTER_AHEAD columns on (or null), fetched into L2.
+constexpr int STRIP = 4;           // vectors of columns per register block (GROUP x STRIP accumulators)
+constexpr i64 OUTER_AHEAD = 1024;  // columns
+template <typename T, int NA, typename X>
+TR_INLINE void outer_block(const X* x, i64 M, i64 K, const T* L, T* u, const X* pf) {
+  vec<T> acc[NA][STRIP] = {};
+  for (i64 m = 0; m < M; ++m) {
+    const X* xr = x + m * K;
+    if (pf)
+      for (int v = 0; v < STRIP; ++v) __builtin_prefetch(pf + m * K + v * W<T>, 0, 2);
+    vec<T> xv[STRIP];
+    for (int v = 0; v < STRIP; ++v) xv[v] = load_x(xr + v * W<T>);
+    for (int a = 0; a < NA; ++a) {
+      const vec<T> c = vec<T>{} + L[a * M + m];
+      for (int v = 0; v < STRIP; ++v) acc[a][v] += c * xv[v];
+    }
+  }
+  for (int a = 0; a < NA; ++a)
+    for (int v = 0; v < STRIP; ++v) store(u + a * K + v * W<T>, acc[a][v]);
+}
+
+template <typename T, typename X>
+TR_INLINE void outer_u(const Job<T, X>& j) {
+  const i64 M = j.M, K = j.K, RA = j.RA, strip = STRIP * W<T>;
+  for (i64 b = j.b0; b < j.b1; ++b) {
+    const X* xb = j.x + b * M * K;
+    T* Ub = j.U + b * RA * K;
+    i64 k = j.k_begin;
+    for (; k + strip <= j.k_end; k += strip) {
+      const X* pf = k + OUTER_AHEAD + strip <= j.k_end ? xb + k + OUTER_AHEAD : nullptr;
+      for (i64 a0 = 0; a0 < RA; a0 += GROUP)
+        with_rows(int(std::min<i64>(GROUP, RA - a0)), [&](auto NA) TR_INLINE_LAMBDA {
+          outer_block<T, decltype(NA)::value, X>(xb + k, M, K, j.L + a0 * M, Ub + a0 * K + k, a0 ? nullptr : pf);
+        });
+    }
+    for (i64 a = 0; a < RA; ++a)   // the last columns, fewer than a strip
+      for (i64 kk = k; kk < j.k_end; ++kk) {
+        T s = 0;
+        for (i64 m = 0; m < M; ++m) s += j.L[a * M + m] * x_at(xb + m * K, kk);
+        Ub[a * K + kk] = s;
+      }
+  }
+}
+
 // Batches [b0, b1) and columns [k_begin, k_end) of a job; adds to V (zeroed by split).
 template <typename T, typename X>
 TR_INLINE void pass(const Job<T, X>& j) {
+  if (j.U && !j.V && j.RA > 2 * GROUP && j.M * STRIP * 64 <= 32 * 1024) return outer_u(j);
   const bool dot16 = bf16_dot(j);
   const i64 M = j.M, K = j.K, RA = j.U ? j.RA : 0, RB = j.V ? j.RB : 0;
   const i64 kb_t = pass_block<T, X>(RA + RB), kb = dot16 ? 2 * kb_t : kb_t;   // (dot16: 2-byte x and R rows)

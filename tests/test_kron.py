@@ -284,12 +284,14 @@ def test_kron_core_grads(wants, rA, rB, passes):
 @pytest.mark.parametrize("passes", _passes())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("N,M,K,RA,RB", [(3, 5, 7, 2, 3), (2, 17, 4099, 5, 1), (1, 9, 70001, 4, 6), (4, 1, 1, 9, 8),
-                                         (5, 0, 3, 2, 2), (0, 4, 3, 1, 1), (1, 33, 70001, 5, 6), (5, 33, 7001, 3, 2)])
+                                         (5, 0, 3, 2, 2), (0, 4, 3, 1, 1), (1, 33, 70001, 5, 6), (5, 33, 7001, 3, 2),
+                                         (3, 7, 2053, 13, 2), (1, 128, 9001, 32, 1)])
 def test_kron_passes_match_their_definition(N, M, K, RA, RB, dtype, passes):
     """U = L @ X[b] and V = R @ X^T for ranks above and below the kernel's register groups (6),
     K past its blocks and not a multiple of the vector width, M not a multiple of its row tile,
     empty sizes, one batch big enough to be split over threads by columns, batches shared out
-    over threads in chunks, and a non-contiguous x; each of U and V alone too."""
+    over threads in chunks, and a non-contiguous x; each of U and V alone too (U alone for more than
+    two groups of rows and few rows of x takes register blocks of U over all of x's rows)."""
     x = torch.randn(N, M, 2 * K, dtype=dtype)[..., ::2]
     L, R = torch.randn(RA, M, dtype=dtype), torch.randn(RB, K, dtype=dtype)
     U_ref = (L.double() @ x.double()).to(dtype)
@@ -444,7 +446,7 @@ def test_cpu_kernels_take_big_x_with_thin_factors(monkeypatch):
 @pytest.mark.parametrize("want_u", [True, False], ids=["U", "no U"])
 @pytest.mark.parametrize("r_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("N,M,K,RA,RB", [(3, 5, 7, 2, 3), (1, 33, 70001, 5, 6), (5, 33, 7001, 3, 2), (2, 17, 4099, 7, 0),
-                                         (2, 9, 5003, 1, 13), (1, 6, 8191, 1, 4)])
+                                         (2, 9, 5003, 1, 13), (1, 6, 8191, 1, 4), (1, 40, 9001, 14, 0)])
 def test_kron_passes_read_bfloat16_x_as_is(N, M, K, RA, RB, r_dtype, want_u):
     """A bfloat16 x with a float32 L and a float32 or (read as is) bfloat16 R: U and V in float32,
     as from the exact float32 values (K blocks, tails, thread splits by batch and by column, a
