@@ -4,9 +4,10 @@
 //           U[b] = L @ X[b]   (N, RA, K)   and   V[:, b, :] = R @ X[b]^T   (RB, N, M),
 //         everything a Kronecker apply and its weight gradients need from x. BLAS makes two
 //         reads of x for that, and its skinny-GEMM kernels (RA, RB ~ 5) run well below the
-//         memory bound on some CPUs. Here x is read in tiles of 4 rows by one K block (kept in
-//         L1); each row of the tile is used for all RB dot products (4 x 6 accumulators in
-//         registers) and all RA axpys while it is there.
+//         memory bound on some CPUs. Here x is read in tiles of 4 rows by one K block (in L1 or
+//         L2); each row of the tile is used for all RB dot products (4 x 6 accumulators in
+//         registers) and all RA axpys while it is there. U alone for many rows of L and few of x
+//         keeps blocks of U in registers over all of x's rows instead (outer_u).
 // chain:  V[:, b*RA + a] = R @ (L @ X[b])[a]: a Kronecker apply's core for a thin L (duplicated_padding's
 //         ones(1, q) sums x's q column blocks), with R read once for all batches (a bfloat16 x and R
 //         with M <= 2 RA, on AVX-512 BF16: R's dot products with x's rows, then combined, chain_by_dots).
@@ -244,7 +245,7 @@ TR_INLINE void pack_block(const Job<T, X>& j, i64 k0, i64 n) {
     }
 }
 
-// K block: the factor rows of one block stay in L2, the 4 rows of x of a tile in L1.
+// K block: the factor rows of one block stay in L2; a tile's 4 rows of x take tile_bytes.
 template <typename T>
 TR_INLINE i64 k_block(i64 factor_rows, i64 tile_bytes = L1_TILE) {
   const i64 kb = std::min(tile_bytes / i64(TILE * sizeof(T)), L2_FACTORS / i64(sizeof(T) * std::max<i64>(factor_rows, 1)));
