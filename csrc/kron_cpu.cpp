@@ -438,6 +438,7 @@ TR_INLINE bool bf16_dot(const Job<T, X>& j) {
 // row of L (rows of M). pf: the same strip OUTER_AHEAD columns on (or null), fetched into L2.
 constexpr int STRIP = 4;           // vectors of columns per register block (GROUP x STRIP accumulators)
 constexpr i64 OUTER_AHEAD = 1024;  // columns
+constexpr i64 OUTER_STRIP_BYTES = 32 * 1024;   // most of x's strip (M rows x STRIP vectors): an L1
 template <typename T, int NA, typename X>
 TR_INLINE void outer_block(const X* x, i64 M, i64 K, const T* L, T* u, const X* pf) {
   vec<T> acc[NA][STRIP] = {};
@@ -482,7 +483,7 @@ TR_INLINE void outer_u(const Job<T, X>& j) {
 // Batches [b0, b1) and columns [k_begin, k_end) of a job; adds to V (zeroed by split).
 template <typename T, typename X>
 TR_INLINE void pass(const Job<T, X>& j) {
-  if (j.U && !j.V && j.RA > 2 * GROUP && j.M * STRIP * 64 <= 32 * 1024) return outer_u(j);
+  if (j.U && !j.V && j.RA > 2 * GROUP && j.M * STRIP * 64 <= OUTER_STRIP_BYTES) return outer_u(j);
   const bool dot16 = bf16_dot(j);
   const i64 M = j.M, K = j.K, RA = j.U ? j.RA : 0, RB = j.V ? j.RB : 0;
   const i64 kb_t = pass_block<T, X>(RA + RB), kb = dot16 ? 2 * kb_t : kb_t;   // (dot16: 2-byte x and R rows)
