@@ -4,9 +4,9 @@ and train (grads of w and bias), interleaved in one run, medians. ``structured``
 with the small-W path off (``base.BUILD_BELOW = 0``); ``no-keep`` with the W it keeps between no-grad
 calls off (``base.CACHE_SMALL_W = False``: W built every call, as train does); ``Function`` is one
 F.linear inside a minimal ``torch.autograd.Function`` (a two-op backward): the least a train path
-with its own Python backward costs; ``Function+C`` the same with what a path that builds W and its
-gradient of w in C would add, a fresh W and a fresh gradient each filled by one ctypes call (libc's
-memcpy stands in for the C code, whose arithmetic at this size is a few hundred FMAs).
+with its own Python backward costs; ``Function+C`` the same with a fresh W and a fresh gradient each
+filled by one ctypes call (libc's memcpy): about what the CPU backend's fused small-W step
+(``cpu_ops.small_linear``, whose arithmetic here is a few thousand FMAs) adds to it.
 
     python bench/tiny_overhead.py [--repeat 3] [--threads N] [--clock thread]
 

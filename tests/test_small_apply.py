@@ -14,6 +14,8 @@ SIZES = {(4, 6): {}, (6, 9): {"hm": dict(p=2, q=3), "lphm": dict(p=2, q=3, r=1),
                               "duplicated_padding": dict(p=2, q=3), "duplicated_diagonal_padding": dict(p=2, q=3)}}
 BUILDS_SMALL = {f for f in SMALL if tr.reconciliation(f, **SMALL[f]).build_when_small}
 CPU_BACKENDS = [b for b in ("torch", "cpu") if not dispatch.why_not(b, None, "cpu")]
+# whose train steps the CPU library makes in one call each way (cpu_ops.small_linear)
+FUSED = {"hm", "lphm", "dual_lphm", "lorr", "random_matrix_adaption", "duplicated_padding", "duplicated_diagonal_padding"}
 
 
 @pytest.fixture(autouse=True)
@@ -138,6 +140,8 @@ def test_later_calls_skip_the_checks_and_keep_values_and_gradients(family, monke
     ref = x @ rec(4, 6, w=w64, backend="torch").T + b.detach()
     ref_grads = torch.autograd.grad(ref, w64, g)[0], g.sum(0)
     rec.apply(x, w, n=4, bias=b)
+    fused = any(base._small_state(rec)[0].values())   # the CPU library builds W and its gradient itself
+    assert fused == (family in FUSED and not dispatch.why_not("cpu", None, "cpu"))
     checks, builds = _counting(monkeypatch, rec, "_channels"), _counting(monkeypatch, rec, "_build")
     for _ in range(2):
         y = rec.apply(x, w, n=4, bias=b)                       # gradients wanted: W built each call
@@ -146,7 +150,7 @@ def test_later_calls_skip_the_checks_and_keep_values_and_gradients(family, monke
             assert_close(a, e)
         with torch.no_grad():
             assert_close(rec.apply(x, w, n=4, bias=b), ref)
-    assert not checks and len(builds) == 3   # no check again; W built for both grad calls, once no_grad
+    assert not checks and len(builds) == (1 if fused else 3)   # no check again; W built for both grad calls, once no_grad
 
 
 @pytest.mark.parametrize("family", sorted(BUILDS_SMALL))
@@ -235,10 +239,10 @@ def test_kept_w_is_bounded_and_can_be_switched_off(monkeypatch):
     assert not base._small_state(wide)[1]
     monkeypatch.setattr(base, "CACHE_SMALL_W", False)
     w = torch.randn(rec.calculate_l(4, 6))
-    builds = _counting(monkeypatch, rec, "_build")
+    kept = set(base._small_state(rec)[1])
     for _ in range(2):
-        rec.apply(x, w, n=4)
-    assert len(builds) == 2
+        assert_close(rec.apply(x, w, n=4), x @ rec(4, 6, w=w).T)
+    assert set(base._small_state(rec)[1]) == kept   # W built each call (by the build or the fused apply), not kept
 
 
 def test_kept_w_from_many_threads():
@@ -299,3 +303,116 @@ def test_kept_w_stays_out_of_compiled_graphs(family):
         assert_close(compiled(x, w, b), _reference(rec, x, w, b))
         w.mul_(3)
         assert_close(compiled(x, w, b), _reference(rec, x, w, b))
+
+
+# ---- the CPU library's fused train step (cpu_ops.small_linear) ---------------------------------------
+needs_cpu_library = pytest.mark.skipif(bool(dispatch.why_not("cpu", None, "cpu")),
+                                       reason=dispatch.why_not("cpu", None, "cpu") or "")
+FUSED_CASES = [(f, {}) for f in sorted(FUSED)] + [(f, dict(layout="tinybig")) for f in
+                                                  ("hm", "lphm", "dual_lphm", "duplicated_padding")]
+
+
+def _fused_calls(monkeypatch):
+    from tinyrecon import cpu_ops
+    calls = []
+    monkeypatch.setattr(cpu_ops._SmallLinear, "forward",
+                        staticmethod(lambda *a, f=cpu_ops._SmallLinear.forward: calls.append(1) or f(*a)))
+    return calls
+
+
+# x: (*batch, D) as given, a transposed (non-contiguous) view, or enough rows for torch's GEMMs (N*n*D
+# above cpu_ops._SMALL_GEMM)
+X_KINDS = {"rows": lambda D, g: torch.randn(5, D, generator=g), "batch": lambda D, g: torch.randn(2, 3, D, generator=g),
+           "empty": lambda D, g: torch.randn(0, D, generator=g), "strided": lambda D, g: torch.randn(D, 7, generator=g).T,
+           "tall": lambda D, g: torch.randn(3000, D, generator=g)}
+
+
+@needs_cpu_library
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("x_kind", list(X_KINDS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("family,kwargs", FUSED_CASES, ids=lambda v: str(v) if v else "kron")
+def test_fused_train_step_matches_the_reference(family, kwargs, dtype, x_kind, with_bias, monkeypatch):
+    n, D = 6, 9
+    rec = tr.reconciliation(family, **{**SMALL[family], **SIZES[(n, D)].get(family, {}), **kwargs})
+    gen = torch.Generator().manual_seed(1)
+    x = X_KINDS[x_kind](D, gen).double()
+    w = torch.randn(rec.calculate_l(n, D), generator=gen, dtype=torch.float64)
+    bias = torch.randn(n, generator=gen, dtype=torch.float64) if with_bias else None
+    calls = _fused_calls(monkeypatch)
+    leaves = [t.to(dtype).requires_grad_() for t in (x, w) + ((bias,) if with_bias else ())]
+    y = rec.apply(leaves[0], leaves[1], n=n, bias=leaves[2] if with_bias else None)
+    assert calls == [1]
+    ref_leaves = [t.detach().requires_grad_() for t in (x, w) + ((bias,) if with_bias else ())]
+    ref = torch.nn.functional.linear(ref_leaves[0], rec(n, D, w=ref_leaves[1], backend="torch"),
+                                     ref_leaves[2] if with_bias else None)
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert_close(y, ref)
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    for a, e in zip(torch.autograd.grad(y, leaves, g.to(dtype)), torch.autograd.grad(ref, ref_leaves, g)):
+        assert_close(a, e, dtype)
+
+
+@needs_cpu_library
+@pytest.mark.parametrize("family,kwargs", FUSED_CASES, ids=lambda v: str(v) if v else "kron")
+def test_fused_train_step_gradcheck_and_double_backward(family, kwargs, monkeypatch):
+    rec = tr.reconciliation(family, **{**SMALL[family], **kwargs})
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(rec.calculate_l(4, 6), dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    calls = _fused_calls(monkeypatch)
+    fn = lambda x, w, b: rec.apply(x, w, n=4, bias=b)   # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b)) and torch.autograd.gradgradcheck(fn, (x, w, b))
+    assert calls
+
+
+@needs_cpu_library
+def test_fused_train_step_leaves_what_it_cannot_take_to_the_build(monkeypatch):
+    """Forward-mode AD, a strided w, and a function whose build takes something other than slices of w
+    run the build and F.linear (values and gradients still the reference's)."""
+    from torch.autograd import forward_ad
+
+    class Scaled(tr.hm_reconciliation):   # A is 2 * a slice of w: not a view of it
+        def _op_args(self, n, D, w):
+            A, _, B, _ = super()._op_args(n, D, w)
+            return 2 * A, None, B, None
+
+    rec = tr.hm_reconciliation(p=2, q=3)
+    x, b = torch.randn(5, 6, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    calls = _fused_calls(monkeypatch)
+    wide = torch.randn(2 * rec.calculate_l(4, 6), dtype=torch.float64)
+    strided = wide[::2].requires_grad_()
+    assert_close(rec.apply(x, strided, n=4, bias=b), _reference(rec, x, strided, b))
+    t = torch.randn_like(strided)
+    A, B = strided.detach()[:6].reshape(2, 3), strided.detach()[6:].reshape(2, 2)
+    tA, tB = t[:6].reshape(2, 3), t[6:].reshape(2, 2)
+    expected = x @ (torch.kron(tA, B) + torch.kron(A, tB)).T
+    with forward_ad.dual_level():
+        y = rec.apply(x, forward_ad.make_dual(strided.detach().contiguous().requires_grad_(), t), n=4, bias=b)
+        assert_close(forward_ad.unpack_dual(y).tangent, expected)
+    scaled = Scaled(p=2, q=3)
+    w = torch.randn(scaled.calculate_l(4, 6), dtype=torch.float64, requires_grad=True)
+    y = scaled.apply(x, w, n=4, bias=b)
+    A, B = w[:6].reshape(2, 3), w[6:].reshape(2, 2)
+    expected = x @ torch.kron(2 * A, B).T + b
+    assert_close(y, expected)
+    assert_close(torch.autograd.grad(y.sum(), w)[0], torch.autograd.grad(expected.sum(), w)[0])
+    assert not calls
+
+
+@needs_cpu_library
+def test_fused_train_steps_from_many_threads():
+    import concurrent.futures
+    rec = tr.dual_lphm_reconciliation(p=2, q=3, r=1)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    ws = [torch.randn(rec.calculate_l(4, 6), dtype=torch.float64, requires_grad=True) for _ in range(8)]
+
+    def step(w):
+        return [torch.autograd.grad(rec.apply(x, w, n=4).sum(), w)[0] for _ in range(50)]
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(step, ws))
+    for w, grads in zip(ws, results):
+        expected = torch.autograd.grad((x @ rec(4, 6, w=w, backend="torch").T).sum(), w)[0]
+        for g in grads:
+            assert_close(g, expected)

@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 from torch.nn import functional as F
 
 from . import _random, dispatch
@@ -280,8 +281,9 @@ class Reconciliation(nn.Module):
             kept = state[1].get(key) if reuse else None   # (w's values, W, inference mode), immutable
             if kept is not None and kept[2] == torch.is_inference_mode_enabled() and torch.equal(kept[0], w):
                 return F.linear(x, kept[1], bias)   # kept by a call with the same key: checked
-            if key in state[0]:   # checked before: straight to the small-W path
-                return self._small_linear(x, w, n, bias, backend or self.backend, key, state, reuse)
+            fused = state[0].get(key, _UNCHECKED)
+            if fused is not _UNCHECKED:   # checked before: straight to the small-W path
+                return self._small_linear(x, w, n, bias, backend or self.backend, key, state, reuse, fused)
         if callable(x) and not isinstance(x, torch.Tensor) and w is None and n is None:
             # nn.Module.apply(fn) (e.g. ``model.apply(init_weights)``) recurses into children,
             # this one included: keep that working.
@@ -315,11 +317,13 @@ class Reconciliation(nn.Module):
             if not keep:   # one channel: F.linear takes x's batch dimensions as they are
                 if key is None:
                     return F.linear(x, self._build(n, D, w2, backend).squeeze(0), bias)
+                make = dispatch.small_linear(f"{self.op}_build", x.device.type, backend)
+                fused = make(self, n, D, w) if make else None
                 with _SMALL_LOCK:   # every check above passed: later calls with this key skip them
                     if len(state[0]) >= _SMALL_KEYS:
                         state[0].clear()
-                    state[0][key] = True
-                return self._small_linear(x, w, n, bias, backend, key, state, reuse)
+                    state[0][key] = fused
+                return self._small_linear(x, w, n, bias, backend, key, state, reuse, fused)
             y = self._dense_apply(x.reshape(-1, D), w2, n, bias, backend)
         else:
             y = self._apply_flat(x.reshape(-1, D), w2, n, bias, backend)
@@ -354,10 +358,14 @@ class Reconciliation(nn.Module):
                   or os.environ.get("TINYRECON_BACKEND"))
         return x.dtype, x.shape[-1:], w.dtype, w.shape, n, D, b, choice, self._arguments, BUILD_BELOW
 
-    def _small_linear(self, x, w, n, bias, backend, key, state, reuse: bool):
+    def _small_linear(self, x, w, n, bias, backend, key, state, reuse: bool, fused):
         """The small-W path of a checked one-channel call: ``F.linear(x, W, bias)`` with W from the
-        backend's build, kept for later calls with the same w values when ``reuse``."""
-        if reuse:   # built from the copy it is kept with: the pair agrees even if w is written meanwhile
+        backend's build, kept for later calls with the same w values when ``reuse``; else the backend's
+        fused apply where it has one (``fused``, from ``dispatch.small_linear``; not under forward-mode AD)."""
+        if not reuse:
+            if fused is not None and forward_ad._current_level < 0 and w.is_contiguous():
+                return fused(x, w, bias)
+        else:   # built from the copy it is kept with: the pair agrees even if w is written meanwhile
             w = w.detach().clone()
         W = self._build(n, x.shape[-1], w.reshape(1, w.shape[-1]), backend).squeeze(0)
         if reuse:
@@ -367,13 +375,16 @@ class Reconciliation(nn.Module):
                 state[1][key] = (w, W, torch.is_inference_mode_enabled())
         return F.linear(x, W, bias)
 
-    def _run_op(self, what: str, like: torch.Tensor, backend, args: tuple, **named):
-        """This function's op ``<op>_<what>`` on the backend for tensors like ``like``, called with ``args``
-        and ``named`` (x, bias, D, and the function's layout) each where the op declares it."""
+    def _op_call(self, what: str, args: tuple, **named) -> list:
+        """The arguments of this function's op ``<op>_<what>``: ``args``, and ``named`` (x, bias, D, and
+        the function's layout) each where the op declares it."""
         args, named = iter(args), {"layout": getattr(self, "layout", None), **named}
-        op = ops.OPS[f"{self.op}_{what}"]
-        call = [named[p] if p in named else next(args) for p, _ in op.params]
-        return dispatch.get(op.name, like.device.type, backend)(*call)
+        return [named[p] if p in named else next(args) for p, _ in ops.OPS[f"{self.op}_{what}"].params]
+
+    def _run_op(self, what: str, like: torch.Tensor, backend, args: tuple, **named):
+        """This function's op ``<op>_<what>`` on the backend for tensors like ``like``."""
+        op = f"{self.op}_{what}"
+        return dispatch.get(op, like.device.type, backend)(*self._op_call(what, args, **named))
 
     def _backend(self, backend):
         # Checked here, not only in dispatch: functions without ops (identity, constant, eye)
@@ -423,6 +434,7 @@ BUILD_BELOW = 4096
 # most _SMALL_KEYS keys of checked calls. Reads are single dict lookups of immutable entries;
 # writes hold the lock.
 CACHE_SMALL_W = True
+_UNCHECKED = object()
 _SMALL_KEYS, _SMALL_W_KEYS = 64, 8
 _SMALL_LOCK = threading.Lock()
 _SMALL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # instance -> (checked keys, kept Ws)

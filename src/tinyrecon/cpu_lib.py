@@ -43,13 +43,22 @@ def load_error() -> str:
     return _load()[1]
 
 
-def call(name: str, *args) -> None:
-    """Call entry point ``name``: code 1 (bad arguments) raises ValueError, 2 (no memory for buffers) MemoryError."""
+def function(name: str):
+    """Entry point ``name``, typed; its return code goes to :func:`check`."""
     lib, reason = _load()
     if lib is None:
         raise RuntimeError(reason)
-    code = _clib.entry_point(lib, name, library_path())(*args)
+    return _clib.entry_point(lib, name, library_path())
+
+
+def check(code: int, name: str = "the CPU library", args=()) -> None:
+    """Code 1 (bad arguments) raises ValueError, 2 (no memory for buffers) MemoryError."""
     if code == 2:
         raise MemoryError(f"{name}: out of memory")
     if code != 0:
         raise ValueError(f"{name} refused its arguments {args}")
+
+
+def call(name: str, *args) -> None:
+    """Call entry point ``name`` and :func:`check` its code."""
+    check(function(name)(*args), name, args)

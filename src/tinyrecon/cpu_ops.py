@@ -10,8 +10,10 @@ never hold an n x D W: masking's GEMMs read the cached bit-packed mask (``_maske
 hypernets form W by column blocks (``_linear_block``), each consumed by a GEMM at once.
 """
 import functools
+import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import _random, cpu_lib, dispatch, ops
@@ -22,6 +24,7 @@ from .functions import lowrank as _lowrank_ref
 from .functions import padding as _padding_ref
 
 _DTYPES = {torch.float32: 0, torch.float64: 1}
+_LAYOUTS = {"kron": 0, "tinybig": 1}
 _MAX_EXPAND_RANK = 64   # the kernel keeps the rank's coefficients of a tile on the stack (> _MAX_RANK)
 
 
@@ -268,6 +271,133 @@ for _ref, _bf16, _factors in ((_kron_ref.kron_apply, lambda args: args[5] == "kr
 # layout="tinybig" (and kron below kernel sizes) in the reference's own code: a float32 copy of a bfloat16 x
 ops.implement("duplicated_padding_apply", "cpu",
               _bf16_x_as_is(duplicated_padding_apply, lambda args: args[4] == "kron", True), tinybig=True)
+
+
+# Small W (n*D < base.BUILD_BELOW): a training step's apply as one autograd node, W and the gradient
+# of w each made by one library call (csrc/build_cpu.cpp), where the build's own autograd graph cost
+# 2-3x a dense layer's step. Every build below is the library's one form, from the build op's
+# arguments: (layout, A1, A2, row, col, B1, B2) with W = A kron B, A = diag(row) A1 diag(col) [@ A2],
+# B = B1 [@ B2] (each (1, rows, cols); None: absent).
+def _ones(like: Tensor, rows: int, cols: int) -> Tensor:
+    return like.new_ones(1, rows, cols)
+
+
+_SMALL_FORMS = {
+    "kron_build": lambda A1, A2, B1, B2, layout: (layout, A1, A2, None, None, B1, B2),
+    "duplicated_padding_build": lambda B, p, q, layout: (layout, _ones(B, p, q), None, None, None, B, None),
+    "duplicated_diagonal_padding_build": lambda B, p, q: (
+        "kron", torch.eye(p, q, dtype=B.dtype)[None], None, None, None, B, None),
+    "lorr_build": lambda A, B: ("kron", A, B, None, None, _ones(A, 1, 1), None),
+    "random_matrix_adaption_build": lambda l1, l2, seed_a, seed_b, D: _rma_form(l1, l2, seed_a, seed_b, D),
+}
+
+
+def _rma_form(l1, l2, seed_a, seed_b, D):
+    A, B = _lowrank_ref.random_matrix_adaption_matrices(seed_a, seed_b, l1.shape[1], D, l2.shape[1], l1)
+    return "kron", A[None], B.T.contiguous()[None], l1, l2, _ones(l1, 1, 1), None
+
+
+# Up to this many multiply-adds (N*n*D) the library's plain loops beat a torch GEMM's call
+# (bench/small_gemm_sweep.py, bench/results/cpu-2core-2026-12-02-fused/threshold.txt).
+_SMALL_GEMM = 1 << 16
+_FORWARD, _BACKWARD = "tinyrecon_cpu_small_linear", "tinyrecon_cpu_small_linear_vjp"
+
+
+class _SmallPlan:
+    """One (function, n, D, dtype)'s form: each factor a constant tensor or a byte offset into w."""
+
+    def __init__(self, rec, n: int, D: int, w: Tensor, form):
+        probe = w.detach().clone().requires_grad_()
+        with torch.enable_grad():
+            call = rec._op_call("build", rec._op_args(n, D, probe.reshape(1, -1)), D=D)
+        layout, *factors = form(*call)
+        self.n, self.D, self.code, self.layout = n, D, _DTYPES[w.dtype], _LAYOUTS[layout]
+        self.constants = [f.detach() if f is not None and not f.requires_grad else None for f in factors]
+        # A factor from w is a contiguous view of it (else no plan): its gradient lies at the same place.
+        self.offsets = [None if f is None or not f.requires_grad else f.data_ptr() - probe.data_ptr()
+                        for f in factors]
+        self.ok = all(f is None or not f.requires_grad or (f._base is probe and f.is_contiguous()) for f in factors)
+        A1, A2, _, _, B1, B2 = factors
+        self.dims = (A1.shape[1], (A2 if A2 is not None else A1).shape[2], A2.shape[1] if A2 is not None else 0,
+                     B1.shape[1], (B2 if B2 is not None else B1).shape[2], B2.shape[1] if B2 is not None else 0)
+        self.reference = weakref.WeakMethod(rec._build)
+        self.forward_fn, self.backward_fn = cpu_lib.function(_FORWARD), cpu_lib.function(_BACKWARD)
+
+    def factors(self, w: Tensor) -> list:
+        base = w.data_ptr()
+        return [c.data_ptr() if c is not None else None if o is None else base + o
+                for c, o in zip(self.constants, self.offsets)]
+
+    def __call__(self, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+        return _SmallLinear.apply(x, w, bias, self)
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class _SmallLinear(torch.autograd.Function):
+    """``F.linear(x, W, bias)`` with W from the plan's factors of w: W, and y where the GEMM is small
+    (``_SMALL_GEMM``), in one library call; the backward takes every gradient in one more (dW = dy^T
+    x formed inside), or for bigger GEMMs dW, dx and the bias gradient in torch and the rest in the
+    library. A double backward differentiates the reference's graph instead."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, plan):
+        x2 = x.reshape(-1, plan.D)
+        small = x2.shape[0] * plan.n * plan.D <= _SMALL_GEMM
+        W = w.new_empty(plan.n, plan.D)
+        if small:
+            x2, b = x2.contiguous(), None if bias is None else bias.contiguous()
+            y = x.new_empty(*x.shape[:-1], plan.n)
+            cpu_lib.check(plan.forward_fn(plan.code, plan.layout, *plan.factors(w), x2.data_ptr(), _ptr(b),
+                                          W.data_ptr(), y.data_ptr(), x2.shape[0], *plan.dims), _FORWARD)
+        else:
+            cpu_lib.check(plan.forward_fn(plan.code, plan.layout, *plan.factors(w), None, None, W.data_ptr(), None,
+                                          0, *plan.dims), _FORWARD)
+            y = F.linear(x, W, bias)
+        ctx.save_for_backward(x, w, bias, W)
+        ctx.plan, ctx.small = plan, small
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, bias, W = ctx.saved_tensors
+        plan = ctx.plan
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():   # create_graph=True: the reference's graph, recorded
+            with torch.enable_grad():
+                y = F.linear(x, plan.reference()(plan.n, plan.D, w.reshape(1, -1), "torch")[0], bias)
+            wanted = [t for t, need in zip((x, w, bias), (need_x, need_w, need_b)) if need]
+            grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True))
+            return *(next(grads) if need else None for need in (need_x, need_w, need_b)), None
+        x2, dy2 = x.reshape(-1, plan.D), dy.reshape(-1, plan.n)
+        dw = torch.zeros_like(w) if need_w else None
+        grads = [None if o is None or dw is None else dw.data_ptr() + o for o in plan.offsets]
+        if ctx.small:
+            x2, dy2 = x2.contiguous(), dy2.contiguous()
+            dx = x2.new_empty(x2.shape) if need_x else None
+            db = bias.new_empty(plan.n) if need_b else None
+            cpu_lib.check(plan.backward_fn(plan.code, plan.layout, *plan.factors(w), x2.data_ptr(), dy2.data_ptr(),
+                                           W.data_ptr(), None, _ptr(dx), _ptr(db), *grads, x2.shape[0], *plan.dims),
+                          _BACKWARD)
+        else:
+            dx = torch.mm(dy2, W) if need_x else None
+            db = dy2.sum(0) if need_b else None
+            if need_w:
+                gW = torch.mm(dy2.T, x2)
+                cpu_lib.check(plan.backward_fn(plan.code, plan.layout, *plan.factors(w), None, None, W.data_ptr(),
+                                               gW.data_ptr(), None, None, *grads, 0, *plan.dims), _BACKWARD)
+        return None if dx is None else dx.view(x.shape), dw, db, None
+
+
+def small_linear(rec, n: int, D: int, w: Tensor):
+    """The fused small apply for ``rec`` at (n, D) with w like ``w`` (float32 or float64), or None."""
+    form = _SMALL_FORMS.get(f"{rec.op}_build")
+    if form is None or w.dtype not in _DTYPES or cpu_lib.load_error():
+        return None
+    plan = _SmallPlan(rec, n, D, w, form)
+    return plan if plan.ok else None
 
 
 # Random families. A column block of W (all n rows, columns [j0, j1)) is ~_BLOCK_NUMBERS random

@@ -26,7 +26,8 @@ AUTO = {
 }
 AUTO_CUDA_OPS: frozenset = frozenset()
 
-# Where each backend registers its implementations (``ops.implement``).
+# Where each backend registers its implementations (``ops.implement``); a module may also offer a
+# fused small-W apply (``small_linear``, below).
 MODULES = {"torch": "tinyrecon.functions.{family}", "triton": "tinyrecon.kernels.{family}",
            "cuda": "tinyrecon.cuda_ops", "cpu": "tinyrecon.cpu_ops"}
 # backend -> what runs the ops it has no kernel for (the CPU library's builds read no x); others refuse.
@@ -210,6 +211,14 @@ def get(op: str, device_type: str, backend: str | None = None):
     name = resolve(op, device_type, backend)
     impl = _IMPLS.get((op, name))
     return impl if impl is not None else implementation(op, name)   # e.g. TRITON_INTERPRET set after import
+
+
+def small_linear(op: str, device_type: str, backend: str | None = None):
+    """The fused small apply of build ``op`` on the backend that runs it (``small_linear(rec, n, D, w)``
+    of its module, which gives a callable ``(x, w, bias) -> y`` or None), or None where it has none."""
+    from . import ops
+    module = importlib.import_module(MODULES[resolve(op, device_type, backend)].format(family=ops.OPS[op].family))
+    return getattr(module, "small_linear", None)
 
 
 def available(device_type: str = "cuda") -> dict:
