@@ -5,7 +5,6 @@ import functools
 import math
 import numbers
 import operator
-import os
 import threading
 import weakref
 from typing import Callable, NamedTuple
@@ -354,8 +353,7 @@ class Reconciliation(nn.Module):
             b = (bias.dtype, bias.shape)
         else:
             return None
-        choice = (backend or self.backend or getattr(dispatch._local, "backend", None)
-                  or os.environ.get("TINYRECON_BACKEND"))
+        choice = backend or self.backend or dispatch._local.backend or dispatch.env_backend()
         return x.dtype, x.shape[-1:], w.dtype, w.shape, n, D, b, choice, self._arguments, BUILD_BELOW
 
     def _small_linear(self, x, w, n, bias, backend, key, state, reuse: bool, fused):
