@@ -1,6 +1,7 @@
-// Small builds on the CPU (tinyrecon/cpu_ops.py, small_linear): W = psi(w) and the gradient of w from
-// dW, for the train path of apply where W has fewer than base.BUILD_BELOW entries. There a step pays
-// for torch's per-op cost, not arithmetic: one call each way replaces the build's dozen autograd ops.
+// A small-W training step on the CPU (tinyrecon/cpu_ops.py, small_linear): W = psi(w) and, when the
+// GEMM is small, y = x @ W^T + b in one call; every gradient (w's through dW = dy^T @ x, x's, the
+// bias's) in one more. For apply where W has fewer than base.BUILD_BELOW entries: there a step pays
+// for torch's per-op cost, not arithmetic, and these two calls replace the build's dozen autograd ops.
 //
 // Every build of the kron, padding and low-rank families is one form (cpu_ops._SMALL_FORMS maps them):
 //   W (p*s x q*t) = A (x) B,  A = diag(row) A1 diag(col) [@ A2] (p x q),  B = B1 [@ B2] (s x t),

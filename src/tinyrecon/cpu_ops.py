@@ -278,23 +278,19 @@ ops.implement("duplicated_padding_apply", "cpu",
 # 2-3x a dense layer's step. Every build below is the library's one form, from the build op's
 # arguments: (layout, A1, A2, row, col, B1, B2) with W = A kron B, A = diag(row) A1 diag(col) [@ A2],
 # B = B1 [@ B2] (each (1, rows, cols); None: absent).
-def _ones(like: Tensor, rows: int, cols: int) -> Tensor:
-    return like.new_ones(1, rows, cols)
+def _rma_form(l1, l2, seed_a, seed_b, D):
+    A, B = _lowrank_ref.random_matrix_adaption_matrices(seed_a, seed_b, l1.shape[1], D, l2.shape[1], l1)
+    return "kron", A[None], B.T.contiguous()[None], l1, l2, l1.new_ones(1, 1, 1), None
 
 
 _SMALL_FORMS = {
     "kron_build": lambda A1, A2, B1, B2, layout: (layout, A1, A2, None, None, B1, B2),
-    "duplicated_padding_build": lambda B, p, q, layout: (layout, _ones(B, p, q), None, None, None, B, None),
+    "duplicated_padding_build": lambda B, p, q, layout: (layout, B.new_ones(1, p, q), None, None, None, B, None),
     "duplicated_diagonal_padding_build": lambda B, p, q: (
         "kron", torch.eye(p, q, dtype=B.dtype)[None], None, None, None, B, None),
-    "lorr_build": lambda A, B: ("kron", A, B, None, None, _ones(A, 1, 1), None),
-    "random_matrix_adaption_build": lambda l1, l2, seed_a, seed_b, D: _rma_form(l1, l2, seed_a, seed_b, D),
+    "lorr_build": lambda A, B: ("kron", A, B, None, None, A.new_ones(1, 1, 1), None),
+    "random_matrix_adaption_build": _rma_form,
 }
-
-
-def _rma_form(l1, l2, seed_a, seed_b, D):
-    A, B = _lowrank_ref.random_matrix_adaption_matrices(seed_a, seed_b, l1.shape[1], D, l2.shape[1], l1)
-    return "kron", A[None], B.T.contiguous()[None], l1, l2, _ones(l1, 1, 1), None
 
 
 # Up to this many multiply-adds (N*n*D) the library's plain loops beat a torch GEMM's call
