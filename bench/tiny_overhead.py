@@ -132,8 +132,6 @@ def main():
                        "structured": patched(fns["candidate"], "BUILD_BELOW", 0), "dense": fns["dense"],
                        "F.linear": f_linear(op, x, 6), "Function": f_linear(op, x, 6, _Linear.apply),
                        "Function+C": f_linear(op, x, 6, _LinearC.apply)}
-                for fn in fns.values():   # time_interleaved sizes its loops by one call: make it a warm one
-                    fn()
                 t = timing.time_interleaved(fns, dev, mode) if args.clock == "wall" else time_thread(fns)
                 for c in cols:
                     res[c].append(t[c])

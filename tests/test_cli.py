@@ -263,7 +263,7 @@ def test_timing_interleaves_candidate_and_baselines():
     fns = {name: (lambda name=name: calls.append(name)) for name in ("candidate", "tinybig", "dense")}
     t = timing.time_interleaved(fns, CPU, timing.Mode(budget_s=0.0, min_reps=3, max_reps=3, max_call_s=1.0))
     assert t["reps"] == 3 and all(t[k] > 0 for k in fns)
-    timed = [c for i, c in enumerate(calls) if i >= 3]          # after one warmup call each
+    timed = [c for i, c in enumerate(calls) if i >= 6]          # after two warmup calls each (fast ones)
     assert [timed[i] for i in range(0, len(timed)) if i == 0 or timed[i] != timed[i - 1]] == \
         ["candidate", "tinybig", "dense"] * 3                   # A B C A B C A B C (each looped to ~1 ms)
 
