@@ -10,6 +10,11 @@ import os
 _CTYPES = {"i": ctypes.c_int, "l": ctypes.c_int64, "f": ctypes.c_float, "p": ctypes.c_void_p, "s": ctypes.c_char_p}
 
 
+def address(t) -> int | None:
+    """A tensor's data pointer for a pointer argument; None (a null pointer) for None."""
+    return None if t is None else t.data_ptr()
+
+
 def library_path(lib_name: str, env: str) -> str:
     """``$env``, else ``lib_name`` next to this module, where the build places it."""
     return os.environ.get(env) or os.path.join(os.path.dirname(os.path.abspath(__file__)), lib_name)

@@ -360,10 +360,9 @@ class Reconciliation(nn.Module):
         """The small-W path of a checked one-channel call: ``F.linear(x, W, bias)`` with W from the
         backend's build, kept for later calls with the same w values when ``reuse``; else the backend's
         fused apply where it has one (``fused``, from ``dispatch.small_linear``; not under forward-mode AD)."""
-        if not reuse:
-            if fused is not None and forward_ad._current_level < 0 and w.is_contiguous():
-                return fused(x, w, bias)
-        else:   # built from the copy it is kept with: the pair agrees even if w is written meanwhile
+        if not reuse and fused is not None and forward_ad._current_level < 0 and w.is_contiguous():
+            return fused(x, w, bias)
+        if reuse:   # built from the copy it is kept with: the pair agrees even if w is written meanwhile
             w = w.detach().clone()
         W = self._build(n, x.shape[-1], w.reshape(1, w.shape[-1]), backend).squeeze(0)
         if reuse:

@@ -51,7 +51,7 @@ def function(name: str):
     return _clib.entry_point(lib, name, library_path())
 
 
-def check(code: int, name: str = "the CPU library", args=()) -> None:
+def check(code: int, name: str, args=()) -> None:
     """Code 1 (bad arguments) raises ValueError, 2 (no memory for buffers) MemoryError."""
     if code == 2:
         raise MemoryError(f"{name}: out of memory")

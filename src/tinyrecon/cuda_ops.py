@@ -8,13 +8,10 @@ import torch
 from torch import Tensor
 
 from . import cuda_lib, ops
+from ._clib import address as _ptr
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _LAYOUTS = {"kron": 0, "tinybig": 1}
-
-
-def _ptr(t: Optional[Tensor]) -> Optional[int]:
-    return None if t is None else t.data_ptr()
 
 
 def _c(t: Optional[Tensor]) -> Optional[Tensor]:
