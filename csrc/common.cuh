@@ -2,7 +2,7 @@
 //
 // The library has a plain C ABI (no torch headers): every exported entry point takes the
 // device index, the caller's stream and a dtype code, returns 0 or an error code, and leaves
-// the message for tinyrecon_last_error(). Arithmetic accumulates in fp32 (fp64 for double);
+// the message for tinyrecon_last_error(). An op's entry points are TR_OP (below). Arithmetic accumulates in fp32 (fp64 for double);
 // intermediates between launches are kept in that accumulation type, so half inputs are
 // rounded once, at the output, like the torch reference.
 #pragma once
@@ -138,17 +138,32 @@ template <typename T>
 cudaError_t matmul_grad(View g, View F1, View F2, View gF1, View gF2, i64 C, i64 rows, i64 r, i64 cols,
                         cudaStream_t stream);
 
-// Bump allocator over the caller's workspace. Entry points carve every buffer first; called
-// with a non-null work_bytes they only report the size needed (and launch nothing).
+// Bump allocator over the caller's workspace. Entry points carve every buffer first, then ask
+// sizing(): true for a call with a non-null work_bytes, which only reports the size needed.
 struct Arena {
   char* base;
+  i64* bytes;
   i64 used = 0;
-  explicit Arena(void* work) : base(static_cast<char*>(work)) {}
   template <typename U> U* take(i64 count) {
     const i64 off = (used + 255) / 256 * 256;
     used = off + count * static_cast<i64>(sizeof(U));
     return base ? reinterpret_cast<U*>(base + off) : nullptr;
   }
+  bool sizing() const {
+    if (bytes) *bytes = used;
+    return bytes != nullptr;
+  }
+};
+
+// An op's arguments as src/tinyrecon/cuda_ops.py packs them: four int64 slots per argument of the
+// op's declaration (src/tinyrecon/ops.py), in order, then the tensors the call writes. A tensor is
+// its address and sizes (left-aligned, 1 past its last dimension; contiguous), an absent one a null
+// address, an int its value, a layout its code.
+struct Args {
+  const i64* slot;
+  void* ptr(int i) const { return reinterpret_cast<void*>(slot[4 * i]); }
+  i64 value(int i) const { return slot[4 * i]; }
+  i64 size(int i, int d) const { return slot[4 * i + 1 + d]; }
 };
 
 // Records the message of a failed call for tinyrecon_last_error(); returns the code.
@@ -157,20 +172,21 @@ int fail_msg(const char* msg);
 
 template <typename T> struct Tag { using type = T; };
 
-// Runs f(Tag<T>{}) (returning cudaError_t) for the dtype code on `device`; also reports launch errors.
-// The calling thread's current device is restored afterwards (the caller's CUDA state is its own).
-template <typename F> int run(int device, int dtype, F f) {
+// Runs f(Tag<T>{}, arena) (returning cudaError_t) for the dtype code on `device`; also reports launch
+// errors. The calling thread's current device is restored afterwards (the caller's CUDA state is its own).
+template <typename F> int run(int device, int dtype, void* work, i64* work_bytes, F f) {
   if (dtype < kFloat32 || dtype > kFloat64)
     return fail_msg("unsupported dtype code (expected 0 float32, 1 float16, 2 bfloat16, 3 float64)");
   int previous = device;
   cudaError_t err = cudaGetDevice(&previous);
   if (err == cudaSuccess && previous != device) err = cudaSetDevice(device);
   if (err != cudaSuccess) return fail(err);
+  Arena arena{static_cast<char*>(work), work_bytes};
   switch (dtype) {
-    case kFloat32: err = f(Tag<float>{}); break;
-    case kFloat16: err = f(Tag<__half>{}); break;
-    case kBFloat16: err = f(Tag<__nv_bfloat16>{}); break;
-    default: err = f(Tag<double>{}); break;
+    case kFloat32: err = f(Tag<float>{}, arena); break;
+    case kFloat16: err = f(Tag<__half>{}, arena); break;
+    case kBFloat16: err = f(Tag<__nv_bfloat16>{}, arena); break;
+    default: err = f(Tag<double>{}, arena); break;
   }
   if (err == cudaSuccess) err = cudaGetLastError();
   const cudaError_t restored = previous != device ? cudaSetDevice(previous) : cudaSuccess;
@@ -192,3 +208,18 @@ inline unsigned blocks_for(i64 work) {
     const cudaError_t tr_err_ = (expr);           \
     if (tr_err_ != cudaSuccess) return tr_err_;   \
   } while (0)
+
+// The entry point of op `name` of src/tinyrecon/ops.py (its backward: `name`_bwd), which cuda_ops.py
+// finds by that name: tinyrecon_<name>(device, stream, dtype, args, work, work_bytes). The body that
+// follows is run per dtype with T, the op's arguments `a` (Args), `arena` and the stream `st` in scope;
+// it carves its workspace, returns if arena.sizing(), then launches.
+#define TR_OP(name)                                                                                        \
+  template <typename T> static cudaError_t name##_body(const tr::Args& a, tr::Arena& arena, cudaStream_t st); \
+  TR_EXPORT int tinyrecon_##name(int device, void* stream, int dtype, const tr::i64* args, void* work,          \
+                                 tr::i64* work_bytes) {                                                      \
+    return tr::run(device, dtype, work, work_bytes, [&](auto tag, tr::Arena& arena) {                         \
+      return name##_body<typename decltype(tag)::type>(tr::Args{args}, arena, static_cast<cudaStream_t>(stream)); \
+    });                                                                                                      \
+  }                                                                                                          \
+  TR_ENTRY_POINT(tinyrecon_##name)                                                                           \
+  template <typename T> static cudaError_t name##_body(const tr::Args& a, tr::Arena& arena, cudaStream_t st)

@@ -6,7 +6,7 @@
 //   y[c, n, i1, i2] = sum_j1 A[c, i1, j1] Z[n, j1, c, i2]  one GEMM batched over channels, rows (n, i2)
 // with Z (N x q x C x s, usually far smaller than x) in fp32 workspace; the backward is four
 // GEMMs of the same kind, the weight gradients split along their long (batch) reduction.
-// kron_apply supports layout "kron"; the Python glue routes "tinybig" to the torch reference.
+// kron_apply supports layout "kron"; ops.py routes "tinybig" to the build and one GEMM.
 #include "common.cuh"
 
 namespace tr {
@@ -41,158 +41,132 @@ cudaError_t contract_x(const void* x, View B, acc_t<T>* Z, i64 N, i64 C, i64 q, 
   return gemm<T>({.M = N * q, .N = C * s, .K = t}, a, B, z, View{}, stream);
 }
 
+// C, p, q, rA, s, t, rB of A = A1 [@ A2] and B = B1 [@ B2], the factors in slots f..f+3 (r = 0: unfactored).
+struct KronDims {
+  i64 C, p, q, rA, s, t, rB;
+};
+KronDims kron_dims(const Args& a, int f) {
+  const bool fa = a.ptr(f + 1) != nullptr, fb = a.ptr(f + 3) != nullptr;
+  return {a.size(f, 0), a.size(f, 1), a.size(f + fa, 2), fa ? a.size(f, 2) : 0,
+          a.size(f + 2, 1), a.size(f + 2 + fb, 2), fb ? a.size(f + 2, 2) : 0};
+}
+
 }  // namespace
 
 }  // namespace tr
 
 using tr::i64;
 
-// W (C, p*s, q*t) from A1 (C, p, rA) [@ A2 (C, rA, q)] and B1 (C, s, rB) [@ B2 (C, rB, t)].
-TR_EXPORT int tinyrecon_kron_build(int device, void* stream, int dtype, int layout, const void* A1, const void* A2,
-                                   const void* B1, const void* B2, void* W, void* work, i64* work_bytes, i64 C,
-                                   i64 p, i64 q, i64 rA, i64 s, i64 t, i64 rB) {
-  return tr::run(device, dtype, [&](auto tag) -> cudaError_t {
-    using T = typename decltype(tag)::type;
-    using Acc = tr::acc_t<T>;
-    const auto st = static_cast<cudaStream_t>(stream);
-    tr::Arena arena(work);
-    Acc* Aw = A2 ? arena.take<Acc>(C * p * q) : nullptr;
-    Acc* Bw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
-    if (work_bytes) {  // size query only
-      *work_bytes = arena.used;
-      return cudaSuccess;
-    }
-    tr::View A, B;
-    TR_TRY(tr::factor<T>(A1, A2, Aw, C, p, rA, q, &A, st));
-    TR_TRY(tr::factor<T>(B1, B2, Bw, C, s, rB, t, &B, st));
-    return tr::kron_build<T>(A, B, tr::View{.p = W}, layout, C, p, q, s, t, st);
-  });
+// (A1 (C, p, rA) [, A2 (C, rA, q)], B1 (C, s, rB) [, B2 (C, rB, t)], layout) -> W (C, p*s, q*t).
+TR_OP(kron_build) {
+  using Acc = tr::acc_t<T>;
+  const auto [C, p, q, rA, s, t, rB] = tr::kron_dims(a, 0);
+  const void *A1 = a.ptr(0), *A2 = a.ptr(1), *B1 = a.ptr(2), *B2 = a.ptr(3);
+  Acc* Aw = A2 ? arena.take<Acc>(C * p * q) : nullptr;
+  Acc* Bw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
+  if (arena.sizing()) return cudaSuccess;
+  tr::View A, B;
+  TR_TRY(tr::factor<T>(A1, A2, Aw, C, p, rA, q, &A, st));
+  TR_TRY(tr::factor<T>(B1, B2, Bw, C, s, rB, t, &B, st));
+  return tr::kron_build<T>(A, B, tr::View{.p = a.ptr(5)}, a.value(4), C, p, q, s, t, st);
 }
-TR_ENTRY_POINT(tinyrecon_kron_build)
 
-// Gradients of kron_build with respect to A1, A2, B1, B2 (gA2 / gB2 ignored when A2 / B2 is null).
-TR_EXPORT int tinyrecon_kron_build_bwd(int device, void* stream, int dtype, int layout, const void* A1,
-                                       const void* A2, const void* B1, const void* B2, const void* gW, void* gA1,
-                                       void* gA2, void* gB1, void* gB2, void* work, i64* work_bytes, i64 C, i64 p,
-                                       i64 q, i64 rA, i64 s, i64 t, i64 rB) {
-  return tr::run(device, dtype, [&](auto tag) -> cudaError_t {
-    using T = typename decltype(tag)::type;
-    using Acc = tr::acc_t<T>;
-    const auto st = static_cast<cudaStream_t>(stream);
-    tr::Arena arena(work);
-    Acc* Aw = A2 ? arena.take<Acc>(C * p * q) : nullptr;
-    Acc* Bw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
-    Acc* gAw = A2 ? arena.take<Acc>(C * p * q) : nullptr;
-    Acc* gBw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
-    if (work_bytes) {  // size query only
-      *work_bytes = arena.used;
-      return cudaSuccess;
-    }
-    tr::View A, B;
-    TR_TRY(tr::factor<T>(A1, A2, Aw, C, p, rA, q, &A, st));
-    TR_TRY(tr::factor<T>(B1, B2, Bw, C, s, rB, t, &B, st));
-    const tr::View gA = tr::factor_grad_view(gA1, A2, gAw), gB = tr::factor_grad_view(gB1, B2, gBw);
-    TR_TRY(tr::kron_build_grad<T>(tr::tensor(gW), B, gA, true, layout, C, p, q, s, t, st));
-    TR_TRY(tr::kron_build_grad<T>(tr::tensor(gW), A, gB, false, layout, C, p, q, s, t, st));
-    TR_TRY(tr::factor_grad<T>(gA, A1, A2, gA1, gA2, C, p, rA, q, st));
-    return tr::factor_grad<T>(gB, B1, B2, gB1, gB2, C, s, rB, t, st);
-  });
+// (the arguments of kron_build, gW) -> gA1, gA2, gB1, gB2 (gA2 / gB2 absent when A2 / B2 are).
+TR_OP(kron_build_bwd) {
+  using Acc = tr::acc_t<T>;
+  const auto [C, p, q, rA, s, t, rB] = tr::kron_dims(a, 0);
+  const void *A1 = a.ptr(0), *A2 = a.ptr(1), *B1 = a.ptr(2), *B2 = a.ptr(3), *gW = a.ptr(5);
+  const int layout = a.value(4);
+  Acc* Aw = A2 ? arena.take<Acc>(C * p * q) : nullptr;
+  Acc* Bw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
+  Acc* gAw = A2 ? arena.take<Acc>(C * p * q) : nullptr;
+  Acc* gBw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
+  if (arena.sizing()) return cudaSuccess;
+  tr::View A, B;
+  TR_TRY(tr::factor<T>(A1, A2, Aw, C, p, rA, q, &A, st));
+  TR_TRY(tr::factor<T>(B1, B2, Bw, C, s, rB, t, &B, st));
+  const tr::View gA = tr::factor_grad_view(a.ptr(6), A2, gAw), gB = tr::factor_grad_view(a.ptr(8), B2, gBw);
+  TR_TRY(tr::kron_build_grad<T>(tr::tensor(gW), B, gA, true, layout, C, p, q, s, t, st));
+  TR_TRY(tr::kron_build_grad<T>(tr::tensor(gW), A, gB, false, layout, C, p, q, s, t, st));
+  TR_TRY(tr::factor_grad<T>(gA, A1, A2, a.ptr(6), a.ptr(7), C, p, rA, q, st));
+  return tr::factor_grad<T>(gB, B1, B2, a.ptr(8), a.ptr(9), C, s, rB, t, st);
 }
-TR_ENTRY_POINT(tinyrecon_kron_build_bwd)
 
-// y (C, N, p*s) = x (N, q*t) @ (A kron B)^T (+ bias (p*s)), layout "kron".
-TR_EXPORT int tinyrecon_kron_apply(int device, void* stream, int dtype, const void* x, const void* A1,
-                                   const void* A2, const void* B1, const void* B2, const void* bias, void* y,
-                                   void* work, i64* work_bytes, i64 N, i64 C, i64 p, i64 q, i64 rA, i64 s, i64 t,
-                                   i64 rB) {
-  return tr::run(device, dtype, [&](auto tag) -> cudaError_t {
-    using T = typename decltype(tag)::type;
-    using Acc = tr::acc_t<T>;
-    const auto st = static_cast<cudaStream_t>(stream);
-    tr::Arena arena(work);
-    Acc* Aw = A2 ? arena.take<Acc>(C * p * q) : nullptr;
-    Acc* Bw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
-    Acc* Z = arena.take<Acc>(N * q * C * s);
-    if (work_bytes) {  // size query only
-      *work_bytes = arena.used;
-      return cudaSuccess;
-    }
-    tr::View A, B;
-    TR_TRY(tr::factor<T>(A1, A2, Aw, C, p, rA, q, &A, st));
-    TR_TRY(tr::factor<T>(B1, B2, Bw, C, s, rB, t, &B, st));
-    TR_TRY(tr::contract_x<T>(x, B, Z, N, C, q, s, t, st));
-    // y[c, n, i1*s + i2] = sum_j1 Z[n, j1, c, i2] A[c, i1, j1]: rows (n, i2), columns i1.
-    tr::View z = tr::scratch(Z), out{.p = y}, b = tr::tensor(bias);
-    z.b0 = s, z.mo = q * C * s, z.mi = 1, z.ki = C * s;
-    A.b0 = p * q, A.ki = 1, A.n = q;
-    out.b0 = N * p * s, out.mo = p * s, out.mi = 1, out.n = s;
-    b.mi = 1, b.n = s;
-    return tr::gemm<T>({.batch0 = C, .M = N * s, .Mi = s, .N = p, .K = q}, z, A, out, b, st);
-  });
+// (x (N, q*t), A1, A2, B1, B2 as kron_build's, bias (p*s) or absent, layout "kron") -> y (C, N, p*s).
+TR_OP(kron_apply) {
+  using Acc = tr::acc_t<T>;
+  const auto [C, p, q, rA, s, t, rB] = tr::kron_dims(a, 1);
+  const i64 N = a.size(0, 0);
+  const void *A1 = a.ptr(1), *A2 = a.ptr(2), *B1 = a.ptr(3), *B2 = a.ptr(4);
+  Acc* Aw = A2 ? arena.take<Acc>(C * p * q) : nullptr;
+  Acc* Bw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
+  Acc* Z = arena.take<Acc>(N * q * C * s);
+  if (arena.sizing()) return cudaSuccess;
+  tr::View A, B;
+  TR_TRY(tr::factor<T>(A1, A2, Aw, C, p, rA, q, &A, st));
+  TR_TRY(tr::factor<T>(B1, B2, Bw, C, s, rB, t, &B, st));
+  TR_TRY(tr::contract_x<T>(a.ptr(0), B, Z, N, C, q, s, t, st));
+  // y[c, n, i1*s + i2] = sum_j1 Z[n, j1, c, i2] A[c, i1, j1]: rows (n, i2), columns i1.
+  tr::View z = tr::scratch(Z), out{.p = a.ptr(7)}, b = tr::tensor(a.ptr(5));
+  z.b0 = s, z.mo = q * C * s, z.mi = 1, z.ki = C * s;
+  A.b0 = p * q, A.ki = 1, A.n = q;
+  out.b0 = N * p * s, out.mo = p * s, out.mi = 1, out.n = s;
+  b.mi = 1, b.n = s;
+  return tr::gemm<T>({.batch0 = C, .M = N * s, .Mi = s, .N = p, .K = q}, z, A, out, b, st);
 }
-TR_ENTRY_POINT(tinyrecon_kron_apply)
 
-// Gradients of kron_apply ("kron") with respect to x, A1, A2, B1, B2 (the bias's is gy's sum).
-TR_EXPORT int tinyrecon_kron_apply_bwd(int device, void* stream, int dtype, const void* x, const void* A1,
-                                       const void* A2, const void* B1, const void* B2, const void* gy, void* gx,
-                                       void* gA1, void* gA2, void* gB1, void* gB2, void* work, i64* work_bytes,
-                                       i64 N, i64 C, i64 p, i64 q, i64 rA, i64 s, i64 t, i64 rB) {
-  return tr::run(device, dtype, [&](auto tag) -> cudaError_t {
-    using T = typename decltype(tag)::type;
-    using Acc = tr::acc_t<T>;
-    const auto st = static_cast<cudaStream_t>(stream);
-    tr::Arena arena(work);
-    Acc* Aw = A2 ? arena.take<Acc>(C * p * q) : nullptr;
-    Acc* Bw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
-    Acc* gAw = A2 ? arena.take<Acc>(C * p * q) : nullptr;
-    Acc* gBw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
-    Acc* Z = arena.take<Acc>(N * q * C * s);
-    Acc* V = arena.take<Acc>(N * q * C * s);
-    Acc* gAs = arena.take<Acc>(C * p * q);
-    Acc* gBs = arena.take<Acc>(C * s * t);
-    if (work_bytes) {  // size query only
-      *work_bytes = arena.used;
-      return cudaSuccess;
-    }
-    tr::View A, B;
-    TR_TRY(tr::factor<T>(A1, A2, Aw, C, p, rA, q, &A, st));
-    TR_TRY(tr::factor<T>(B1, B2, Bw, C, s, rB, t, &B, st));
-    TR_TRY(tr::contract_x<T>(x, B, Z, N, C, q, s, t, st));
-    // V[n, j1, c, i2] = sum_i1 gy[c, n, i1*s + i2] A[c, i1, j1]: rows (n, i2), columns j1.
-    {
-      tr::View g = tr::tensor(gy), a = A, v = tr::scratch(V);
-      g.b0 = N * p * s, g.mo = p * s, g.mi = 1, g.ki = s;
-      a.b0 = p * q, a.ki = q, a.n = 1;
-      v.b0 = s, v.mo = q * C * s, v.mi = 1, v.n = C * s;
-      TR_TRY(tr::gemm<T>({.batch0 = C, .M = N * s, .Mi = s, .N = q, .K = p}, g, a, v, tr::View{}, st));
-    }
-    // gx (N*q, t) = V (N*q, C*s) @ B (C*s, t).
-    {
-      tr::View v = tr::scratch(V), b = B, out{.p = gx};
-      v.mi = C * s, v.ki = 1;
-      b.ki = t, b.n = 1;
-      out.mi = t, out.n = 1;
-      TR_TRY(tr::gemm<T>({.M = N * q, .N = t, .K = C * s}, v, b, out, tr::View{}, st));
-    }
-    const tr::View gA = tr::factor_grad_view(gA1, A2, gAw), gB = tr::factor_grad_view(gB1, B2, gBw);
-    // gA[c, i1, j1] = sum_(n, i2) gy[c, n, i1*s + i2] Z[n, j1, c, i2].
-    {
-      tr::View g = tr::tensor(gy), z = tr::scratch(Z), out = gA;
-      g.b0 = N * p * s, g.mi = s, g.ko = p * s, g.ki = 1;
-      z.b0 = s, z.ko = q * C * s, z.ki = 1, z.n = C * s;
-      out.b0 = p * q, out.mi = q, out.n = 1;
-      TR_TRY(tr::gemm_long_k<T>({.batch0 = C, .M = p, .N = q, .K = N * s, .Ki = s}, g, z, out, gAs, st));
-    }
-    // gB[c, i2, j2] = sum_(n, j1) V[n, j1, c, i2] X[n, j1, j2].
-    {
-      tr::View v = tr::scratch(V), a = tr::tensor(x), out = gB;
-      v.b0 = s, v.mi = 1, v.ki = C * s;
-      a.ki = t, a.n = 1;
-      out.b0 = s * t, out.mi = t, out.n = 1;
-      TR_TRY(tr::gemm_long_k<T>({.batch0 = C, .M = s, .N = t, .K = N * q}, v, a, out, gBs, st));
-    }
-    TR_TRY(tr::factor_grad<T>(gA, A1, A2, gA1, gA2, C, p, rA, q, st));
-    return tr::factor_grad<T>(gB, B1, B2, gB1, gB2, C, s, rB, t, st);
-  });
+// (the arguments of kron_apply, gy) -> gx, gA1, gA2, gB1, gB2 (the bias's gradient is gy's sum, in Python).
+TR_OP(kron_apply_bwd) {
+  using Acc = tr::acc_t<T>;
+  const auto [C, p, q, rA, s, t, rB] = tr::kron_dims(a, 1);
+  const i64 N = a.size(0, 0);
+  const void *x = a.ptr(0), *A1 = a.ptr(1), *A2 = a.ptr(2), *B1 = a.ptr(3), *B2 = a.ptr(4), *gy = a.ptr(7);
+  Acc* Aw = A2 ? arena.take<Acc>(C * p * q) : nullptr;
+  Acc* Bw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
+  Acc* gAw = A2 ? arena.take<Acc>(C * p * q) : nullptr;
+  Acc* gBw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
+  Acc* Z = arena.take<Acc>(N * q * C * s);
+  Acc* V = arena.take<Acc>(N * q * C * s);
+  Acc* gAs = arena.take<Acc>(C * p * q);
+  Acc* gBs = arena.take<Acc>(C * s * t);
+  if (arena.sizing()) return cudaSuccess;
+  tr::View A, B;
+  TR_TRY(tr::factor<T>(A1, A2, Aw, C, p, rA, q, &A, st));
+  TR_TRY(tr::factor<T>(B1, B2, Bw, C, s, rB, t, &B, st));
+  TR_TRY(tr::contract_x<T>(x, B, Z, N, C, q, s, t, st));
+  // V[n, j1, c, i2] = sum_i1 gy[c, n, i1*s + i2] A[c, i1, j1]: rows (n, i2), columns j1.
+  {
+    tr::View g = tr::tensor(gy), fa = A, v = tr::scratch(V);
+    g.b0 = N * p * s, g.mo = p * s, g.mi = 1, g.ki = s;
+    fa.b0 = p * q, fa.ki = q, fa.n = 1;
+    v.b0 = s, v.mo = q * C * s, v.mi = 1, v.n = C * s;
+    TR_TRY(tr::gemm<T>({.batch0 = C, .M = N * s, .Mi = s, .N = q, .K = p}, g, fa, v, tr::View{}, st));
+  }
+  // gx (N*q, t) = V (N*q, C*s) @ B (C*s, t).
+  {
+    tr::View v = tr::scratch(V), b = B, out{.p = a.ptr(8)};
+    v.mi = C * s, v.ki = 1;
+    b.ki = t, b.n = 1;
+    out.mi = t, out.n = 1;
+    TR_TRY(tr::gemm<T>({.M = N * q, .N = t, .K = C * s}, v, b, out, tr::View{}, st));
+  }
+  const tr::View gA = tr::factor_grad_view(a.ptr(9), A2, gAw), gB = tr::factor_grad_view(a.ptr(11), B2, gBw);
+  // gA[c, i1, j1] = sum_(n, i2) gy[c, n, i1*s + i2] Z[n, j1, c, i2].
+  {
+    tr::View g = tr::tensor(gy), z = tr::scratch(Z), out = gA;
+    g.b0 = N * p * s, g.mi = s, g.ko = p * s, g.ki = 1;
+    z.b0 = s, z.ko = q * C * s, z.ki = 1, z.n = C * s;
+    out.b0 = p * q, out.mi = q, out.n = 1;
+    TR_TRY(tr::gemm_long_k<T>({.batch0 = C, .M = p, .N = q, .K = N * s, .Ki = s}, g, z, out, gAs, st));
+  }
+  // gB[c, i2, j2] = sum_(n, j1) V[n, j1, c, i2] X[n, j1, j2].
+  {
+    tr::View v = tr::scratch(V), xv = tr::tensor(x), out = gB;
+    v.b0 = s, v.mi = 1, v.ki = C * s;
+    xv.ki = t, xv.n = 1;
+    out.b0 = s * t, out.mi = t, out.n = 1;
+    TR_TRY(tr::gemm_long_k<T>({.batch0 = C, .M = s, .N = t, .K = N * q}, v, xv, out, gBs, st));
+  }
+  TR_TRY(tr::factor_grad<T>(gA, A1, A2, a.ptr(9), a.ptr(10), C, p, rA, q, st));
+  return tr::factor_grad<T>(gB, B1, B2, a.ptr(11), a.ptr(12), C, s, rB, t, st);
 }
-TR_ENTRY_POINT(tinyrecon_kron_apply_bwd)

@@ -104,6 +104,7 @@ def test_arch_list():
 @pytest.fixture(scope="module", params=["host", "cuda"])
 def device(request, tmp_path_factory):
     """'cuda' (the real library on a GPU) or 'cpu' (its SIMT emulation build, see the module docstring)."""
+    from tinyrecon import cuda_ops
     if request.param == "cuda":
         if GPU_REASON:
             pytest.skip(f"CUDA backend unavailable: {GPU_REASON}")
@@ -116,6 +117,7 @@ def device(request, tmp_path_factory):
         mp.setenv("TINYRECON_CUDA_LIB", out)
         cuda_lib._load.cache_clear()
         assert cuda_lib.load_error() == ""
+        cuda_ops.register()   # the ops of the library's entry points
         yield "cpu"
     cuda_lib._load.cache_clear()
 
@@ -199,7 +201,6 @@ BATCH = [0, 5, 70, 600]   # 600: weight gradients long enough in K to be split a
 @pytest.mark.parametrize("N", BATCH)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_kron_apply(device, dtype, dims, N, with_bias):
-    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
     randn = _randn_on(device)
     C, p, q, rA, s, t, rB = dims
     bias = randn(p * s) if with_bias else None
@@ -211,12 +212,10 @@ def test_kron_apply(device, dtype, dims, N, with_bias):
 @pytest.mark.parametrize("dims", KRON)
 @pytest.mark.parametrize("layout", ["kron", "tinybig"])
 def test_kron_build(device, dtype, dims, layout):
-    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
     _compare(tr.ops.OPS["kron_build"].impls["cuda"], kron_ref.kron_build, (*_factors(_randn_on(device), *dims), layout), dtype)
 
 
 def test_kron_apply_tinybig_layout_is_the_build_and_one_gemm(device):
-    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
     randn = _randn_on(device)
     args = (randn(4, 12), *_factors(randn, 1, 2, 3, 0, 3, 4, 0), None, "tinybig")
     torch.testing.assert_close(tr.ops.OPS["kron_apply"].impls["cuda"](*args), kron_ref.kron_apply(*args))
@@ -231,7 +230,6 @@ BLOCK = [(1, 2, 3, 4, 5), (2, 3, 2, 5, 3), (2, 3, 3, 66, 2)]
 @pytest.mark.parametrize("N", BATCH)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_duplicated_diagonal_padding_apply(device, dtype, dims, N, with_bias):
-    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
     randn = _randn_on(device)
     C, p, q, s, t = dims
     args = (randn(N, q * t), randn(C, s, t), p, q, randn(p * s) if with_bias else None)
@@ -241,7 +239,6 @@ def test_duplicated_diagonal_padding_apply(device, dtype, dims, N, with_bias):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dims", BLOCK)
 def test_duplicated_diagonal_padding_build(device, dtype, dims):
-    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
     C, p, q, s, t = dims
     _compare(tr.ops.OPS["duplicated_diagonal_padding_build"].impls["cuda"], padding_ref.duplicated_diagonal_padding_build, (_randn_on(device)(C, s, t), p, q), dtype)
 
@@ -255,7 +252,6 @@ LOWRANK = [(1, 7, 2, 9), (3, 65, 3, 130), (2, 3, 1, 4)]
 @pytest.mark.parametrize("N", BATCH)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_lorr_apply(device, dtype, dims, N, with_bias):
-    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
     randn = _randn_on(device)
     C, n, r, D = dims
     args = (randn(N, D), randn(C, n, r), randn(C, r, D), randn(n) if with_bias else None)
@@ -265,7 +261,6 @@ def test_lorr_apply(device, dtype, dims, N, with_bias):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dims", LOWRANK)
 def test_lorr_build(device, dtype, dims):
-    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
     randn = _randn_on(device)
     C, n, r, D = dims
     _compare(tr.ops.OPS["lorr_build"].impls["cuda"], lowrank_ref.lorr_build, (randn(C, n, r), randn(C, r, D)), dtype)
@@ -284,24 +279,23 @@ def _small_cases(device):
     }
 
 
-# apply op -> its reference and where its bias is in _small_cases' arguments
-_APPLIES = {"kron_apply": (kron_ref.kron_apply, 5), "duplicated_diagonal_padding_apply": (padding_ref.duplicated_diagonal_padding_apply, 4),
-            "lorr_apply": (lowrank_ref.lorr_apply, 3)}
+OPS = list(_small_cases("cpu"))   # every op of the backend, each with one case here
 
 
-@pytest.mark.parametrize("op", _APPLIES)
+@pytest.mark.parametrize("op", [op for op in OPS if op.endswith("_apply")])
 def test_strided_bias(device, op):
     """A bias view with a stride of 2 (apply passes views through; the glue copies it to the dense
     buffer the library reads): values and gradients as the reference's."""
-    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
-    ref, at = _APPLIES[op]
+    ref, at = tr.ops.OPS[op].impls["torch"], [p for p, _ in tr.ops.OPS[op].params].index("bias")
     args = list(_small_cases(device)[op])
     args[at] = torch.randn(2 * len(args[at]), dtype=torch.float64, device=device)[::2]
     assert not args[at].is_contiguous()
     _compare(tr.ops.OPS[op].impls["cuda"], ref, args, torch.float64)
 
 
-OPS = ["kron_build", "kron_apply", "duplicated_diagonal_padding_build", "duplicated_diagonal_padding_apply", "lorr_build", "lorr_apply"]
+def test_ops_are_the_library_entry_points(device):
+    """The backend has exactly the ops whose entry points the library lists (cuda_ops.register)."""
+    assert {name for name, op in tr.ops.OPS.items() if "cuda" in op.impls} == set(OPS)
 
 
 def _requiring_grad(args):
@@ -310,14 +304,12 @@ def _requiring_grad(args):
 
 @pytest.mark.parametrize("op", OPS)
 def test_gradcheck_fp64(device, op):
-    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
     assert torch.autograd.gradcheck(tr.ops.OPS[op].impls["cuda"], _requiring_grad(_small_cases(device)[op]))
 
 
 @pytest.mark.parametrize("op", OPS)
 def test_double_backward_is_refused_by_name(device, op):
     """The backward kernels are first-order: create_graph=True names the op and the way out."""
-    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
     args = _requiring_grad(_small_cases(device)[op])
     y = tr.ops.OPS[op].impls["cuda"](*args)
     with pytest.raises(RuntimeError, match=r"tinyrecon::cuda_\w+ \(the cuda backend\) has a first-order "
@@ -328,7 +320,6 @@ def test_double_backward_is_refused_by_name(device, op):
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck(device, op):
     """Schema, fake (meta) kernels and autograd registration agree with the real kernels."""
-    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
     args = _requiring_grad(_small_cases(device)[op])
     torch.library.opcheck(getattr(torch.ops.tinyrecon, f"cuda_{op}").default, args)
 
@@ -336,7 +327,6 @@ def test_opcheck(device, op):
 @pytest.mark.parametrize("op", OPS)
 def test_torch_compile_fullgraph(device, op):
     """torch.compile sees each op (and its backward) as one custom op: no graph break."""
-    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
     torch._dynamo.reset()
     fn = tr.ops.OPS[op].impls["cuda"]
     args = _requiring_grad(_small_cases(device)[op])
@@ -351,7 +341,6 @@ def test_torch_compile_fullgraph(device, op):
 def test_emulation_ran_every_kernel_and_tile(device):
     """The host build ran each kernel of csrc/kernels.cu, each GEMM tile and split-K (whose partial
     sums are rounded by the cast kernel): shapes here cross each tile's edges."""
-    from tinyrecon import cuda_ops  # noqa: F401  (registers the CUDA ops)
     if device != "cpu":
         pytest.skip("counts launches of the SIMT emulation")
     count = cuda_lib._load()[0].simt_launch_count
@@ -378,9 +367,9 @@ _KERNELS = ["int BM = 256; int BN = 16", "int BM = 128; int BN = 32", "int BM = 
 def test_errors_carry_the_library_message(device):
     A = torch.randn(1, 2, 2, device=device)
     stream = torch.cuda.current_stream().cuda_stream if device == "cuda" else None
+    args = (ctypes.c_int64 * 12)(A.data_ptr(), 1, 2, 2, A.data_ptr(), 1, 2, 2, A.data_ptr(), 1, 2, 2)
     with pytest.raises(cuda_lib.CudaError, match="unsupported dtype code"):
-        cuda_lib.call("tinyrecon_lorr_build", A.device.index or 0, stream, 99, A.data_ptr(), A.data_ptr(),
-                      A.data_ptr(), 1, 2, 2, 2)
+        cuda_lib.call("tinyrecon_lorr_build", A.device.index or 0, stream, 99, args, None, None)
 
 
 @gpu

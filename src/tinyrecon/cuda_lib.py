@@ -50,6 +50,12 @@ def load_error() -> str:
     return _load()[1]
 
 
+def entry_points() -> set:
+    """The names of the loaded library's entry points (none when it does not load)."""
+    lib = _load()[0]
+    return set() if lib is None else lib.entry_points
+
+
 def call(name: str, *args) -> None:
     """Call entry point ``name``; a non-zero code raises :class:`CudaError` with the library's message."""
     lib, reason = _load()

@@ -1,8 +1,16 @@
-"""The CUDA backend: launches of ``csrc/*.cu`` kernels (:mod:`tinyrecon.cuda_lib`) on the caller's
-current stream, forward and backward, for the hot families' ops. The library takes raw pointers to
-contiguous tensors."""
+"""The CUDA backend: every op of :mod:`tinyrecon.ops` for which the library built from ``csrc/*.cu``
+(:mod:`tinyrecon.cuda_lib`) has the entry points ``tinyrecon_<op>`` and ``tinyrecon_<op>_bwd``
+(``TR_OP`` in ``csrc/common.cuh``), found in the library's own list: an op comes to this backend
+with its C source alone. They run on the caller's current stream.
+
+An entry point takes (device, stream, dtype code, args, work, work_bytes). ``args`` holds four
+int64 slots per argument of the op's declaration, in order, then the tensors the call writes (the
+output; for the backward, dy and then the gradients of the declared inputs): a tensor is its address
+and sizes (left-aligned, 1 past its last dimension), passed contiguous (the ABI has no strides); None
+is a null address, an int its value, a layout its code. Called first with ``work_bytes``, an entry
+point reports the workspace it needs and launches nothing.
+"""
 import ctypes
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -14,163 +22,63 @@ _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64:
 _LAYOUTS = {"kron": 0, "tinybig": 1}
 
 
-def _c(t: Optional[Tensor]) -> Optional[Tensor]:
-    # No strides in the C ABI: even a strided bias is copied (its n values cost nothing next to the GEMM).
-    return None if t is None else t.contiguous()
+def _slots(values) -> list:
+    slots = []
+    for v in values:
+        if isinstance(v, Tensor):
+            if v.dim() > 3:
+                raise ValueError(f"the CUDA library takes tensors of up to 3 dimensions, got {tuple(v.shape)}")
+            slots += [v.data_ptr(), *v.shape, *(1,) * (3 - v.dim())]
+        else:   # None, an int, a layout
+            slots += [_LAYOUTS[v] if isinstance(v, str) else v or 0, 0, 0, 0]
+    return slots
 
 
-def _launch(name: str, like: Tensor, args: list, dims: list, workspace: bool = False) -> None:
-    """Run entry point ``name`` for tensors like ``like`` on its device's current stream. ``workspace``:
-    it takes (work, work_bytes) between ``args`` and ``dims``, asked for the size first."""
+def _launch(name: str, values: list) -> None:
+    """Run entry point ``name`` on ``values`` (its args, tensors contiguous) on the current stream of
+    their first tensor's device, with the workspace it asks for."""
+    like = next(v for v in values if isinstance(v, Tensor))
     if like.dtype not in _DTYPES:
         raise TypeError(f"the CUDA backend supports {list(_DTYPES)}, got {like.dtype}")
-    if like.is_cuda:
-        head = [like.device.index, torch.cuda.current_stream(like.device).cuda_stream, _DTYPES[like.dtype]]
-    else:   # host memory: only the test build of the library takes it (tests/simt/)
-        head = [0, None, _DTYPES[like.dtype]]
-    if not workspace:
-        cuda_lib.call(name, *head, *args, *dims)
-        return
-    size = ctypes.c_int64(0)
-    cuda_lib.call(name, *head, *args, None, ctypes.byref(size), *dims)
-    work = torch.empty(size.value, dtype=torch.uint8, device=like.device)
-    cuda_lib.call(name, *head, *args, work.data_ptr(), None, *dims)
+    # (host memory: only the test build of the library takes it, tests/simt/)
+    stream = torch.cuda.current_stream(like.device).cuda_stream if like.is_cuda else None
+    head = [like.device.index or 0, stream, _DTYPES[like.dtype]]
+    slots = _slots(values)
+    args, size = (ctypes.c_int64 * len(slots))(*slots), ctypes.c_int64(0)
+    cuda_lib.call(name, *head, args, None, ctypes.byref(size))
+    work = torch.empty(size.value, dtype=torch.uint8, device=like.device) if size.value else None
+    cuda_lib.call(name, *head, args, _ptr(work), None)
 
 
-def _empty(t: Tensor) -> Tensor:
-    """An uninitialized contiguous tensor like ``t`` (the library writes dense row-major buffers)."""
-    return torch.empty_like(t, memory_format=torch.contiguous_format)
+def _contiguous(args) -> list:
+    return [a.contiguous() if isinstance(a, Tensor) else a for a in args]
 
 
-# ---- Kronecker family -------------------------------------------------------------------------------
-def _kron_dims(A1, A2, B1, B2) -> list:
-    """[C, p, q, rA, s, t, rB] for A = A1 [@ A2] (C, p, q) and B = B1 [@ B2] (C, s, t); r = 0 when unfactored."""
-    C, p, rA = A1.shape
-    _, s, rB = B1.shape
-    q = A2.shape[2] if A2 is not None else rA
-    t = B2.shape[2] if B2 is not None else rB
-    return [C, p, q, rA if A2 is not None else 0, s, t, rB if B2 is not None else 0]
+def _implement(op: ops.Op) -> None:
+    names = [p for p, _ in op.params]
+    computed = [names.index(g) for g in op.grads if g != "bias"]
+
+    def forward(*args):
+        args = _contiguous(args)
+        out = op.fake(*args)   # an uninitialized output of the declared shape
+        _launch(f"tinyrecon_{op.name}", [*args, out])
+        return out
+
+    def backward(dy, needs, *args):
+        args = _contiguous(args)
+        grads = [None if args[i] is None else torch.empty_like(args[i]) for i in computed]
+        _launch(f"tinyrecon_{op.name}_bwd", [*args, dy.contiguous(), *grads])
+        return grads
+
+    ops.implement(op.name, "cuda", forward, backward)   # layout="tinybig": the build and one GEMM
 
 
-def _grad_like(F: Optional[Tensor], fallback: Tensor) -> Tensor:
-    """Buffer for the gradient of an optional factor (an empty placeholder when it is absent)."""
-    return _empty(F) if F is not None else fallback.new_empty(0)
+def register() -> None:
+    """Register every declared op the loaded library has entry points for (those not registered yet)."""
+    entry_points = cuda_lib.entry_points()
+    for name, op in ops.OPS.items():
+        if "cuda" not in op.impls and {f"tinyrecon_{name}", f"tinyrecon_{name}_bwd"} <= entry_points:
+            _implement(op)
 
 
-def _kron_build(A1, A2, B1, B2, layout):
-    A1, A2, B1, B2 = map(_c, (A1, A2, B1, B2))
-    dims = _kron_dims(A1, A2, B1, B2)
-    C, p, q, _, s, t, _ = dims
-    W = A1.new_empty(C, p * s, q * t)
-    _launch("tinyrecon_kron_build", A1, [_LAYOUTS[layout], *map(_ptr, (A1, A2, B1, B2, W))], dims, workspace=True)
-    return W
-
-
-def _kron_build_bwd(gW, needs, A1, A2, B1, B2, layout):
-    gW, A1, A2, B1, B2 = map(_c, (gW, A1, A2, B1, B2))
-    grads = [_empty(A1), _grad_like(A2, A1), _empty(B1), _grad_like(B2, B1)]
-    _launch("tinyrecon_kron_build_bwd", A1, [_LAYOUTS[layout], *map(_ptr, (A1, A2, B1, B2, gW, *grads))],
-            _kron_dims(A1, A2, B1, B2), workspace=True)
-    return grads
-
-
-def _kron_apply(x, A1, A2, B1, B2, bias, layout):
-    x, A1, A2, B1, B2, bias = map(_c, (x, A1, A2, B1, B2, bias))
-    dims = _kron_dims(A1, A2, B1, B2)
-    C, p, _, _, s, _, _ = dims
-    y = x.new_empty(C, x.shape[0], p * s)
-    _launch("tinyrecon_kron_apply", x, list(map(_ptr, (x, A1, A2, B1, B2, bias, y))), [x.shape[0], *dims],
-            workspace=True)
-    return y
-
-
-def _kron_apply_bwd(gy, needs, x, A1, A2, B1, B2, bias, layout):
-    gy, x, A1, A2, B1, B2 = map(_c, (gy, x, A1, A2, B1, B2))
-    grads = [_empty(x), _empty(A1), _grad_like(A2, A1), _empty(B1), _grad_like(B2, B1)]
-    _launch("tinyrecon_kron_apply_bwd", x, list(map(_ptr, (x, A1, A2, B1, B2, gy, *grads))),
-            [x.shape[0], *_kron_dims(A1, A2, B1, B2)], workspace=True)
-    return grads
-
-
-ops.implement("kron_build", "cuda", _kron_build, _kron_build_bwd)
-ops.implement("kron_apply", "cuda", _kron_apply, _kron_apply_bwd)   # layout="tinybig": the build and one GEMM
-
-
-# ---- duplicated_diagonal_padding --------------------------------------------------------------------
-def _block_dims(B: Tensor, p: int, q: int) -> list:
-    return [B.shape[0], p, q, *B.shape[1:]]
-
-
-def _ddp_build(B, p, q):
-    B = B.contiguous()
-    C, s, t = B.shape
-    W = B.new_empty(C, p * s, q * t)
-    _launch("tinyrecon_duplicated_diagonal_padding_build", B, [_ptr(B), _ptr(W)], _block_dims(B, p, q))
-    return W
-
-
-def _ddp_build_bwd(gW, needs, B, p, q):
-    gW = gW.contiguous()
-    gB = _empty(B)
-    _launch("tinyrecon_duplicated_diagonal_padding_build_bwd", B, [_ptr(gW), _ptr(gB)], _block_dims(B, p, q))
-    return (gB,)
-
-
-def _ddp_apply(x, B, p, q, bias):
-    x, B, bias = map(_c, (x, B, bias))
-    C, s, _ = B.shape
-    y = x.new_empty(C, x.shape[0], p * s)
-    _launch("tinyrecon_duplicated_diagonal_padding_apply", x, list(map(_ptr, (x, B, bias, y))),
-            [x.shape[0], *_block_dims(B, p, q)])
-    return y
-
-
-def _ddp_apply_bwd(gy, needs, x, B, p, q, bias):
-    gy, x, B = map(_c, (gy, x, B))
-    gx, gB = _empty(x), _empty(B)
-    _launch("tinyrecon_duplicated_diagonal_padding_apply_bwd", x, list(map(_ptr, (x, B, gy, gx, gB))),
-            [x.shape[0], *_block_dims(B, p, q)], workspace=True)
-    return gx, gB
-
-
-ops.implement("duplicated_diagonal_padding_build", "cuda", _ddp_build, _ddp_build_bwd)
-ops.implement("duplicated_diagonal_padding_apply", "cuda", _ddp_apply, _ddp_apply_bwd)
-
-
-# ---- lorr -------------------------------------------------------------------------------------------
-def _lorr_build(A, B):
-    A, B = A.contiguous(), B.contiguous()
-    (C, n, r), D = A.shape, B.shape[2]
-    W = A.new_empty(C, n, D)
-    _launch("tinyrecon_lorr_build", A, [_ptr(A), _ptr(B), _ptr(W)], [C, n, r, D])
-    return W
-
-
-def _lorr_build_bwd(gW, needs, A, B):
-    gW, A, B = gW.contiguous(), A.contiguous(), B.contiguous()
-    gA, gB = _empty(A), _empty(B)
-    _launch("tinyrecon_lorr_build_bwd", A, list(map(_ptr, (A, B, gW, gA, gB))), [*A.shape, B.shape[2]])
-    return gA, gB
-
-
-def _lorr_apply(x, A, B, bias):
-    x, A, B, bias = map(_c, (x, A, B, bias))
-    C, n, r = A.shape
-    N, D = x.shape
-    y = x.new_empty(C, N, n)
-    _launch("tinyrecon_lorr_apply", x, list(map(_ptr, (x, A, B, bias, y))), [N, C, n, r, D], workspace=True)
-    return y
-
-
-def _lorr_apply_bwd(gy, needs, x, A, B, bias):
-    gy, x, A, B = map(_c, (gy, x, A, B))
-    C, n, r = A.shape
-    N, D = x.shape
-    gx, gA, gB = _empty(x), _empty(A), _empty(B)
-    _launch("tinyrecon_lorr_apply_bwd", x, list(map(_ptr, (x, A, B, gy, gx, gA, gB))), [N, C, n, r, D],
-            workspace=True)
-    return gx, gA, gB
-
-
-ops.implement("lorr_build", "cuda", _lorr_build, _lorr_build_bwd)
-ops.implement("lorr_apply", "cuda", _lorr_apply, _lorr_apply_bwd)
+register()
