@@ -189,7 +189,7 @@ def test_cpu_chain_matches_its_definition(N, M, K, RA, RB, dtype, r_dtype):
     fdt = torch.float32 if dtype == torch.bfloat16 else dtype
     x = torch.randn(N, M, 2 * K, dtype=fdt).to(dtype)[..., ::2]
     L, R = torch.randn(RA, M, dtype=fdt), torch.randn(RB, K, dtype=fdt).to(r_dtype or fdt)
-    core = cpu_ops.kron_chain(x, L, R)   # the custom op (torch.compile's); applies call its eager body
+    core = cpu_ops.kron_chain.op(x, L, R)   # the custom op (torch.compile's); applies call its eager body
     assert core.shape == (N, RA, RB) and core.dtype == fdt
     assert_close(core, L.double() @ x.double() @ R.double().T, fdt)
 
@@ -200,7 +200,7 @@ def test_cpu_chain_op_opcheck(dtype, r_dtype):
     """The chain's custom op (what torch.compile traces): schema, fake kernel, dispatch."""
     from tinyrecon import cpu_ops
     x = torch.randn(5, 3, 7).to(dtype)
-    torch.library.opcheck(cpu_ops.kron_chain, (x, torch.ones(1, 3), torch.randn(4, 7).to(r_dtype)))
+    torch.library.opcheck(cpu_ops.kron_chain.op, (x, torch.ones(1, 3), torch.randn(4, 7).to(r_dtype)))
 
 
 def _library_calls(monkeypatch):

@@ -11,8 +11,8 @@ _CTYPES = {"i": ctypes.c_int, "l": ctypes.c_int64, "f": ctypes.c_float, "p": cty
 
 
 def address(t) -> int | None:
-    """A tensor's data pointer for a pointer argument; None (a null pointer) for None."""
-    return None if t is None else t.data_ptr()
+    """A tensor's data pointer for a pointer argument; None (a null pointer) for None or an empty tensor."""
+    return None if t is None or not t.numel() else t.data_ptr()
 
 
 def library_path(lib_name: str, env: str) -> str:

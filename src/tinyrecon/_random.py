@@ -224,12 +224,8 @@ def _owned(seed: int, start: int, numel: int, device: torch.device, kind: str) -
 
 
 # One opaque op, so torch.compile neither traces the 10 Philox rounds nor breaks the graph.
-_values_op = torch.library.custom_op("tinyrecon::philox_values", _owned, mutates_args=())
-
-
-@_values_op.register_fake
-def _(seed, start, numel, device, kind):
-    return torch.empty(numel, dtype=torch.float32, device=device)
+_values_op = dispatch.traced_op("philox_values", _owned, lambda seed, start, numel, device, kind: torch.empty(
+    numel, dtype=torch.float32, device=device)).op
 
 
 def mask_bits(seed: int, rows: int, cols: int, p: float) -> torch.Tensor | None:
@@ -247,12 +243,8 @@ def mask_bits(seed: int, rows: int, cols: int, p: float) -> torch.Tensor | None:
     return _kept(("mask_bits", seed, rows, cols, float(p)), rows * words * 8, make)
 
 
-def block(seed: int, start: int, rows: int, cols: int, stride: int, kind: str) -> torch.Tensor:
-    """The (rows, cols) CPU block whose ``(i, j)`` is number ``start + i*stride + j``, made where used (not cached)."""
-    return (_block if dispatch.eager() else _block_op)(seed, start, rows, cols, stride, kind)
-
-
 def _block(seed: int, start: int, rows: int, cols: int, stride: int, kind: str) -> torch.Tensor:
+    """The (rows, cols) CPU block whose ``(i, j)`` is number ``start + i*stride + j``, made where used (not cached)."""
     out = torch.empty(rows, cols)
     if cpu_lib.load_error():
         for i in range(rows):
@@ -263,12 +255,7 @@ def _block(seed: int, start: int, rows: int, cols: int, stride: int, kind: str) 
     return out
 
 
-_block_op = torch.library.custom_op("tinyrecon::philox_block", _block, mutates_args=())
-
-
-@_block_op.register_fake
-def _(seed, start, rows, cols, stride, kind):
-    return torch.empty(rows, cols)
+block = dispatch.traced_op("philox_block", _block, lambda seed, start, rows, cols, stride, kind: torch.empty(rows, cols))
 
 
 def rand(seed: int, shape, device=None, dtype=torch.float32, start: int = 0, shared: bool = False) -> torch.Tensor:

@@ -54,6 +54,8 @@ def _pass_shapes(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool):
 
 
 def _pass(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool) -> tuple[Tensor, Tensor]:
+    """``U[b] = L @ X[b]`` (N, RA, K) and ``V = R @ x.reshape(N*M, K)^T`` (RB, N*M) in one read of
+    x (N, M, K), in L's dtype; an unwanted one is returned empty."""
     code = _check_pass("cpu_kron_pass", x, L, R)
     if not (want_u or want_v):
         raise ValueError("cpu_kron_pass: ask for U, V or both")
@@ -72,19 +74,13 @@ def _pass(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool) -> tuple[
     return U, V
 
 
-@torch.library.custom_op("tinyrecon::cpu_kron_pass", mutates_args=())
-def kron_pass(x: Tensor, L: Tensor, R: Tensor, want_u: bool, want_v: bool) -> tuple[Tensor, Tensor]:
-    """``U[b] = L @ X[b]`` (N, RA, K) and ``V = R @ x.reshape(N*M, K)^T`` (RB, N*M) in one read of
-    x (N, M, K), in L's dtype; an unwanted one is returned empty."""
-    return _pass(x, L, R, want_u, want_v)
-
-
-@kron_pass.register_fake
-def _(x, L, R, want_u, want_v):
-    return tuple(L.new_empty(s) for s in _pass_shapes(x, L, R, want_u, want_v))
+kron_pass = dispatch.traced_op("cpu_kron_pass", _pass, lambda x, L, R, want_u, want_v: tuple(
+    L.new_empty(s) for s in _pass_shapes(x, L, R, want_u, want_v)))
 
 
 def _chain(x: Tensor, L: Tensor, R: Tensor) -> Tensor:
+    """``core[b] = L @ X[b] @ R^T`` (N, RA, RB) for x (N, M, K), L (RA, M), R (RB, K), in L's
+    dtype, from one read of x and one of R (all batches use each block of R while it is in L2)."""
     code = _check_pass("cpu_kron_chain", x, L, R)
     N, M, K = x.shape
     RA, RB = L.shape[0], R.shape[0]
@@ -94,22 +90,14 @@ def _chain(x: Tensor, L: Tensor, R: Tensor) -> Tensor:
     V = L.new_empty(RB, N * RA)
     cpu_lib.call("tinyrecon_cpu_kron_chain", code, torch.get_num_threads(), x.data_ptr(), L.data_ptr(), R.data_ptr(),
                  V.data_ptr(), N, M, K, RA, RB)
-    return V.view(RB, N, RA).permute(1, 2, 0)
+    return V.view(RB, N, RA).permute(1, 2, 0).contiguous()
 
 
-@torch.library.custom_op("tinyrecon::cpu_kron_chain", mutates_args=())
-def kron_chain(x: Tensor, L: Tensor, R: Tensor) -> Tensor:
-    """``core[b] = L @ X[b] @ R^T`` (N, RA, RB) for x (N, M, K), L (RA, M), R (RB, K), in L's
-    dtype, from one read of x and one of R (all batches use each block of R while it is in L2)."""
-    return _chain(x, L, R).contiguous()
-
-
-@kron_chain.register_fake
-def _(x, L, R):
-    return L.new_empty(x.shape[0], L.shape[0], R.shape[0])
+kron_chain = dispatch.traced_op("cpu_kron_chain", _chain, lambda x, L, R: L.new_empty(x.shape[0], L.shape[0], R.shape[0]))
 
 
 def _expand_x(G: Tensor, L: Tensor) -> Tensor:
+    """``dX[b] = L^T @ G[b]`` for G (N, RA, K) and L (RA, M): (N, M, K), written once."""
     _check("cpu_kron_expand", G, L)
     N, RA, K = G.shape
     M = L.shape[1]
@@ -127,15 +115,7 @@ def _expand_x(G: Tensor, L: Tensor) -> Tensor:
     return dx
 
 
-@torch.library.custom_op("tinyrecon::cpu_kron_expand", mutates_args=())
-def kron_expand(G: Tensor, L: Tensor) -> Tensor:
-    """``dX[b] = L^T @ G[b]`` for G (N, RA, K) and L (RA, M): (N, M, K), written once."""
-    return _expand_x(G, L)
-
-
-@kron_expand.register_fake
-def _(G, L):
-    return G.new_empty(G.shape[0], L.shape[1], G.shape[2])
+kron_expand = dispatch.traced_op("cpu_kron_expand", _expand_x, lambda G, L: G.new_empty(G.shape[0], L.shape[1], G.shape[2]))
 
 
 # When the kernels pay, measured pass by pass against torch's GEMMs (bench/cpu_dispatch.py,
@@ -155,12 +135,8 @@ def _worth_it(numel: int, itemsize: int, rank: int, M: int, K: int) -> bool:
 
 
 def _kernel_passes(x, Ar, Br, want_u: bool, want_v: bool):
-    U, V = (_pass if dispatch.eager(x, Ar, Br) else kron_pass)(x, Ar, Br, want_u, want_v)
+    U, V = kron_pass(x, Ar, Br, want_u, want_v)
     return (U if want_u else None), (V if want_v else None)
-
-
-def _kernel_expand(G, Ar):
-    return (_expand_x if dispatch.eager(G, Ar) else kron_expand)(G, Ar)
 
 
 def _passes(x, Ar, Br, want_u: bool, want_v: bool):
@@ -175,10 +151,10 @@ def _expand(G, Ar):
     M = Ar.shape[1]
     if not _worth_it(N * M * K, G.element_size(), rA, M, K):
         return torch_expand(G, Ar)
-    return _kernel_expand(G, Ar)
+    return kron_expand(G, Ar)
 
 
-KERNEL_X_OPS = XOps(_kernel_passes, _kernel_expand)   # always the kernels (tests)
+KERNEL_X_OPS = XOps(_kernel_passes, kron_expand)   # always the kernels (tests)
 X_OPS = XOps(_passes, _expand)                     # the kernels where they pay, else torch's GEMMs
 # A bfloat16 x and a bfloat16 Br that nothing differentiates: Br read as is, Ar and the outputs in float32.
 BF16_FACTOR_X_OPS = XOps(lambda x, Ar, Br, want_u, want_v: _passes(x, Ar.float(), Br, want_u, want_v), _expand)
@@ -217,7 +193,7 @@ class _Chain(torch.autograd.Function):
     def forward(x, L, R):
         if torch._C._are_functorch_transforms_active():
             return torch.matmul(torch.matmul(L, x.to(L.dtype)), R.T.to(L.dtype))
-        return (_chain if dispatch.eager(x, L, R) else kron_chain)(x, L, R)
+        return kron_chain(x, L, R)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -453,10 +429,9 @@ def _masked_gemm(op: int, bits: Tensor | None, x, w, g, out: Tensor, accumulate:
         (n, D), N = out.shape, g.shape[0]
     else:
         (N, n), D = (out.shape, w.shape[1]) if op == 0 else ((out.shape[0], w.shape[0]), out.shape[1])
-    ptr = (lambda t: t.data_ptr() if t is not None and t.numel() else None)
-    cpu_lib.call("tinyrecon_cpu_masked_gemm", op, torch.get_num_threads(), ptr(bits),
-                 bits.shape[1] if bits is not None else 0, 0, N, n, D, ptr(x), x.stride(0) if x is not None else 0,
-                 ptr(w), w.stride(0) if w is not None else 0, ptr(g), ptr(out), out.stride(0), int(accumulate))
+    cpu_lib.call("tinyrecon_cpu_masked_gemm", op, torch.get_num_threads(), _ptr(bits),
+                 bits.shape[1] if bits is not None else 0, 0, N, n, D, _ptr(x), x.stride(0) if x is not None else 0,
+                 _ptr(w), w.stride(0) if w is not None else 0, _ptr(g), _ptr(out), out.stride(0), int(accumulate))
 
 
 def _unit_columns(t: Tensor) -> Tensor:
@@ -568,10 +543,9 @@ def _random_gemm(op: int, v: Tensor, x: Tensor, seed_m: int, seed_c, n: int, g: 
     and/or ``dv += sum_ij (g[c]^T x)_ij M[i, j, :]``. float32, x unit column stride, v and g contiguous."""
     (C, k), D = v.shape, x.shape[1]
     m_rows, c_rows = (None if f is None else f[0] for f in _frozen(seed_m, seed_c, n, D, k))
-    ptr = (lambda t: t.data_ptr() if t is not None and t.numel() else None)
     cpu_lib.call("tinyrecon_cpu_random_gemm", op, torch.get_num_threads(), seed_m, int(seed_c is not None),
-                 seed_c or 0, x.shape[0], n, D, k, C, ptr(v), ptr(x), x.stride(0), ptr(g), ptr(out),
-                 out.stride(0) if op == 1 and out is not None else 0, ptr(dv), ptr(m_rows), ptr(c_rows))
+                 seed_c or 0, x.shape[0], n, D, k, C, _ptr(v), _ptr(x), x.stride(0), _ptr(g), _ptr(out),
+                 out.stride(0) if op == 1 and out is not None else 0, _ptr(dv), _ptr(m_rows), _ptr(c_rows))
 
 
 def random_linear_forward(x: Tensor, v: Tensor, seed_m: int, seed_c: int | None, n: int) -> Tensor:

@@ -8,6 +8,7 @@ process (``TINYRECON_BACKEND``), in that order of precedence. One that cannot ru
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -40,6 +41,19 @@ def eager(*tensors: torch.Tensor) -> bool:
     torch._dynamo: seconds.)"""
     return (not torch.compiler.is_compiling() and _python_dispatch._get_current_dispatch_mode() is None
             and not torch._C._are_functorch_transforms_active() and all(type(t) is torch.Tensor for t in tensors))
+
+
+def traced_op(name: str, fn, fake):
+    """``fn`` on eager calls, the custom op ``tinyrecon::<name>`` (``.op``; ``fake`` gives its outputs'
+    shapes) on traced or transformed ones, so torch.compile sees one opaque op. ``fn`` has type hints."""
+    op = torch.library.custom_op(f"tinyrecon::{name}", fn, mutates_args=())
+    op.register_fake(fake)
+
+    @functools.wraps(fn)
+    def call(*args):
+        return (fn if eager(*(a for a in args if isinstance(a, torch.Tensor))) else op)(*args)
+    call.op = op
+    return call
 
 
 class BackendUnavailable(RuntimeError):
