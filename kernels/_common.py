@@ -87,6 +87,11 @@ def build_tile(n, D, BI: tl.constexpr, BJ: tl.constexpr):
     return c, i, j, (i < n) & (j < D)
 
 
+# A build kernel's tiles of W, for builds that copy or scale entries (the first: the interpreter's).
+BUILD_CONFIGS = [triton.Config({"BI": 16, "BJ": 32}, num_warps=1)] + [
+    triton.Config({"BI": bi, "BJ": bj}, num_warps=4) for bi, bj in [(32, 128), (64, 64), (16, 256)]]
+
+
 def build_grid(n: int, D: int, C: int):
     """The grid of a build kernel over W (C, n, D): the tiles in x, whose limit (2^31) no width reaches."""
     return lambda a: (triton.cdiv(n, a["BI"]) * triton.cdiv(D, a["BJ"]), C)

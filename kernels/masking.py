@@ -15,14 +15,12 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from ._common import acc_type, autotune, bias_stride, build_grid, build_tile, dot_dtype, precision
+from ._common import BUILD_CONFIGS, acc_type, autotune, bias_stride, build_grid, build_tile, dot_dtype, precision
 
 _MM_CONFIGS = [triton.Config({"BM": 16, "BR": 16, "BK": 16}, num_warps=1)] + [
     triton.Config({"BM": bm, "BR": br, "BK": bk}, num_warps=w, num_stages=st)
     for bm, br, bk, w, st in [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
                               (128, 128, 32, 8, 3), (128, 128, 64, 8, 3)]]
-_BUILD_CONFIGS = [triton.Config({"BI": 16, "BJ": 32}, num_warps=1)] + [
-    triton.Config({"BI": bi, "BJ": bj}, num_warps=4) for bi, bj in [(32, 128), (64, 64), (16, 256)]]
 
 
 @triton.jit
@@ -31,7 +29,7 @@ def _kept(seed, p, i, j, D):
     return tl.rand(seed, i * D + j) < p
 
 
-@autotune(_BUILD_CONFIGS, key=["n", "D"])
+@autotune(BUILD_CONFIGS, key=["n", "D"])
 @triton.jit
 def _build(Wp, s_c, s_n, s_d, OUT, n, D, seed, p, BI: tl.constexpr, BJ: tl.constexpr):
     """OUT[c] (n x D, contiguous) = M * W[c]."""

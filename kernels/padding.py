@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from ._common import acc_type, autotune, bias_stride, build_grid, build_tile, inner_dtype, mixed_precision, split_sum
+from ._common import (BUILD_CONFIGS, acc_type, autotune, bias_stride, build_grid, build_tile, inner_dtype, mixed_precision,
+                      split_sum)
 
 # Under the interpreter only the first config runs: small tiles, so tests cross tile edges.
 _MM_CONFIGS = [triton.Config({"BM": 16, "BR": 16, "BK": 16}, num_warps=1)] + [
@@ -29,8 +30,6 @@ _GRAD_CONFIGS = [triton.Config({"BS": 16, "BT": 16, "BM": 16}, num_warps=1)] + [
     triton.Config({"BS": bs, "BT": bt, "BM": bm}, num_warps=w, num_stages=st)
     for bs, bt, bm, w, st in [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
                               (32, 32, 64, 4, 4), (128, 128, 32, 8, 3)]]
-_BUILD_CONFIGS = [triton.Config({"BI": 16, "BJ": 32}, num_warps=1)] + [
-    triton.Config({"BI": bi, "BJ": bj}, num_warps=4) for bi, bj in [(32, 128), (64, 64), (16, 256)]]
 _KRON, _TINYBIG, _DIAG = 0, 1, 2
 
 
@@ -109,7 +108,7 @@ def _blocked_mm_grad(DY, s_dc, s_dm, s_dk, X, s_xm, s_xk, GB, ROWS, G, S, T, DY_
              mask=(i < S)[:, None] & (j < T)[None, :])
 
 
-@autotune(_BUILD_CONFIGS, key=["n", "D", "MODE"])
+@autotune(BUILD_CONFIGS, key=["n", "D", "MODE"])
 @triton.jit
 def _build(B, s_bc, s_bs, s_bt, W, n, D, s, t, MODE: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
     """W[c] (n x D, contiguous) of one padding function, zeros included, in one pass."""

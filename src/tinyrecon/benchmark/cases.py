@@ -119,15 +119,13 @@ def dispatch_op(case: Case) -> str | None:
     return prefix and f"{prefix}_{'build' if case.op == 'build' else 'apply'}"
 
 
-def _available_bytes() -> int | None:
+def proc_field(path: str, key: str) -> str | None:
+    """The value of ``key`` in a ``key: value`` file of /proc (cpuinfo, meminfo), or None where there is none."""
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+        with open(path) as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":", 1)[0].strip() == key), None)
     except OSError:
-        pass
-    return None
+        return None
 
 
 def skip_reason(case: Case, device: torch.device, dtype: torch.dtype) -> str:
@@ -146,7 +144,8 @@ def skip_reason(case: Case, device: torch.device, dtype: torch.dtype) -> str:
     # Peak memory, roughly: W, dW and the dense layer (+ grad) in dtype and W, dW in float64; x, dx alike.
     size = torch.finfo(dtype).bits // 8
     need = shape.n * shape.D * (4 * size + 2 * 8) + shape.batch * shape.D * (2 * size + 2 * 8)
-    avail = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_bytes()
+    kb = proc_field("/proc/meminfo", "MemAvailable")   # "123456 kB"
+    avail = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else kb and int(kb.split()[0]) * 1024
     if avail is not None and need > avail // 2:
         return f"needs about {need / 2**30:.1f} GiB, more than half of the {avail / 2**30:.1f} GiB available"
     return ""

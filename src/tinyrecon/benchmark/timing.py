@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import __version__
-from .cases import SHAPES, Case, make_function
+from .cases import SHAPES, Case, make_function, proc_field
 
 
 @dataclass(frozen=True)
@@ -146,14 +146,7 @@ def generator_throughput(numel: int = 1 << 23) -> dict:
 
 # ---- the environment ---------------------------------------------------------------------------
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
 
 
 def versions() -> dict:
