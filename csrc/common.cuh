@@ -2,9 +2,9 @@
 //
 // The library has a plain C ABI (no torch headers): every exported entry point takes the
 // device index, the caller's stream and a dtype code, returns 0 or an error code, and leaves
-// the message for tinyrecon_last_error(). An op's entry points are TR_OP (below). Arithmetic accumulates in fp32 (fp64 for double);
-// intermediates between launches are kept in that accumulation type, so half inputs are
-// rounded once, at the output, like the torch reference.
+// the message for tinyrecon_last_error(); an op's entry points are written with TR_OP (below).
+// Arithmetic accumulates in fp32 (fp64 for double); intermediates between launches are kept in
+// that accumulation type, so half inputs are rounded once, at the output, like the torch reference.
 #pragma once
 
 #include <cuda_bf16.h>

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import ops
+from .. import dispatch, ops
 from ._common import (acc_type, autotune, bias_stride, dot_dtype, fewest_values, inner_dtype, mixed_precision, precision,
                       rank_block)
 
@@ -170,8 +170,7 @@ def _randn_kernel(O, numel, seed, BLOCK: tl.constexpr):
     tl.store(O + offs, tl.randn(seed, offs).to(O.dtype.element_ty), mask=offs < numel)
 
 
-@torch.library.custom_op("tinyrecon::triton_randn", mutates_args=())
-def randn(seed: int, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _randn(seed: int, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``tl.randn(seed, row*cols + col)`` as a (rows, cols) tensor."""
     out = torch.empty(rows, cols, dtype=dtype, device=device)
     if out.numel():
@@ -179,9 +178,8 @@ def randn(seed: int, rows: int, cols: int, dtype: torch.dtype, device: torch.dev
     return out
 
 
-@randn.register_fake
-def _(seed, rows, cols, dtype, device):
-    return torch.empty(rows, cols, dtype=dtype, device=device)
+randn = dispatch.traced_op("triton_randn", _randn, lambda seed, rows, cols, dtype, device: torch.empty(
+    rows, cols, dtype=dtype, device=device))
 
 
 @triton.jit

@@ -337,13 +337,13 @@ class _SmallLinear(torch.autograd.Function):
             cpu_lib.check(plan.forward_fn(plan.code, plan.layout, *plan.factors(w), None, None, W.data_ptr(), None,
                                           0, *plan.dims), _FORWARD)
             y = F.linear(x, W, bias)
-        ctx.save_for_backward(x, w, bias, W)
+        ctx.save_for_backward(x, w, bias, W, x2)   # x2: x as rows (contiguous for the library), x for a recompute
         ctx.plan, ctx.small = plan, small
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w, bias, W = ctx.saved_tensors
+        x, w, bias, W, x2 = ctx.saved_tensors
         plan = ctx.plan
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():   # create_graph=True: the reference's graph, recorded
@@ -352,11 +352,11 @@ class _SmallLinear(torch.autograd.Function):
             wanted = [t for t, need in zip((x, w, bias), (need_x, need_w, need_b)) if need]
             grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True))
             return *(next(grads) if need else None for need in (need_x, need_w, need_b)), None
-        x2, dy2 = _rows(x), _rows(dy)
+        dy2 = _rows(dy)
         dw = torch.zeros_like(w) if need_w else None
         grads = [None if o is None or dw is None else dw.data_ptr() + o for o in plan.offsets]
         if ctx.small:
-            x2, dy2 = x2.contiguous(), dy2.contiguous()
+            dy2 = dy2.contiguous()
             dx = x2.new_empty(x2.shape) if need_x else None
             db = bias.new_empty(plan.n) if need_b else None
             cpu_lib.check(plan.backward_fn(plan.code, plan.layout, *plan.factors(w), x2.data_ptr(), dy2.data_ptr(),
