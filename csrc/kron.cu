@@ -51,6 +51,23 @@ KronDims kron_dims(const Args& a, int f) {
           a.size(f + 2, 1), a.size(f + 2 + fb, 2), fb ? a.size(f + 2, 2) : 0};
 }
 
+// The factors in slots f..f+3 and their sizes; the workspace of a product factor is carved at
+// construction, first of an entry point's buffers, and form() launches the products.
+template <typename T>
+struct Factors {
+  KronDims d;
+  const void *A1, *A2, *B1, *B2;
+  acc_t<T> *Aw, *Bw;
+  Factors(const Args& a, int f, Arena& arena)
+      : d(kron_dims(a, f)), A1(a.ptr(f)), A2(a.ptr(f + 1)), B1(a.ptr(f + 2)), B2(a.ptr(f + 3)),
+        Aw(A2 ? arena.take<acc_t<T>>(d.C * d.p * d.q) : nullptr),
+        Bw(B2 ? arena.take<acc_t<T>>(d.C * d.s * d.t) : nullptr) {}
+  cudaError_t form(View* A, View* B, cudaStream_t st) const {
+    TR_TRY(factor<T>(A1, A2, Aw, d.C, d.p, d.rA, d.q, A, st));
+    return factor<T>(B1, B2, Bw, d.C, d.s, d.rB, d.t, B, st);
+  }
+};
+
 }  // namespace
 
 }  // namespace tr
@@ -59,52 +76,42 @@ using tr::i64;
 
 // (A1 (C, p, rA) [, A2 (C, rA, q)], B1 (C, s, rB) [, B2 (C, rB, t)], layout) -> W (C, p*s, q*t).
 TR_OP(kron_build) {
-  using Acc = tr::acc_t<T>;
-  const auto [C, p, q, rA, s, t, rB] = tr::kron_dims(a, 0);
-  const void *A1 = a.ptr(0), *A2 = a.ptr(1), *B1 = a.ptr(2), *B2 = a.ptr(3);
-  Acc* Aw = A2 ? arena.take<Acc>(C * p * q) : nullptr;
-  Acc* Bw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
+  const tr::Factors<T> f(a, 0, arena);
+  const auto [C, p, q, rA, s, t, rB] = f.d;
   if (arena.sizing()) return cudaSuccess;
   tr::View A, B;
-  TR_TRY(tr::factor<T>(A1, A2, Aw, C, p, rA, q, &A, st));
-  TR_TRY(tr::factor<T>(B1, B2, Bw, C, s, rB, t, &B, st));
+  TR_TRY(f.form(&A, &B, st));
   return tr::kron_build<T>(A, B, tr::View{.p = a.ptr(5)}, a.value(4), C, p, q, s, t, st);
 }
 
 // (the arguments of kron_build, gW) -> gA1, gA2, gB1, gB2 (gA2 / gB2 absent when A2 / B2 are).
 TR_OP(kron_build_bwd) {
   using Acc = tr::acc_t<T>;
-  const auto [C, p, q, rA, s, t, rB] = tr::kron_dims(a, 0);
-  const void *A1 = a.ptr(0), *A2 = a.ptr(1), *B1 = a.ptr(2), *B2 = a.ptr(3), *gW = a.ptr(5);
+  const tr::Factors<T> f(a, 0, arena);
+  const auto [C, p, q, rA, s, t, rB] = f.d;
+  const void* gW = a.ptr(5);
   const int layout = a.value(4);
-  Acc* Aw = A2 ? arena.take<Acc>(C * p * q) : nullptr;
-  Acc* Bw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
-  Acc* gAw = A2 ? arena.take<Acc>(C * p * q) : nullptr;
-  Acc* gBw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
+  Acc* gAw = f.A2 ? arena.take<Acc>(C * p * q) : nullptr;
+  Acc* gBw = f.B2 ? arena.take<Acc>(C * s * t) : nullptr;
   if (arena.sizing()) return cudaSuccess;
   tr::View A, B;
-  TR_TRY(tr::factor<T>(A1, A2, Aw, C, p, rA, q, &A, st));
-  TR_TRY(tr::factor<T>(B1, B2, Bw, C, s, rB, t, &B, st));
-  const tr::View gA = tr::factor_grad_view(a.ptr(6), A2, gAw), gB = tr::factor_grad_view(a.ptr(8), B2, gBw);
+  TR_TRY(f.form(&A, &B, st));
+  const tr::View gA = tr::factor_grad_view(a.ptr(6), f.A2, gAw), gB = tr::factor_grad_view(a.ptr(8), f.B2, gBw);
   TR_TRY(tr::kron_build_grad<T>(tr::tensor(gW), B, gA, true, layout, C, p, q, s, t, st));
   TR_TRY(tr::kron_build_grad<T>(tr::tensor(gW), A, gB, false, layout, C, p, q, s, t, st));
-  TR_TRY(tr::factor_grad<T>(gA, A1, A2, a.ptr(6), a.ptr(7), C, p, rA, q, st));
-  return tr::factor_grad<T>(gB, B1, B2, a.ptr(8), a.ptr(9), C, s, rB, t, st);
+  TR_TRY(tr::factor_grad<T>(gA, f.A1, f.A2, a.ptr(6), a.ptr(7), C, p, rA, q, st));
+  return tr::factor_grad<T>(gB, f.B1, f.B2, a.ptr(8), a.ptr(9), C, s, rB, t, st);
 }
 
 // (x (N, q*t), A1, A2, B1, B2 as kron_build's, bias (p*s) or absent, layout "kron") -> y (C, N, p*s).
 TR_OP(kron_apply) {
-  using Acc = tr::acc_t<T>;
-  const auto [C, p, q, rA, s, t, rB] = tr::kron_dims(a, 1);
+  const tr::Factors<T> f(a, 1, arena);
+  const auto [C, p, q, rA, s, t, rB] = f.d;
   const i64 N = a.size(0, 0);
-  const void *A1 = a.ptr(1), *A2 = a.ptr(2), *B1 = a.ptr(3), *B2 = a.ptr(4);
-  Acc* Aw = A2 ? arena.take<Acc>(C * p * q) : nullptr;
-  Acc* Bw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
-  Acc* Z = arena.take<Acc>(N * q * C * s);
+  tr::acc_t<T>* Z = arena.take<tr::acc_t<T>>(N * q * C * s);
   if (arena.sizing()) return cudaSuccess;
   tr::View A, B;
-  TR_TRY(tr::factor<T>(A1, A2, Aw, C, p, rA, q, &A, st));
-  TR_TRY(tr::factor<T>(B1, B2, Bw, C, s, rB, t, &B, st));
+  TR_TRY(f.form(&A, &B, st));
   TR_TRY(tr::contract_x<T>(a.ptr(0), B, Z, N, C, q, s, t, st));
   // y[c, n, i1*s + i2] = sum_j1 Z[n, j1, c, i2] A[c, i1, j1]: rows (n, i2), columns i1.
   tr::View z = tr::scratch(Z), out{.p = a.ptr(7)}, b = tr::tensor(a.ptr(5));
@@ -118,21 +125,19 @@ TR_OP(kron_apply) {
 // (the arguments of kron_apply, gy) -> gx, gA1, gA2, gB1, gB2 (the bias's gradient is gy's sum, in Python).
 TR_OP(kron_apply_bwd) {
   using Acc = tr::acc_t<T>;
-  const auto [C, p, q, rA, s, t, rB] = tr::kron_dims(a, 1);
+  const tr::Factors<T> f(a, 1, arena);
+  const auto [C, p, q, rA, s, t, rB] = f.d;
   const i64 N = a.size(0, 0);
-  const void *x = a.ptr(0), *A1 = a.ptr(1), *A2 = a.ptr(2), *B1 = a.ptr(3), *B2 = a.ptr(4), *gy = a.ptr(7);
-  Acc* Aw = A2 ? arena.take<Acc>(C * p * q) : nullptr;
-  Acc* Bw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
-  Acc* gAw = A2 ? arena.take<Acc>(C * p * q) : nullptr;
-  Acc* gBw = B2 ? arena.take<Acc>(C * s * t) : nullptr;
+  const void *x = a.ptr(0), *gy = a.ptr(7);
+  Acc* gAw = f.A2 ? arena.take<Acc>(C * p * q) : nullptr;
+  Acc* gBw = f.B2 ? arena.take<Acc>(C * s * t) : nullptr;
   Acc* Z = arena.take<Acc>(N * q * C * s);
   Acc* V = arena.take<Acc>(N * q * C * s);
   Acc* gAs = arena.take<Acc>(C * p * q);
   Acc* gBs = arena.take<Acc>(C * s * t);
   if (arena.sizing()) return cudaSuccess;
   tr::View A, B;
-  TR_TRY(tr::factor<T>(A1, A2, Aw, C, p, rA, q, &A, st));
-  TR_TRY(tr::factor<T>(B1, B2, Bw, C, s, rB, t, &B, st));
+  TR_TRY(f.form(&A, &B, st));
   TR_TRY(tr::contract_x<T>(x, B, Z, N, C, q, s, t, st));
   // V[n, j1, c, i2] = sum_i1 gy[c, n, i1*s + i2] A[c, i1, j1]: rows (n, i2), columns j1.
   {
@@ -150,7 +155,7 @@ TR_OP(kron_apply_bwd) {
     out.mi = t, out.n = 1;
     TR_TRY(tr::gemm<T>({.M = N * q, .N = t, .K = C * s}, v, b, out, tr::View{}, st));
   }
-  const tr::View gA = tr::factor_grad_view(a.ptr(9), A2, gAw), gB = tr::factor_grad_view(a.ptr(11), B2, gBw);
+  const tr::View gA = tr::factor_grad_view(a.ptr(9), f.A2, gAw), gB = tr::factor_grad_view(a.ptr(11), f.B2, gBw);
   // gA[c, i1, j1] = sum_(n, i2) gy[c, n, i1*s + i2] Z[n, j1, c, i2].
   {
     tr::View g = tr::tensor(gy), z = tr::scratch(Z), out = gA;
@@ -167,6 +172,6 @@ TR_OP(kron_apply_bwd) {
     out.b0 = s * t, out.mi = t, out.n = 1;
     TR_TRY(tr::gemm_long_k<T>({.batch0 = C, .M = s, .N = t, .K = N * q}, v, xv, out, gBs, st));
   }
-  TR_TRY(tr::factor_grad<T>(gA, A1, A2, a.ptr(9), a.ptr(10), C, p, rA, q, st));
-  return tr::factor_grad<T>(gB, B1, B2, a.ptr(11), a.ptr(12), C, s, rB, t, st);
+  TR_TRY(tr::factor_grad<T>(gA, f.A1, f.A2, a.ptr(9), a.ptr(10), C, p, rA, q, st));
+  return tr::factor_grad<T>(gB, f.B1, f.B2, a.ptr(11), a.ptr(12), C, s, rB, t, st);
 }
