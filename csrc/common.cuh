@@ -21,7 +21,7 @@ using i64 = int64_t;
 
 // dtype codes shared with src/tinyrecon/cuda_lib.py
 enum Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
-// layout codes of the Kronecker family (functions/kron.py: "kron", "tinybig")
+// layout codes of the Kronecker family: the index in src/tinyrecon/base.py's LAYOUTS ("kron", "tinybig")
 enum Layout : int { kKron = 0, kTinybig = 1 };
 
 template <typename T> struct AccOf { using type = float; };

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from . import _random, dispatch
 
-LAYOUTS = ("kron", "tinybig")
+LAYOUTS = ("kron", "tinybig")   # the C libraries take a layout as its index here
 _HALF = (torch.float16, torch.bfloat16)
 
 

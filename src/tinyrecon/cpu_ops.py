@@ -18,14 +18,13 @@ from torch import Tensor
 
 from . import _random, cpu_lib, dispatch, ops
 from ._clib import address as _ptr
-from .base import _HALF, XOps, add_bias, reference, torch_expand, torch_passes
+from .base import _HALF, LAYOUTS, XOps, add_bias, reference, torch_expand, torch_passes
 from .functions import hypernet as _hypernet_ref
 from .functions import kron as _kron_ref
 from .functions import lowrank as _lowrank_ref
 from .functions import padding as _padding_ref
 
 _DTYPES = {torch.float32: 0, torch.float64: 1}
-_LAYOUTS = {"kron": 0, "tinybig": 1}
 _MAX_EXPAND_RANK = 64   # the kernel keeps the rank's coefficients of a tile on the stack (> _MAX_RANK)
 
 
@@ -284,7 +283,7 @@ class _SmallPlan:
         with torch.enable_grad():
             call = rec._op_call("build", rec._op_args(n, D, probe.reshape(1, -1)), D=D)
         layout, *factors = form(*call)
-        self.n, self.D, self.code, self.layout = n, D, _DTYPES[w.dtype], _LAYOUTS[layout]
+        self.n, self.D, self.code, self.layout = n, D, _DTYPES[w.dtype], LAYOUTS.index(layout)
         self.constants = [f.detach() if f is not None and not f.requires_grad else None for f in factors]
         # A factor from w is a contiguous view of it (else no plan): its gradient lies at the same place.
         self.offsets = [None if f is None or not f.requires_grad else f.data_ptr() - probe.data_ptr()

@@ -17,9 +17,9 @@ from torch import Tensor
 
 from . import cuda_lib, ops
 from ._clib import address as _ptr
+from .base import LAYOUTS
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
-_LAYOUTS = {"kron": 0, "tinybig": 1}
 
 
 def _slots(values) -> list:
@@ -30,7 +30,7 @@ def _slots(values) -> list:
                 raise ValueError(f"the CUDA library takes tensors of up to 3 dimensions, got {tuple(v.shape)}")
             slots += [v.data_ptr(), *v.shape, *(1,) * (3 - v.dim())]
         else:   # None, an int, a layout
-            slots += [_LAYOUTS[v] if isinstance(v, str) else v or 0, 0, 0, 0]
+            slots += [LAYOUTS.index(v) if isinstance(v, str) else v or 0, 0, 0, 0]
     return slots
 
 
